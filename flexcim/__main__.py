@@ -1,0 +1,5 @@
+import sys
+
+from flexcim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,119 @@
+"""The ``flexcim`` command line (also ``python -m flexcim``).
+
+Sub-commands are registered by the modules in :data:`COMMAND_MODULES`; each exposes
+``register(subparsers)`` and keeps heavy imports (torch, Amaranth, cocotb) inside its handlers so
+that ``flexcim --help`` stays fast.  Handlers raise :class:`~flexcim.errors.FlexCimError` for bad
+input, which :func:`main` prints as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+import numpy as np
+
+from flexcim import __version__
+from flexcim.errors import FlexCimError
+
+log = logging.getLogger("flexcim")
+
+COMMAND_MODULES = ("flexcim.cli", "flexcim.demo")
+
+
+def load_npy(path: str, what: str) -> np.ndarray:
+    """Load a ``.npy`` file without pickles; any problem is a one-line FlexCimError."""
+    if not os.path.isfile(path):
+        raise FlexCimError(f"{what} file {path!r} does not exist")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise FlexCimError(f"{what} file {path!r} is not a readable .npy array: {exc}") from None
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FlexCimError(f"output directory {directory!r} does not exist")
+    np.save(path, array)
+
+
+def _matmul(args: argparse.Namespace) -> int:
+    from flexcim.golden import NMPattern, NMTensor, sparse_matmul
+    from flexcim.golden.matmul import check_activations
+
+    pattern = NMPattern.parse(args.pattern)
+    x = load_npy(args.x, "activation (--x)")
+    w = load_npy(args.w, "weight (--w)")
+    if w.dtype != np.int8 or w.ndim != 2:
+        raise FlexCimError(
+            f"weight (--w) must be int8 [out_features, in_features], not {w.dtype} {w.shape}"
+        )
+    check_activations(x, w.shape[1])
+    weight = NMTensor.compress(w, pattern)
+    if args.engine == "golden":
+        y = sparse_matmul(x, weight, acc_bits=args.acc_bits)
+    else:
+        from flexcim.sim.host import rtl_matmul  # added by sim/: same contract, on the RTL
+
+        y = rtl_matmul(x, weight, args)
+    save_npy(args.output, y)
+    log.info(
+        "wrote %s: %s %s = x[%d,%d] @ W.T[%d,%d], pattern %s (ideal speed-up %.2fx over dense)",
+        args.output, y.dtype, list(y.shape), *x.shape, w.shape[1], w.shape[0], pattern,
+        pattern.ideal_speedup,
+    )
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "matmul",
+        help="y = x @ W.T for int8 x [T,K] and an N:M-sparse int8 W [C,K]",
+        description="Multiply int8 activations X [T,K] by an int8 weight W [C,K] that satisfies "
+        "the N:M pattern, as the FlexCiM macro does (results wrap at --acc-bits). Writes Y [T,C].",
+    )
+    p.add_argument("--x", required=True, metavar="X.npy", help="int8 activations [T, K]")
+    p.add_argument("--w", required=True, metavar="W.npy", help="int8 dense weight [C, K]")
+    p.add_argument("--pattern", required=True, metavar="N:M",
+                   help="N kept per group of M, e.g. 2:4")
+    p.add_argument("--engine", choices=("golden",), default="golden",
+                   help="golden: the NumPy bit-exact model (default)")
+    p.add_argument("--acc-bits", type=int, default=32, help="accumulator width (default 32)")
+    p.add_argument("-o", "--output", required=True, metavar="Y.npy", help="where to write Y")
+    p.set_defaults(func=_matmul)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flexcim",
+        description="FlexCiM: flexible N:M sparsity for LLM inference, from FLOW to the RTL.",
+    )
+    parser.add_argument("--version", action="version", version=f"flexcim {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+        force=True,  # the CLI owns logging; also when main() runs in-process (tests)
+    )
+    try:
+        return int(args.func(args) or 0)
+    except FlexCimError as exc:
+        print(f"flexcim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flexcim: interrupted", file=sys.stderr)
+        return 130

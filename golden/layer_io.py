@@ -1,0 +1,162 @@
+"""Safetensors files holding one sparsified, int8-quantized linear layer.
+
+flow/ writes them (``flexcim flow export``), golden/ and sim/ read them, so a real model's layer
+reaches the RTL unchanged.  Layout of a file:
+
+==================  ===========================  ============================================
+tensor              dtype, shape                 meaning
+==================  ===========================  ============================================
+``weight.values``   int8 ``[C, K*n/m]``          :class:`NMTensor` values
+``weight.indices``  uint8 ``[C, K*n/m]``         :class:`NMTensor` positions in the group
+``weight.scale``    float32 ``[C]``              per-output-channel weight scale
+``act.values``      int8 ``[T, K]`` (optional)   sample activations (quantized, maybe top-k'd)
+==================  ===========================  ============================================
+
+Metadata (all strings): ``format`` = ``flexcim-layer``, ``version``, ``pattern`` (``n:m``),
+``shape`` (``C,K``), ``name``, and when activations are present ``act_scale`` and optionally
+``act_pattern``; free-form ``extra`` is a JSON object of strings (model, plan, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+from flexcim.golden.nm import NMPattern, NMTensor
+
+from flexcim.errors import FlexCimError
+
+FORMAT = "flexcim-layer"
+VERSION = "1"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SparseLayer:
+    """One sparsified linear layer, ready for the hardware.
+
+    Parameters
+    ----------
+    weight : NMTensor
+        int8 N:M-compressed weight ``[C, K]``.
+    weight_scale : ndarray, float32 ``[C]``
+        Dequantization scale per output channel.
+    name : str
+        Where the layer comes from (e.g. ``model.layers.3.self_attn.q_proj``).
+    act : ndarray, int8 ``[T, K]``, optional
+        Real activations of that layer, quantized with ``act_scale``.
+    act_scale : float, optional
+        Per-tensor activation scale; required with ``act``.
+    act_pattern : NMPattern, optional
+        The N:M top-k applied to ``act`` (Amber-style activation pruning), if any.
+    extra : dict of str to str
+        Free-form provenance (model, plan file, metric, ...).
+    """
+
+    weight: NMTensor
+    weight_scale: np.ndarray
+    name: str = ""
+    act: np.ndarray | None = None
+    act_scale: float | None = None
+    act_pattern: NMPattern | None = None
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.weight, NMTensor):
+            kind = type(self.weight).__name__
+            raise FlexCimError(f"layer weight must be an NMTensor, not {kind}")
+        scale = np.asarray(self.weight_scale, dtype=np.float32)
+        if scale.shape != (self.weight.out_features,):
+            raise FlexCimError(
+                f"weight scale shape {scale.shape} does not match "
+                f"out_features={self.weight.out_features}"
+            )
+        object.__setattr__(self, "weight_scale", scale)
+        if self.act is not None:
+            act = np.asarray(self.act)
+            if act.dtype != np.int8 or act.ndim != 2 or act.shape[1] != self.weight.in_features:
+                raise FlexCimError(
+                    f"layer activations must be int8 [T, {self.weight.in_features}], "
+                    f"not {act.dtype} {act.shape}"
+                )
+            if self.act_scale is None or not float(self.act_scale) > 0:
+                raise FlexCimError(
+                    f"layer activations need a positive act_scale, not {self.act_scale!r}"
+                )
+            object.__setattr__(self, "act_scale", float(self.act_scale))
+        if self.act_pattern is not None:
+            object.__setattr__(self, "act_pattern", NMPattern.parse(self.act_pattern))
+        object.__setattr__(self, "extra", {str(k): str(v) for k, v in self.extra.items()})
+
+
+def save_layer(path: str | os.PathLike, layer: SparseLayer) -> None:
+    """Write ``layer`` to a safetensors file."""
+    from safetensors.numpy import save_file
+
+    tensors = {
+        "weight.values": np.ascontiguousarray(layer.weight.values),
+        "weight.indices": np.ascontiguousarray(layer.weight.indices),
+        "weight.scale": np.ascontiguousarray(layer.weight_scale),
+    }
+    c, k = layer.weight.shape
+    metadata = {
+        "format": FORMAT,
+        "version": VERSION,
+        "pattern": str(layer.weight.pattern),
+        "shape": f"{c},{k}",
+        "name": layer.name,
+        "extra": json.dumps(layer.extra, sort_keys=True),
+    }
+    if layer.act is not None:
+        tensors["act.values"] = np.ascontiguousarray(layer.act)
+        metadata["act_scale"] = repr(float(layer.act_scale))
+        if layer.act_pattern is not None:
+            metadata["act_pattern"] = str(layer.act_pattern)
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def load_layer(path: str | os.PathLike) -> SparseLayer:
+    """Read a file written by :func:`save_layer`; any defect raises a one-line FlexCimError."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FlexCimError(f"layer file {path!r} does not exist")
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt/truncated files
+        raise FlexCimError(f"{path!r} is not a readable safetensors file: {exc}") from None
+    if metadata.get("format") != FORMAT:
+        found = metadata.get("format")
+        raise FlexCimError(f"{path!r} is not a FlexCiM layer file (format={found!r})")
+    if metadata.get("version") != VERSION:
+        raise FlexCimError(
+            f"{path!r} has layer format version {metadata.get('version')!r}; expected {VERSION}"
+        )
+    missing = {"weight.values", "weight.indices", "weight.scale"} - tensors.keys()
+    if missing:
+        raise FlexCimError(f"{path!r} lacks tensor(s) {', '.join(sorted(missing))}")
+    try:
+        c, k = (int(v) for v in metadata["shape"].split(","))
+        extra = json.loads(metadata.get("extra", "{}"))
+        act_scale = float(metadata["act_scale"]) if "act.values" in tensors else None
+    except (KeyError, ValueError) as exc:
+        raise FlexCimError(f"{path!r} has malformed metadata: {exc}") from None
+    weight = NMTensor(
+        values=tensors["weight.values"],
+        indices=tensors["weight.indices"],
+        pattern=NMPattern.parse(metadata.get("pattern", "")),
+        shape=(c, k),
+    )
+    return SparseLayer(
+        weight=weight,
+        weight_scale=tensors["weight.scale"],
+        name=metadata.get("name", ""),
+        act=tensors.get("act.values"),
+        act_scale=act_scale,
+        act_pattern=metadata.get("act_pattern"),
+        extra=extra,
+    )

@@ -1,0 +1,313 @@
+"""The one hardware configuration, shared by hw/ (generator), golden/ (performance and energy
+models) and sim/ (testbenches and host driver).
+
+A :class:`HwConfig` is frozen, validated on construction and round-trips through JSON, so the
+exact configuration that elaborated a netlist reaches the simulator (one environment variable)
+and the golden model.  Pure Python: importing it does not import Amaranth.
+
+Geometry (docs/architecture.md): ``sub_macros`` x ``rows`` cell rows by ``cols`` columns; every
+cell stores ``depth`` (weight, index) words.  One *pass* multiplies one word of every cell with
+one window of activations: pattern N:M covers ``rows_total * M / N`` input channels per pass, so
+a layer of ``K`` input channels takes ``ceil(K / pass_width)`` passes per token, each lasting
+``8 / act_bits_per_cycle`` cycles (bit-serial activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+
+from flexcim.golden.nm import NMPattern
+
+from flexcim.errors import FlexCimError
+
+ACT_BITS = 8
+WEIGHT_BITS = 8
+
+
+def _pow2(value: int) -> bool:
+    return value >= 1 and value & (value - 1) == 0
+
+
+def _patterns(value) -> tuple[NMPattern, ...]:
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    if not isinstance(value, Iterable):
+        raise FlexCimError(f"patterns must be a list like ['1:1', '2:4'], not {value!r}")
+    patterns = tuple(sorted({NMPattern.parse(p) for p in value}, key=lambda p: (p.m, p.n)))
+    return patterns
+
+
+@dataclasses.dataclass(frozen=True)
+class HwConfig:
+    """A FlexCiM macro configuration.
+
+    Parameters
+    ----------
+    sub_macros : int
+        Number ``P`` of sub-macros, a power of 2; each has its own column adder trees, and the
+        merging unit sums their partial sums.
+    rows : int
+        Cell rows per sub-macro ``R``.
+    cols : int
+        Columns ``C`` (output channels computed at once).
+    depth : int
+        Weight words per cell: passes whose weights stay resident, i.e. the longest reduction
+        one command can run is ``depth * pass_width(pattern)`` input channels.
+    patterns : tuple of NMPattern
+        Patterns the distribution unit supports; must include 1:1 (dense); N and M powers of
+        two, N dividing ``sub_macros * rows``.  Stored sorted by (M, N); the position in this
+        tuple is the pattern code of the command stream.
+    act_bits_per_cycle : int
+        Activation bits fed per cycle, 1, 2, 4 or 8 (1 = bit-serial, 8 = bit-parallel).
+    in_lanes : int
+        int8 activations per beat of the activation input stream.
+    acc_bits : int
+        Width of the two's-complement accumulators (results wrap at this width), 16..64.
+    max_k : int
+        Activation buffer capacity per token (input channels), a multiple of ``in_lanes``.
+    max_tokens : int
+        Largest token count of one command (sets the command's ``tokens`` field width).
+    """
+
+    sub_macros: int = 4
+    rows: int = 18
+    cols: int = 16
+    depth: int = 8
+    patterns: tuple[NMPattern, ...] = ("1:1", "2:4", "1:4", "4:8", "2:8", "1:8")
+    act_bits_per_cycle: int = 1
+    in_lanes: int = 64
+    acc_bits: int = 32
+    max_k: int = 1536
+    max_tokens: int = 65535
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if field.name == "patterns":
+                continue
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise FlexCimError(f"HwConfig {field.name} must be an integer, not {value!r}")
+        object.__setattr__(self, "patterns", _patterns(self.patterns))
+        if not (_pow2(self.sub_macros) and self.sub_macros <= 64):
+            raise FlexCimError(
+                f"Sub-macro count must be a power of 2 from 1 to 64, not {self.sub_macros!r}"
+            )
+        for name, limit in (("rows", 256), ("cols", 256), ("depth", 256)):
+            value = getattr(self, name)
+            if not 1 <= value <= limit:
+                raise FlexCimError(f"HwConfig {name} must be from 1 to {limit}, not {value!r}")
+        if self.act_bits_per_cycle not in (1, 2, 4, 8):
+            raise FlexCimError(
+                f"act_bits_per_cycle must be 1, 2, 4 or 8, not {self.act_bits_per_cycle!r}"
+            )
+        if not 16 <= self.acc_bits <= 64:
+            raise FlexCimError(f"acc_bits must be from 16 to 64, not {self.acc_bits!r}")
+        if not 1 <= self.in_lanes <= 1024:
+            raise FlexCimError(f"in_lanes must be from 1 to 1024, not {self.in_lanes!r}")
+        if self.max_k < 1 or self.max_k % self.in_lanes:
+            raise FlexCimError(
+                f"max_k must be a positive multiple of in_lanes={self.in_lanes}, not {self.max_k!r}"
+            )
+        if not 1 <= self.max_tokens < 2**32:
+            raise FlexCimError(f"max_tokens must be from 1 to 2**32-1, not {self.max_tokens!r}")
+        if NMPattern(1, 1) not in self.patterns:
+            raise FlexCimError(
+                f"patterns must include 1:1 so every layer can run dense, not "
+                f"{[str(p) for p in self.patterns]}"
+            )
+        for p in self.patterns:
+            if p.is_dense and p.m != 1:
+                raise FlexCimError(f"pattern {p} is dense: list it as 1:1")
+            if not _pow2(p.n):
+                raise FlexCimError(f"pattern {p}: N must be a power of 2 in hardware, not {p.n}")
+            if self.rows_total % p.n:
+                raise FlexCimError(
+                    f"pattern {p}: N={p.n} must divide the {self.rows_total} cell rows "
+                    f"(sub_macros * rows) so groups never straddle a pass"
+                )
+
+    # ----------------------------------------------------------------- derived geometry
+    @property
+    def rows_total(self) -> int:
+        """Cell rows across all sub-macros, ``sub_macros * rows``."""
+        return self.sub_macros * self.rows
+
+    @property
+    def cells(self) -> int:
+        """Compute cells (one multiplier each), ``rows_total * cols``."""
+        return self.rows_total * self.cols
+
+    @property
+    def m_max(self) -> int:
+        return max(p.m for p in self.patterns)
+
+    @property
+    def ratio_max(self) -> int:
+        """Largest ``M / N`` of the supported patterns (ideal speed-up over dense)."""
+        return max(p.m // p.n for p in self.patterns)
+
+    @property
+    def index_bits(self) -> int:
+        """Bits of the in-group index stored with every weight (0 for a dense-only macro)."""
+        return (self.m_max - 1).bit_length()
+
+    @property
+    def cycles_per_pass(self) -> int:
+        return ACT_BITS // self.act_bits_per_cycle
+
+    @property
+    def pattern_bits(self) -> int:
+        """Width of the command's pattern code (0 when only 1:1 is supported)."""
+        return (len(self.patterns) - 1).bit_length()
+
+    @property
+    def k_bits(self) -> int:
+        return self.max_k.bit_length()
+
+    @property
+    def token_bits(self) -> int:
+        return self.max_tokens.bit_length()
+
+    def supports(self, pattern) -> bool:
+        return NMPattern.parse(pattern) in self.patterns
+
+    def pattern_code(self, pattern) -> int:
+        """The command-stream code of ``pattern``; raises if the macro does not support it."""
+        pattern = NMPattern.parse(pattern)
+        if pattern not in self.patterns:
+            raise FlexCimError(
+                f"pattern {pattern} is not supported by this macro; supported: "
+                f"{', '.join(str(p) for p in self.patterns)}"
+            )
+        return self.patterns.index(pattern)
+
+    def pass_width(self, pattern) -> int:
+        """Input channels covered by one pass: ``rows_total * M / N``."""
+        pattern = NMPattern.parse(pattern)
+        return self.rows_total * pattern.m // pattern.n
+
+    def passes(self, pattern, k: int) -> int:
+        """Passes per token for a reduction of ``k`` input channels."""
+        return math.ceil(k / self.pass_width(pattern))
+
+    def max_k_for(self, pattern) -> int:
+        """Longest reduction one command can run with ``pattern`` (buffer and weight depth)."""
+        return min(self.max_k, self.depth * self.pass_width(pattern))
+
+    def check_command(self, pattern, k: int, tokens: int) -> None:
+        """Raise a one-line error unless one command can run ``tokens`` x ``k`` with ``pattern``."""
+        pattern = NMPattern.parse(pattern)
+        self.pattern_code(pattern)
+        if not 1 <= k <= self.max_k_for(pattern):
+            raise FlexCimError(
+                f"K={k} input channels do not fit one command with pattern {pattern}: expected "
+                f"1..{self.max_k_for(pattern)} (max_k={self.max_k}, depth={self.depth} passes of "
+                f"{self.pass_width(pattern)})"
+            )
+        if not 1 <= tokens <= self.max_tokens:
+            raise FlexCimError(f"token count must be from 1 to {self.max_tokens}, not {tokens}")
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["patterns"] = [str(p) for p in self.patterns]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> HwConfig:
+        if not isinstance(d, Mapping):
+            raise FlexCimError(f"a hardware config must be a JSON object, not {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise FlexCimError(
+                f"unknown hardware config key(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(names))}"
+            )
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> HwConfig:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise FlexCimError(f"hardware config is not valid JSON: {exc}") from None
+        return cls.from_dict(d)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HwConfig:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as exc:
+            raise FlexCimError(
+                f"cannot read hardware config {os.fspath(path)!r}: {exc.strerror}"
+            ) from None
+        return cls.from_json(text)
+
+    def replace(self, **changes) -> HwConfig:
+        return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, assignments: Iterable[str]) -> HwConfig:
+        """Apply ``key=value`` strings (``rows=8``, ``patterns=1:1,2:4``) as the CLI's ``--set``."""
+        changes = {}
+        names = {f.name for f in dataclasses.fields(self)}
+        for item in assignments:
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep or key not in names:
+                raise FlexCimError(
+                    f"--set expects key=value with key one of {', '.join(sorted(names))}, "
+                    f"not {item!r}"
+                )
+            if key == "patterns":
+                changes[key] = value
+            else:
+                try:
+                    changes[key] = int(value, 0)
+                except ValueError:
+                    raise FlexCimError(f"--set {key} expects an integer, not {value!r}") from None
+        return self.replace(**changes)
+
+
+DEFAULT = HwConfig()
+"""FlexCiM sized for SmolLM2 (hidden 576 = 8 x 72): 72 cell rows make every supported pattern's
+pass width divide 576, so q/k/v/o/gate/up projections run at exactly M/N of dense."""
+
+PRESETS: dict[str, HwConfig] = {
+    # Small enough for amaranth.sim and cocotb in seconds; every M up to 16, 4-bit indices,
+    # 2-bit-serial activations, and a 20-bit accumulator so extreme data exercises the wrap.
+    "tiny": HwConfig(
+        sub_macros=2,
+        rows=4,
+        cols=4,
+        depth=4,
+        patterns=("1:1", "1:2", "2:4", "1:4", "4:8", "2:8", "1:8", "8:16"),
+        act_bits_per_cycle=2,
+        in_lanes=4,
+        acc_bits=20,
+        max_k=128,
+        max_tokens=255,
+    ),
+    "default": DEFAULT,
+    # Baselines built by the same generator with the same cells: a dense DCiM macro (no index
+    # storage, no distribution network) and a fixed-2:4 sparse macro.
+    "dense": DEFAULT.replace(patterns=("1:1",)),
+    "fixed24": DEFAULT.replace(patterns=("1:1", "2:4")),
+}
+
+
+def preset(name: str) -> HwConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise FlexCimError(
+            f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}"
+        ) from None

@@ -1,0 +1,1 @@
+"""Co-simulation of the generated RTL with cocotb 2.x on Verilator and Icarus."""
