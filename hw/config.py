@@ -79,7 +79,7 @@ class HwConfig:
     depth: int = 8
     patterns: tuple[NMPattern, ...] = ("1:1", "2:4", "1:4", "4:8", "2:8", "1:8")
     act_bits_per_cycle: int = 1
-    in_lanes: int = 64
+    in_lanes: int = 96
     acc_bits: int = 32
     max_k: int = 1536
     max_tokens: int = 65535
@@ -279,7 +279,10 @@ class HwConfig:
 
 DEFAULT = HwConfig()
 """FlexCiM sized for SmolLM2 (hidden 576 = 8 x 72): 72 cell rows make every supported pattern's
-pass width divide 576, so q/k/v/o/gate/up projections run at exactly M/N of dense."""
+pass width divide 576, so q/k/v/o/gate/up projections run at exactly M/N of dense.  96 input
+lanes load a token of K = 576 (1536) in 6 (16) beats, no more than the 8 (24) compute cycles of
+1:8, so every pattern stays compute-bound on SmolLM2's projections (64 lanes made 1:8 on K = 576
+input-bound: 9 beats for 8 cycles)."""
 
 PRESETS: dict[str, HwConfig] = {
     # Small enough for amaranth.sim and cocotb in seconds; every M up to 16, 4-bit indices,

@@ -46,7 +46,7 @@ def test_patterns_are_canonically_ordered_and_coded():
         ({"rows": 0}, "rows must be from 1 to 256, not 0"),
         ({"act_bits_per_cycle": 3}, "act_bits_per_cycle must be 1, 2, 4 or 8, not 3"),
         ({"acc_bits": 12}, "acc_bits must be from 16 to 64, not 12"),
-        ({"max_k": 100}, "max_k must be a positive multiple of in_lanes=64, not 100"),
+        ({"max_k": 100}, "max_k must be a positive multiple of in_lanes=96, not 100"),
         ({"patterns": ("2:4",)}, "patterns must include 1:1"),
         ({"patterns": ("1:1", "4:4")}, "pattern 4:4 is dense: list it as 1:1"),
         ({"patterns": ("1:1", "3:4")}, "N must be a power of 2 in hardware, not 3"),

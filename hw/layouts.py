@@ -1,0 +1,198 @@
+"""Payload layouts of the macro's four streams, and NumPy packers for testbenches and hosts.
+
+The layouts are defined once here; :class:`~flexcim.hw.top.FlexCiM` uses them for its
+``amaranth.lib.stream`` ports and sim/ (cocotb) and golden/host.py use the packers below, which
+read their bit offsets from the same layouts, to push and pull whole beats as Python ints.
+
+=========  =====================================================================================
+stream     payload (field order = bit order, first field in the low bits)
+=========  =====================================================================================
+cmd        ``pattern`` (``pattern_bits``, absent when only 1:1 is supported), ``k``
+           (``k_bits``), ``tokens`` (``token_bits``), ``load_weights`` (1)
+weights    ``values``: ``cols`` x signed 8, ``indices``: ``cols`` x unsigned ``index_bits``
+           (absent when ``index_bits == 0``); column ``c`` in the low bits of each array
+act        ``in_lanes`` x signed 8, input channel ``b*in_lanes + i`` in lane ``i`` of beat ``b``
+result     ``cols`` x signed ``acc_bits``, output channel ``c`` of the tile in element ``c``
+=========  =====================================================================================
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from amaranth.hdl import signed, unsigned
+from amaranth.lib import data
+from flexcim.golden.nm import NMTensor
+from flexcim.hw.config import ACT_BITS, WEIGHT_BITS, HwConfig
+
+from flexcim.errors import FlexCimError
+
+
+def cmd_layout(cfg: HwConfig) -> data.StructLayout:
+    """Command: run ``tokens`` tokens of a ``k``-channel reduction with pattern code ``pattern``.
+
+    ``load_weights`` = 1 first consumes ``passes * rows_total`` weight beats; 0 reuses the
+    weights of the previous command (same pattern and ``k``).
+    """
+    fields = {}
+    if cfg.pattern_bits:
+        fields["pattern"] = unsigned(cfg.pattern_bits)
+    fields["k"] = unsigned(cfg.k_bits)
+    fields["tokens"] = unsigned(cfg.token_bits)
+    fields["load_weights"] = unsigned(1)
+    return data.StructLayout(fields)
+
+
+def weight_layout(cfg: HwConfig) -> data.StructLayout:
+    """One cell row of one weight word: a value and an in-group index per column."""
+    fields = {"values": data.ArrayLayout(signed(WEIGHT_BITS), cfg.cols)}
+    if cfg.index_bits:
+        fields["indices"] = data.ArrayLayout(unsigned(cfg.index_bits), cfg.cols)
+    return data.StructLayout(fields)
+
+
+def act_layout(cfg: HwConfig) -> data.ArrayLayout:
+    """``in_lanes`` consecutive int8 activations of one token."""
+    return data.ArrayLayout(signed(ACT_BITS), cfg.in_lanes)
+
+
+def result_layout(cfg: HwConfig) -> data.ArrayLayout:
+    """The ``cols`` accumulators of one token, two's complement ``acc_bits`` each."""
+    return data.ArrayLayout(signed(cfg.acc_bits), cfg.cols)
+
+
+# --------------------------------------------------------------------------- NumPy packers
+def _pack_lanes(lanes: np.ndarray, width: int) -> np.ndarray:
+    """Pack ``[beats, n]`` integers (two's complement, ``width`` bits each) into ``beats`` ints.
+
+    Lane ``i`` lands in bits ``i*width ..``.  Returns an object array of Python ints.
+    """
+    lanes = np.asarray(lanes)
+    mask = (1 << width) - 1
+    # Python ints: a 64-bit mask would overflow int64, and the beat is wider than any dtype.
+    masked = lanes.astype(object) & mask
+    out = np.zeros(lanes.shape[0], dtype=object)
+    for i in range(lanes.shape[1]):
+        out = out | (masked[:, i] << (i * width))
+    return out
+
+
+def _unpack_lanes(beats, n: int, width: int, signed_: bool) -> np.ndarray:
+    """Inverse of :func:`_pack_lanes`: ``beats`` ints to ``[beats, n]`` int64."""
+    beats = np.array([int(b) for b in beats], dtype=object)
+    mask = (1 << width) - 1
+    out = np.zeros((len(beats), n), dtype=np.int64)
+    for i in range(n):
+        lane = (beats >> (i * width)) & mask
+        if signed_:
+            lane = np.where(lane >= 1 << (width - 1), lane - (1 << width), lane)
+        out[:, i] = lane.astype(np.int64)
+    return out
+
+
+def _offset(layout: data.StructLayout, name: str) -> int:
+    return layout[name].offset
+
+
+def pack_cmd(cfg: HwConfig, pattern, k: int, tokens: int, load_weights: bool) -> int:
+    """One command beat; refuses (one line) what the macro cannot run, as the hardware would.
+
+    Raises
+    ------
+    FlexCimError
+        Unsupported pattern, ``k`` outside ``1..max_k_for(pattern)`` or ``tokens`` outside
+        ``1..max_tokens`` (see :meth:`HwConfig.check_command`).
+    """
+    cfg.check_command(pattern, k, tokens)
+    layout = cmd_layout(cfg)
+    beat = int(k) << _offset(layout, "k")
+    beat |= int(tokens) << _offset(layout, "tokens")
+    beat |= int(bool(load_weights)) << _offset(layout, "load_weights")
+    if cfg.pattern_bits:
+        beat |= cfg.pattern_code(pattern) << _offset(layout, "pattern")
+    return beat
+
+
+def unpack_cmd(cfg: HwConfig, beat: int) -> dict:
+    """Fields of a command beat as ints (``pattern`` is the code, 0 for a dense-only macro)."""
+    layout = cmd_layout(cfg)
+    fields = {}
+    for name, field in layout:
+        fields[name] = (int(beat) >> field.offset) & ((1 << field.width) - 1)
+    fields.setdefault("pattern", 0)
+    return fields
+
+
+def weight_rows(cfg: HwConfig, tile: NMTensor) -> tuple[np.ndarray, np.ndarray]:
+    """The cell-row words of a weight tile: ``values`` int8 and ``indices`` ``[beats, cols]``.
+
+    ``tile`` holds at most ``cols`` output channels and a reduction that fits one command.  Beat
+    ``q`` is compressed column ``q`` (all channels of the tile); beats run to a whole number of
+    passes (``passes * rows_total``), padded with zero values and index 0, and channels past
+    the tile's ``C`` are zero too, so stale activations and unused columns contribute nothing.
+    """
+    if not isinstance(tile, NMTensor):
+        raise FlexCimError(f"weight tile must be an NMTensor, not {type(tile).__name__}")
+    c, k = tile.shape
+    if c > cfg.cols:
+        raise FlexCimError(f"weight tile has {c} output channels; the macro has cols={cfg.cols}")
+    cfg.check_command(tile.pattern, k, 1)
+    beats = cfg.passes(tile.pattern, k) * cfg.rows_total
+    values = np.zeros((beats, cfg.cols), dtype=np.int8)
+    indices = np.zeros((beats, cfg.cols), dtype=np.uint8)
+    kept = tile.values.shape[1]
+    values[:kept, :c] = tile.values.T
+    indices[:kept, :c] = tile.indices.T
+    return values, indices
+
+
+def pack_weights(cfg: HwConfig, tile: NMTensor) -> list[int]:
+    """Weight beats of one command with ``load_weights`` (see :func:`weight_rows`)."""
+    values, indices = weight_rows(cfg, tile)
+    layout = weight_layout(cfg)
+    beats = _pack_lanes(values, WEIGHT_BITS)
+    if cfg.index_bits:
+        beats = beats | (_pack_lanes(indices, cfg.index_bits) << _offset(layout, "indices"))
+    elif np.any(indices):
+        raise FlexCimError("a dense-only macro (index_bits=0) cannot hold non-zero indices")
+    return [int(b) for b in beats]
+
+
+def unpack_weights(cfg: HwConfig, beats) -> tuple[np.ndarray, np.ndarray]:
+    """Weight beats to ``values`` int8 and ``indices`` uint8 ``[beats, cols]``."""
+    values = _unpack_lanes(beats, cfg.cols, WEIGHT_BITS, True).astype(np.int8)
+    if cfg.index_bits:
+        shift = _offset(weight_layout(cfg), "indices")
+        shifted = [int(b) >> shift for b in beats]
+        indices = _unpack_lanes(shifted, cfg.cols, cfg.index_bits, False).astype(np.uint8)
+    else:
+        indices = np.zeros_like(values, dtype=np.uint8)
+    return values, indices
+
+
+def pack_act(cfg: HwConfig, x: np.ndarray) -> list[int]:
+    """Activation beats of tokens ``x`` int8 ``[T, k]``: ``ceil(k/in_lanes)`` beats per token,
+    the last one of each token padded with zeros."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.int8 or x.ndim != 2:
+        raise FlexCimError(f"activations must be an int8 [tokens, k] array, not {x!r:.60}")
+    t, k = x.shape
+    per_token = -(-k // cfg.in_lanes)
+    padded = np.zeros((t, per_token * cfg.in_lanes), dtype=np.int8)
+    padded[:, :k] = x
+    return [int(b) for b in _pack_lanes(padded.reshape(-1, cfg.in_lanes), ACT_BITS)]
+
+
+def unpack_act(cfg: HwConfig, beats) -> np.ndarray:
+    """Activation beats to int8 ``[beats, in_lanes]``."""
+    return _unpack_lanes(beats, cfg.in_lanes, ACT_BITS, True).astype(np.int8)
+
+
+def pack_result(cfg: HwConfig, y: np.ndarray) -> list[int]:
+    """Result beats of ``y`` ``[tokens, cols]`` (what the macro would emit; for models/tests)."""
+    return [int(b) for b in _pack_lanes(np.asarray(y), cfg.acc_bits)]
+
+
+def unpack_result(cfg: HwConfig, beats) -> np.ndarray:
+    """Result beats to ``[tokens, cols]`` signed values (int32 if ``acc_bits <= 32``, else
+    int64)."""
+    y = _unpack_lanes(beats, cfg.cols, cfg.acc_bits, True)
+    return y.astype(np.int32 if cfg.acc_bits <= 32 else np.int64)

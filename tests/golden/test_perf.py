@@ -1,0 +1,127 @@
+import itertools
+
+import pytest
+from flexcim.golden import perf
+from flexcim.golden.nm import NMPattern
+from flexcim.hw.config import DEFAULT, preset
+
+from flexcim.errors import FlexCimError
+
+
+def tick_model(cfg, cmd):
+    """Cycle-by-cycle walk of the rules in golden/perf.py's docstring, written independently:
+    returns (busy, last_result)."""
+    wb = cfg.passes(cmd.pattern, cmd.k) * cfg.rows_total if cmd.load_weights else 0
+    load_beats = -(-cmd.k // cfg.in_lanes)
+    comp = cfg.passes(cmd.pattern, cmd.k) * cfg.cycles_per_pass
+    full = [False, False]  # registered bank flags
+    wbank = rbank = 0
+    loaded_tokens = beats = done_tokens = 0
+    computing = 0  # cycles left of the current token
+    weights_left = wb
+    cycle = 0
+    last_end = None
+    while done_tokens < cmd.tokens:
+        cycle += 1
+        set_full = clear_full = None
+        if weights_left:
+            weights_left -= 1
+            weights_done_now = False
+        else:
+            weights_done_now = True
+        # loader: one beat per cycle into a free bank
+        if loaded_tokens < cmd.tokens and not full[wbank]:
+            beats += 1
+            if beats == load_beats:
+                set_full, beats = wbank, 0
+                loaded_tokens += 1
+                wbank ^= 1
+        # compute: starts when the bank flag (registered) says full and weights were loaded
+        if computing == 0 and full[rbank] and weights_done_now and cycle > wb:
+            computing = comp
+        if computing:
+            computing -= 1
+            if computing == 0:
+                clear_full = rbank
+                rbank ^= 1
+                done_tokens += 1
+                last_end = cycle
+        if set_full is not None:
+            full[set_full] = True
+        if clear_full is not None:
+            full[clear_full] = False
+    return last_end + 1, last_end + perf.RESULT_LATENCY
+
+
+@pytest.mark.parametrize(
+    "name, act_bits, pattern, k, tokens, load",
+    [
+        (name, b, p, k, t, load)
+        for name, b, (p, k), t, load in itertools.product(
+            ["tiny"], [1, 2, 8], [("1:1", 32), ("1:8", 64), ("8:16", 20 * 16 // 10)],
+            [1, 2, 5], [True, False],
+        )
+    ],
+)
+def test_command_timing_matches_a_cycle_by_cycle_walk(name, act_bits, pattern, k, tokens, load):
+    cfg = preset(name).replace(act_bits_per_cycle=act_bits)
+    k = k // NMPattern.parse(pattern).m * NMPattern.parse(pattern).m
+    cmd = perf.Command(NMPattern.parse(pattern), k, tokens, load)
+    timing = perf.command_timing(cfg, cmd)
+    assert (timing.busy, timing.last_result) == tick_model(cfg, cmd)
+
+
+def test_hand_computed_timings():
+    tiny = preset("tiny")  # 8 rows, 4 lanes, 2-bit slices: 4 cycles per pass
+    # 1:1, K=32: 4 passes -> Wb = 32 weight beats, L = 8 beats, X = 16 cycles.
+    t = perf.command_timing(tiny, perf.Command(NMPattern(1, 1), 32, 1, True))
+    assert (t.weight_beats, t.act_beats_per_token, t.compute_per_token) == (32, 8, 16)
+    assert t.busy == 32 + 16 + 1 and not t.bandwidth_bound  # compute starts at cycle 33
+    # Bit-parallel 1:8, K=64: one pass of 1 cycle but 16 beats per token: input-bound, the
+    # period is 16 cycles per token.
+    fast = tiny.replace(act_bits_per_cycle=8)
+    one = perf.command_timing(fast, perf.Command(NMPattern(1, 8), 64, 1, False))
+    three = perf.command_timing(fast, perf.Command(NMPattern(1, 8), 64, 3, False))
+    assert one.bandwidth_bound and one.busy == 16 + 1 + 1
+    assert three.busy - one.busy == 2 * 16
+
+
+def test_default_is_compute_bound_on_smollm2_shapes():
+    for pattern in DEFAULT.patterns:
+        for k in (576, 1536):
+            assert not perf.bandwidth_bound(DEFAULT, pattern, k), (pattern, k)
+
+
+def test_default_speedups_on_a_q_proj_are_near_ideal():
+    dense = preset("dense")
+    for pattern in DEFAULT.patterns:
+        s = perf.speedup(DEFAULT, pattern, 128, 576, 576, dense)
+        assert 0.9 * pattern.ideal_speedup <= s <= pattern.ideal_speedup * 1.0001, (pattern, s)
+
+
+def test_schedule_covers_every_output_input_and_token_once():
+    cfg = preset("tiny").replace(max_tokens=3)
+    cmds = perf.schedule(cfg, "2:4", tokens=7, k=100, c=10)
+    covered = set()
+    for cmd in cmds:
+        assert cmd.k % 4 == 0 and cmd.k <= cfg.max_k_for("2:4") and cmd.c <= cfg.cols
+        assert cmd.load_weights == (cmd.t0 == 0)
+        for cell in itertools.product(
+            range(cmd.t0, cmd.t0 + cmd.tokens), range(cmd.c0, cmd.c0 + cmd.c),
+            range(cmd.k0, cmd.k0 + cmd.k),
+        ):
+            assert cell not in covered
+            covered.add(cell)
+    assert len(covered) == 7 * 10 * 100
+    assert len(cmds) == 3 * 2 * 3  # column tiles x K chunks (64 + 36) x token blocks
+    est = perf.estimate(cfg, "2:4", 7, 100, 10)
+    assert est.cycles == perf.layer_cycles(cfg, cmds) > est.ideal
+
+
+def test_schedule_rejects_bad_layers():
+    with pytest.raises(FlexCimError, match="not a multiple of M=4"):
+        perf.schedule(preset("tiny"), "2:4", 1, 6, 4)
+    with pytest.raises(FlexCimError, match="pattern 3:8 is not supported"):
+        perf.schedule(preset("tiny"), "3:8", 1, 8, 4)
+    with pytest.raises(FlexCimError, match="tokens must be a positive integer, not 0"):
+        perf.schedule(preset("tiny"), "2:4", 0, 8, 4)
