@@ -1,0 +1,357 @@
+"""Energy model of the FlexCiM macro, and whole-model prefill latency/energy for a FLOW plan.
+
+Energy = sum over actions of (activity count x energy per action).  Activity counts come from
+the same command schedule as the cycle model (:func:`flexcim.golden.perf.schedule`); the
+per-action energies are in :data:`ENERGY_45NM`, each with its source.
+
+Sources and scaling assumptions (all 45 nm, 0.9 V, from M. Horowitz, "Computing's energy
+problem (and what we can do about it)", ISSCC 2014, Fig. 1.1.9):
+
+* 8-bit integer multiply 0.2 pJ.  A bit-serial DCiM cell multiplies its int8 weight by a
+  ``b``-bit activation slice per cycle: an 8 x ``b`` array multiplier is ``b/8`` of the 8 x 8 one,
+  so the cell costs ``0.2 / 8 = 0.025 pJ`` per activation bit (assumption: multiplier energy
+  proportional to its partial-product bits).
+* 8-bit add 0.03 pJ, 32-bit add 0.1 pJ: a ripple adder's energy is proportional to its width;
+  we use ``0.1 / 32 = 0.003125 pJ`` per bit (the 32-bit figure, 4 % above the 8-bit one).
+* 8 KB SRAM, 64-bit read, 10 pJ: ``10 / 64 = 0.156 pJ`` per bit read from the activation buffer
+  (its 2 x ``max_k`` bytes are 3 KB in the default preset: an upper bound).  Writes are taken
+  equal to reads (assumption), for the buffer and for the cells' weight words.
+* Multiplexers have no entry in Horowitz's table.  A 2:1 mux bit is charged one adder bit,
+  0.003125 pJ (assumption: an upper bound, a full adder has more switching nodes than a mux).
+  The distribution unit routes ``M_max`` lanes of ``b`` bits to every cell row through
+  ``ceil(log2(#patterns))`` mux levels; every cell picks one of ``M_max`` lanes with
+  ``M_max - 1`` 2:1 muxes per bit.  A dense-only macro has neither.
+
+Zero activations (activation pruning, e.g. 8:16 top-k): a cell whose selected activation is zero
+is **gated** (operand isolation, no multiplier toggling), and so is its adder-tree input; the
+cycle count does not change (no zero *skipping*: the bit-serial schedule is fixed).  So the
+``act_density`` (fraction of non-zero activations) scales the cell-MAC and adder-tree energies,
+and nothing else: buffers, distribution and weights move the same data.  Leakage and clock-tree
+energy are not modelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+
+from flexcim.golden import perf
+from flexcim.golden.nm import NMPattern
+from flexcim.hw.config import ACT_BITS, WEIGHT_BITS, HwConfig
+
+from flexcim.errors import FlexCimError
+
+HOROWITZ_2014 = "Horowitz, ISSCC 2014, 45 nm"
+
+
+@dataclasses.dataclass(frozen=True)
+class ActionEnergies:
+    """Energy per action in picojoules; see the module docstring for each figure's source.
+
+    Parameters
+    ----------
+    cell_mac_per_bit : float
+        One cell multiplying its int8 weight by one activation bit.
+    add_per_bit : float
+        One bit of a ripple adder (adder trees, merging, accumulators).
+    buffer_per_bit : float
+        One bit read from or written to the activation buffer (SRAM).
+    weight_write_per_bit : float
+        One bit of a weight word (value or index) written into a cell.
+    mux_per_bit : float
+        One bit through a 2:1 multiplexer (distribution unit, cell lane selection).
+    """
+
+    cell_mac_per_bit: float = 0.2 / 8
+    add_per_bit: float = 0.1 / 32
+    buffer_per_bit: float = 10.0 / 64
+    weight_write_per_bit: float = 10.0 / 64
+    mux_per_bit: float = 0.1 / 32
+    source: str = HOROWITZ_2014
+
+
+ENERGY_45NM = ActionEnergies()
+"""The default energies (45 nm, Horowitz ISSCC 2014, with the scalings stated above)."""
+
+ACTIONS = ("cell_mac", "adder_tree", "merge_accumulate", "buffer_write", "buffer_read",
+           "distribution", "weight_write")
+
+
+def _log2_ceil(n: int) -> int:
+    return max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class Activity:
+    """Counts of each action for a layer (bits or bit-operations, see :func:`activity`)."""
+
+    counts: dict[str, float]
+
+    def energy_pj(self, e: ActionEnergies = ENERGY_45NM) -> dict[str, float]:
+        per = {
+            "cell_mac": e.cell_mac_per_bit,
+            "adder_tree": e.add_per_bit,
+            "merge_accumulate": e.add_per_bit,
+            "buffer_write": e.buffer_per_bit,
+            "buffer_read": e.buffer_per_bit,
+            "distribution": e.mux_per_bit,
+            "weight_write": e.weight_write_per_bit,
+        }
+        return {name: self.counts[name] * per[name] for name in ACTIONS}
+
+
+def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0) -> Activity:
+    """Action counts of one command.
+
+    Counted per compute cycle (``tokens * passes * cycles_per_pass`` of them), every cell of
+    the macro is active: padding rows and unused columns hold zero weights but are not gated
+    (only zero *activations* are, via ``act_density``).
+
+    ==================  ==============================================================  =======
+    action              count                                                           unit
+    ==================  ==============================================================  =======
+    cell_mac            cycles x rows_total x cols x b x act_density                    bit-op
+    adder_tree          cycles x P x cols x (R-1) x (8 + b + log2 R) x act_density      adder bit
+    merge_accumulate    cycles x cols x ((P-1) x (w_tree + log2 P) + acc_bits)          adder bit
+    buffer_write        tokens x ceil(k/in_lanes) x in_lanes x 8                        bit
+    buffer_read         tokens x passes x pass_width x 8                                bit
+    distribution        cycles x rows_total x M_max x b x ceil(log2 #patterns)          mux bit
+                        + cycles x cells x (M_max - 1) x b (lane selection)
+    weight_write        weight beats x cols x (8 + index_bits)                          bit
+    ==================  ==============================================================  =======
+    """
+    if not 0 <= act_density <= 1:
+        raise FlexCimError(f"act_density must be from 0 to 1, not {act_density!r}")
+    b = cfg.act_bits_per_cycle
+    passes = cfg.passes(cmd.pattern, cmd.k)
+    cycles = cmd.tokens * passes * cfg.cycles_per_pass
+    tree_width = WEIGHT_BITS + b + _log2_ceil(cfg.rows)
+    merge = (cfg.sub_macros - 1) * (tree_width + _log2_ceil(cfg.sub_macros)) + cfg.acc_bits
+    flexible = cfg.index_bits > 0
+    routing = cfg.rows_total * cfg.m_max * b * _log2_ceil(len(cfg.patterns)) if flexible else 0
+    selection = cfg.cells * (cfg.m_max - 1) * b if flexible else 0
+    weight_beats = passes * cfg.rows_total if cmd.load_weights else 0
+    counts = {
+        "cell_mac": cycles * cfg.cells * b * act_density,
+        "adder_tree": cycles * cfg.sub_macros * cfg.cols * (cfg.rows - 1) * tree_width
+        * act_density,
+        "merge_accumulate": cycles * cfg.cols * merge,
+        "buffer_write": cmd.tokens * perf.act_beats(cfg, cmd.k) * cfg.in_lanes * ACT_BITS,
+        "buffer_read": cmd.tokens * passes * cfg.pass_width(cmd.pattern) * ACT_BITS,
+        "distribution": cycles * (routing + selection),
+        "weight_write": weight_beats * cfg.cols * (WEIGHT_BITS + cfg.index_bits),
+    }
+    return Activity({k: float(v) for k, v in counts.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+    """Cycles and energy of one layer on one macro.
+
+    Members
+    -------
+    cycles : int
+        :func:`flexcim.golden.perf.layer_cycles` of the layer's schedule.
+    energy_pj : dict of str to float
+        Energy per action (keys :data:`ACTIONS`).
+    pattern : NMPattern
+        The pattern the layer ran with on this macro.
+    """
+
+    cycles: int
+    energy_pj: dict[str, float]
+    pattern: NMPattern
+
+    @property
+    def total_pj(self) -> float:
+        return sum(self.energy_pj.values())
+
+
+def layer_cost(cfg: HwConfig, pattern, tokens: int, k: int, c: int, *, act_density: float = 1.0,
+               energies: ActionEnergies = ENERGY_45NM) -> LayerCost:
+    """Cycles and energy of ``y = x @ W.T`` (``x`` ``[tokens, k]``, ``W`` ``[c, k]``)."""
+    pattern = NMPattern.parse(pattern)
+    cmds = perf.schedule(cfg, pattern, tokens, k, c)
+    totals = dict.fromkeys(ACTIONS, 0.0)
+    for cmd in cmds:
+        for name, pj in command_activity(cfg, cmd, act_density).energy_pj(energies).items():
+            totals[name] += pj
+    return LayerCost(cycles=perf.layer_cycles(cfg, cmds), energy_pj=totals, pattern=pattern)
+
+
+# ----------------------------------------------------------------------------- FLOW plans
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanLayer:
+    """One entry of a plan: a pattern shared by the linears of a decoder block.
+
+    Parameters
+    ----------
+    name : str
+    pattern : NMPattern
+    linears : tuple of (str, int, int)
+        ``(name, out_features, in_features)`` of every projection that runs with ``pattern``.
+    mask_24 : bool or None
+        Whether the pruned masks also satisfy 2:4 (decides the ``fixed24`` baseline);
+        ``None`` = not recorded, decided from the pattern (see :func:`runs_as_24`).
+    """
+
+    name: str
+    pattern: NMPattern
+    linears: tuple[tuple[str, int, int], ...]
+    mask_24: bool | None = None
+
+
+def runs_as_24(layer: PlanLayer) -> bool:
+    """Whether a fixed-2:4 macro may run ``layer`` sparse: its masks satisfy 2:4.
+
+    Recorded (``mask_24``) when the plan says; otherwise only when the pattern guarantees it:
+    ``N <= 2`` and ``4 | M`` (at most two non-zeros in a group of M leave at most two in any
+    aligned quarter-group of 4).  4:8 or 8:16 masks *may* satisfy 2:4 but nothing guarantees it,
+    so an unrecorded one runs dense (conservative).
+    """
+    if layer.mask_24 is not None:
+        return layer.mask_24
+    p = layer.pattern
+    return p.n <= 2 and p.m % 4 == 0
+
+
+def _shape(value, where: str) -> tuple[int, int]:
+    if (not isinstance(value, list | tuple) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise FlexCimError(f"{where}: a linear shape must be [out_features, in_features], "
+                           f"not {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def parse_plan(plan: Mapping) -> tuple[PlanLayer, ...]:
+    """Read a plan: ``{"layers": [{"name", "pattern", "linears", "mask_24"?}, ...]}``.
+
+    ``linears`` maps projection names to ``[out_features, in_features]`` (a list of shapes is
+    accepted too).  Every problem raises one FlexCimError line naming the entry.
+    """
+    if not isinstance(plan, Mapping) or not isinstance(plan.get("layers"), list):
+        raise FlexCimError("a plan must be a JSON object with a list 'layers'")
+    layers = []
+    for i, entry in enumerate(plan["layers"]):
+        where = f"plan layer {i}"
+        if not isinstance(entry, Mapping):
+            raise FlexCimError(f"{where} must be an object, not {entry!r:.40}")
+        name = str(entry.get("name", i))
+        where = f"plan layer {i} ({name})"
+        if "pattern" not in entry:
+            raise FlexCimError(f"{where} has no 'pattern'")
+        pattern = NMPattern.parse(entry["pattern"])
+        raw = entry.get("linears")
+        if isinstance(raw, Mapping):
+            items = [(str(k), v) for k, v in raw.items()]
+        elif isinstance(raw, list):
+            items = [(str(j), v) for j, v in enumerate(raw)]
+        else:
+            raise FlexCimError(f"{where}: 'linears' must map names to [out, in] shapes")
+        if not items:
+            raise FlexCimError(f"{where} has no linears")
+        linears = tuple((n, *_shape(v, f"{where} linear {n}")) for n, v in items)
+        for n, _, k in linears:
+            if k % pattern.m:
+                raise FlexCimError(f"{where} linear {n}: in_features={k} is not a multiple "
+                                   f"of M={pattern.m}")
+        mask_24 = entry.get("mask_24")
+        if mask_24 is not None and not isinstance(mask_24, bool):
+            raise FlexCimError(f"{where}: 'mask_24' must be true or false, not {mask_24!r}")
+        layers.append(PlanLayer(name, pattern, linears, mask_24))
+    if not layers:
+        raise FlexCimError("the plan has no layers")
+    return tuple(layers)
+
+
+def load_plan(path: str | os.PathLike) -> tuple[PlanLayer, ...]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise FlexCimError(f"cannot read plan {os.fspath(path)!r}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise FlexCimError(f"plan {os.fspath(path)!r} is not valid JSON: {exc}") from None
+    return parse_plan(data)
+
+
+def pattern_on(cfg: HwConfig, layer: PlanLayer) -> NMPattern:
+    """The pattern ``layer`` runs with on ``cfg``: its own if supported; on a macro whose only
+    sparse pattern is 2:4, 2:4 when :func:`runs_as_24`; dense otherwise."""
+    if cfg.supports(layer.pattern):
+        return layer.pattern
+    if cfg.supports("2:4") and runs_as_24(layer):
+        return NMPattern(2, 4)
+    return NMPattern(1, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCost:
+    """Prefill of a whole plan on one macro."""
+
+    cycles: int
+    energy_pj: dict[str, float]
+    layers: tuple[tuple[str, str, int, float], ...]  # (name, pattern run, cycles, pJ)
+
+    @property
+    def total_pj(self) -> float:
+        return sum(self.energy_pj.values())
+
+    def seconds(self, clock_hz: float) -> float:
+        return self.cycles / clock_hz
+
+
+def prefill_cost(cfg: HwConfig, plan, tokens: int, *, act_density: float = 1.0,
+                 energies: ActionEnergies = ENERGY_45NM) -> ModelCost:
+    """Cycles and energy of prefilling ``tokens`` tokens through every linear of ``plan``.
+
+    Linears run one after another on one macro (no overlap between layers).
+    """
+    layers = parse_plan(plan) if isinstance(plan, Mapping) else tuple(plan)
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise FlexCimError(f"tokens must be a positive integer, not {tokens!r}")
+    totals = dict.fromkeys(ACTIONS, 0.0)
+    cycles, rows = 0, []
+    for layer in layers:
+        pattern = pattern_on(cfg, layer)
+        layer_cycles, layer_pj = 0, 0.0
+        for _, c, k in layer.linears:
+            cost = layer_cost(cfg, pattern, tokens, k, c, act_density=act_density,
+                              energies=energies)
+            layer_cycles += cost.cycles
+            layer_pj += cost.total_pj
+            for name, pj in cost.energy_pj.items():
+                totals[name] += pj
+        cycles += layer_cycles
+        rows.append((layer.name, str(pattern), layer_cycles, layer_pj))
+    return ModelCost(cycles=cycles, energy_pj=totals, layers=tuple(rows))
+
+
+def compare(plan, tokens: int, configs: Mapping[str, HwConfig], *, act_density: float = 1.0,
+            reference: str = "fixed24") -> dict:
+    """Prefill cycles/energy of ``plan`` on every config, with ratios to ``reference``.
+
+    Returns a JSON-ready dict ``{name: {"cycles", "energy_pj", "latency_vs_ref",
+    "energy_vs_ref"}}``; ratios are reference / this (> 1 means this macro is better).
+    """
+    costs = {name: prefill_cost(cfg, plan, tokens, act_density=act_density)
+             for name, cfg in configs.items()}
+    if reference not in costs:
+        raise FlexCimError(f"reference {reference!r} is not one of {', '.join(costs)}")
+    ref = costs[reference]
+    return {
+        name: {
+            "cycles": cost.cycles,
+            "energy_pj": cost.total_pj,
+            "energy_by_action_pj": cost.energy_pj,
+            "latency_vs_ref": ref.cycles / cost.cycles,
+            "energy_vs_ref": ref.total_pj / cost.total_pj if cost.total_pj else math.inf,
+            "layers": [list(row) for row in cost.layers],
+        }
+        for name, cost in costs.items()
+    }

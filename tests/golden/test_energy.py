@@ -1,0 +1,139 @@
+"""golden.energy: hand-computed activity counts, gating by zero activations, plans."""
+
+import json
+
+import pytest
+from flexcim.golden import energy, perf
+from flexcim.golden.nm import NMPattern
+from flexcim.hw.config import PRESETS
+
+from flexcim.errors import FlexCimError
+
+TINY = PRESETS["tiny"]  # P=2, R=4, C=4, b=2, in_lanes=4, acc 20, patterns up to M=16 (8 codes)
+
+
+def test_command_activity_hand_computed():
+    # 2:4, K=16: pass width 8*4/2 = 16 -> one pass of 8/2 = 4 cycles; 3 tokens -> 12 cycles.
+    cmd = perf.Command(NMPattern(2, 4), k=16, tokens=3, load_weights=True, c=4)
+    counts = energy.command_activity(TINY, cmd).counts
+    assert counts == {
+        "cell_mac": 12 * 32 * 2,  # cycles x cells x b
+        "adder_tree": 12 * 2 * 4 * 3 * 12,  # cycles x P x cols x (R-1) x (8+2+log2 4)
+        "merge_accumulate": 12 * 4 * (1 * (12 + 1) + 20),  # (P-1)(w+1) + acc_bits
+        "buffer_write": 3 * 4 * 4 * 8,  # tokens x beats x lanes x 8
+        "buffer_read": 3 * 1 * 16 * 8,  # tokens x passes x pass width x 8
+        "distribution": 12 * (8 * 16 * 2 * 3 + 32 * 15 * 2),  # routing + lane selection
+        "weight_write": 8 * 4 * (8 + 4),  # one pass of 8 rows x cols x (value + index)
+    }
+    pj = energy.Activity(counts).energy_pj()
+    assert pj["cell_mac"] == pytest.approx(768 * 0.025)
+    assert pj["buffer_read"] == pytest.approx(384 * 10 / 64)
+    assert pj["distribution"] == pytest.approx(20736 * 0.1 / 32)
+
+
+def test_zero_activations_gate_only_the_cells_and_adder_trees():
+    cmd = perf.Command(NMPattern(1, 1), k=32, tokens=2, load_weights=False, c=4)
+    full = energy.command_activity(TINY, cmd, 1.0).counts
+    half = energy.command_activity(TINY, cmd, 0.5).counts
+    for name in energy.ACTIONS:
+        ratio = 0.5 if name in ("cell_mac", "adder_tree") else 1.0
+        assert half[name] == pytest.approx(full[name] * ratio), name
+    assert full["weight_write"] == 0  # no load_weights
+    with pytest.raises(FlexCimError, match="act_density must be from 0 to 1, not 1.5"):
+        energy.command_activity(TINY, cmd, 1.5)
+
+
+def test_dense_only_macro_has_no_distribution_or_index_cost():
+    dense = PRESETS["dense"]
+    cmd = perf.Command(NMPattern(1, 1), k=576, tokens=1, load_weights=True, c=16)
+    counts = energy.command_activity(dense, cmd).counts
+    assert counts["distribution"] == 0
+    assert counts["weight_write"] == 8 * 72 * 16 * 8  # 8 passes x 72 rows x 16 cols x 8 bits
+
+
+def test_layer_cost_sums_commands_and_matches_perf_cycles():
+    # K=64 > max_k_for(1:1) = min(128, 4*8) = 32: two K chunks; C=6 > cols=4: two tiles.
+    cost = energy.layer_cost(TINY, "1:1", 5, 64, 6)
+    cmds = perf.schedule(TINY, "1:1", 5, 64, 6)
+    assert cost.cycles == perf.layer_cycles(TINY, cmds)
+    by_hand = sum(energy.command_activity(TINY, c).counts["buffer_read"] for c in cmds)
+    assert cost.energy_pj["buffer_read"] == pytest.approx(by_hand * 10 / 64)
+    assert cost.total_pj == pytest.approx(sum(cost.energy_pj.values()))
+
+
+def test_sparser_pattern_costs_less_compute_energy_on_the_same_macro():
+    dense = energy.layer_cost(TINY, "1:1", 4, 64, 4)
+    sparse = energy.layer_cost(TINY, "1:4", 4, 64, 4)
+    assert sparse.energy_pj["cell_mac"] == pytest.approx(dense.energy_pj["cell_mac"] / 4)
+    assert sparse.cycles < dense.cycles
+
+
+PLAN = {
+    "layers": [
+        {"name": "b0", "pattern": "1:1", "linears": {"q": [16, 16]}},
+        {"name": "b1", "pattern": "1:8", "linears": {"q": [16, 16], "up": [32, 16]}},
+        {"name": "b2", "pattern": "4:8", "linears": [[16, 16]]},
+        {"name": "b3", "pattern": "4:8", "linears": [[16, 16]], "mask_24": True},
+    ]
+}
+
+
+def test_patterns_on_baselines():
+    layers = energy.parse_plan(PLAN)
+    fixed24, dense, flex = PRESETS["fixed24"], PRESETS["dense"], PRESETS["default"]
+    assert [str(energy.pattern_on(fixed24, layer)) for layer in layers] == [
+        "1:1", "2:4", "1:1", "2:4"]  # 1:8 always satisfies 2:4; 4:8 only when recorded
+    assert {str(energy.pattern_on(dense, layer)) for layer in layers} == {"1:1"}
+    assert [str(energy.pattern_on(flex, layer)) for layer in layers] == [
+        "1:1", "1:8", "4:8", "4:8"]
+    assert energy.runs_as_24(energy.PlanLayer("x", NMPattern(2, 8), ()))
+    assert not energy.runs_as_24(energy.PlanLayer("x", NMPattern(8, 16), ()))
+
+
+def test_prefill_cost_is_the_sum_of_its_linears_and_compare_ratios():
+    cfg = PRESETS["default"]
+    cost = energy.prefill_cost(cfg, PLAN, 8)
+    expected = sum(
+        perf.estimate(cfg, p, 8, k, c).cycles
+        for p, shapes in (("1:1", [(16, 16)]), ("1:8", [(16, 16), (32, 16)]),
+                          ("4:8", [(16, 16)]), ("4:8", [(16, 16)]))
+        for c, k in shapes
+    )
+    assert cost.cycles == expected
+    assert [row[0] for row in cost.layers] == ["b0", "b1", "b2", "b3"]
+    table = energy.compare(PLAN, 8, {n: PRESETS[n] for n in ("default", "dense", "fixed24")})
+    assert table["fixed24"]["latency_vs_ref"] == 1.0
+    ref = energy.prefill_cost(PRESETS["fixed24"], PLAN, 8)
+    assert table["default"]["energy_vs_ref"] == pytest.approx(ref.total_pj / cost.total_pj)
+    json.dumps(table)  # JSON-ready
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        ([], "a plan must be a JSON object with a list 'layers'"),
+        ({"layers": []}, "the plan has no layers"),
+        ({"layers": [{"name": "b0", "linears": {"q": [4, 4]}}]}, r"plan layer 0 \(b0\) has no"),
+        ({"layers": [{"pattern": "2:4", "linears": {"q": [4, 0]}}]}, r"linear q: a linear shape"),
+        ({"layers": [{"pattern": "2:8", "linears": {"q": [4, 12]}}]}, "not a multiple of M=8"),
+        ({"layers": [{"pattern": "2:4", "linears": {}}]}, "has no linears"),
+        ({"layers": [{"pattern": "2:4", "linears": [[4, 4]], "mask_24": "yes"}]}, "mask_24"),
+    ],
+)
+def test_bad_plans_raise_one_line(plan, message):
+    with pytest.raises(FlexCimError, match=message):
+        energy.parse_plan(plan)
+
+
+def test_load_plan_errors(tmp_path):
+    with pytest.raises(FlexCimError, match="cannot read plan"):
+        energy.load_plan(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(FlexCimError, match="is not valid JSON"):
+        energy.load_plan(bad)
+    good = tmp_path / "plan.json"
+    good.write_text(json.dumps(PLAN))
+    assert len(energy.load_plan(good)) == 4
+    with pytest.raises(FlexCimError, match="tokens must be a positive integer"):
+        energy.prefill_cost(PRESETS["tiny"], PLAN, 0)
