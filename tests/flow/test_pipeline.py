@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+from flexcim.flow import calib, pipeline, prune
+from flexcim.flow.model import linear_layers
+from flexcim.flow.select import SelectConfig
+from flexcim.golden.nm import nm_prune
+
+from flexcim.errors import FlexCimError
+
+
+def test_apply_wanda_plan_block0_equals_direct_pruning(tiny, tiny_windows):
+    dense = {n: lin.weight.detach().clone() for n, lin in linear_layers(tiny).items()}
+    stats = calib.calibrate(tiny, tiny_windows, progress=False)
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="flow", target=0.5), stats=stats,
+                              progress=False)
+    pipeline.apply_plan(tiny, plan, tiny_windows, progress=False)
+    pipeline.check_plan(tiny, plan)
+    layers = linear_layers(tiny)
+    for name in (n for n in layers if n.startswith("model.layers.0.")):
+        p = plan.blocks[0]["pattern"]
+        n, m = map(int, p.split(":"))
+        expected = prune.prune_nm(dense[name], prune.wanda_scores(dense[name],
+                                                                  stats[name].act_sq_mean),
+                                  n_keep=n, m=m)
+        assert torch.equal(layers[name].weight, expected), name
+
+
+def test_apply_magnitude_equals_golden(tiny):
+    dense = {n: lin.weight.detach().clone() for n, lin in linear_layers(tiny).items()}
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="uniform", pattern="2:8"),
+                              metric="magnitude", progress=False)
+    pipeline.apply_plan(tiny, plan, None, metric="magnitude", progress=False)
+    for name, layer in linear_layers(tiny).items():
+        ref = nm_prune(dense[name].numpy().astype(np.float64), "2:8")
+        assert np.array_equal(layer.weight.detach().numpy(), ref.astype(np.float32))
+
+
+def test_check_plan_catches_a_violation(tiny):
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="uniform", pattern="2:4"),
+                              metric="magnitude", progress=False)
+    with pytest.raises(FlexCimError, match="violates its pattern 2:4"):
+        pipeline.check_plan(tiny, plan)  # not applied yet: dense weights
+
+
+def test_plan_for_another_model_is_rejected(tiny):
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="uniform", pattern="2:4"),
+                              metric="magnitude", progress=False)
+    plan.layers["model.layers.9.mlp.up_proj"] = "2:4"
+    with pytest.raises(FlexCimError, match="model.layers.9.mlp.up_proj"):
+        pipeline.apply_plan(tiny, plan, None, metric="magnitude")
+
+
+@pytest.mark.parametrize("metric", ["wanda", "sparsegpt"])
+def test_one_shot_from_dense_statistics(tiny, tiny_windows, metric):
+    stats = calib.calibrate(tiny, tiny_windows, hessian=metric == "sparsegpt",
+                            keep_hessians=True, progress=False)
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="uniform", pattern="2:4"),
+                              stats=stats, progress=False)
+    name = "model.layers.3.mlp.down_proj"
+    w = linear_layers(tiny)[name].weight.detach().clone()
+    pipeline.apply_plan(tiny, plan, None, metric=metric, stats=stats)
+    pipeline.check_plan(tiny, plan)
+    got = linear_layers(tiny)[name].weight
+    if metric == "wanda":
+        expected = prune.prune_nm(w, prune.wanda_scores(w, stats[name].act_sq_mean), n_keep=2, m=4)
+    else:
+        expected = prune.sparsegpt_nm(w, stats[name].hessian, n_keep=2, m=4)
+    assert torch.equal(got, expected)
