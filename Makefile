@@ -14,7 +14,7 @@ export PATH := $(BIN):$(PATH)
 PIP = $(BIN)/pip install --quiet --disable-pip-version-check
 QUIET_PIP = 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: help setup test demo lint bench clean
+.PHONY: help setup test demo lint bench clean synth
 
 help:
 	@echo "make demo   - run the FlexCiM demonstration (sets everything up first)"
@@ -22,6 +22,7 @@ help:
 	@echo "make setup  - create $(VENV), install flexcim and its pinned dependencies, iverilog"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks (golden model speed)"
+	@echo "make synth  - area of dense vs fixed24 vs FlexCiM with Yosys (writes out/synth/)"
 	@echo "make clean  - remove build outputs (keeps $(VENV))"
 
 setup: $(STAMP)
@@ -57,6 +58,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/golden_bench.py
+
+synth: $(STAMP)
+	$(BIN)/python -m flexcim.hw.area --presets dense,fixed24,default --out out/synth
 
 clean:
 	rm -rf build out .pytest_cache .hypothesis
