@@ -14,7 +14,7 @@ export PATH := $(BIN):$(PATH)
 PIP = $(BIN)/pip install --quiet --disable-pip-version-check
 QUIET_PIP = 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: help setup test demo lint bench clean synth
+.PHONY: help setup test demo lint bench clean synth verilog
 
 help:
 	@echo "make demo   - run the FlexCiM demonstration (sets everything up first)"
@@ -23,6 +23,7 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks (golden model speed)"
 	@echo "make bench-flow - FLOW/OWL/uniform and activation pruning on SmolLM2 (~30 min on 2 cores)"
+	@echo "make verilog - Verilog + sidecar + FuseSoC core of every preset, linted (PRESET=NAME for one)"
 	@echo "make synth  - area of dense vs fixed24 vs FlexCiM with Yosys (writes out/synth/)"
 	@echo "make clean  - remove build outputs (keeps $(VENV))"
 
@@ -69,3 +70,11 @@ synth: $(STAMP)
 
 clean:
 	rm -rf build out .pytest_cache .hypothesis
+
+# Every preset (or PRESET=NAME) into build/verilog/<preset>/flexcim.{v,json,core}, Verilator-linted.
+VERILOG_PRESETS = $(if $(PRESET),$(PRESET),tiny default dense fixed24)
+verilog: $(STAMP)
+	@for p in $(VERILOG_PRESETS); do \
+	  mkdir -p build/verilog/$$p; \
+	  $(BIN)/flexcim verilog --preset $$p -o build/verilog/$$p/flexcim.v --lint; \
+	done

@@ -97,6 +97,11 @@ def main(argv=None) -> int:
     result["dense_ppl"] = ev()
     log.info("dense perplexity %.3f", result["dense_ppl"])
 
+    from flexcim.flow.model import decoder_blocks
+    from flexcim.flow.select import all_outliers
+
+    outliers = all_outliers(decoder_blocks(model), pipeline.layer_scores(model, stats, "wanda"),
+                            SelectConfig(method="uniform", pattern="4:8").hyper_m)
     sweep = []
     configs = [
         ("uniform", "wanda", {}), ("owl", "wanda", {}),
@@ -113,7 +118,8 @@ def main(argv=None) -> int:
                     config = SelectConfig(method="uniform", pattern=f"{round((1 - s) * 8)}:8")
                 else:
                     config = SelectConfig(method=method, target=s, **extra)
-                plan = pipeline.make_plan(model, None, config, stats=stats, progress=False)
+                plan = pipeline.make_plan(model, None, config, stats=stats, progress=False,
+                                          outliers=outliers)
             except ValueError as exc:
                 log.info("%s at %.3f: %s", label, s, exc)
                 continue
@@ -130,6 +136,7 @@ def main(argv=None) -> int:
             plans[(label, s)] = plan
             log.info("%-22s sparsity %.3f: perplexity %.3f", label, plan.achieved_sparsity, ppl)
     result["sweep"] = sweep
+    (out / "flow_bench.json").write_text(json.dumps(result, indent=1) + "\n")  # partial
 
     # FLOW vs the baselines at each sparsity (Wanda): relative perplexity improvement
     summary = []
@@ -174,6 +181,7 @@ def main(argv=None) -> int:
                  "increase": ppl / result["dense_ppl"] - 1})
     result["activation"] = acts
     result["act_overhead"] = _overhead()
+    (out / "flow_bench.json").write_text(json.dumps(result, indent=1) + "\n")  # partial
 
     if not args.skip_timing:
         # the CLI's path: calibrate + select, then block-by-block (sequential) Wanda pruning

@@ -150,32 +150,22 @@ def _act_eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from flexcim.flow import export, pipeline
+    from flexcim.flow import pipeline
     from flexcim.flow.select import Plan
     from flexcim.golden.nm import NMPattern
 
     plan = Plan.load(args.plan)
     if args.layer not in plan.layers:
         raise FlexCimError(f"plan {args.plan!r} has no layer {args.layer!r}")
-    pattern = NMPattern.parse(plan.layers[args.layer])
-    act_pattern = NMPattern.parse(args.act_pattern) if args.act_pattern else None
+    if args.act_pattern:
+        NMPattern.parse(args.act_pattern)
     _check_output_dir(args.output)
     session = _session(args)
-    index, layer = export.find_layer(session.model, args.layer)
-    windows = _calib(session, args)
-    metric = args.metric or plan.settings.get("metric", "wanda")
-    if export.satisfies(layer.weight.detach().numpy(), pattern):
-        log.info("%s already satisfies %s (a pruned model): exporting it as is", args.layer,
-                 pattern)
-    else:
-        pipeline.apply_plan(session.model, plan, None if metric == "magnitude" else windows,
-                            metric=metric, last_block=index)
-    x = export.layer_inputs(session.model, layer, windows, args.act_tokens)
-    sparse = export.build_layer(
-        args.layer, layer.weight, pattern, x, act_pattern=act_pattern,
-        extra={"model": session.lm.name, "plan": os.path.abspath(args.plan), "metric": metric},
+    pipeline.export_projection(
+        session, plan, args.layer, args.output, calib=_calib(session, args),
+        metric=args.metric or plan.settings.get("metric", "wanda"), act_tokens=args.act_tokens,
+        act_pattern=args.act_pattern,
     )
-    export.export_layer(args.output, sparse)
     return 0
 
 

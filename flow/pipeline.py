@@ -31,7 +31,8 @@ from flexcim.errors import FlexCimError
 
 log = logging.getLogger("flexcim.flow")
 
-__all__ = ["Plan", "SelectConfig", "Session", "apply_plan", "calibration_windows",
+__all__ = ["Plan", "SelectConfig", "Session", "apply_plan", "calibration_windows", "measure",
+           "export_projection",
            "check_plan", "evaluate", "layer_scores", "load", "make_plan", "save_model"]
 
 
@@ -90,15 +91,21 @@ def _check_metric(metric: str) -> None:
 
 
 def make_plan(model: nn.Module, windows: torch.Tensor | None, config: SelectConfig, *,
-              metric: str = "wanda", stats: dict | None = None, progress: bool = True) -> Plan:
-    """Calibrate (dense model) and select a per-block N:M; ``stats`` reuses a calibration."""
+              metric: str = "wanda", stats: dict | None = None, progress: bool = True,
+              outliers: list | None = None) -> Plan:
+    """Calibrate (dense model) and select a per-block N:M.
+
+    ``stats`` reuses a calibration; ``outliers`` (:func:`flexcim.flow.select.all_outliers`)
+    reuses the per-block statistics too, so many plans cost milliseconds each.
+    """
     _check_metric(metric)
     start = time.perf_counter()
-    if metric != "magnitude" and stats is None:
+    if metric != "magnitude" and stats is None and outliers is None:
         if windows is None:
             raise FlexCimError(f"metric {metric!r} needs calibration windows")
         stats = calib.calibrate(model, windows, progress=progress)
-    plan = select(decoder_blocks(model), layer_scores(model, stats, metric), config)
+    scores = None if outliers is not None else layer_scores(model, stats, metric)
+    plan = select(decoder_blocks(model), scores, config, outliers=outliers)
     plan.settings["metric"] = metric
     log.info("%s plan: target %.4g, achieved %.4g, %s (%.1f s)", config.method,
              plan.target_sparsity, plan.achieved_sparsity,
@@ -180,3 +187,57 @@ def save_model(session_or_lm, directory: str | os.PathLike) -> pathlib.Path:
     if lm.tokenizer is not None and hasattr(lm.tokenizer, "save_pretrained"):
         lm.tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def measure(session: Session, plan: Plan | None, *, calib: torch.Tensor | None = None,
+            metric: str = "wanda", act_pattern: str | None = "8:16", eval_windows: int = 16,
+            seq_len: int = 128, progress: bool = True) -> dict:
+    """Perplexity dense, with ``plan`` applied, and with ``act_pattern`` activation pruning on
+    top; the model is left pruned to ``plan`` (reload for a dense model).
+
+    Returns a JSON-ready dict: ``dense``, ``weights`` (with the plan), ``weights+act``, and
+    the relative increases.
+    """
+    from flexcim.flow import act
+
+    def ev() -> float:
+        return evaluate(session, count=eval_windows, seq_len=seq_len, progress=progress)
+
+    record = {"eval_windows": eval_windows, "seq_len": seq_len, "dense": ev()}
+    if plan is not None:
+        apply_plan(session.model, plan, None if metric == "magnitude" else calib,
+                   metric=metric, progress=progress)
+        check_plan(session.model, plan)
+        record.update(weights=ev(), weight_sparsity=plan.achieved_sparsity, metric=metric)
+    base = record.get("weights", record["dense"])
+    if act_pattern:
+        with act.activation_pruning(session.model, act.ActConfig(pattern=act_pattern)):
+            record["weights+act" if plan is not None else "act"] = ev()
+        record["act_pattern"] = act_pattern
+        record["act_increase"] = record.get("weights+act", record.get("act")) / base - 1
+    return record
+
+
+def export_projection(session: Session, plan: Plan, layer: str, path: str | os.PathLike, *,
+                      calib: torch.Tensor, metric: str = "wanda", act_tokens: int = 64,
+                      act_pattern: str | None = None) -> object:
+    """Write one projection of the (plan-pruned) model as a golden layer file; returns the
+    :class:`flexcim.golden.layer_io.SparseLayer`.  The model is pruned up to that block first
+    unless the projection already satisfies its pattern (e.g. after :func:`measure`)."""
+    from flexcim.flow import export
+
+    if layer not in plan.layers:
+        raise FlexCimError(f"plan has no layer {layer!r}")
+    pattern = NMPattern.parse(plan.layers[layer])
+    index, module = export.find_layer(session.model, layer)
+    if not export.satisfies(module.weight.detach().numpy(), pattern):
+        apply_plan(session.model, plan, None if metric == "magnitude" else calib, metric=metric,
+                   last_block=index)
+    x = export.layer_inputs(session.model, module, calib, act_tokens)
+    sparse = export.build_layer(
+        layer, module.weight, pattern, x,
+        act_pattern=NMPattern.parse(act_pattern) if act_pattern else None,
+        extra={"model": session.lm.name, "metric": metric, "method": plan.method},
+    )
+    export.export_layer(path, sparse)
+    return sparse

@@ -311,17 +311,27 @@ def _block_cycles(block, pattern: NMPattern, cfg, tokens: int) -> float:
                      for layer in block.linears.values()))
 
 
-def select(blocks, scores: dict[str, torch.Tensor], config: SelectConfig) -> Plan:
+def all_outliers(blocks, scores: dict[str, torch.Tensor], hyper_m: float) -> list[Outliers]:
+    """:func:`block_outliers` of every block (reusable across targets and methods)."""
+    return [block_outliers([scores[n] for n in b.linears], hyper_m) for b in blocks]
+
+
+def select(blocks, scores: dict[str, torch.Tensor] | None, config: SelectConfig, *,
+           outliers: list[Outliers] | None = None) -> Plan:
     """Choose an N:M per decoder block.
 
     Parameters
     ----------
     blocks : list of :class:`flexcim.flow.model.Block`
     scores : dict of str to Tensor
-        Pruning scores (Wanda or magnitude) of every projection, by module path.
+        Pruning scores (Wanda or magnitude) of every projection, by module path; may be None
+        when ``outliers`` is given.
     config : SelectConfig
+    outliers : list of Outliers, optional
+        Precomputed :func:`all_outliers` for ``config.hyper_m`` (saves recomputing them).
     """
-    outliers = [block_outliers([scores[n] for n in b.linears], config.hyper_m) for b in blocks]
+    if outliers is None:
+        outliers = all_outliers(blocks, scores, config.hyper_m)
     ratio_n = minmax([o.ratio for o in outliers])
     local_n = minmax([o.locality for o in outliers])
     n_blocks = len(blocks)

@@ -359,8 +359,8 @@ def synth_ice40(verilog: Path, top: str, workdir: Path, *, seed: int = 1) -> dic
     if max(luts, ffs) > ICE40_LCS:
         raise FlexCimError(
             f"{top} needs {luts} LUT4 and {ffs} flip-flops after synth_ice40, more than the "
-            f"{ICE40_LCS} logic cells of an iCE40 HX8K: use --target ice40 on small presets "
-            f"(tiny) and --target generic for the rest"
+            f"{ICE40_LCS} logic cells of an iCE40 HX8K: shrink the config (e.g. --preset tiny "
+            f"--set max_k=32) or use --target generic"
         )
     run_tool("nextpnr-ice40", [*ICE40_DEVICE, "--json", "ice40.json", "--report", "pnr.json",
                                "--pcf-allow-unconstrained", "--timing-allow-fail",

@@ -67,3 +67,26 @@ def test_one_shot_from_dense_statistics(tiny, tiny_windows, metric):
     else:
         expected = prune.sparsegpt_nm(w, stats[name].hessian, n_keep=2, m=4)
     assert torch.equal(got, expected)
+
+
+def test_demo_api_measure_and_export(tiny, tokenizer, tmp_path):
+    from flexcim.flow.model import LoadedModel
+    from flexcim.flow.text import Corpus
+    from flexcim.golden.layer_io import load_layer
+
+    g = torch.Generator().manual_seed(0)
+    text = "".join(chr(32 + int(i)) for i in torch.randint(0, 90, (4000,), generator=g))
+    session = pipeline.Session(LoadedModel(tiny, tokenizer, "tiny"),
+                               Corpus(text[:2000], {"held-out": text[2000:]}, "random"))
+    cw = pipeline.calibration_windows(session, count=4, seq_len=32)
+    plan = pipeline.make_plan(tiny, cw, SelectConfig(method="flow", target=0.5), progress=False)
+    r = pipeline.measure(session, plan, calib=cw, eval_windows=2, seq_len=32, progress=False,
+                         act_pattern="2:4")
+    assert r["dense"] != r["weights"] != r["weights+act"]
+    assert r["act_increase"] == pytest.approx(r["weights+act"] / r["weights"] - 1)
+    layer = pipeline.export_projection(session, plan, "model.layers.2.self_attn.o_proj",
+                                       tmp_path / "o.safetensors", calib=cw, act_tokens=8)
+    again = load_layer(tmp_path / "o.safetensors")
+    assert again.weight.equals(layer.weight) and again.act.shape == (8, 32)
+    assert str(again.weight.pattern) == plan.layers["model.layers.2.self_attn.o_proj"].replace(
+        "4:4", "1:1").replace("8:8", "1:1")
