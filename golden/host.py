@@ -112,10 +112,32 @@ def run_layer(cfg: HwConfig, x: np.ndarray, w: NMTensor, execute: Execute) -> La
     execute : callable
         The engine, ``execute(cmd_beats, weight_beats, act_beats) -> result_beats``.
     """
-    streams = layer_streams(cfg, x, w)
-    results = execute(streams.cmd_beats, streams.weight_beats, streams.act_beats)
-    y = collect(cfg, streams.commands, results, x.shape[0], w.out_features)
-    return LayerRun(y=y, commands=streams.commands)
+    return run_layers(cfg, [(x, w)], execute)[0]
+
+
+def run_layers(cfg: HwConfig, layers, execute: Execute) -> list[LayerRun]:
+    """Several layers ``[(x, w), ...]`` back to back in one ``execute`` call (patterns may
+    differ from layer to layer: the macro switches pattern per command)."""
+    streams = [layer_streams(cfg, x, w) for x, w in layers]
+    results = list(
+        execute(
+            [b for s in streams for b in s.cmd_beats],
+            [b for s in streams for b in s.weight_beats],
+            [b for s in streams for b in s.act_beats],
+        )
+    )
+    expected = sum(cmd.tokens for s in streams for cmd in s.commands)
+    if len(results) != expected:
+        raise FlexCimError(
+            f"the macro returned {len(results)} result beats; the schedule expects {expected}"
+        )
+    runs, at = [], 0
+    for (x, w), s in zip(layers, streams, strict=True):
+        n = sum(cmd.tokens for cmd in s.commands)
+        y = collect(cfg, s.commands, results[at : at + n], x.shape[0], w.out_features)
+        runs.append(LayerRun(y=y, commands=s.commands))
+        at += n
+    return runs
 
 
 class MacroModel:

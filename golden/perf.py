@@ -31,9 +31,9 @@ from flexcim.hw.config import HwConfig
 
 from flexcim.errors import FlexCimError
 
-RESULT_LATENCY = 3
-"""Cycles from a token's last compute cycle to its result handshake (adder-tree register,
-accumulator, result FIFO)."""
+RESULT_LATENCY = 2
+"""Cycles from a token's last compute cycle to its result handshake: the sub-macros' registered
+column sums, then the merging unit writes the result FIFO, which presents it the next cycle."""
 
 
 @dataclasses.dataclass(frozen=True)

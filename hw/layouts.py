@@ -42,12 +42,17 @@ def cmd_layout(cfg: HwConfig) -> data.StructLayout:
     return data.StructLayout(fields)
 
 
-def weight_layout(cfg: HwConfig) -> data.StructLayout:
-    """One cell row of one weight word: a value and an in-group index per column."""
-    fields = {"values": data.ArrayLayout(signed(WEIGHT_BITS), cfg.cols)}
-    if cfg.index_bits:
-        fields["indices"] = data.ArrayLayout(unsigned(cfg.index_bits), cfg.cols)
+def word_layout(*, cols: int, index_bits: int) -> data.StructLayout:
+    """One weight word of a cell row: a value and an in-group index per column."""
+    fields = {"values": data.ArrayLayout(signed(WEIGHT_BITS), cols)}
+    if index_bits:
+        fields["indices"] = data.ArrayLayout(unsigned(index_bits), cols)
     return data.StructLayout(fields)
+
+
+def weight_layout(cfg: HwConfig) -> data.StructLayout:
+    """One beat of the weight stream: the word of one cell row (:func:`word_layout`)."""
+    return word_layout(cols=cfg.cols, index_bits=cfg.index_bits)
 
 
 def act_layout(cfg: HwConfig) -> data.ArrayLayout:

@@ -1,0 +1,246 @@
+"""``make synth``: dense vs fixed-2:4 vs FlexCiM area at equal cell count.
+
+Synthesises each preset with :func:`flexcim.hw.synth.synthesize` (generic gates, hierarchy
+kept), groups the modules into the parts of the macro (docs/architecture.md, section 2) and
+writes ``area.json`` and ``area.md`` into the output folder, next to each preset's full report.
+
+Two totals are given for every preset:
+
+* **flip-flop** area: what Yosys builds, storage included as flip-flops (every memory bit of the
+  RTL becomes a DFF with a hold mux);
+* **SRAM-adjusted** area: the same netlist with every RTL memory bit (cell weights and indices,
+  activation buffer, result FIFO) priced as a 6T SRAM bit cell instead of that DFF and mux
+  (:data:`flexcim.hw.synth.SRAM_6T_UM2`).  The read muxes stay in the logic, standing in for the
+  SRAM periphery.  This is the figure closer to a real CiM macro, where weights sit in bit cells.
+
+Run: ``python -m flexcim.hw.area [--presets dense,fixed24,default] [--out out/synth]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from flexcim.hw import synth
+from flexcim.hw.config import WEIGHT_BITS, HwConfig, preset
+
+from flexcim.errors import FlexCimError
+
+log = logging.getLogger("flexcim.area")
+
+GEOMETRY = ("sub_macros", "rows", "cols", "depth")
+
+#: Parts of the macro: (label, module-kind prefix).  A kind belongs to the first part whose
+#: prefix it starts with; "sub.row" is the cell array of a sub-macro (one module per cell row).
+PARTS = (
+    ("cell rows: weight+index storage (FFs)", "sub.row", "ff"),
+    ("cell rows: select + multiply + read mux", "sub.row", "logic"),
+    ("adder trees", "sub.tree", "all"),
+    ("sub-macro glue", "sub", "all"),
+    ("distribution unit", "distribution", "all"),
+    ("merging unit", "merging", "all"),
+    ("activation buffer", "buffer", "all"),
+    ("controller", "ctrl", "all"),
+    ("result FIFO", "results", "all"),
+    ("top glue", "(top)", "all"),
+)
+
+
+#: The compute core: what the paper's sub-macro/distribution/merging split covers, without the
+#: activation buffer, controller and result FIFO that every preset shares unchanged.
+CORE = ("cell rows: weight+index storage (FFs)", "cell rows: select + multiply + read mux",
+        "adder trees", "sub-macro glue", "distribution unit", "merging unit")
+
+
+def _matches(kind: str, prefix: str) -> bool:
+    return kind == prefix or kind.startswith(prefix + ".")
+
+
+def part_areas(report: dict) -> dict[str, float]:
+    """NAND2-equivalents per part of :data:`PARTS` (every module kind lands in exactly one)."""
+    areas = {label: 0.0 for label, _, _ in PARTS}
+    areas["other"] = 0.0
+    for kind, v in report["kinds"].items():
+        hits = [(label, what) for label, prefix, what in PARTS if _matches(kind, prefix)]
+        if not hits:
+            areas["other"] += v["nand2"]
+            continue
+        # The most specific prefix wins ("sub.row" before "sub").
+        best = max(len(p) for _, p, _ in PARTS if _matches(kind, p))
+        for label, prefix, what in PARTS:
+            if not _matches(kind, prefix) or len(prefix) != best:
+                continue
+            areas[label] += {"ff": v["ff_nand2"], "logic": v["logic_nand2"],
+                             "all": v["nand2"]}[what]
+    return areas
+
+
+def storage_bits(cfg: HwConfig) -> dict[str, int]:
+    """Weight and index bits the cell array must hold (the RTL's cell-row memories)."""
+    words = cfg.rows_total * cfg.cols * cfg.depth
+    return {"weight_bits": words * WEIGHT_BITS, "index_bits": words * cfg.index_bits}
+
+
+def sram_adjusted(report: dict) -> float:
+    """Total NAND2-eq with every RTL memory bit priced as a 6T bit cell (see module doc)."""
+    per_bit_ff = synth.nand2_eq("$_DFFE_PP_")  # the DFF and hold mux a memory bit maps to
+    bits = report["total"]["memory_bits"]
+    return report["total"]["nand2"] - bits * (per_bit_ff - synth.sram_bit_nand2())
+
+
+def row_memory_bits(report: dict) -> int:
+    return sum(v["memory_bits"] for k, v in report["kinds"].items() if _matches(k, "sub.row"))
+
+
+def compare(reports: dict[str, dict], configs: dict[str, HwConfig], base: str = "dense") -> dict:
+    """Per-part areas of every preset, overheads relative to ``base``, SRAM-adjusted totals."""
+    geometry = {name: {g: getattr(cfg, g) for g in GEOMETRY} for name, cfg in configs.items()}
+    same_cells = len({tuple(g.values()) for g in geometry.values()}) == 1
+    rows = {}
+    for name, report in reports.items():
+        cfg = configs[name]
+        bits = storage_bits(cfg)
+        measured = row_memory_bits(report)
+        if measured != bits["weight_bits"] + bits["index_bits"]:
+            raise FlexCimError(
+                f"preset {name}: the cell rows hold {measured} memory bits, expected "
+                f"{bits['weight_bits'] + bits['index_bits']} (weights + indices of {cfg.cells} "
+                f"cells x depth {cfg.depth}): the part mapping no longer fits the generator"
+            )
+        parts = part_areas(report)
+        core = sum(parts[label] for label in CORE)
+        rows[name] = {
+            "parts": parts,
+            "core": core,
+            # Only the cell rows' memories are in the core; price them as 6T bit cells.
+            "core_sram_adjusted": core - measured * (
+                synth.nand2_eq("$_DFFE_PP_") - synth.sram_bit_nand2()),
+            "total": report["total"]["nand2"],
+            "ff_bits": report["total"]["ff_bits"],
+            "memory_bits": report["total"]["memory_bits"],
+            "sram_adjusted": sram_adjusted(report),
+            **bits,
+            "index_storage_nand2_ff": bits["index_bits"] * synth.nand2_eq("$_DFFE_PP_"),
+            "index_storage_nand2_sram": bits["index_bits"] * synth.sram_bit_nand2(),
+        }
+    ref = rows[base]
+    for row in rows.values():
+        row["overhead_pct"] = 100 * (row["total"] / ref["total"] - 1)
+        row["overhead_sram_pct"] = 100 * (row["sram_adjusted"] / ref["sram_adjusted"] - 1)
+        row["core_overhead_pct"] = 100 * (row["core"] / ref["core"] - 1)
+        row["core_overhead_sram_pct"] = 100 * (
+            row["core_sram_adjusted"] / ref["core_sram_adjusted"] - 1)
+        row["part_delta_pct"] = {
+            label: 100 * (area - ref["parts"][label]) / ref["total"]
+            for label, area in row["parts"].items()
+        }
+    return {"base": base, "geometry": geometry, "same_cells": same_cells, "presets": rows,
+            "weights_source": synth.AREA_SOURCE, "sram_source": synth.SRAM_SOURCE,
+            "goal": "FlexCiM within 20% of the dense macro's area"}
+
+
+def markdown(result: dict, names: list[str]) -> str:
+    """The area table as markdown (NAND2-equivalents, thousands)."""
+    rows = result["presets"]
+    base = result["base"]
+    head = "| part | " + " | ".join(names) + " | " + " | ".join(
+        f"{n} − {base} (% of {base})" for n in names if n != base) + " |"
+    lines = [head, "|" + "---|" * (1 + len(names) + len(names) - 1)]
+    labels = [label for label in rows[base]["parts"]
+              if any(rows[n]["parts"][label] for n in names)]
+    for label in labels:
+        cells = [f"{rows[n]['parts'][label] / 1e3:.1f}k" for n in names]
+        deltas = [f"{rows[n]['part_delta_pct'][label]:+.1f}%" for n in names if n != base]
+        lines.append(f"| {label} | " + " | ".join(cells + deltas) + " |")
+
+    def total_row(label, key, pct_key):
+        cells = [f"**{rows[n][key] / 1e3:.1f}k**" for n in names]
+        deltas = [f"**{rows[n][pct_key]:+.1f}%**" for n in names if n != base]
+        return f"| {label} | " + " | ".join(cells + deltas) + " |"
+
+    lines.append(total_row("total, storage in flip-flops", "total", "overhead_pct"))
+    lines.append(total_row("total, SRAM-adjusted (6T bit cells)", "sram_adjusted",
+                           "overhead_sram_pct"))
+    lines.append(total_row("compute core (cells, trees, distribution, merging)", "core",
+                           "core_overhead_pct"))
+    lines.append(total_row("compute core, SRAM-adjusted", "core_sram_adjusted",
+                           "core_overhead_sram_pct"))
+    lines.append("")
+    lines.append("| preset | weight bits | index bits | memory bits (all) | FF bits |")
+    lines.append("|---|---|---|---|---|")
+    for n in names:
+        r = rows[n]
+        lines.append(f"| {n} | {r['weight_bits']} | {r['index_bits']} | {r['memory_bits']} "
+                     f"| {r['ff_bits']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", default="dense,fixed24,default",
+                        help="comma-separated presets; the first is the baseline")
+    parser.add_argument("--out", default="out/synth", help="output folder")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse reports already in --out instead of synthesising again")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    try:
+        configs = {n: preset(n) for n in names}
+        reports = {}
+        for i, name in enumerate(names, 1):
+            path = out / f"{name}.json"
+            if args.reuse and path.is_file():
+                reports[name] = json.loads(path.read_text())
+                log.info("[%d/%d] %s: reusing %s", i, len(names), name, path)
+                continue
+            log.info("[%d/%d] synthesising preset %s (%d cells)", i, len(names), name,
+                     configs[name].cells)
+            start = time.monotonic()
+            reports[name] = synth.synthesize(config=configs[name], workdir=out / name)
+            reports[name]["config"] = configs[name].to_dict()
+            path.write_text(json.dumps(reports[name], indent=2, sort_keys=True))
+            log.info("[%d/%d] %s: %.0f NAND2-eq in %.0f s", i, len(names), name,
+                     reports[name]["total"]["nand2"], time.monotonic() - start)
+        result = compare(reports, configs, base=names[0])
+    except FlexCimError as exc:
+        print(f"flexcim.hw.area: error: {exc}", file=sys.stderr)
+        return 2
+    geometry = result["geometry"]
+    note = ("all presets have the same cells: " + ", ".join(
+        f"{g}={geometry[names[0]][g]}" for g in GEOMETRY)) if result["same_cells"] else (
+        "WARNING: the presets differ in cell geometry: " + json.dumps(geometry))
+    text = "\n".join([
+        f"# Area at equal cell count ({', '.join(names)})",
+        "",
+        note + "; NAND2-equivalents from Yosys `abc -g` gates, " + synth.AREA_SOURCE + ".",
+        f"SRAM-adjusted: every RTL memory bit priced as a 6T bit cell ({synth.SRAM_SOURCE}) "
+        f"= {synth.sram_bit_nand2():.3f} NAND2-eq instead of "
+        f"{synth.nand2_eq('$_DFFE_PP_'):.2f} (DFF + hold mux).",
+        "",
+        markdown(result, names),
+        "",
+    ])
+    (out / "area.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+    (out / "area.md").write_text(text)
+    print(text)
+    flex = [n for n in names if n != names[0]]
+    for n in flex:
+        r = result["presets"][n]
+        for what, key in (("whole macro", "overhead"), ("compute core", "core_overhead")):
+            ff, sram = r[f"{key}_pct"], r[f"{key}_sram_pct"]
+            print(f"{n} {what}: {ff:+.1f}% vs {names[0]} with flip-flop storage "
+                  f"({'met' if ff <= 20 else 'NOT met'}), {sram:+.1f}% SRAM-adjusted "
+                  f"({'met' if sram <= 20 else 'NOT met'}); goal within +20%")
+    print(f"wrote {out / 'area.md'} and {out / 'area.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

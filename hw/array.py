@@ -1,0 +1,226 @@
+"""The compute array: cell rows, column adder trees and sub-macros.
+
+A cell holds ``depth`` words of (int8 weight, in-group index) and, in every cycle, multiplies
+the word of the current pass by the activation bit-slice its index selects among the M lanes
+its row receives from the distribution unit (docs/architecture.md, section 2).  The cells of a
+row share a word line, so a row is one memory of ``depth`` words x ``cols`` cells.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+from flexcim.hw.config import WEIGHT_BITS
+from flexcim.hw.layouts import word_layout
+
+
+def ceil_log2(n: int) -> int:
+    return (n - 1).bit_length()
+
+
+def product_bits(slice_bits: int) -> int:
+    """Width of a cell product: int8 weight x (``slice_bits`` + 1)-bit signed slice."""
+    return WEIGHT_BITS + slice_bits + 1
+
+
+@contextlib.contextmanager
+def validating(component):
+    """Parameter checks of a component: on a ``ValueError`` the half-built component will never
+    be elaborated, so Amaranth's "created but never used" warning is silenced."""
+    try:
+        yield
+    except (ValueError, TypeError):
+        component._MustUse__silence = True
+        raise
+
+
+def _positive(name: str, value) -> int:
+    value = operator.index(value)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
+    return value
+
+
+class CellRow(wiring.Component):
+    """The ``cols`` cells of one row: weight storage, lane selection and multiplication.
+
+    Parameters
+    ----------
+    cols : int
+        Cells (columns) in the row.
+    depth : int
+        Weight words per cell.
+    index_bits : int
+        Bits of the in-group index per weight (0: dense only, one lane, no selection).
+    slice_bits : int
+        Activation bits per cycle (1, 2, 4 or 8).
+
+    Members
+    -------
+    we, waddr, wdata : In
+        Write word ``wdata`` (:func:`~flexcim.hw.layouts.word_layout`) at ``waddr``.
+    raddr : In
+        Word of the current pass (asynchronous read: the products follow in the same cycle).
+    lanes : In, ``2**index_bits`` x unsigned ``slice_bits``
+        The activation bit-slices of the row's group, from the distribution unit.
+    top : In
+        The slices are the most significant ones of their activations: signed.
+    products : Out, ``cols`` x signed ``product_bits(slice_bits)``
+        Combinational; latency 0, one set of products per cycle.
+    """
+
+    def __init__(self, *, cols: int, depth: int, index_bits: int, slice_bits: int):
+        with validating(self):
+            self._cols = _positive("cols", cols)
+            self._depth = _positive("depth", depth)
+            self._index_bits = operator.index(index_bits)
+            if not 0 <= self._index_bits <= 5:
+                raise ValueError(f"index_bits must be from 0 to 5, not {index_bits!r}")
+            self._slice_bits = operator.index(slice_bits)
+            if self._slice_bits not in (1, 2, 4, 8):
+                raise ValueError(f"slice_bits must be 1, 2, 4 or 8, not {slice_bits!r}")
+        self._word = word_layout(cols=self._cols, index_bits=self._index_bits)
+        super().__init__({
+            "we": In(1),
+            "waddr": In(range(self._depth)),
+            "wdata": In(self._word),
+            "raddr": In(range(self._depth)),
+            "lanes": In(data.ArrayLayout(unsigned(self._slice_bits), 1 << self._index_bits)),
+            "top": In(1),
+            "products": Out(data.ArrayLayout(signed(product_bits(self._slice_bits)), self._cols)),
+        })
+
+    @property
+    def cols(self) -> int:
+        return self._cols
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.words = words = Memory(shape=self._word, depth=self._depth, init=[])
+        write = words.write_port()
+        # Asynchronous read: the cell holds its word; the pass counter selects it.
+        read = words.read_port(domain="comb")
+        m.d.comb += [
+            write.en.eq(self.we),
+            write.addr.eq(self.waddr),
+            write.data.eq(self.wdata),
+            read.addr.eq(self.raddr),
+        ]
+        for c in range(self._cols):
+            if self._index_bits:
+                act = self.lanes[read.data.indices[c]]
+            else:
+                act = self.lanes[0]
+            # Lower slices are unsigned digits; the top slice carries the two's-complement sign.
+            digit = Signal(signed(self._slice_bits + 1), name=f"digit{c}")
+            m.d.comb += digit.eq(Mux(self.top, act.as_signed(), act))
+            m.d.comb += self.products[c].eq(read.data.values[c] * digit)
+        return m
+
+
+class AdderTree(wiring.Component):
+    """Balanced tree summing ``inputs`` signed values (combinational, latency 0).
+
+    Parameters
+    ----------
+    inputs : int
+        Number of addends.
+    width : int
+        Width of each signed addend; the sum has ``width + ceil_log2(inputs)`` bits, so it
+        never overflows.
+    """
+
+    def __init__(self, *, inputs: int, width: int):
+        with validating(self):
+            self._inputs = _positive("inputs", inputs)
+            self._width = _positive("width", width)
+        super().__init__({
+            "addends": In(data.ArrayLayout(signed(self._width), self._inputs)),
+            "sum": Out(signed(self.sum_bits)),
+        })
+
+    @property
+    def sum_bits(self) -> int:
+        return self._width + ceil_log2(self._inputs)
+
+    def elaborate(self, platform):
+        m = Module()
+        level = [self.addends[i] for i in range(self._inputs)]
+        while len(level) > 1:
+            pairs = [level[i] + level[i + 1] for i in range(0, len(level) - 1, 2)]
+            level = pairs + ([level[-1]] if len(level) % 2 else [])
+        m.d.comb += self.sum.eq(level[0])
+        return m
+
+
+class SubMacro(wiring.Component):
+    """``rows`` cell rows and a per-column adder tree, with a registered partial-sum output.
+
+    Parameters
+    ----------
+    rows, cols, depth, index_bits, slice_bits : int
+        As :class:`CellRow`; ``rows`` is the number of rows of this sub-macro.
+
+    Members
+    -------
+    we, wrow, waddr, wdata : In
+        Write ``wdata`` into word ``waddr`` of row ``wrow``.
+    raddr, top : In
+        As :class:`CellRow`, shared by all rows.
+    lanes : In, ``rows`` x ``2**index_bits`` x unsigned ``slice_bits``
+    psums : Out, ``cols`` x signed ``psum_bits``
+        Column sums of the products, registered: latency 1, throughput 1 per cycle.
+    """
+
+    def __init__(self, *, rows: int, cols: int, depth: int, index_bits: int, slice_bits: int):
+        with validating(self):
+            self._rows = _positive("rows", rows)
+            self._cols = _positive("cols", cols)
+        self._row_args = dict(cols=cols, depth=depth, index_bits=index_bits,
+                              slice_bits=slice_bits)
+        self._tree_width = product_bits(slice_bits)
+        lane = data.ArrayLayout(unsigned(slice_bits), 1 << index_bits)
+        super().__init__({
+            "we": In(1),
+            "wrow": In(range(self._rows)),
+            "waddr": In(range(depth)),
+            "wdata": In(word_layout(cols=self._cols, index_bits=index_bits)),
+            "raddr": In(range(depth)),
+            "lanes": In(data.ArrayLayout(lane, self._rows)),
+            "top": In(1),
+            "psums": Out(data.ArrayLayout(signed(self.psum_bits), self._cols)),
+        })
+
+    @property
+    def psum_bits(self) -> int:
+        return self._tree_width + ceil_log2(self._rows)
+
+    def elaborate(self, platform):
+        m = Module()
+        rows = []
+        for r in range(self._rows):
+            row = CellRow(**self._row_args)
+            m.submodules[f"row{r}"] = row
+            m.d.comb += [
+                row.we.eq(self.we & (self.wrow == r)),
+                row.waddr.eq(self.waddr),
+                row.wdata.eq(self.wdata),
+                row.raddr.eq(self.raddr),
+                row.lanes.eq(self.lanes[r]),
+                row.top.eq(self.top),
+            ]
+            rows.append(row)
+        for c in range(self._cols):
+            tree = AdderTree(inputs=self._rows, width=self._tree_width)
+            m.submodules[f"tree{c}"] = tree
+            m.d.comb += [tree.addends[r].eq(rows[r].products[c]) for r in range(self._rows)]
+            m.d.sync += self.psums[c].eq(tree.sum)
+        return m
+
+
+__all__ = ["AdderTree", "CellRow", "SubMacro", "ceil_log2", "product_bits"]

@@ -1,0 +1,191 @@
+"""The controller: commands, weight loading, activation loading and the compute schedule.
+
+Three independent engines share the latched command (docs/architecture.md, section 4):
+
+* the weight loader accepts ``passes * rows_total`` weight beats; beat ``q`` goes to cell row
+  ``q mod rows_total``, word ``q div rows_total``;
+* the activation loader fills the two buffer banks alternately, ``ceil(k/in_lanes)`` beats per
+  token, whenever the bank it is due to fill is empty (overlapping the weight load);
+* the compute sequencer starts a token when its bank is full, the weights are loaded, the
+  previous token is done and the result FIFO has room for it (credits), then issues
+  ``passes x cycles_per_pass`` slice cycles without a bubble.
+
+Pass counts come from running positions compared with ``k`` (``pos + pass_width >= k``), not
+from dividers.  A command the macro cannot run (pattern code not configured, ``k`` outside
+``1..max_k_for``, ``tokens == 0``) is consumed and dropped, and ``error`` is set until reset.
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Array, Module, Signal
+from amaranth.lib import stream, wiring
+from amaranth.lib.wiring import In, Out
+from flexcim.hw.config import HwConfig
+from flexcim.hw.layouts import cmd_layout
+
+
+class Controller(wiring.Component):
+    """Sequencer of one FlexCiM macro (takes the whole :class:`HwConfig`).
+
+    Members
+    -------
+    cmd : In(stream)
+        The command stream (:func:`~flexcim.hw.layouts.cmd_layout`).
+    w_valid, w_ready : In, Out
+        Handshake of the weight stream; ``w_we`` with ``w_sub``, ``w_row``, ``w_word`` address
+        the cell row and word the beat goes to.
+    a_valid, a_ready : In, Out
+        Handshake of the activation stream; ``a_we``, ``a_bank``, ``a_beat`` address the buffer.
+    issue, code, r_bank, r_pass, r_slice, top, first, last, shift : Out
+        The compute cycle (combinational): bank, pass (weight word), slice and its flags;
+        ``shift`` at the last slice of a pass.
+    result_taken : In
+        A result left the result stream (returns a FIFO credit).
+    error : Out
+        Sticky: a command was rejected.
+    """
+
+    def __init__(self, cfg: HwConfig, *, fifo_depth: int):
+        if not isinstance(cfg, HwConfig):
+            raise TypeError(f"cfg must be a HwConfig, not {type(cfg).__name__}")
+        self._cfg = cfg
+        self._fifo_depth = fifo_depth
+        beats = cfg.max_k // cfg.in_lanes
+        super().__init__({
+            "cmd": In(stream.Signature(cmd_layout(cfg))),
+            "w_valid": In(1), "w_ready": Out(1), "w_we": Out(1),
+            "w_sub": Out(range(cfg.sub_macros)), "w_row": Out(range(cfg.rows)),
+            "w_word": Out(range(cfg.depth)),
+            "a_valid": In(1), "a_ready": Out(1), "a_we": Out(1),
+            "a_bank": Out(1), "a_beat": Out(range(beats)),
+            "issue": Out(1), "code": Out(range(len(cfg.patterns))), "r_bank": Out(1),
+            "r_pass": Out(range(cfg.depth)), "r_slice": Out(range(cfg.cycles_per_pass)),
+            "top": Out(1), "first": Out(1), "last": Out(1), "shift": Out(1),
+            "result_taken": In(1),
+            "error": Out(1),
+        })
+
+    def elaborate(self, platform):
+        cfg = self._cfg
+        m = Module()
+        n_pat = len(cfg.patterns)
+        pass_widths = Array([cfg.pass_width(p) for p in cfg.patterns])
+        max_ks = Array([cfg.max_k_for(p) for p in cfg.patterns])
+
+        active = Signal()
+        k = Signal(range(cfg.max_k + 1))
+        tokens = Signal(range(cfg.max_tokens + 1))
+        pw = Signal(range(max(cfg.pass_width(p) for p in cfg.patterns) + 1))
+        m.d.comb += pw.eq(pass_widths[self.code])
+
+        # ---------------------------------------------------------------- commands
+        payload = self.cmd.payload
+        code_in = payload.pattern if cfg.pattern_bits else 0
+        ok = Signal()
+        m.d.comb += ok.eq(
+            (code_in < n_pat)
+            & (payload.k >= 1)
+            & (payload.k <= max_ks[code_in])
+            & (payload.tokens >= 1)
+        )
+        m.d.comb += self.cmd.ready.eq(~active)
+        w_loading = Signal()
+        a_loading = Signal()
+        with m.If(self.cmd.valid & self.cmd.ready):
+            with m.If(ok):
+                m.d.sync += [
+                    active.eq(1),
+                    self.code.eq(code_in),
+                    k.eq(payload.k),
+                    tokens.eq(payload.tokens),
+                    w_loading.eq(payload.load_weights),
+                    a_loading.eq(1),
+                ]
+            with m.Else():
+                m.d.sync += self.error.eq(1)
+
+        # ---------------------------------------------------------------- weight loader
+        w_pos = Signal(range(cfg.max_k + max(cfg.pass_width(p) for p in cfg.patterns) + 1))
+        m.d.comb += [
+            self.w_ready.eq(w_loading),
+            self.w_we.eq(self.w_valid & w_loading),
+        ]
+        with m.If(self.w_we):
+            last_row = (self.w_sub == cfg.sub_macros - 1) & (self.w_row == cfg.rows - 1)
+            with m.If(self.w_row == cfg.rows - 1):
+                m.d.sync += self.w_row.eq(0)
+                with m.If(self.w_sub == cfg.sub_macros - 1):
+                    m.d.sync += self.w_sub.eq(0)
+                with m.Else():
+                    m.d.sync += self.w_sub.eq(self.w_sub + 1)
+            with m.Else():
+                m.d.sync += self.w_row.eq(self.w_row + 1)
+            with m.If(last_row):
+                with m.If(w_pos + pw >= k):
+                    m.d.sync += [w_loading.eq(0), self.w_word.eq(0), w_pos.eq(0)]
+                with m.Else():
+                    m.d.sync += [self.w_word.eq(self.w_word + 1), w_pos.eq(w_pos + pw)]
+
+        # ---------------------------------------------------------------- activation loader
+        full = Signal(2)
+        set_full = Signal(2)
+        clear_full = Signal(2)
+        a_pos = Signal(range(cfg.max_k + cfg.in_lanes + 1))
+        a_tokens = Signal(range(cfg.max_tokens + 1))
+        m.d.comb += [
+            self.a_ready.eq(a_loading & ~full.bit_select(self.a_bank, 1)),
+            self.a_we.eq(self.a_valid & self.a_ready),
+        ]
+        with m.If(self.a_we):
+            with m.If(a_pos + cfg.in_lanes >= k):
+                m.d.comb += set_full.bit_select(self.a_bank, 1).eq(1)
+                m.d.sync += [
+                    a_pos.eq(0),
+                    self.a_beat.eq(0),
+                    self.a_bank.eq(~self.a_bank),
+                    a_tokens.eq(a_tokens + 1),
+                ]
+                with m.If(a_tokens + 1 == tokens):
+                    m.d.sync += [a_loading.eq(0), a_tokens.eq(0)]
+            with m.Else():
+                m.d.sync += [a_pos.eq(a_pos + cfg.in_lanes), self.a_beat.eq(self.a_beat + 1)]
+
+        # ---------------------------------------------------------------- compute sequencer
+        running = Signal()  # inside a token
+        start = Signal()
+        c_pos = Signal.like(w_pos)
+        c_tokens = Signal(range(cfg.max_tokens + 1))
+        credits = Signal(range(self._fifo_depth + 1), init=self._fifo_depth)
+        last_slice = self.r_slice == cfg.cycles_per_pass - 1
+        m.d.comb += [
+            start.eq(
+                active & ~running & ~w_loading & full.bit_select(self.r_bank, 1)
+                & (credits != 0) & (c_tokens != tokens)
+            ),
+            self.issue.eq(running | start),
+            self.top.eq(last_slice),
+            self.first.eq(start),
+            self.shift.eq(self.issue & last_slice),
+            self.last.eq(self.issue & last_slice & (c_pos + pw >= k)),
+        ]
+        m.d.sync += credits.eq(credits - start + self.result_taken)
+        with m.If(self.issue):
+            m.d.sync += running.eq(1)
+            with m.If(last_slice):
+                m.d.sync += [self.r_slice.eq(0), self.r_pass.eq(self.r_pass + 1),
+                             c_pos.eq(c_pos + pw)]
+            with m.Else():
+                m.d.sync += self.r_slice.eq(self.r_slice + 1)
+        with m.If(self.last):
+            m.d.comb += clear_full.bit_select(self.r_bank, 1).eq(1)
+            m.d.sync += [
+                running.eq(0),
+                self.r_pass.eq(0),
+                c_pos.eq(0),
+                self.r_bank.eq(~self.r_bank),
+                c_tokens.eq(c_tokens + 1),
+            ]
+            with m.If(c_tokens + 1 == tokens):
+                m.d.sync += [active.eq(0), c_tokens.eq(0)]
+        m.d.sync += full.eq((full | set_full) & ~clear_full)
+        return m

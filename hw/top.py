@@ -1,0 +1,147 @@
+"""The FlexCiM macro: the top-level component of the generator.
+
+Dataflow (docs/architecture.md, section 2): the controller sequences commands; weights go to
+the cell rows of the sub-macros; activations go to the double-buffered activation buffer, whose
+window the distribution unit routes to the rows for the command's pattern; the sub-macros'
+registered column sums go to the merging unit, whose finished tokens enter a small result FIFO
+that decouples the result stream's back-pressure (the controller holds a credit per FIFO entry,
+so no result is ever dropped).
+"""
+
+from __future__ import annotations
+
+from amaranth.hdl import Module, Signal
+from amaranth.lib import fifo, stream, wiring
+from amaranth.lib.wiring import In, Out
+from flexcim.hw.array import SubMacro
+from flexcim.hw.buffer import ActivationBuffer
+from flexcim.hw.config import HwConfig
+from flexcim.hw.controller import Controller
+from flexcim.hw.distribution import Distribution
+from flexcim.hw.layouts import act_layout, cmd_layout, result_layout, weight_layout
+from flexcim.hw.merging import Merging
+
+RESULT_FIFO_DEPTH = 4
+"""Results the macro can hold while the result stream is stalled; with the pipeline latency
+of perf.RESULT_LATENCY this keeps one-cycle tokens stall-free when the stream is ready."""
+
+
+class FlexCiM(wiring.Component):
+    """A FlexCiM macro generated from a :class:`~flexcim.hw.config.HwConfig`.
+
+    Parameters
+    ----------
+    cfg : HwConfig
+
+    Members
+    -------
+    cmd : In(stream), weights : In(stream), act : In(stream)
+        Input streams (payloads in :mod:`flexcim.hw.layouts`).
+    result : Out(stream)
+        One beat per token, in order; ``perf.RESULT_LATENCY`` cycles after the token's last
+        compute cycle when the stream is ready.
+    error : Out
+        Sticky: a command was rejected (pattern code, ``k`` or ``tokens`` out of range).
+
+    Throughput: one activation bit-slice of every cell per cycle; a token of ``k`` inputs takes
+    ``passes * cycles_per_pass`` cycles, overlapped with loading the next (golden/perf.py).
+    """
+
+    def __init__(self, cfg: HwConfig):
+        if not isinstance(cfg, HwConfig):
+            raise TypeError(f"cfg must be a HwConfig, not {type(cfg).__name__}")
+        self._cfg = cfg
+        super().__init__({
+            "cmd": In(stream.Signature(cmd_layout(cfg))),
+            "weights": In(stream.Signature(weight_layout(cfg))),
+            "act": In(stream.Signature(act_layout(cfg))),
+            "result": Out(stream.Signature(result_layout(cfg))),
+            "error": Out(1),
+        })
+
+    @property
+    def cfg(self) -> HwConfig:
+        return self._cfg
+
+    def elaborate(self, platform):
+        cfg = self._cfg
+        m = Module()
+        b = cfg.act_bits_per_cycle
+        m.submodules.ctrl = ctrl = Controller(cfg, fifo_depth=RESULT_FIFO_DEPTH)
+        wiring.connect(m, wiring.flipped(self.cmd), ctrl.cmd)
+        m.d.comb += [
+            ctrl.w_valid.eq(self.weights.valid),
+            self.weights.ready.eq(ctrl.w_ready),
+            ctrl.a_valid.eq(self.act.valid),
+            self.act.ready.eq(ctrl.a_ready),
+            self.error.eq(ctrl.error),
+        ]
+
+        dist = Distribution(rows=cfg.rows_total, patterns=cfg.patterns, slice_bits=b)
+        m.submodules.distribution = dist
+        shifts = sorted({cfg.pass_width(p) for p in cfg.patterns})
+        m.submodules.buffer = buf = ActivationBuffer(
+            lanes=cfg.max_k, in_lanes=cfg.in_lanes, window_lanes=dist.window_lanes,
+            shifts=shifts, slice_bits=b,
+        )
+        m.d.comb += [
+            buf.we.eq(ctrl.a_we),
+            buf.wbank.eq(ctrl.a_bank),
+            buf.wbeat.eq(ctrl.a_beat),
+            buf.wdata.eq(self.act.payload),
+            buf.rbank.eq(ctrl.r_bank),
+            buf.slice.eq(ctrl.r_slice),
+            buf.shift.eq(ctrl.shift),
+            dist.window.eq(buf.window),
+        ]
+        if len(shifts) > 1:
+            with m.Switch(ctrl.code):
+                for code, p in enumerate(cfg.patterns):
+                    with m.Case(code):
+                        m.d.comb += buf.shift_sel.eq(shifts.index(cfg.pass_width(p)))
+        if len(cfg.patterns) > 1:
+            m.d.comb += dist.code.eq(ctrl.code)
+
+        subs = []
+        for p in range(cfg.sub_macros):
+            sub = SubMacro(rows=cfg.rows, cols=cfg.cols, depth=cfg.depth,
+                           index_bits=cfg.index_bits, slice_bits=b)
+            m.submodules[f"sub{p}"] = sub
+            m.d.comb += [
+                sub.we.eq(ctrl.w_we & (ctrl.w_sub == p)),
+                sub.wrow.eq(ctrl.w_row),
+                sub.waddr.eq(ctrl.w_word),
+                sub.wdata.eq(self.weights.payload),
+                sub.raddr.eq(ctrl.r_pass),
+                sub.top.eq(ctrl.top),
+            ]
+            m.d.comb += [sub.lanes[r].eq(dist.lanes[p * cfg.rows + r]) for r in range(cfg.rows)]
+            subs.append(sub)
+
+        merge = Merging(sub_macros=cfg.sub_macros, cols=cfg.cols, psum_bits=subs[0].psum_bits,
+                        slice_bits=b, acc_bits=cfg.acc_bits)
+        m.submodules.merging = merge
+        # The sub-macros register their sums: the slice's flags follow one cycle later.
+        for name in ("valid", "slice", "first", "last"):
+            source = {"valid": ctrl.issue, "slice": ctrl.r_slice, "first": ctrl.first,
+                      "last": ctrl.last}[name]
+            delayed = Signal.like(source, name=f"{name}_d")
+            m.d.sync += delayed.eq(source)
+            m.d.comb += getattr(merge, name).eq(delayed)
+        m.d.comb += [merge.psums[p].eq(subs[p].psums) for p in range(cfg.sub_macros)]
+
+        m.submodules.results = results = fifo.SyncFIFO(
+            width=len(self.result.payload.as_value()), depth=RESULT_FIFO_DEPTH
+        )
+        m.d.comb += [
+            results.w_en.eq(merge.done),
+            results.w_data.eq(merge.result),
+            self.result.valid.eq(results.r_rdy),
+            self.result.payload.eq(results.r_data),
+            results.r_en.eq(self.result.ready),
+            ctrl.result_taken.eq(self.result.valid & self.result.ready),
+        ]
+        return m
+
+
+__all__ = ["RESULT_FIFO_DEPTH", "FlexCiM"]

@@ -1,0 +1,81 @@
+"""hw/area.py (make synth) on hand-made synthesis reports: part mapping, overheads, SRAM pricing."""
+
+import pytest
+from flexcim.hw import area, synth
+from flexcim.hw.config import HwConfig
+
+from flexcim.errors import FlexCimError
+
+
+def kind(nand2, ff_nand2=0.0, memory_bits=0, ff_bits=0):
+    return {"nand2": nand2, "ff_nand2": ff_nand2, "logic_nand2": nand2 - ff_nand2,
+            "memory_bits": memory_bits, "ff_bits": ff_bits, "instances": 1}
+
+
+def report(kinds):
+    total = {key: sum(k[key] for k in kinds.values())
+             for key in ("nand2", "ff_nand2", "logic_nand2", "memory_bits", "ff_bits")}
+    return {"kinds": kinds, "total": total}
+
+
+CFG = HwConfig(sub_macros=1, rows=2, cols=2, depth=2, patterns=("1:1", "1:2"),
+               in_lanes=4, max_k=8)
+DENSE = CFG.replace(patterns=("1:1",))
+
+
+def test_parts_take_the_most_specific_prefix_and_split_cell_rows():
+    r = report({
+        "sub.row": kind(100, ff_nand2=60, memory_bits=8),
+        "sub.tree": kind(7),
+        "sub": kind(3),
+        "distribution": kind(5),
+        "buffer.bank": kind(11),
+        "mystery": kind(2),
+    })
+    parts = area.part_areas(r)
+    assert parts["cell rows: weight+index storage (FFs)"] == 60
+    assert parts["cell rows: select + multiply + read mux"] == 40
+    assert parts["adder trees"] == 7 and parts["sub-macro glue"] == 3
+    assert parts["activation buffer"] == 11 and parts["other"] == 2
+    assert sum(parts.values()) == pytest.approx(r["total"]["nand2"])
+
+
+def test_storage_bits_count_weights_and_indices():
+    assert area.storage_bits(CFG) == {"weight_bits": 2 * 2 * 2 * 8, "index_bits": 2 * 2 * 2 * 1}
+    assert area.storage_bits(DENSE)["index_bits"] == 0
+
+
+def test_compare_overheads_and_sram_adjustment():
+    per_bit = synth.nand2_eq("$_DFFE_PP_")
+    dense = report({"sub.row": kind(64 * per_bit + 50, 64 * 4.522 / 0.798, memory_bits=64),
+                    "buffer": kind(200)})
+    flex = report({"sub.row": kind(72 * per_bit + 80, 72 * 4.522 / 0.798, memory_bits=72),
+                   "distribution": kind(30), "buffer": kind(200)})
+    result = area.compare({"dense": dense, "flex": flex}, {"dense": DENSE, "flex": CFG})
+    assert result["same_cells"]
+    f, d = result["presets"]["flex"], result["presets"]["dense"]
+    assert f["overhead_pct"] == pytest.approx(100 * (flex["total"]["nand2"] /
+                                                     dense["total"]["nand2"] - 1))
+    # SRAM pricing: each of the 72 (64) memory bits costs 0.434 instead of DFF + hold mux.
+    assert f["sram_adjusted"] == pytest.approx(72 * synth.sram_bit_nand2() + 80 + 30 + 200)
+    assert d["sram_adjusted"] == pytest.approx(64 * synth.sram_bit_nand2() + 50 + 200)
+    assert f["core"] == pytest.approx(72 * per_bit + 80 + 30)  # the buffer is not core
+    assert f["core_sram_adjusted"] == pytest.approx(72 * synth.sram_bit_nand2() + 110)
+    assert f["part_delta_pct"]["distribution unit"] == pytest.approx(
+        100 * 30 / dense["total"]["nand2"])
+    assert f["index_storage_nand2_ff"] == pytest.approx(8 * per_bit)
+    assert "| distribution unit |" in area.markdown(result, ["dense", "flex"])
+
+
+def test_compare_refuses_a_mapping_that_misses_the_cell_storage():
+    wrong = report({"sub.row": kind(10, memory_bits=60)})
+    with pytest.raises(FlexCimError, match="cell rows hold 60 memory bits, expected 64"):
+        area.compare({"dense": wrong}, {"dense": DENSE})
+
+
+def test_compare_says_when_geometries_differ():
+    other = DENSE.replace(cols=4)
+    r = report({"sub.row": kind(10, memory_bits=64)})
+    r2 = report({"sub.row": kind(10, memory_bits=128)})
+    assert not area.compare({"dense": r, "wide": r2}, {"dense": DENSE, "wide": other})[
+        "same_cells"]

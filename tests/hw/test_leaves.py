@@ -1,0 +1,229 @@
+"""Leaf components in amaranth.sim against NumPy / naive-loop references."""
+
+import numpy as np
+import pytest
+from amaranth.sim import Simulator
+from flexcim.golden.nm import NMPattern
+from flexcim.hw.array import AdderTree, CellRow, SubMacro
+from flexcim.hw.buffer import ActivationBuffer
+from flexcim.hw.config import preset
+from flexcim.hw.distribution import Distribution
+from flexcim.hw.merging import Merging
+
+
+def run(dut, bench, clock=True):
+    sim = Simulator(dut)
+    if clock:
+        sim.add_clock(1e-6)
+    sim.add_testbench(bench)
+    sim.run()
+
+
+def digits(x, b):
+    """Slices of int8 ``x``, least significant first; the top one signed (the spec)."""
+    u = int(x) & 0xFF
+    out = [(u >> (s * b)) & ((1 << b) - 1) for s in range(8 // b)]
+    if out[-1] >= 1 << (b - 1):
+        out[-1] -= 1 << b
+    assert sum(d << (s * b) for s, d in enumerate(out)) == x
+    return out
+
+
+@pytest.mark.parametrize("b", [1, 2, 4, 8])
+def test_cell_row_selects_by_index_and_multiplies_signed_slices(b):
+    rng = np.random.default_rng(b)
+    cols, depth, index_bits = 3, 4, 3
+    dut = CellRow(cols=cols, depth=depth, index_bits=index_bits, slice_bits=b)
+    values = rng.integers(-128, 128, size=(depth, cols))
+    values[0] = -128  # edges
+    values[1] = 127
+    indices = rng.integers(0, 8, size=(depth, cols))
+
+    async def bench(ctx):
+        for w in range(depth):
+            ctx.set(dut.we, 1)
+            ctx.set(dut.waddr, w)
+            ctx.set(dut.wdata, {"values": values[w].tolist(), "indices": indices[w].tolist()})
+            await ctx.tick()
+        ctx.set(dut.we, 0)
+        for _ in range(40):
+            w = int(rng.integers(depth))
+            lanes = rng.integers(0, 1 << b, size=8)
+            top = int(rng.integers(2)) if b < 8 else 1
+            ctx.set(dut.raddr, w)
+            ctx.set(dut.lanes, lanes.tolist())
+            ctx.set(dut.top, top)
+            for c in range(cols):
+                a = int(lanes[indices[w, c]])
+                if top and a >= 1 << (b - 1):
+                    a -= 1 << b
+                assert ctx.get(dut.products[c]) == values[w, c] * a
+            await ctx.tick()
+
+    run(dut, bench)
+
+
+def test_dense_cell_row_has_one_lane():
+    dut = CellRow(cols=2, depth=1, index_bits=0, slice_bits=8)
+    assert dut.lanes.shape().length == 1
+
+    async def bench(ctx):
+        ctx.set(dut.we, 1)
+        ctx.set(dut.wdata, {"values": [-128, 127]})
+        await ctx.tick()
+        ctx.set(dut.lanes, [0x80])  # -128 as the (signed) only slice
+        ctx.set(dut.top, 1)
+        assert [ctx.get(dut.products[c]) for c in range(2)] == [16384, -16256]
+
+    run(dut, bench)
+
+
+@pytest.mark.parametrize("inputs", [1, 2, 5, 18])
+def test_adder_tree_sums_extremes_without_overflow(inputs):
+    rng = np.random.default_rng(inputs)
+    dut = AdderTree(inputs=inputs, width=10)
+
+    async def bench(ctx):
+        for vec in [[-512] * inputs, [511] * inputs, *rng.integers(-512, 512, (20, inputs))]:
+            ctx.set(dut.addends, [int(v) for v in vec])
+            assert ctx.get(dut.sum) == sum(int(v) for v in vec)
+
+    run(dut, bench, clock=False)
+
+
+def test_sub_macro_registers_column_sums():
+    rng = np.random.default_rng(7)
+    rows, cols, b = 3, 2, 2
+    dut = SubMacro(rows=rows, cols=cols, depth=2, index_bits=1, slice_bits=b)
+    values = rng.integers(-128, 128, size=(rows, cols))
+    indices = rng.integers(0, 2, size=(rows, cols))
+
+    async def bench(ctx):
+        for r in range(rows):
+            ctx.set(dut.we, 1)
+            ctx.set(dut.wrow, r)
+            ctx.set(dut.waddr, 1)
+            ctx.set(dut.wdata, {"values": values[r].tolist(), "indices": indices[r].tolist()})
+            await ctx.tick()
+        ctx.set(dut.we, 0)
+        ctx.set(dut.raddr, 1)
+        lanes = rng.integers(0, 4, size=(rows, 2))
+        ctx.set(dut.lanes, lanes.tolist())
+        ctx.set(dut.top, 0)
+        await ctx.tick()
+        expect = [sum(values[r, c] * lanes[r, indices[r, c]] for r in range(rows))
+                  for c in range(cols)]
+        assert [ctx.get(dut.psums[c]) for c in range(cols)] == expect
+
+    run(dut, bench)
+
+
+def test_distribution_routes_every_tiny_pattern_like_the_spec():
+    cfg = preset("tiny")
+    dut = Distribution(rows=cfg.rows_total, patterns=cfg.patterns, slice_bits=2)
+    rng = np.random.default_rng(3)
+    window = rng.integers(0, 4, size=dut.window_lanes)
+
+    async def bench(ctx):
+        ctx.set(dut.window, window.tolist())
+        for code, p in enumerate(cfg.patterns):
+            ctx.set(dut.code, code)
+            for r in range(cfg.rows_total):
+                for i in range(cfg.m_max):
+                    expect = window[(r // p.n) * p.m + i] if i < p.m else 0
+                    assert ctx.get(dut.lanes[r][i]) == expect, (p, r, i)
+
+    run(dut, bench, clock=False)
+
+
+def test_distribution_rejects_patterns_that_straddle_rows():
+    with pytest.raises(ValueError, match="pattern 4:8: N=4 must divide rows=6"):
+        Distribution(rows=6, patterns=[NMPattern(4, 8)], slice_bits=1)
+
+
+@pytest.mark.parametrize("b", [1, 2, 8])
+def test_merging_accumulates_slices_and_passes_with_wrap(b):
+    rng = np.random.default_rng(b)
+    p_count, cols, acc_bits, psum_bits = 2, 3, 16, 14
+    dut = Merging(sub_macros=p_count, cols=cols, psum_bits=psum_bits, slice_bits=b,
+                  acc_bits=acc_bits)
+    slices = 8 // b
+
+    async def bench(ctx):
+        for _token in range(3):
+            passes = int(rng.integers(1, 4))
+            total = np.zeros(cols, dtype=np.int64)
+            ctx.set(dut.valid, 1)
+            for t in range(passes):
+                for s in range(slices):
+                    lo, hi = -(2 ** (psum_bits - 1)), 2 ** (psum_bits - 1)
+                    ps = rng.integers(lo, hi, size=(p_count, cols))
+                    total += ps.sum(axis=0) << (s * b)
+                    ctx.set(dut.psums, ps.tolist())
+                    ctx.set(dut.slice, s)
+                    ctx.set(dut.first, t == 0 and s == 0)
+                    last = t == passes - 1 and s == slices - 1
+                    ctx.set(dut.last, last)
+                    assert ctx.get(dut.done) == last
+                    if last:
+                        wrapped = (total + 2**15) % 2**16 - 2**15
+                        assert [ctx.get(dut.result[c]) for c in range(cols)] == wrapped.tolist()
+                    await ctx.tick()
+            ctx.set(dut.valid, 0)
+            await ctx.tick()  # an idle cycle must not disturb the accumulators
+
+    run(dut, bench)
+
+
+def test_activation_buffer_loads_one_bank_while_the_other_shifts():
+    b = 2
+    dut = ActivationBuffer(lanes=8, in_lanes=2, window_lanes=4, shifts=(2, 4), slice_bits=b)
+    rng = np.random.default_rng(5)
+    bank0 = rng.integers(-128, 128, size=8)
+    bank1 = rng.integers(-128, 128, size=8)
+
+    async def bench(ctx):
+        for beat in range(4):  # fill bank 0
+            ctx.set(dut.we, 1)
+            ctx.set(dut.wbank, 0)
+            ctx.set(dut.wbeat, beat)
+            ctx.set(dut.wdata, bank0[2 * beat : 2 * beat + 2].tolist())
+            await ctx.tick()
+        ctx.set(dut.rbank, 0)
+        ctx.set(dut.shift_sel, 1)  # shift by 4 lanes per pass
+        view = list(bank0) + [0] * 8
+        for beat in range(4):  # fill bank 1 while bank 0 is read and shifted
+            ctx.set(dut.wbank, 1)
+            ctx.set(dut.wbeat, beat)
+            ctx.set(dut.wdata, bank1[2 * beat : 2 * beat + 2].tolist())
+            ctx.set(dut.slice, beat)
+            shift = beat % 2 == 1
+            ctx.set(dut.shift, shift)
+            for j in range(4):
+                assert ctx.get(dut.window[j]) == (int(view[j]) & 0xFF) >> (beat * b) & 3
+            await ctx.tick()
+            if shift:
+                view = view[4:]
+        ctx.set(dut.we, 0)
+        ctx.set(dut.shift, 0)
+        ctx.set(dut.rbank, 1)
+        ctx.set(dut.slice, 3)
+        for j in range(4):
+            assert ctx.get(dut.window[j]) == (int(bank1[j]) & 0xFF) >> 6
+
+    run(dut, bench)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: CellRow(cols=2, depth=1, index_bits=0, slice_bits=3),
+         "slice_bits must be 1, 2, 4 or 8, not 3"),
+        (lambda: AdderTree(inputs=0, width=8), "inputs must be a positive integer, not 0"),
+        (lambda: ActivationBuffer(lanes=10, in_lanes=4, window_lanes=4, shifts=(4,),
+                                  slice_bits=1), "lanes must be a positive multiple of in_lanes=4"),
+    ],
+)
+def test_leaf_parameters_are_validated(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

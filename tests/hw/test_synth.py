@@ -1,0 +1,204 @@
+"""hw/synth.py on small Amaranth designs whose gate and flip-flop counts are known by hand.
+
+The first Yosys run on a fresh machine compiles the WebAssembly (1-2 minutes, once; `make setup`
+does it); after that the whole file takes about 15 s.
+"""
+
+import json
+
+import pytest
+from amaranth import Cat, Module, Signal
+from amaranth.back import verilog
+from amaranth.lib import memory, wiring
+from amaranth.lib.wiring import In, Out
+from flexcim.hw import synth
+
+from flexcim.cli import main
+from flexcim.errors import FlexCimError
+
+
+class Xor8(wiring.Component):
+    """Combinational a ^ b: exactly 8 two-input XOR (or XNOR) gates, no flip-flop."""
+
+    a: In(8)
+    b: In(8)
+    y: Out(8)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.comb += self.y.eq(self.a ^ self.b)
+        return m
+
+
+class Reg(wiring.Component):
+    """A 12-bit register toggled by ``d`` when ``en``: 12 flip-flops, a register-to-register
+    path (so nextpnr reports an Fmax)."""
+
+    d: In(12)
+    en: In(1)
+    q: Out(12)
+
+    def elaborate(self, platform):
+        m = Module()
+        with m.If(self.en):
+            m.d.sync += self.q.eq(self.q ^ self.d)
+        return m
+
+
+class Top(wiring.Component):
+    """Two XOR leaves, one register leaf and a 16 x 4-bit memory in the top itself."""
+
+    a: In(8)
+    b: In(8)
+    addr: In(4)
+    we: In(1)
+    y: Out(8)
+    q: Out(12)
+    r: Out(4)
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.xor_0 = x0 = Xor8()
+        m.submodules.xor_1 = x1 = Xor8()
+        m.submodules.reg = reg = Reg()
+        m.submodules.mem = mem = memory.Memory(shape=4, depth=16, init=[])
+        wp, rp = mem.write_port(), mem.read_port(domain="comb")
+        inner = Signal(8)
+        m.d.comb += [
+            x0.a.eq(self.a), x0.b.eq(self.b),
+            x1.a.eq(x0.y), x1.b.eq(self.a.rotate_left(3)),
+            inner.eq(x1.y), self.y.eq(inner),
+            reg.d.eq(Cat(self.a, self.b[:4])), reg.en.eq(self.we), self.q.eq(reg.q),
+            wp.addr.eq(self.addr), wp.en.eq(self.we), wp.data.eq(self.a[:4]),
+            rp.addr.eq(self.addr), self.r.eq(rp.data),
+        ]
+        return m
+
+
+@pytest.fixture(scope="module")
+def design(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    path = d / "top.v"
+    path.write_text(verilog.convert(Top(), name="top", emit_src=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def generic(design, tmp_path_factory):
+    return synth.synthesize(verilog=design, top="top",
+                            workdir=tmp_path_factory.mktemp("generic"))
+
+
+def test_generic_counts_gates_per_module_and_converts_to_nand2(generic):
+    mods = generic["modules"]
+    assert set(mods) == {"top", "top.xor_0", "top.xor_1", "top.reg"}
+    for leaf in ("top.xor_0", "top.xor_1"):
+        gates = mods[leaf]["gates"]
+        # 8 XOR or XNOR gates (ABC may push an inversion into either), nothing else.
+        assert sum(gates.values()) == 8 and set(gates) <= {"$_XOR_", "$_XNOR_"}, gates
+        assert mods[leaf]["nand2"] == pytest.approx(8 * 1.596 / 0.798)
+        assert mods[leaf]["ff_bits"] == 0
+    # The synchronous reset (over the enable) is legalised to gates, the enable to gates or a
+    # DFFE: either way 12 DFF_X1 of storage.
+    reg = mods["top.reg"]
+    assert reg["ff_bits"] == 12 and reg["ff_nand2"] == pytest.approx(12 * 4.522 / 0.798)
+    assert reg["gates"].get("$_DFF_P_", 0) + reg["gates"].get("$_DFFE_PP_", 0) == 12
+    assert mods["top"]["children"] == {"top.xor_0": 1, "top.xor_1": 1, "top.reg": 1}
+    # The memory: 64 bits in the RTL, mapped to 64 enable flip-flops in the top module.
+    assert mods["top"]["memory_bits"] == 64
+    assert mods["top"]["ff_bits"] == 64 and mods["top"]["gates"]["$_DFFE_PP_"] == 64
+    assert mods["top"]["ff_nand2"] == pytest.approx(64 * 4.522 / 0.798)
+    assert mods["top"]["logic_nand2"] > 0  # the multiply-add and the memory's read mux
+
+
+def test_generic_tree_and_kinds_sum_the_modules(generic):
+    mods, total = generic["modules"], generic["total"]
+    weights = {k: v["nand2"] for k, v in generic["weights"]["cells"].items()}
+    # Recompute the whole area from the raw gate counts, independently of the report's sums.
+    flat = sum(n * weights[g] for m in mods.values() for g, n in m["gates"].items())
+    assert total["nand2"] == pytest.approx(flat)
+    assert total["ff_bits"] == 12 + 64 and total["memory_bits"] == 64
+    assert generic["kinds"]["xor"]["instances"] == 2
+    assert generic["kinds"]["xor"]["nand2"] == pytest.approx(2 * mods["top.xor_0"]["nand2"])
+    assert sum(k["nand2"] for k in generic["kinds"].values()) == pytest.approx(total["nand2"])
+    assert generic["tree"]["top.reg"]["nand2"] == mods["top.reg"]["nand2"]
+    assert "NanGate" in generic["weights"]["source"]
+    assert synth.sram_bit_nand2() == pytest.approx(0.346 / 0.798)
+
+
+def test_ice40_reports_luts_ffs_and_fmax(design, tmp_path):
+    report = synth.synthesize(verilog=design, top="top", target="ice40", workdir=tmp_path)
+    assert report["ffs"] == 12 + 64 or report["brams"] >= 1  # the memory may land in a BRAM
+    assert report["luts"] >= 8  # at least the 8 output XORs (a ^ b ^ rot(a) folds into 8 LUTs)
+    assert 10 < report["fmax_mhz"] < 1000
+    assert report["utilization"]["ICESTORM_LC"]["used"] >= report["luts"]
+
+
+def test_cli_writes_report_and_table(design, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["synth", "--verilog", str(design), "--top", "top", "-o", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["target"] == "generic" and report["top"] == "top"
+    table = capsys.readouterr().out
+    assert "xor" in table and "total" in table
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--verilog", "{d}/top.v", "--top", "nope"], "top module 'nope' is not defined"),
+        (["--verilog", "{d}/missing.v", "--top", "top"], "does not exist"),
+        (["--verilog", "{d}/top.v"], "--verilog needs --top"),
+        (["--verilog", "{d}/top.v", "--top", "top", "--set", "rows=2"], "--set applies to"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--preset", "tiny", "--top", "top"], "--top goes with --verilog"),
+        (["--verilog", "{d}/top.v", "--top", "top", "-o", "{d}/no/dir/r.json"],
+         "output directory"),
+    ],
+)
+def test_cli_bad_input_is_one_line(design, capsys, argv, message):
+    argv = [a.format(d=design.parent) for a in argv]
+    if "-o" not in argv:
+        argv += ["-o", str(design.parent / "r.json")]
+    assert main(["synth", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_missing_tool_is_named(monkeypatch, design, tmp_path):
+    monkeypatch.setattr(synth.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FlexCimError, match="yosys is not installed: expected the PyPI package"):
+        synth.synthesize(verilog=design, top="top", workdir=tmp_path)
+
+
+def test_unknown_cell_type_is_refused():
+    stat = {"modules": {"\\t": {"num_cells_by_type": {"$_DLATCH_P_": 1}}}}
+    with pytest.raises(FlexCimError, match=r"cell type '\$_DLATCH_P_' that has no area weight"):
+        synth.area_report(stat, {"modules": {}}, "t")
+
+
+def test_yosys_error_becomes_one_line(tmp_path):
+    bad = tmp_path / "bad.v"
+    bad.write_text("module top(input a, output y); assign y = a &; endmodule\n")
+    with pytest.raises(FlexCimError, match=r"yosys failed .*ERROR") as info:
+        synth.synthesize(verilog=bad, top="top", workdir=tmp_path / "w")
+    assert "\n" not in str(info.value)
+
+
+def test_tiny_preset_maps_onto_the_parts_of_the_macro(tmp_path):
+    """The FlexCiM top itself (tiny, with a 32-channel buffer to stay fast): every module lands
+    in a named part of the macro and the cell rows hold exactly the weight and index bits."""
+    pytest.importorskip("flexcim.hw.top", reason="the FlexCiM top has not landed yet")
+    from flexcim.hw import area
+    from flexcim.hw.config import preset
+
+    cfg = preset("tiny").replace(max_k=32)
+    report = synth.synthesize(config=cfg, workdir=tmp_path)
+    bits = area.storage_bits(cfg)
+    assert area.row_memory_bits(report) == bits["weight_bits"] + bits["index_bits"]
+    parts = area.part_areas(report)
+    assert parts["other"] == 0, sorted(report["kinds"])
+    for label in ("cell rows: weight+index storage (FFs)", "adder trees", "distribution unit",
+                  "merging unit", "activation buffer", "controller"):
+        assert parts[label] > 0, label
+    assert report["config"] == cfg.to_dict()

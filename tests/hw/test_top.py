@@ -1,0 +1,107 @@
+"""The whole macro in amaranth.sim (fast tier, tiny preset) against golden/."""
+
+import numpy as np
+import pytest
+from flexcim.golden import host, perf
+from flexcim.golden.matmul import sparse_matmul
+from flexcim.golden.nm import NMTensor, nm_prune
+from flexcim.hw import layouts
+from flexcim.hw.config import preset
+from flexcim.hw.pysim import PySim
+
+from flexcim.errors import FlexCimError
+
+TINY = preset("tiny")
+
+
+def layer(rng, pattern, t, k, c, kind="random"):
+    if kind == "extreme":  # -128/127 everywhere
+        x = rng.choice(np.array([-128, 127], dtype=np.int8), size=(t, k))
+        w = rng.choice(np.array([-128, 127], dtype=np.int8), size=(c, k))
+    else:
+        x = rng.integers(-128, 128, size=(t, k), dtype=np.int8)
+        w = rng.integers(-128, 128, size=(c, k), dtype=np.int8)
+    w = nm_prune(w, pattern)
+    if kind == "zero-groups":  # every other group of every row all zero
+        m = int(str(pattern).split(":")[1])
+        w.reshape(c, -1, m)[:, ::2, :] = 0
+    return x, NMTensor.compress(w, pattern)
+
+
+def every_pattern(cfg, rng):
+    """Per pattern: K over two chunks and several passes, C over two column tiles; plus the
+    edges: T = 1 with K = one group, -128/127 everywhere, all-zero groups."""
+    layers = []
+    for p in cfg.patterns:
+        k = (cfg.max_k_for(p) // p.m + 1) * p.m
+        layers.append(layer(rng, p, 3, k, cfg.cols + 1))
+        layers.append(layer(rng, p, 1, p.m, 2))
+        layers.append(layer(rng, p, 2, 2 * cfg.pass_width(p), cfg.cols, "extreme"))
+        layers.append(layer(rng, p, 2, 4 * p.m, cfg.cols, "zero-groups"))
+    return layers
+
+
+def check(cfg, layers, engine):
+    runs = host.run_layers(cfg, layers, engine.execute)
+    for (x, w), run in zip(layers, runs, strict=True):
+        np.testing.assert_array_equal(run.y, sparse_matmul(x, w, cfg.acc_bits), str(w.pattern))
+    return [cmd for run in runs for cmd in run.commands]
+
+
+@pytest.mark.parametrize("b", [1, 2, 4, 8])
+def test_every_pattern_bit_exact_and_cycles_equal_the_model(b):
+    cfg = TINY.replace(act_bits_per_cycle=b)
+    engine = PySim(cfg)
+    cmds = check(cfg, every_pattern(cfg, np.random.default_rng(b)), engine)
+    assert engine.cycles == perf.layer_cycles(cfg, cmds)
+    assert not engine.error
+
+
+@pytest.mark.parametrize("b, in_gap, out_stall, seed", [(2, 0.3, 0.5, 1), (8, 0.1, 0.8, 2)])
+def test_input_gaps_and_result_backpressure_lose_nothing(b, in_gap, out_stall, seed):
+    """Bit-parallel tokens of one beat and one pass take one cycle: a stalled result stream
+    fills the result FIFO, and the credits must stop the compute rather than drop results."""
+    cfg = TINY.replace(act_bits_per_cycle=b)
+    rng = np.random.default_rng(seed)
+    layers = every_pattern(cfg, rng)[:: 2 if b == 2 else 4]
+    layers.append(layer(rng, "1:4", 40, 4, 4))  # many short tokens in a row
+    engine = PySim(cfg, in_gap=in_gap, out_stall=out_stall, seed=seed)
+    cmds = check(cfg, layers, engine)
+    assert engine.cycles > perf.layer_cycles(cfg, cmds)  # the stalls did cost cycles
+
+
+def test_the_macro_drops_commands_it_cannot_run_and_keeps_going():
+    cfg = TINY.replace(patterns=("1:1", "2:4", "1:8"))  # 3 of 4 codes used: code 3 is invalid
+    rng = np.random.default_rng(9)
+    x, w = layer(rng, "2:4", 2, 16, 4)
+    streams = host.layer_streams(cfg, x, w)
+    fields = layouts.cmd_layout(cfg)
+    good = layouts.pack_cmd(cfg, "1:1", 8, 1, True)
+    k_mask = ((1 << cfg.k_bits) - 1) << fields["k"].offset
+
+    def with_k(beat, k):
+        return beat & ~k_mask | (k << fields["k"].offset)
+
+    bad = [
+        with_k(good, 0),  # k = 0
+        with_k(good, cfg.max_k_for("1:1") + 1),  # k past what the cells hold
+        good & ~(((1 << cfg.token_bits) - 1) << fields["tokens"].offset),  # tokens = 0
+        good | (3 << fields["pattern"].offset),  # pattern code 3: not configured
+    ]
+    engine = PySim(cfg)
+    results = engine.execute(bad + streams.cmd_beats, streams.weight_beats, streams.act_beats)
+    y = host.collect(cfg, streams.commands, results, 2, 4)
+    np.testing.assert_array_equal(y, sparse_matmul(x, w, cfg.acc_bits))
+    assert engine.error
+    model = host.MacroModel(cfg)
+    assert model.execute(bad + streams.cmd_beats, streams.weight_beats, streams.act_beats) == (
+        results
+    )
+    assert model.rejected == 4
+
+
+def test_the_host_refuses_unsupported_patterns_in_one_line():
+    cfg = TINY.replace(patterns=("1:1", "2:4"))
+    x, w = layer(np.random.default_rng(0), "1:8", 1, 8, 4)
+    with pytest.raises(FlexCimError, match="pattern 1:8 is not supported by this macro"):
+        host.run_layer(cfg, x, w, PySim(cfg).execute)
