@@ -32,10 +32,24 @@ TOPLEVEL = "flexcim_top"
 TB_MODULE = "flexcim.sim.tb"
 
 
+def hw_digest() -> str:
+    """A digest of the generator's sources: a changed generator gets a fresh build directory
+    (the cached Verilog is only reused while hw/ is unchanged)."""
+    import hashlib
+
+    import flexcim.hw
+
+    h = hashlib.sha1()
+    for path in sorted(Path(flexcim.hw.__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False) -> tuple[Path, Path]:
     """Verilog of ``FlexCiM(cfg)`` in the build directory of ``(cfg, sim)``; returns
     ``(verilog, build_dir)``.  Elaboration is skipped when the file is already there."""
-    build_dir = runner.build_dir_for("flexcim", sim, {"cfg": cfg.to_dict(), "waves": waves})
+    build_dir = runner.build_dir_for("flexcim", sim, {"cfg": cfg.to_dict(), "waves": waves,
+                                                      "hw": hw_digest()})
     path = build_dir / f"{TOPLEVEL}.v"
     if not path.is_file():
         from flexcim.hw.top import FlexCiM

@@ -27,9 +27,11 @@ CASES = [
     # Icarus: input-bandwidth-bound dense, and 4:8.
     pytest.param(
         Case("icarus", "tiny", "1:1", 5, 32, 5),
-        marks=pytest.mark.xfail(reason="known: with the pre-landing top, Icarus never emits the "
-                                "first result of dense tiny layers (Verilator passes the same "
-                                "case); under investigation", strict=False),
+        marks=pytest.mark.xfail(
+            reason="known: Icarus never emits the first result of dense tiny layers with the "
+            "current top (Verilator passes the same case); under investigation",
+            strict=False,
+        ),
     ),
     Case("icarus", "tiny", "4:8", 3, 48, 4),
 ]
