@@ -32,7 +32,7 @@ from flexcim.errors import FlexCimError
 log = logging.getLogger("flexcim.flow")
 
 __all__ = ["Plan", "SelectConfig", "Session", "apply_plan", "calibration_windows", "measure",
-           "export_projection",
+           "energy_plan", "export_projection",
            "check_plan", "evaluate", "layer_scores", "load", "make_plan", "save_model"]
 
 
@@ -241,3 +241,29 @@ def export_projection(session: Session, plan: Plan, layer: str, path: str | os.P
     )
     export.export_layer(path, sparse)
     return sparse
+
+
+def energy_plan(model: nn.Module, plan: Plan) -> dict:
+    """``plan`` in the form :func:`flexcim.golden.energy.parse_plan` reads.
+
+    One entry per decoder block: its pattern (dense blocks as ``1:1``), the ``[out, in]`` shape
+    of each projection, and ``mask_24``: whether every projection's *current* weights satisfy
+    2:4 (call after :func:`apply_plan` so the fixed-2:4 baseline sees the real masks).
+    """
+    layers = linear_layers(model)
+    entries = []
+    for block in plan.blocks:
+        names = [n for n in plan.layers if n.startswith(block["name"] + ".")]
+        pattern = NMPattern.parse(block["pattern"])
+        mask_24 = all(
+            int((layers[n].weight.detach().reshape(-1, 4) != 0).sum(1).max()) <= 2
+            for n in names
+        )
+        entries.append({
+            "name": block["name"],
+            "pattern": "1:1" if pattern.is_dense else str(pattern),
+            "linears": {n: [layers[n].out_features, layers[n].in_features] for n in names},
+            "mask_24": mask_24,
+        })
+    return {"layers": entries, "method": plan.method,
+            "achieved_sparsity": plan.achieved_sparsity}

@@ -90,3 +90,18 @@ def test_demo_api_measure_and_export(tiny, tokenizer, tmp_path):
     assert again.weight.equals(layer.weight) and again.act.shape == (8, 32)
     assert str(again.weight.pattern) == plan.layers["model.layers.2.self_attn.o_proj"].replace(
         "4:4", "1:1").replace("8:8", "1:1")
+
+
+def test_energy_plan_is_read_by_golden_energy(tiny):
+    from flexcim.golden.energy import parse_plan
+
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="uniform", pattern="2:8"),
+                              metric="magnitude", progress=False)
+    before = pipeline.energy_plan(tiny, plan)
+    assert not any(e["mask_24"] for e in before["layers"])  # dense weights are not 2:4
+    pipeline.apply_plan(tiny, plan, None, metric="magnitude")
+    after = pipeline.energy_plan(tiny, plan)
+    parsed = parse_plan(after)
+    assert len(parsed) == 4 and all(str(p.pattern) == "2:8" and p.mask_24 for p in parsed)
+    assert dict((n, (c, k)) for n, c, k in parsed[0].linears)[
+        "model.layers.0.mlp.down_proj"] == (32, 64)
