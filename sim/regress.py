@@ -1,0 +1,260 @@
+"""RTL regressions of the FlexCiM top: one case, or the full sweep behind ``make regress``.
+
+A *case* is (simulator, preset, layer shape and pattern); :func:`run_case` elaborates the top
+for the preset (once per configuration: the Verilog and the simulator build are cached in a
+build directory per configuration and simulator), runs :mod:`flexcim.sim.tb` and returns its
+measurements.  ``python -m flexcim.sim.regress`` runs :data:`SWEEP` (or a selection) on a pool
+of worker processes and prints a pass/fail table with measured and modelled cycles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from flexcim.golden import perf
+from flexcim.golden.nm import NMPattern
+from flexcim.hw.config import PRESETS, HwConfig, preset
+from flexcim.sim import runner
+
+from flexcim.errors import FlexCimError
+
+log = logging.getLogger("flexcim.sim")
+
+TOPLEVEL = "flexcim_top"
+TB_MODULE = "flexcim.sim.tb"
+
+
+def hw_digest() -> str:
+    """A digest of the generator's sources: a changed generator gets a fresh build directory
+    (the cached Verilog is only reused while hw/ is unchanged)."""
+    import hashlib
+
+    import flexcim.hw
+
+    h = hashlib.sha1()
+    for path in sorted(Path(flexcim.hw.__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False) -> tuple[Path, Path]:
+    """Verilog of ``FlexCiM(cfg)`` in the build directory of ``(cfg, sim)``; returns
+    ``(verilog, build_dir)``.  Elaboration is skipped when the file is already there."""
+    build_dir = runner.build_dir_for("flexcim", sim, {"cfg": cfg.to_dict(), "waves": waves,
+                                                      "hw": hw_digest()})
+    path = build_dir / f"{TOPLEVEL}.v"
+    if not path.is_file():
+        from flexcim.hw.top import FlexCiM
+
+        runner.amaranth_verilog(FlexCiM(cfg), TOPLEVEL, path)
+        runner.write_if_changed(build_dir / "hw_config.json", cfg.to_json())
+    return path, build_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One regression case: a random layer ``[tokens, k] x [c, k]`` with ``pattern``."""
+
+    sim: str
+    preset: str
+    pattern: str
+    tokens: int
+    k: int
+    c: int
+    act_pattern: str | None = None
+
+    @property
+    def name(self) -> str:
+        act = f"-act{self.act_pattern}" if self.act_pattern else ""
+        return f"{self.sim}-{self.preset}-{self.pattern}{act}-t{self.tokens}k{self.k}c{self.c}"
+
+    def env(self) -> dict:
+        d = {"pattern": self.pattern, "tokens": self.tokens, "k": self.k, "c": self.c}
+        if self.act_pattern:
+            d["act_pattern"] = self.act_pattern
+        return d
+
+
+def tb_timeout_ns(cfg: HwConfig, pattern, tokens: int, k: int, c: int) -> float:
+    """A simulated-time limit for a layer: 25x the modelled cycles (stalls) plus slack."""
+    cycles = perf.estimate(cfg, pattern, tokens, k, c).cycles
+    return float((25 * cycles + 5000) * runner.CLOCK_PERIOD_NS)
+
+
+def run_case(case: Case, *, seed: int | None = None, testcase: str | None = None,
+             waves: bool | None = None, log_file: Path | None = None) -> dict:
+    """Run ``case`` (both tests of :mod:`flexcim.sim.tb` unless ``testcase``); returns a
+    JSON-ready record with pass/fail, measured and modelled cycles and wall times."""
+    cfg = preset(case.preset)
+    waves = runner.waves_requested(waves)
+    source, build_dir = top_verilog(cfg, case.sim, waves=waves)
+    out = build_dir / f"{case.name}.json"
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    record = {"case": case.name, **dataclasses.asdict(case)}
+    try:
+        result = runner.run(
+            case.sim, [source], TOPLEVEL, TB_MODULE, build_dir, seed=seed, testcase=testcase,
+            waves=waves, log_file=log_file,
+            extra_env={
+                "FLEXCIM_HW_CONFIG": cfg.to_json(),
+                "FLEXCIM_CASE": json.dumps(case.env()),
+                "FLEXCIM_OUT": str(out),
+                "FLEXCIM_TIMEOUT_NS": str(tb_timeout_ns(cfg, case.pattern, case.tokens,
+                                                        case.k, case.c)),
+            },
+            check=False,
+        )
+    except runner.SimulationError as exc:
+        record.update(passed=False, message=str(exc), wall_s=time.perf_counter() - t0)
+        return record
+    measured = json.loads(out.read_text()) if out.is_file() else {}
+    failures = [f"{t.name}: {t.message}" for t in result.tests if not t.passed]
+    record.update(
+        passed=result.passed,
+        message="; ".join(failures),
+        seed=result.seed,
+        build_s=result.build_s,
+        test_s=result.test_s,
+        wall_s=time.perf_counter() - t0,
+        **measured,
+    )
+    return record
+
+
+SWEEP_PRESETS = {
+    # The tiny preset with every pattern family (M up to 16, bandwidth-bound dense, wraps).
+    "tiny": ["1:1", "1:2", "2:4", "1:4", "4:8", "2:8", "1:8", "8:16"],
+    # The SmolLM2-sized default with the patterns FLOW chooses between.
+    "default": ["1:1", "2:4", "1:4", "4:8", "2:8", "1:8"],
+}
+
+
+def sweep(sims=runner.SIMULATORS, presets=SWEEP_PRESETS) -> list[Case]:
+    """The ``make regress`` sweep: presets x patterns x simulators, with K spanning several
+    passes and, where the preset's depth allows, several commands (K chunks and column tiles),
+    plus 8:16 activation pruning on one pattern per preset."""
+    cases = []
+    for name, patterns in presets.items():
+        cfg = preset(name)
+        for pattern in patterns:
+            p = NMPattern.parse(pattern)
+            k = min(2 * cfg.max_k_for(p), 4 * cfg.pass_width(p))
+            k = max(p.m, k // p.m * p.m)
+            tokens = 5 if name == "tiny" else 3
+            for sim in sims:
+                cases.append(Case(sim, name, pattern, tokens, k, cfg.cols + cfg.cols // 2))
+        act = "8:16" if name == "tiny" else None
+        if act:
+            for sim in sims:
+                cases.append(Case(sim, name, patterns[2], 4, 4 * cfg.pass_width(patterns[2]),
+                                  cfg.cols, act_pattern=act))
+    return cases
+
+
+def _worker(case: Case, seed: int | None) -> dict:
+    logging.basicConfig(level=logging.WARNING)
+    log_dir = runner.BUILD_ROOT.absolute() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return run_case(case, seed=seed, log_file=log_dir / f"{case.name}.log")
+
+
+def format_table(records: list[dict]) -> str:
+    head = (f"{'case':44} {'result':6} {'cycles':>8} {'model':>8} {'err %':>6} "
+            f"{'stalled':>8} {'wall s':>7}")
+    lines = [head, "-" * len(head)]
+    for r in records:
+        full, stalled = r.get("full_rate", {}), r.get("random_stalls", {})
+        err = f"{100 * full['model_error']:+.2f}" if full else "-"
+        lines.append(
+            f"{r['case']:44} {'PASS' if r['passed'] else 'FAIL':6} "
+            f"{full.get('cycles', '-'):>8} {full.get('model_cycles', '-'):>8} {err:>6} "
+            f"{stalled.get('cycles', '-'):>8} {r.get('wall_s', 0):7.1f}"
+        )
+        if not r["passed"]:
+            lines.append(f"    {r.get('message', '')[:300]}")
+    return "\n".join(lines)
+
+
+def regress(cases: list[Case], *, jobs: int, seed: int | None = None) -> tuple[list[dict], float]:
+    """Run ``cases`` on ``jobs`` processes; returns the records (in case order) and wall time.
+
+    Verilog and simulator builds are made first, one per configuration and simulator, so
+    parallel cases never build the same directory at once.
+    """
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    seed = runner.resolve_seed(seed)
+    firsts = {}
+    for case in cases:
+        firsts.setdefault((case.preset, case.sim), case)
+    records = {}
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        # Builds first (one case per configuration), then the rest on warm builds.
+        for group in (list(firsts.values()), [c for c in cases if c not in firsts.values()]):
+            futures = {pool.submit(_worker, case, seed): case for case in group}
+            for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures),
+                               desc="regress", unit="case", file=sys.stderr):
+                case = futures[future]
+                records[case] = future.result()
+    return [records[c] for c in cases], time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flexcim.sim.regress",
+                                     description="FlexCiM RTL regression sweep")
+    parser.add_argument("--sim", action="append", choices=runner.SIMULATORS,
+                        help="simulator(s) (default: both)")
+    parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
+                        help="preset(s) (default: all of the sweep)")
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--seed", type=int, help="COCOTB_RANDOM_SEED of every case")
+    parser.add_argument("--json", type=Path, help="write every record there")
+    parser.add_argument("--emit", type=Path, metavar="DIR",
+                        help="only write DIR/flexcim_top.v and DIR/hw_config.json for the "
+                        "first --preset (cocotb's Makefile flow, `make sim`)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.emit:
+        from flexcim.hw.top import FlexCiM
+
+        cfg = preset((args.preset or ["tiny"])[0])
+        runner.amaranth_verilog(FlexCiM(cfg), TOPLEVEL, args.emit / f"{TOPLEVEL}.v")
+        runner.write_if_changed(args.emit / "hw_config.json", cfg.to_json())
+        return 0
+    sims = tuple(s for s in runner.SIMULATORS if runner.available(s) and
+                 (not args.sim or s in args.sim))
+    if not sims:
+        raise FlexCimError("no simulator available")
+    presets = {k: v for k, v in SWEEP_PRESETS.items() if not args.preset or k in args.preset}
+    if not presets:
+        raise FlexCimError(f"the sweep covers presets {', '.join(SWEEP_PRESETS)} only")
+    cases = sweep(sims, presets)
+    records, wall = regress(cases, jobs=args.jobs, seed=args.seed)
+    print(format_table(records))
+    parts = sum(r.get("wall_s", 0) for r in records)
+    passed = sum(r["passed"] for r in records)
+    print(f"\n{passed}/{len(records)} passed; wall {wall:.1f} s for {parts:.1f} s of cases "
+          f"({parts / wall:.2f}x parallel speed-up on {args.jobs} jobs)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"records": records, "wall_s": wall}, indent=2,
+                                        default=str))
+    return 0 if passed == len(records) else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except FlexCimError as exc:
+        print(f"regress: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,277 @@
+"""The cocotb testbench of the FlexCiM top (``flexcim.hw.top.FlexCiM``) and its tests.
+
+:class:`TB` owns the clock, the reset, one :class:`~flexcim.sim.streams.StreamDriver` per input
+stream (``cmd``, ``weights``, ``act``), a :class:`~flexcim.sim.streams.StreamMonitor` on
+``result``, the golden adapter (the beat-level :class:`flexcim.golden.host.MacroModel` gives the
+expected result beats) and an in-order :class:`~flexcim.sim.streams.Scoreboard`.  A layer of any
+shape is tiled and packed by :mod:`flexcim.golden.host`; the final ``y`` is also checked against
+the closed-form :func:`flexcim.golden.sparse_matmul`, an independent reference.
+
+The tests below read their parameters from the environment (set by :mod:`flexcim.sim.regress`,
+the pytest runner tests, ``make sim`` and the host driver):
+
+===================  =====================================================================
+``FLEXCIM_HW_CONFIG``  the :class:`~flexcim.hw.config.HwConfig` as JSON (required)
+``FLEXCIM_CASE``       JSON: ``pattern``, ``tokens``, ``k``, ``c``, optional ``act_pattern``
+                       (an N:M top-k applied to the random activations), ``idle`` and
+                       ``backpressure`` probabilities of the stalled run
+``FLEXCIM_DATA``       instead of a random case: an ``.npz`` with ``x``, ``values``,
+                       ``indices``, ``pattern``, ``shape`` (the host driver writes it)
+``FLEXCIM_OUT``        where to write a JSON of measurements (and ``y`` next to it, ``.npy``)
+``FLEXCIM_TIMEOUT_NS`` simulated-time limit of every test (default 5 ms)
+===================  =====================================================================
+
+The seed is cocotb's (``COCOTB_RANDOM_SEED``, logged by cocotb and by the runner).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+from pathlib import Path
+
+import cocotb
+import numpy as np
+from flexcim.golden import perf, sparse_matmul
+from flexcim.golden.host import MacroModel, collect, layer_streams
+from flexcim.golden.nm import NMPattern, NMTensor, act_topk, nm_prune
+from flexcim.hw.config import HwConfig
+from flexcim.sim.runner import CLOCK_PERIOD_NS
+from flexcim.sim.streams import (
+    ClockedLoop,
+    Scoreboard,
+    StreamDriver,
+    StreamMonitor,
+    no_pauses,
+    random_pauses,
+)
+
+CYCLE_TOLERANCE = 0.02
+"""Measured cycles of an unstalled run must be within 2 % of :mod:`flexcim.golden.perf`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerResult:
+    """What one layer did on the RTL.
+
+    Members
+    -------
+    y : ndarray ``[T, C]``
+    cycles : int
+        First command handshake to last result handshake, inclusive.
+    model_cycles : int
+        :func:`flexcim.golden.perf.layer_cycles` of the same schedule (unstalled streams).
+    ideal_cycles : int
+        Compute cycles alone: ``cycles`` can at best reach this.
+    commands : int
+    """
+
+    y: np.ndarray
+    cycles: int
+    model_cycles: int
+    ideal_cycles: int
+    commands: int
+
+    @property
+    def utilization(self) -> float:
+        """Share of the measured cycles in which the cell array computed."""
+        return self.ideal_cycles / self.cycles
+
+    def stats(self) -> dict:
+        return {
+            "cycles": self.cycles,
+            "model_cycles": self.model_cycles,
+            "model_error": self.cycles / self.model_cycles - 1,
+            "ideal_cycles": self.ideal_cycles,
+            "utilization": self.utilization,
+            "commands": self.commands,
+        }
+
+
+def random_layer(cfg: HwConfig, pattern, tokens: int, k: int, c: int, rng: np.random.Generator,
+                 act_pattern=None) -> tuple[np.ndarray, NMTensor]:
+    """Random int8 activations and an N:M weight, with the int8 extremes present.
+
+    Full-range values (``-128`` included) and a few rows of all-extreme values make the
+    accumulators wrap in small presets, which is exactly what has to be bit-exact.
+    """
+    pattern = NMPattern.parse(pattern)
+    x = rng.integers(-128, 128, size=(tokens, k), dtype=np.int8)
+    w = rng.integers(-128, 128, size=(c, k), dtype=np.int8)
+    x[0, :] = -128
+    w[0, :] = -128
+    if c > 1:
+        w[1, :] = 127
+    w = nm_prune(w, pattern)
+    if act_pattern is not None:
+        x = act_topk(x, act_pattern)
+    return x, NMTensor.compress(w, pattern)
+
+
+class TB:
+    """Clock, reset, stream agents, golden adapter and scoreboard around one FlexCiM top.
+
+    Parameters
+    ----------
+    dut : cocotb handle
+    cfg : HwConfig
+        The configuration the top was elaborated with.
+    rng : random.Random
+        Source of the pause patterns.
+    idle : float
+        Probability of starting a burst of idle cycles on every input stream (0 = never).
+    backpressure : float
+        Probability of starting a burst of ``ready`` low on the result stream.
+    """
+
+    def __init__(self, dut, cfg: HwConfig, rng: random.Random, *, idle: float = 0.0,
+                 backpressure: float = 0.0):
+        self.dut, self.cfg = dut, cfg
+
+        def pauses(p):
+            return random_pauses(random.Random(rng.getrandbits(32)), p) if p else no_pauses()
+
+        self.cmd = StreamDriver(dut, "cmd", pauses(idle))
+        self.weights = StreamDriver(dut, "weights", pauses(idle))
+        self.act = StreamDriver(dut, "act", pauses(idle))
+        self.board = Scoreboard("result beats", describe=self._describe)
+        self.result = StreamMonitor(dut, "result", pauses(backpressure),
+                                    callback=self.board.got)
+        self.loop = ClockedLoop(dut.clk, [self.cmd, self.weights, self.act, self.result])
+
+    def _describe(self, expected: int, got: int) -> str:
+        from flexcim.hw.layouts import unpack_result
+
+        e, g = unpack_result(self.cfg, [expected])[0], unpack_result(self.cfg, [got])[0]
+        cols = np.flatnonzero(e != g)
+        return f"columns {cols.tolist()} expected {e[cols].tolist()}, got {g[cols].tolist()}"
+
+    async def start(self) -> None:
+        from cocotb.clock import Clock
+        from cocotb.triggers import ClockCycles
+
+        Clock(self.dut.clk, CLOCK_PERIOD_NS, unit="ns").start()
+        self.dut.rst.value = 1
+        await ClockCycles(self.dut.clk, 4)
+        self.dut.rst.value = 0
+        self.loop.start()
+
+    async def run_layer(self, x: np.ndarray, w: NMTensor, *, max_cycles: int | None = None
+                        ) -> LayerResult:
+        """Stream a whole layer through the macro; scoreboard every result beat in order."""
+        cfg = self.cfg
+        streams = layer_streams(cfg, x, w)
+        expected = MacroModel(cfg).execute(streams.cmd_beats, streams.weight_beats,
+                                           streams.act_beats)
+        model_cycles = perf.layer_cycles(cfg, streams.commands)
+        if max_cycles is None:
+            max_cycles = 20 * model_cycles + 1000
+        for agent in self.loop.agents:
+            agent.mark()
+        start = self.result.count
+        self.board.expect(expected)
+        self.cmd.send(streams.cmd_beats)
+        self.weights.send(streams.weight_beats)
+        self.act.send(streams.act_beats)
+        await self.loop.wait_until(lambda: self.result.count - start >= len(expected),
+                                   max_cycles=max_cycles, what=f"{len(expected)} result beats")
+        assert not (self.cmd.pending or self.weights.pending or self.act.pending), (
+            f"the macro left beats unconsumed: cmd {self.cmd.pending}, weights "
+            f"{self.weights.pending}, act {self.act.pending}"
+        )
+        await self.loop.cycles(8)  # a spurious extra result would show up here
+        self.board.check()
+        beats = self.result.received[start:]
+        y = collect(cfg, streams.commands, beats, x.shape[0], w.out_features)
+        reference = sparse_matmul(x, w, acc_bits=cfg.acc_bits)
+        if not np.array_equal(y, reference):
+            bad = np.argwhere(y != reference)[0]
+            raise AssertionError(
+                f"y differs from golden.sparse_matmul at {bad.tolist()}: "
+                f"{y[tuple(bad)]} != {reference[tuple(bad)]}"
+            )
+        return LayerResult(
+            y=y,
+            cycles=self.result.last_cycle - self.cmd.first_cycle + 1,
+            model_cycles=model_cycles,
+            ideal_cycles=perf.ideal_cycles(cfg, streams.commands),
+            commands=len(streams.commands),
+        )
+
+
+# ----------------------------------------------------------------------------- cocotb tests
+
+
+def _env_json(name: str, default=None):
+    text = os.environ.get(name)
+    return json.loads(text) if text else default
+
+
+def _timeout_ns() -> float:
+    return float(os.environ.get("FLEXCIM_TIMEOUT_NS", 5e6))
+
+
+def _case(cfg: HwConfig):
+    """The layer of this run: the host's data file, or a random case from FLEXCIM_CASE."""
+    path = os.environ.get("FLEXCIM_DATA")
+    if path:
+        with np.load(path, allow_pickle=False) as f:
+            w = NMTensor(values=f["values"], indices=f["indices"], pattern=str(f["pattern"]),
+                         shape=tuple(int(v) for v in f["shape"]))
+            return f["x"], w, {}
+    case = _env_json("FLEXCIM_CASE", {})
+    rng = np.random.default_rng(cocotb.RANDOM_SEED)
+    pattern = NMPattern.parse(case.get("pattern", "1:1"))
+    # Default: two passes (or as many as one command holds), one and a half column tiles.
+    k = int(case.get("k", min(2 * cfg.pass_width(pattern), perf.k_chunk(cfg, pattern))))
+    c = int(case.get("c", cfg.cols + cfg.cols // 2))
+    x, w = random_layer(cfg, pattern, int(case.get("tokens", 3)), k, c, rng,
+                        case.get("act_pattern"))
+    return x, w, case
+
+
+def _write_out(result: LayerResult, extra: dict) -> None:
+    path = os.environ.get("FLEXCIM_OUT")
+    if not path:
+        return
+    out = Path(path)
+    records = json.loads(out.read_text()) if out.is_file() else {}
+    records.update(extra)
+    out.write_text(json.dumps(records, indent=2, sort_keys=True))
+    if "full_rate" in extra:
+        np.save(out.with_suffix(".npy"), result.y)
+
+
+@cocotb.test(timeout_time=_timeout_ns(), timeout_unit="ns")
+async def full_rate(dut):
+    """No stalls: bit-exact against golden, cycles within 2 % of golden.perf."""
+    cfg = HwConfig.from_json(os.environ["FLEXCIM_HW_CONFIG"])
+    x, w, _ = _case(cfg)
+    tb = TB(dut, cfg, random.Random(cocotb.RANDOM_SEED))
+    await tb.start()
+    result = await tb.run_layer(x, w)
+    dut._log.info("full rate: %d cycles measured, %d modelled (%+.2f %%), utilization %.1f %%",
+                  result.cycles, result.model_cycles, 100 * (result.cycles /
+                                                          result.model_cycles - 1),
+                  100 * result.utilization)
+    _write_out(result, {"full_rate": result.stats()})
+    assert abs(result.cycles - result.model_cycles) <= CYCLE_TOLERANCE * result.model_cycles, (
+        f"measured {result.cycles} cycles, golden.perf predicts {result.model_cycles} "
+        f"(more than {CYCLE_TOLERANCE:.0%} apart)"
+    )
+
+
+@cocotb.test(timeout_time=_timeout_ns(), timeout_unit="ns")
+async def random_stalls(dut):
+    """Random idle cycles on every input and random back-pressure: still bit-exact, and never
+    faster than the model allows."""
+    cfg = HwConfig.from_json(os.environ["FLEXCIM_HW_CONFIG"])
+    x, w, case = _case(cfg)
+    tb = TB(dut, cfg, random.Random(cocotb.RANDOM_SEED + 1), idle=case.get("idle", 0.2),
+            backpressure=case.get("backpressure", 0.2))
+    await tb.start()
+    result = await tb.run_layer(x, w)
+    _write_out(result, {"random_stalls": result.stats()})
+    assert result.cycles >= result.model_cycles

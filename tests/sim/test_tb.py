@@ -1,0 +1,108 @@
+"""The FlexCiM top on Verilator and Icarus through cocotb (the `make test` RTL tier).
+
+Every case runs both tests of flexcim.sim.tb: ``full_rate`` (bit-exact, cycles within 2 % of
+golden.perf) and ``random_stalls`` (random idle cycles on every input, random back-pressure).
+The tiny preset keeps builds and runs to seconds; the full sweep is ``make regress``.
+"""
+
+import json
+
+import numpy as np
+import pytest
+from flexcim.golden import NMTensor, nm_prune, sparse_matmul
+from flexcim.hw.config import preset
+from flexcim.sim import runner
+from flexcim.sim.regress import TB_MODULE, TOPLEVEL, Case, run_case, top_verilog
+
+from flexcim import cli
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("flexcim.hw.top", reason="the FlexCiM top (hw/top.py) is not here yet")
+
+CASES = [
+    # Verilator: two K chunks and two column tiles (4 commands), M=16 patterns, act pruning.
+    Case("verilator", "tiny", "2:4", 5, 64, 6),
+    Case("verilator", "tiny", "8:16", 4, 96, 4),
+    Case("verilator", "tiny", "1:8", 4, 128, 4, act_pattern="8:16"),
+    # Icarus: input-bandwidth-bound dense, and 4:8.
+    pytest.param(
+        Case("icarus", "tiny", "1:1", 5, 32, 5),
+        marks=pytest.mark.xfail(
+            reason="known: Icarus never emits the first result of dense tiny layers with the "
+            "current top (Verilator passes the same case); under investigation",
+            strict=False,
+        ),
+    ),
+    Case("icarus", "tiny", "4:8", 3, 48, 4),
+]
+
+
+def _skip_unless(sim):
+    if not runner.available(sim):
+        pytest.skip(f"{sim} is not installed")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: getattr(c, "name", None))
+def test_layer_on_rtl(case):
+    _skip_unless(case.sim)
+    record = run_case(case)
+    assert record["passed"], record["message"]
+    full, stalled = record["full_rate"], record["random_stalls"]
+    assert abs(full["model_error"]) <= 0.02
+    assert stalled["cycles"] > full["cycles"]  # the stalls really stalled the macro
+    assert full["commands"] >= 1
+
+
+def test_testbench_fails_on_a_wrong_golden_config():
+    """Told the wrong accumulator width, the TB must fail: the check can fail."""
+    sim = "verilator" if runner.available("verilator") else "icarus"
+    _skip_unless(sim)
+    cfg = preset("tiny")
+    source, build_dir = top_verilog(cfg, sim)
+    wrong = cfg.replace(acc_bits=cfg.acc_bits + 1)
+    with pytest.raises(runner.SimulationError, match="full_rate"):
+        runner.run(sim, [source], TOPLEVEL, TB_MODULE, build_dir, testcase="full_rate",
+                   extra_env={"FLEXCIM_HW_CONFIG": wrong.to_json(),
+                              "FLEXCIM_CASE": json.dumps({"pattern": "2:4", "tokens": 2,
+                                                          "k": 32, "c": 4}),
+                              "FLEXCIM_TIMEOUT_NS": "200000"})
+
+
+def test_cli_matmul_engine_rtl_any_shape(tmp_path):
+    """flexcim matmul --engine rtl: C not a multiple of cols, K in two chunks, T above
+    max_tokens=255 (two token blocks); Y equals the golden engine's, stats are written."""
+    _skip_unless("verilator")
+    rng = np.random.default_rng(7)
+    x = rng.integers(-128, 128, (260, 160), dtype=np.int8)
+    w = nm_prune(rng.integers(-128, 128, (6, 160), dtype=np.int8), "1:4")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "w.npy", w)
+    args = ["matmul", "--x", str(tmp_path / "x.npy"), "--w", str(tmp_path / "w.npy"),
+            "--pattern", "1:4", "--acc-bits", "20", "--preset", "tiny"]
+    assert cli.main([*args, "--engine", "rtl", "--sim", "verilator",
+                     "--stats", str(tmp_path / "s.json"), "-o", str(tmp_path / "y.npy")]) == 0
+    y = np.load(tmp_path / "y.npy")
+    expected = sparse_matmul(x, NMTensor.compress(w, "1:4"), acc_bits=20)
+    np.testing.assert_array_equal(y, expected)
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["commands"] == 2 * 2 * 2  # column tiles x K chunks x token blocks
+    assert abs(stats["cycles"] / stats["model_cycles"] - 1) <= 0.02
+    assert 0 < stats["utilization"] <= 1
+
+
+def test_cli_engine_rtl_rejects_a_pattern_the_preset_lacks(tmp_path, capsys):
+    x = np.zeros((2, 16), dtype=np.int8)
+    w = np.zeros((4, 16), dtype=np.int8)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "w.npy", w)
+    code = cli.main(["matmul", "--x", str(tmp_path / "x.npy"), "--w", str(tmp_path / "w.npy"),
+                     "--pattern", "1:8", "--engine", "rtl", "--preset", "fixed24",
+                     "-o", str(tmp_path / "y.npy")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("flexcim: error: pattern 1:8 is not supported by this macro")
+    code = cli.main(["matmul", "--x", str(tmp_path / "x.npy"), "--w", str(tmp_path / "w.npy"),
+                     "--pattern", "2:4", "--engine", "rtl", "--preset", "nope",
+                     "-o", str(tmp_path / "y.npy")])
+    assert code == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
