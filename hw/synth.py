@@ -170,6 +170,90 @@ def _yosys_name(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z_][\w$]*", name) else "\\" + name
 
 
+# --------------------------------------------------------------------------- deduplication
+_ESCAPED_RE = re.compile(r"\\(\S+)(?=\s)")
+
+
+def _split_modules(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """``(preamble, [(name, block), ...])``: each block runs from the attribute lines before
+    its ``module`` line to its ``endmodule`` line."""
+    preamble: list[str] = []
+    blocks: list[tuple[str, str]] = []
+    pending: list[str] = []
+    current: list[str] | None = None
+    name = ""
+    for line in text.splitlines(keepends=True):
+        if current is None:
+            match = _MODULE_RE.match(line)
+            if match:
+                name = match.group(1).removeprefix("\\")
+                current = pending + [line]
+                pending = []
+            elif line.startswith("(*"):
+                pending.append(line)
+            elif not blocks:
+                preamble.extend(pending + [line])
+                pending = []
+            else:
+                pending.append(line)
+        else:
+            current.append(line)
+            if line.startswith("endmodule"):
+                blocks.append((name, "".join(current)))
+                current = None
+    if current is not None or not blocks:
+        raise FlexCimError("cannot split the Verilog into modules (an unterminated module?)")
+    return "".join(preamble), blocks
+
+
+def dedup_modules(text: str, top: str) -> tuple[str, dict[str, int]]:
+    """Keep one copy of modules whose bodies are identical up to their own name.
+
+    Amaranth writes one module per instance, so the ``P * R`` cell rows and ``P * C`` adder
+    trees of a macro are as many identical modules, and Yosys synthesises each of them.  Bodies
+    are compared bottom-up after renaming their submodules to their representatives (so
+    identical sub-macros made of identical rows collapse too), and only within one module kind
+    (:func:`_kind`), so every part of the area table keeps its modules.  Synthesis keeps the
+    hierarchy and optimises every module on its own, and :func:`area_report` multiplies each
+    module by its instance count, so the area is the same as the full netlist's (pinned by
+    tests/hw/test_synth.py on the tiny preset) in a fraction of the time.
+
+    Returns the deduplicated Verilog and, per kept module, how many modules it stands for.
+    """
+    preamble, blocks = _split_modules(text)
+    bodies = dict(blocks)
+    if top not in bodies:
+        raise FlexCimError(f"top module {top!r} is not defined in the Verilog")
+    rep: dict[str, str] = {}
+    keys: dict[tuple[str, str], str] = {}
+    renamed: dict[str, str] = {}
+
+    def resolve(name: str, stack: tuple[str, ...] = ()) -> str:
+        if name in rep:
+            return rep[name]
+        if name in stack:
+            raise FlexCimError(f"recursive module hierarchy at {name!r}")
+
+        def child(match: re.Match) -> str:
+            ref = match.group(1)
+            if ref in bodies and ref != name:
+                return "\\" + resolve(ref, (*stack, name))
+            return match.group(0)
+
+        block = _ESCAPED_RE.sub(child, bodies[name])
+        renamed[name] = block
+        own = "\\" + name if _yosys_name(name) != name else name
+        key = (_kind(name, top), block.replace(own, "\\@self", 1))
+        rep[name] = keys.setdefault(key, name)
+        return rep[name]
+
+    for name, _ in blocks:
+        resolve(name)
+    counts = collections.Counter(rep.values())
+    kept = "".join(renamed[name] for name, _ in blocks if rep[name] == name)
+    return preamble + kept, dict(counts)
+
+
 # --------------------------------------------------------------------------- generic area
 def _generic_script(verilog: Path, top: str) -> str:
     t = _yosys_name(top)
@@ -305,13 +389,26 @@ def _instance_counts(modules: dict[str, dict], top: str) -> dict[str, int]:
     return dict(counts)
 
 
-def synth_generic(verilog: Path, top: str, workdir: Path) -> dict:
-    """Synthesise ``top`` of ``verilog`` to gates and report area per module (see module doc)."""
+def synth_generic(verilog: Path, top: str, workdir: Path, *, dedup: bool = True) -> dict:
+    """Synthesise ``top`` of ``verilog`` to gates and report area per module (see module doc).
+
+    With ``dedup`` (the default) identical modules are synthesised once
+    (:func:`dedup_modules`); the report is the same, ``modules_deduplicated`` says how many
+    modules were left out.
+    """
     _check_top(verilog, top)
     workdir.mkdir(parents=True, exist_ok=True)
     local = workdir / "design.v"
+    text = verilog.read_text()
+    removed = 0
+    if dedup:
+        before = len(verilog_modules(text))
+        text, _ = dedup_modules(text, top)
+        removed = before - len(verilog_modules(text))
+        log.info("synthesising %d distinct modules of %d", before - removed, before)
+        local = workdir / "design_dedup.v"
     if local.resolve() != verilog.resolve():
-        local.write_text(verilog.read_text())
+        local.write_text(text)
     (workdir / "generic.ys").write_text(_generic_script(local, top))
     start = time.monotonic()
     run_tool("yosys", ["generic.ys"], workdir)
@@ -323,6 +420,7 @@ def synth_generic(verilog: Path, top: str, workdir: Path) -> dict:
         top=top,
         tool=gate_stat.get("creator", "yosys"),
         seconds=time.monotonic() - start,
+        modules_deduplicated=removed,
         weights={
             "source": AREA_SOURCE,
             "nand2_um2": NAND2_UM2,
@@ -402,12 +500,13 @@ def config_verilog(cfg) -> tuple[str, str]:
 
 def synthesize(*, target: str = "generic", verilog: str | os.PathLike | None = None,
                top: str | None = None, config=None,
-               workdir: str | os.PathLike | None = None) -> dict:
+               workdir: str | os.PathLike | None = None, dedup: bool = True) -> dict:
     """Synthesise a Verilog file (``verilog`` + ``top``) or a :class:`HwConfig` (``config``).
 
     ``workdir`` keeps the netlists, scripts and logs; by default a temporary directory is used
-    and removed.  Returns the report of :func:`synth_generic` or :func:`synth_ice40`, with the
-    config (as a dict) when one was given.
+    and removed.  ``dedup`` (generic target) synthesises identical modules once
+    (:func:`dedup_modules`).  Returns the report of :func:`synth_generic` or
+    :func:`synth_ice40`, with the config (as a dict) when one was given.
     """
     if target not in ("generic", "ice40"):
         raise FlexCimError(f"synthesis target must be 'generic' or 'ice40', not {target!r}")
@@ -426,8 +525,10 @@ def synthesize(*, target: str = "generic", verilog: str | os.PathLike | None = N
             if not top:
                 raise FlexCimError("--verilog needs --top, the name of the top module")
             path = Path(verilog)
-        run = synth_generic if target == "generic" else synth_ice40
-        report = run(path, top, work)
+        if target == "generic":
+            report = synth_generic(path, top, work, dedup=dedup)
+        else:
+            report = synth_ice40(path, top, work)
     if config is not None:
         report["config"] = config.to_dict()
     return report
@@ -474,7 +575,7 @@ def _synth_cmd(args: argparse.Namespace) -> int:
     if not out.parent.resolve().is_dir():
         raise FlexCimError(f"output directory {os.fspath(out.parent)!r} does not exist")
     report = synthesize(target=args.target, verilog=args.verilog, top=args.top, config=config,
-                        workdir=args.workdir)
+                        workdir=args.workdir, dedup=not args.no_dedup)
     out.write_text(json.dumps(report, indent=2, sort_keys=True))
     if args.target == "generic":
         print(format_generic(report))
@@ -504,6 +605,9 @@ def register(sub) -> None:
                    help="override a config field (repeatable), e.g. --set rows=8")
     p.add_argument("--target", choices=("generic", "ice40"), default="generic",
                    help="generic gates (default) or iCE40 HX8K")
+    p.add_argument("--no-dedup", action="store_true",
+                   help="synthesise every module instance, even identical ones (slower; the "
+                   "generic area is the same)")
     p.add_argument("--workdir", metavar="DIR",
                    help="keep netlists, scripts and logs here (default: a temporary directory)")
     p.add_argument("-o", "--output", required=True, metavar="REPORT.json",
