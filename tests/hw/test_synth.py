@@ -221,3 +221,23 @@ def test_tiny_preset_maps_onto_the_parts_of_the_macro(tmp_path):
                   "merging unit", "activation buffer", "controller"):
         assert parts[label] > 0, label
     assert report["config"] == cfg.to_dict()
+
+
+def test_ice40_placement_overflow_names_a_config_that_fits(monkeypatch, tmp_path):
+    """synth_ice40's counts can be under 7680 while packing needs more logic cells: nextpnr's
+    "no BELs remaining" becomes the one-line capacity error with a config measured to fit."""
+    verilog_file = tmp_path / "d.v"
+    verilog_file.write_text("module top(input a, output y); assign y = a; endmodule\n")
+
+    def fake_tool(tool, args, cwd):
+        if tool == "yosys":
+            stat = {"design": {"num_cells_by_type": {"SB_LUT4": 7000, "SB_DFFE": 3000}}}
+            (cwd / "ice40_stat.json").write_text(json.dumps(stat))
+        else:
+            raise FlexCimError("nextpnr-ice40 failed (exit 125) in x: ERROR: Unable to place "
+                               "cell 'c', no BELs remaining to implement cell type 'ICESTORM_LC'")
+
+    monkeypatch.setattr(synth, "run_tool", fake_tool)
+    with pytest.raises(FlexCimError, match=r"7000 LUT4 and 3000 flip-flops .* HX8K") as info:
+        synth.synthesize(target="ice40", verilog=verilog_file, top="top", workdir=tmp_path)
+    assert synth.ICE40_FITS in str(info.value) and "max_k=32" not in str(info.value)
