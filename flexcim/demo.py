@@ -79,6 +79,74 @@ def stage_golden(ctx: Context) -> None:
         raise FlexCimError("the golden model disagrees with the int64 reference")
 
 
+MACROS = ("default", "dense", "fixed24")  # FlexCiM and the two baselines, same cell count
+PREFILL_TOKENS = 128
+
+
+def prefill_comparison(plan: dict, tokens: int = PREFILL_TOKENS) -> dict:
+    """Whole-model prefill cycles/energy of ``plan`` on FlexCiM vs dense and fixed-2:4 macros.
+
+    ``plan`` is in :func:`flexcim.golden.energy.parse_plan` form.  Returns, per activation
+    density (1.0 = dense activations, 0.5 = 8:16 activation pruning, whose zeros gate the cells),
+    :func:`flexcim.golden.energy.compare` of the three macros against ``fixed24``.
+    """
+    from flexcim.golden import energy
+    from flexcim.hw.config import preset
+
+    configs = {name: preset(name) for name in MACROS}
+    return {
+        str(density): energy.compare(plan, tokens, configs, act_density=density)
+        for density in (1.0, 0.5)
+    }
+
+
+def stage_performance(ctx: Context) -> None:
+    """Latency and energy of the FLOW plan's prefill on FlexCiM vs the baselines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plan = ctx.results["energy_plan"]
+    result = prefill_comparison(plan)
+    ctx.report.record("prefill", result)
+    dense_act = result["1.0"]
+    rows = []
+    for name in MACROS:
+        r = dense_act[name]
+        rows.append([name, r["cycles"], r["energy_pj"] / 1e6, r["latency_vs_ref"],
+                     r["energy_vs_ref"], result["0.5"][name]["energy_pj"] / 1e6])
+    ctx.report.section(
+        "Prefill latency and energy",
+        f"Every linear projection of the plan ({len(plan['layers'])} blocks), {PREFILL_TOKENS} "
+        "prefill tokens, run one after another on one macro: FlexCiM (`default` preset) vs a "
+        "dense macro and a fixed-2:4 macro with the same cells (`dense`, `fixed24`). `fixed24` "
+        "runs a block as 2:4 only if its masks are 2:4-compatible, else dense. Cycles from "
+        "`flexcim.golden.perf` (checked against the RTL), energy from `flexcim.golden.energy` "
+        "(Horowitz ISSCC 2014 45 nm action energies; see its docstring). Ratios are "
+        "fixed24 / macro (> 1: better than fixed24). The last column gates the zeros of 8:16 "
+        "activation pruning.",
+    )
+    ctx.report.table(
+        ["macro", "cycles", "energy (uJ)", "latency vs fixed24", "energy vs fixed24",
+         "energy with 8:16 act. (uJ)"],
+        rows,
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, label in ((axes[0], "cycles", "prefill cycles (millions)"),
+                           (axes[1], "energy_pj", "prefill energy (uJ)")):
+        scale = 1e6
+        ax.bar(MACROS, [dense_act[m][key] / scale for m in MACROS],
+               color=["tab:green", "tab:gray", "tab:blue"])
+        ax.set_ylabel(label)
+        for i, m in enumerate(MACROS):
+            ax.annotate(f"{dense_act['fixed24'][key] / dense_act[m][key]:.2f}x",
+                        (i, dense_act[m][key] / scale), ha="center", va="bottom")
+    fig.suptitle("FLOW plan prefill: FlexCiM vs baselines (ratio = fixed24 / macro)")
+    ctx.report.plot("prefill_latency_energy", fig,
+                    "Prefill latency and energy of the FLOW plan on each macro")
+
+
 STAGES: list[tuple[str, Callable[[Context], None]]] = [
     ("golden model vs int64 reference", stage_golden),
 ]

@@ -45,3 +45,27 @@ def test_demo_writes_report(tmp_path, capsys):
     assert all(row["match"] for row in data["golden_check"])
     assert "total" in data["stage_seconds"]
     assert "## Golden model" in open(tmp_path / "report.md").read()
+
+
+def test_prefill_comparison_orders_the_macros():
+    from flexcim.golden import perf
+    from flexcim.hw.config import preset
+
+    from flexcim.demo import prefill_comparison
+
+    shapes = {"q": [96, 576], "down": [576, 192]}
+    plan = {"layers": [{"name": "b0", "pattern": "2:8", "linears": shapes},
+                       {"name": "b1", "pattern": "2:4", "linears": shapes}]}
+    result = prefill_comparison(plan, tokens=8)
+    dense_act = result["1.0"]
+    # Independent: the cycle model per linear, summed by hand.
+    for name, patterns in (("default", ("2:8", "2:4")), ("dense", ("1:1", "1:1")),
+                           ("fixed24", ("2:4", "2:4"))):
+        cfg = preset(name)
+        expected = sum(perf.layer_cycles(cfg, perf.schedule(cfg, p, 8, k, c))
+                       for p in patterns for c, k in shapes.values())
+        assert dense_act[name]["cycles"] == expected, name
+    assert dense_act["default"]["latency_vs_ref"] > 1.2 > 1 > dense_act["dense"]["latency_vs_ref"]
+    # Gating the zeros of activation pruning saves energy without changing cycles.
+    assert result["0.5"]["default"]["energy_pj"] < dense_act["default"]["energy_pj"]
+    assert result["0.5"]["default"]["cycles"] == dense_act["default"]["cycles"]
