@@ -22,6 +22,7 @@ help:
 	@echo "make setup  - create $(VENV), install flexcim and its pinned dependencies, iverilog"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks (golden model speed)"
+	@echo "make bench-flow - FLOW/OWL/uniform and activation pruning on SmolLM2 (~30 min on 2 cores)"
 	@echo "make verilog - Verilog + sidecar + FuseSoC core of every preset, linted (PRESET=NAME for one)"
 	@echo "make synth  - area of dense vs fixed24 vs FlexCiM with Yosys (writes out/synth/)"
 	@echo "make clean  - remove build outputs (keeps $(VENV))"
@@ -59,6 +60,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/golden_bench.py
+
+.PHONY: bench-flow
+bench-flow: $(STAMP)
+	$(BIN)/python bench/flow_bench.py --out out/bench/flow
 
 synth: $(STAMP)
 	$(BIN)/python -m flexcim.hw.area --presets dense,fixed24,default --out out/synth

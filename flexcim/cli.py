@@ -21,7 +21,13 @@ from flexcim.errors import FlexCimError
 
 log = logging.getLogger("flexcim")
 
-COMMAND_MODULES = ("flexcim.cli", "flexcim.demo", "flexcim.hw.synth", "flexcim.hw.export")
+COMMAND_MODULES = (
+    "flexcim.cli",
+    "flexcim.demo",
+    "flexcim.hw.synth",
+    "flexcim.hw.export",
+    "flexcim.flow.cli",
+)
 
 
 def load_npy(path: str, what: str) -> np.ndarray:

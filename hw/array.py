@@ -39,6 +39,16 @@ def validating(component):
         raise
 
 
+def index_shape(count: int):
+    """Shape of an index into ``count`` things: ``range(count)`` but never zero bits wide.
+
+    Amaranth writes a zero-width signal as ``[-1:0]``, which Verilator rejects (ASCRANGE); the
+    one bit of a one-entry index (``depth=1``, ``sub_macros=1``, bit-parallel slices, ...) is
+    constant 0 and synthesis removes it.
+    """
+    return unsigned(max(1, ceil_log2(count)))
+
+
 def _positive(name: str, value) -> int:
     value = operator.index(value)
     if value < 1:
@@ -87,9 +97,9 @@ class CellRow(wiring.Component):
         self._word = word_layout(cols=self._cols, index_bits=self._index_bits)
         super().__init__({
             "we": In(1),
-            "waddr": In(range(self._depth)),
+            "waddr": In(index_shape(self._depth)),
             "wdata": In(self._word),
-            "raddr": In(range(self._depth)),
+            "raddr": In(index_shape(self._depth)),
             "lanes": In(data.ArrayLayout(unsigned(self._slice_bits), 1 << self._index_bits)),
             "top": In(1),
             "products": Out(data.ArrayLayout(signed(product_bits(self._slice_bits)), self._cols)),
@@ -101,25 +111,32 @@ class CellRow(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        m.submodules.words = words = Memory(shape=self._word, depth=self._depth, init=[])
-        write = words.write_port()
-        # Asynchronous read: the cell holds its word; the pass counter selects it.
-        read = words.read_port(domain="comb")
-        m.d.comb += [
-            write.en.eq(self.we),
-            write.addr.eq(self.waddr),
-            write.data.eq(self.wdata),
-            read.addr.eq(self.raddr),
-        ]
+        if self._depth == 1:
+            # A one-word memory would have a zero-width address ([-1:0], Verilator ASCRANGE).
+            word = Signal(self._word, name="word")
+            with m.If(self.we):
+                m.d.sync += word.eq(self.wdata)
+        else:
+            m.submodules.words = words = Memory(shape=self._word, depth=self._depth, init=[])
+            write = words.write_port()
+            # Asynchronous read: the cell holds its word; the pass counter selects it.
+            read = words.read_port(domain="comb")
+            m.d.comb += [
+                write.en.eq(self.we),
+                write.addr.eq(self.waddr),
+                write.data.eq(self.wdata),
+                read.addr.eq(self.raddr),
+            ]
+            word = read.data
         for c in range(self._cols):
             if self._index_bits:
-                act = self.lanes[read.data.indices[c]]
+                act = self.lanes[word.indices[c]]
             else:
                 act = self.lanes[0]
             # Lower slices are unsigned digits; the top slice carries the two's-complement sign.
             digit = Signal(signed(self._slice_bits + 1), name=f"digit{c}")
             m.d.comb += digit.eq(Mux(self.top, act.as_signed(), act))
-            m.d.comb += self.products[c].eq(read.data.values[c] * digit)
+            m.d.comb += self.products[c].eq(word.values[c] * digit)
         return m
 
 
@@ -187,10 +204,10 @@ class SubMacro(wiring.Component):
         lane = data.ArrayLayout(unsigned(slice_bits), 1 << index_bits)
         super().__init__({
             "we": In(1),
-            "wrow": In(range(self._rows)),
-            "waddr": In(range(depth)),
+            "wrow": In(index_shape(self._rows)),
+            "waddr": In(index_shape(depth)),
             "wdata": In(word_layout(cols=self._cols, index_bits=index_bits)),
-            "raddr": In(range(depth)),
+            "raddr": In(index_shape(depth)),
             "lanes": In(data.ArrayLayout(lane, self._rows)),
             "top": In(1),
             "psums": Out(data.ArrayLayout(signed(self.psum_bits), self._cols)),
@@ -223,4 +240,4 @@ class SubMacro(wiring.Component):
         return m
 
 
-__all__ = ["AdderTree", "CellRow", "SubMacro", "ceil_log2", "product_bits"]
+__all__ = ["AdderTree", "CellRow", "SubMacro", "ceil_log2", "index_shape", "product_bits"]

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import operator
 
-from amaranth.hdl import Array, Module, Signal, signed, unsigned
+from amaranth.hdl import Array, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
-from flexcim.hw.array import validating
+from flexcim.hw.array import index_shape, validating
 from flexcim.hw.config import ACT_BITS
 
 
@@ -65,10 +65,10 @@ class ActivationBuffer(wiring.Component):
         ports = {
             "we": In(1),
             "wbank": In(1),
-            "wbeat": In(range(self._beats)),
+            "wbeat": In(index_shape(self._beats)),
             "wdata": In(data.ArrayLayout(signed(ACT_BITS), self._in_lanes)),
             "rbank": In(1),
-            "slice": In(range(ACT_BITS // self._b)),
+            "slice": In(index_shape(ACT_BITS // self._b)),
             "shift": In(1),
             "window": Out(data.ArrayLayout(unsigned(self._b), self._window)),
         }
@@ -82,7 +82,21 @@ class ActivationBuffer(wiring.Component):
             [Signal(signed(ACT_BITS), name=f"bank{k}_{j}") for j in range(self._lanes)]
             for k in range(2)
         ]
-        sel = self.shift_sel if len(self._shifts) > 1 else 0
+        # One decoded select per shift amount, shared by every lane; the last amount is the
+        # fall-through of each lane's mux chain (shift_sel never exceeds it), so no lane has an
+        # incomplete case statement (Verilator CASEINCOMPLETE) for 3 or 5+ amounts.
+        picks = []
+        for s in range(len(self._shifts) - 1):
+            pick = Signal(name=f"pick{s}")
+            m.d.comb += pick.eq(self.shift_sel == s)
+            picks.append(pick)
+
+        def moved_value(moved):
+            value = moved[-1]
+            for s in reversed(range(len(moved) - 1)):
+                value = Mux(picks[s], moved[s], value)
+            return value
+
         for k, bank in enumerate(banks):
             loading = Signal(name=f"loading{k}")
             shifting = Signal(name=f"shifting{k}")
@@ -99,12 +113,15 @@ class ActivationBuffer(wiring.Component):
                     with m.If(hit):
                         m.d.sync += bank[j].eq(self.wdata[i])
                     with m.Elif(shifting):
-                        m.d.sync += bank[j].eq(Array(moved)[sel] if len(moved) > 1 else moved[0])
+                        m.d.sync += bank[j].eq(moved_value(moved))
         for j in range(self._window):
             if j >= self._lanes:
                 m.d.comb += self.window[j].eq(0)
                 continue
             lane = Signal(signed(ACT_BITS), name=f"lane{j}")
             m.d.comb += lane.eq(Array([banks[0][j], banks[1][j]])[self.rbank])
-            m.d.comb += self.window[j].eq(lane.word_select(self.slice, self._b))
+            if self._b == ACT_BITS:  # bit-parallel: the one-bit slice index is always 0
+                m.d.comb += self.window[j].eq(lane)
+            else:
+                m.d.comb += self.window[j].eq(lane.word_select(self.slice, self._b))
         return m

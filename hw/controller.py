@@ -17,11 +17,32 @@ from dividers.  A command the macro cannot run (pattern code not configured, ``k
 
 from __future__ import annotations
 
-from amaranth.hdl import Array, Module, Signal
+from amaranth.hdl import Module, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
+from flexcim.hw.array import index_shape
 from flexcim.hw.config import HwConfig
 from flexcim.hw.layouts import cmd_layout
+
+
+def lookup(m: Module, index, values, target) -> None:
+    """Drive ``target`` with the constant ``values[index]`` (combinational).
+
+    ``index`` must be known to stay below ``len(values)`` (the controller latches only valid
+    pattern codes).  The last value is the ``default`` branch, so the case statement covers
+    every index value (Verilator's CASEINCOMPLETE), and a single value is just a constant, so a
+    dense-only macro has no zero-width code signal at all (Verilator's ASCRANGE on ``[-1:0]``).
+    """
+    values = list(values)
+    if len(values) == 1:
+        m.d.comb += target.eq(values[0])
+        return
+    with m.Switch(index):
+        for i, value in enumerate(values[:-1]):
+            with m.Case(i):
+                m.d.comb += target.eq(value)
+        with m.Default():
+            m.d.comb += target.eq(values[-1])
 
 
 class Controller(wiring.Component):
@@ -38,7 +59,8 @@ class Controller(wiring.Component):
         Handshake of the activation stream; ``a_we``, ``a_bank``, ``a_beat`` address the buffer.
     issue, code, r_bank, r_pass, r_slice, top, first, last, shift : Out
         The compute cycle (combinational): bank, pass (weight word), slice and its flags;
-        ``shift`` at the last slice of a pass.
+        ``shift`` at the last slice of a pass.  ``code`` (the latched pattern code) exists only
+        when more than one pattern is configured.
     result_taken : In
         A result left the result stream (returns a FIFO credit).
     error : Out
@@ -51,15 +73,17 @@ class Controller(wiring.Component):
         self._cfg = cfg
         self._fifo_depth = fifo_depth
         beats = cfg.max_k // cfg.in_lanes
+        code = {"code": Out(range(len(cfg.patterns)))} if len(cfg.patterns) > 1 else {}
         super().__init__({
             "cmd": In(stream.Signature(cmd_layout(cfg))),
             "w_valid": In(1), "w_ready": Out(1), "w_we": Out(1),
-            "w_sub": Out(range(cfg.sub_macros)), "w_row": Out(range(cfg.rows)),
-            "w_word": Out(range(cfg.depth)),
+            "w_sub": Out(index_shape(cfg.sub_macros)), "w_row": Out(index_shape(cfg.rows)),
+            "w_word": Out(index_shape(cfg.depth)),
             "a_valid": In(1), "a_ready": Out(1), "a_we": Out(1),
-            "a_bank": Out(1), "a_beat": Out(range(beats)),
-            "issue": Out(1), "code": Out(range(len(cfg.patterns))), "r_bank": Out(1),
-            "r_pass": Out(range(cfg.depth)), "r_slice": Out(range(cfg.cycles_per_pass)),
+            "a_bank": Out(1), "a_beat": Out(index_shape(beats)),
+            "issue": Out(1), **code, "r_bank": Out(1),
+            "r_pass": Out(index_shape(cfg.depth)),
+            "r_slice": Out(index_shape(cfg.cycles_per_pass)),
             "top": Out(1), "first": Out(1), "last": Out(1), "shift": Out(1),
             "result_taken": In(1),
             "error": Out(1),
@@ -69,23 +93,24 @@ class Controller(wiring.Component):
         cfg = self._cfg
         m = Module()
         n_pat = len(cfg.patterns)
-        pass_widths = Array([cfg.pass_width(p) for p in cfg.patterns])
-        max_ks = Array([cfg.max_k_for(p) for p in cfg.patterns])
+        code = self.code if n_pat > 1 else 0
 
         active = Signal()
         k = Signal(range(cfg.max_k + 1))
         tokens = Signal(range(cfg.max_tokens + 1))
         pw = Signal(range(max(cfg.pass_width(p) for p in cfg.patterns) + 1))
-        m.d.comb += pw.eq(pass_widths[self.code])
+        lookup(m, code, [cfg.pass_width(p) for p in cfg.patterns], pw)
 
         # ---------------------------------------------------------------- commands
         payload = self.cmd.payload
         code_in = payload.pattern if cfg.pattern_bits else 0
+        max_k_in = Signal(range(cfg.max_k + 1))
+        lookup(m, code_in, [cfg.max_k_for(p) for p in cfg.patterns], max_k_in)
         ok = Signal()
         m.d.comb += ok.eq(
             (code_in < n_pat)
             & (payload.k >= 1)
-            & (payload.k <= max_ks[code_in])
+            & (payload.k <= max_k_in)
             & (payload.tokens >= 1)
         )
         m.d.comb += self.cmd.ready.eq(~active)
@@ -95,12 +120,13 @@ class Controller(wiring.Component):
             with m.If(ok):
                 m.d.sync += [
                     active.eq(1),
-                    self.code.eq(code_in),
                     k.eq(payload.k),
                     tokens.eq(payload.tokens),
                     w_loading.eq(payload.load_weights),
                     a_loading.eq(1),
                 ]
+                if n_pat > 1:
+                    m.d.sync += self.code.eq(code_in)
             with m.Else():
                 m.d.sync += self.error.eq(1)
 

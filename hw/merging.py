@@ -15,7 +15,7 @@ import operator
 from amaranth.hdl import Array, Module, Mux, Signal, signed
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
-from flexcim.hw.array import ceil_log2, validating
+from flexcim.hw.array import ceil_log2, index_shape, validating
 
 
 class Merging(wiring.Component):
@@ -63,7 +63,7 @@ class Merging(wiring.Component):
         super().__init__({
             "psums": In(data.ArrayLayout(psum, self._p)),
             "valid": In(1),
-            "slice": In(range(self._slices)),
+            "slice": In(index_shape(self._slices)),
             "first": In(1),
             "last": In(1),
             "result": Out(data.ArrayLayout(signed(self._acc_bits), self._cols)),
@@ -76,7 +76,10 @@ class Merging(wiring.Component):
         for c in range(self._cols):
             total = Signal(signed(sum_bits), name=f"total{c}")
             m.d.comb += total.eq(sum(self.psums[p][c] for p in range(self._p)))
-            weighted = Array([total << (s * self._b) for s in range(self._slices)])[self.slice]
+            if self._slices == 1:  # bit-parallel: a one-bit slice index that is always 0
+                weighted = total
+            else:
+                weighted = Array([total << (s * self._b) for s in range(self._slices)])[self.slice]
             acc = Signal(signed(self._acc_bits), name=f"acc{c}")
             # Addition modulo 2**acc_bits: truncating the sum is the two's-complement wrap.
             m.d.comb += self.result[c].eq(Mux(self.first, 0, acc) + weighted)

@@ -16,7 +16,7 @@ from amaranth.lib.wiring import In, Out
 from flexcim.hw.array import SubMacro
 from flexcim.hw.buffer import ActivationBuffer
 from flexcim.hw.config import HwConfig
-from flexcim.hw.controller import Controller
+from flexcim.hw.controller import Controller, lookup
 from flexcim.hw.distribution import Distribution
 from flexcim.hw.layouts import act_layout, cmd_layout, result_layout, weight_layout
 from flexcim.hw.merging import Merging
@@ -95,10 +95,8 @@ class FlexCiM(wiring.Component):
             dist.window.eq(buf.window),
         ]
         if len(shifts) > 1:
-            with m.Switch(ctrl.code):
-                for code, p in enumerate(cfg.patterns):
-                    with m.Case(code):
-                        m.d.comb += buf.shift_sel.eq(shifts.index(cfg.pass_width(p)))
+            lookup(m, ctrl.code, [shifts.index(cfg.pass_width(p)) for p in cfg.patterns],
+                   buf.shift_sel)
         if len(cfg.patterns) > 1:
             m.d.comb += dist.code.eq(ctrl.code)
 

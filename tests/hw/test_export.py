@@ -1,7 +1,9 @@
 import json
 
 import pytest
+from flexcim.hw import tools
 from flexcim.hw.config import HwConfig, preset
+from flexcim.hw.export import export
 
 from flexcim.cli import main
 
@@ -58,3 +60,25 @@ def test_config_file_overrides_and_top_name(tmp_path, capsys):
         f"flexcim: error: output directory {str(tmp_path / 'no')!r} does not exist",
         "flexcim: error: --top must be a Verilog identifier, not '9x'",
     ]
+
+
+# A single pattern (the dense preset's set: no pattern code, no indices) and every one-entry
+# index at once (sub_macros=1, depth=1, one beat per token, bit-parallel slices) with a pattern
+# count that is not a power of 2 (incomplete case statements): each once produced Verilog that
+# Verilator rejected (ASCRANGE on a zero-width [-1:0] wire, CASEINCOMPLETE).  The dense and
+# default presets themselves take about a minute each to convert: `make verilog` lints them.
+LINT_CASES = {
+    "dense-patterns": preset("tiny").replace(patterns=("1:1",)),
+    "one-entry-indices": preset("tiny").replace(
+        sub_macros=1, rows=8, depth=1, in_lanes=8, max_k=8, act_bits_per_cycle=8,
+        patterns=("1:1", "2:4", "1:4", "4:8", "2:8", "1:8"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", LINT_CASES)
+def test_single_pattern_and_one_entry_indices_lint_clean(name, tmp_path):
+    out = tmp_path / f"{name}.v"
+    export(LINT_CASES[name], out)
+    tools.lint(out, "flexcim")  # raises on any warning but WIDTH
+    assert "[-1:0]" not in out.read_text()

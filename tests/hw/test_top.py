@@ -57,6 +57,22 @@ def test_every_pattern_bit_exact_and_cycles_equal_the_model(b):
     assert not engine.error
 
 
+@pytest.mark.parametrize("name, cfg", [
+    # The dense and fixed24 presets' pattern sets on the tiny geometry (a dense-only macro has
+    # no pattern code, no indices and no distribution mux).
+    ("dense", TINY.replace(patterns=("1:1",))),
+    ("fixed24", TINY.replace(patterns=("1:1", "2:4"))),
+    # Every one-entry index: one sub-macro, one word per cell, one beat per token, one slice.
+    ("one-entry", TINY.replace(sub_macros=1, rows=8, depth=1, in_lanes=8, max_k=8,
+                               act_bits_per_cycle=8, patterns=("1:1", "2:4", "1:4", "1:8"))),
+])
+def test_baseline_pattern_sets_and_one_entry_geometry(name, cfg):
+    engine = PySim(cfg)
+    cmds = check(cfg, every_pattern(cfg, np.random.default_rng(len(name))), engine)
+    assert engine.cycles == perf.layer_cycles(cfg, cmds)
+    assert not engine.error
+
+
 @pytest.mark.parametrize("b, in_gap, out_stall, seed", [(2, 0.3, 0.5, 1), (8, 0.1, 0.8, 2)])
 def test_input_gaps_and_result_backpressure_lose_nothing(b, in_gap, out_stall, seed):
     """Bit-parallel tokens of one beat and one pass take one cycle: a stalled result stream

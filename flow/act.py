@@ -1,0 +1,170 @@
+"""Amber-style N:M activation pruning in prefill (An et al., arXiv 2508.02128).
+
+Training-free: before a selected projection runs, its input activations ``x [.., K]`` keep the
+``n`` best-scored entries of every group of ``m`` consecutive input channels (the reduction
+dimension, as the FlexCiM macro groups them), the rest are zeroed.  Only prefill is pruned: a
+call whose sequence length is 1 (a decode step with the KV cache) stays dense.
+
+Scores:
+
+* ``abs``: ``|x_j|`` (the NumPy twin is :func:`flexcim.golden.nm.act_topk`);
+* ``weight``: ``|x_j| * ||W[:, j]||_2``, the channel's contribution scaled by how strongly the
+  layer uses it (Amber Pruner's weight-aware score).
+
+Sensitive layers are skipped: :func:`sensitivity` measures for every projection the relative
+output error ``||W (x - topk(x))|| / ||W x||`` on calibration text in one forward pass, and
+:func:`skip_most_sensitive` keeps the worst ``budget`` fraction dense.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+from collections.abc import Iterator
+
+import torch
+from flexcim.flow.model import linear_layers
+from flexcim.flow.prune import nm_mask
+from flexcim.golden.nm import NMPattern
+from torch import nn
+
+from flexcim.errors import FlexCimError
+
+log = logging.getLogger("flexcim.flow")
+
+SCORES = ("abs", "weight")
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def projection_kind(name: str) -> str:
+    """``q``/``k``/``v``/``o``/``gate``/``up``/``down`` from a module path (or its last part)."""
+    last = name.rsplit(".", 1)[-1]
+    match = re.fullmatch(r"(q|k|v|o|gate|up|down)_proj", last)
+    return match[1] if match else last
+
+
+def topk_activations(x: torch.Tensor, pattern: NMPattern, column_norm: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """``x`` with all but the best ``n`` of every ``m`` entries on the last axis zeroed."""
+    scores = x.abs() if column_norm is None else x.abs() * column_norm
+    return x * nm_mask(scores, n_keep=pattern.n, m=pattern.m).to(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActConfig:
+    """Which projections get N:M activation pruning, and how.
+
+    Members
+    -------
+    pattern : str
+        ``n:m`` kept along the input channels (``8:16`` by default).
+    score : ``abs`` | ``weight``
+    projections : tuple of str
+        Projection kinds to prune (subset of :data:`PROJECTIONS`).
+    skip : tuple of str
+        Full module paths kept dense anyway (e.g. from :func:`skip_most_sensitive`).
+    """
+
+    pattern: str = "8:16"
+    score: str = "abs"
+    projections: tuple[str, ...] = PROJECTIONS
+    skip: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        NMPattern.parse(self.pattern)
+        if self.score not in SCORES:
+            raise FlexCimError(f"activation score must be one of {SCORES}, not {self.score!r}")
+        unknown = sorted(set(self.projections) - set(PROJECTIONS))
+        if unknown:
+            raise FlexCimError(f"unknown projection kind {unknown[0]!r}; expected some of "
+                               f"{', '.join(PROJECTIONS)}")
+
+    def targets(self, model: nn.Module) -> dict[str, nn.Linear]:
+        """The projections of ``model`` this config prunes (M must divide their input width)."""
+        pattern = NMPattern.parse(self.pattern)
+        chosen = {n: m for n, m in linear_layers(model).items()
+                  if projection_kind(n) in self.projections and n not in self.skip}
+        for name, layer in chosen.items():
+            if layer.in_features % pattern.m:
+                raise FlexCimError(f"activation pattern {pattern}: M={pattern.m} does not "
+                                   f"divide the input width {layer.in_features} of {name}")
+        return chosen
+
+
+def _pre_hook(pattern: NMPattern, column_norm: torch.Tensor | None):
+    def hook(_module, args):
+        x = args[0]
+        if x.ndim >= 2 and x.shape[-2] == 1:
+            return None  # decode step (one new token): dense, as Amber Pruner does
+        return (topk_activations(x, pattern, column_norm), *args[1:])
+
+    return hook
+
+
+@contextlib.contextmanager
+def activation_pruning(model: nn.Module, config: ActConfig) -> Iterator[list[str]]:
+    """Prune the prefill inputs of the configured projections inside a ``with`` block.
+
+    Yields the pruned module paths.  Hooks are removed on exit, also after an exception, so the
+    model is dense again; combine with a weight plan by applying the plan first.
+    """
+    pattern = NMPattern.parse(config.pattern)
+    targets = config.targets(model)
+    handles = []
+    try:
+        for layer in targets.values():
+            norm = (layer.weight.detach().float().norm(dim=0) if config.score == "weight"
+                    else None)
+            handles.append(layer.register_forward_pre_hook(_pre_hook(pattern, norm)))
+        yield list(targets)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def sensitivity(model: nn.Module, windows: torch.Tensor, config: ActConfig, *,
+                batch_size: int = 4) -> dict[str, float]:
+    """Relative output error of each target projection under activation pruning.
+
+    One dense forward pass over ``windows``; for every target layer the error
+    ``||(x - topk(x)) W^T|| / ||x W^T||`` is accumulated over all tokens (the layer sees the
+    dense model's inputs, so the figures are independent of each other).
+    """
+    pattern = NMPattern.parse(config.pattern)
+    targets = ActConfig(config.pattern, config.score, config.projections).targets(model)
+    sums = {name: [0.0, 0.0] for name in targets}
+    handles = []
+
+    def factory(name, layer):
+        norm = layer.weight.detach().float().norm(dim=0) if config.score == "weight" else None
+
+        def hook(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            dropped = x - topk_activations(x, pattern, norm)
+            w = layer.weight.detach().float()
+            sums[name][0] += float((dropped @ w.T).square().sum())
+            sums[name][1] += float((x @ w.T).square().sum())
+
+        return hook
+
+    try:
+        for name, layer in targets.items():
+            handles.append(layer.register_forward_pre_hook(factory(name, layer)))
+        for start in range(0, windows.shape[0], batch_size):
+            model(input_ids=windows[start : start + batch_size], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (err / ref) ** 0.5 if ref > 0 else 0.0 for name, (err, ref) in sums.items()}
+
+
+def skip_most_sensitive(scores: dict[str, float], budget: float) -> tuple[str, ...]:
+    """The ``round(budget * len(scores))`` most sensitive layers (to keep dense)."""
+    if not 0.0 <= budget <= 1.0:
+        raise FlexCimError(f"skip budget must be a fraction in [0, 1], not {budget!r}")
+    count = round(budget * len(scores))
+    ranked = sorted(scores, key=lambda n: (-scores[n], n))
+    return tuple(ranked[:count])

@@ -1,0 +1,259 @@
+"""``flexcim flow select|prune|act-eval|export``: FLOW on a real model from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+
+from flexcim.errors import FlexCimError
+
+log = logging.getLogger("flexcim.flow")
+
+# Choices repeated here so `flexcim --help` does not import torch (tests pin them to the source).
+METRICS = ("magnitude", "wanda", "sparsegpt")
+METHODS = ("uniform", "owl", "flow")
+M_DIRECTIONS = ("code", "figure")
+
+
+def _session(args):
+    import torch
+    from flexcim.flow import pipeline
+
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, args.threads)))
+    return pipeline.load(args.model, args.text)
+
+
+def _calib(session, args):
+    from flexcim.flow import pipeline
+
+    return pipeline.calibration_windows(session, count=args.calib_windows, seq_len=args.seq_len,
+                                        seed=args.seed)
+
+
+def _hw_config(spec: str | None):
+    if spec is None:
+        return None
+    from flexcim.hw.config import PRESETS, HwConfig
+
+    if spec in PRESETS:
+        return PRESETS[spec]
+    if spec == "default":
+        from flexcim.hw.config import DEFAULT
+
+        return DEFAULT
+    if not os.path.isfile(spec):
+        raise FlexCimError(f"--hw-config must be a preset ({', '.join(['default', *PRESETS])}) "
+                           f"or a JSON file, not {spec!r}")
+    return HwConfig.load(spec)
+
+
+def _select(args: argparse.Namespace) -> int:
+    from flexcim.flow import pipeline
+    from flexcim.flow.select import SelectConfig, parse_candidates
+
+    config = SelectConfig(
+        method=args.method, target=args.target_sparsity, pattern=args.pattern,
+        candidates=parse_candidates(args.candidates), hyper_m=args.hyper_m,
+        m_direction=args.m_direction, keep_ends_dense=args.keep_ends_dense,
+        hw_config=_hw_config(args.hw_config), hw_weight=args.hw_weight,
+    )
+    _check_output_dir(args.output)
+    start = time.perf_counter()
+    session = _session(args)
+    windows = None if args.metric == "magnitude" else _calib(session, args)
+    plan = pipeline.make_plan(session.model, windows, config, metric=args.metric)
+    plan.settings.update(model=session.lm.name, calib_windows=args.calib_windows,
+                         seq_len=args.seq_len, seed=args.seed,
+                         seconds=round(time.perf_counter() - start, 1))
+    plan.save(args.output)
+    log.info("wrote %s: %s, achieved sparsity %.4f%s", args.output, args.method,
+             plan.achieved_sparsity, f" ({plan.message})" if plan.message else "")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from flexcim.flow import pipeline
+    from flexcim.flow.eval import write_json
+    from flexcim.flow.select import Plan
+
+    plan = Plan.load(args.plan)
+    metric = args.metric or plan.settings.get("metric", "wanda")
+    parent = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(parent):
+        raise FlexCimError(f"output directory {parent!r} does not exist")
+    start = time.perf_counter()
+    session = _session(args)
+    windows = None if metric == "magnitude" else _calib(session, args)
+    pipeline.apply_plan(session.model, plan, windows, metric=metric)
+    pipeline.check_plan(session.model, plan)
+    seconds = time.perf_counter() - start
+    pipeline.save_model(session, args.output)
+    record = {"plan": os.path.abspath(args.plan), "metric": metric, "prune_seconds": seconds,
+              "achieved_sparsity": plan.achieved_sparsity, "model": session.lm.name}
+    if args.eval_windows:
+        record["perplexity"] = pipeline.evaluate(session, count=args.eval_windows,
+                                                 seq_len=args.seq_len)
+        log.info("perplexity on %d held-out windows: %.3f", args.eval_windows,
+                 record["perplexity"])
+    write_json(os.path.join(args.output, "flexcim-prune.json"), record)
+    log.info("wrote %s: every pruned projection satisfies its pattern (%.1f s)", args.output,
+             seconds)
+    return 0
+
+
+def _act_eval(args: argparse.Namespace) -> int:
+    from flexcim.flow import act, pipeline
+    from flexcim.flow.eval import write_json
+    from flexcim.flow.select import Plan
+
+    projections = tuple(p.strip() for p in args.projections.split(",") if p.strip())
+    config = act.ActConfig(pattern=args.pattern, score=args.score, projections=projections)
+    plan = Plan.load(args.plan) if args.plan else None
+    if args.output:
+        _check_output_dir(args.output)
+    session = _session(args)
+    act_config = config
+    record = {"model": session.lm.name, "pattern": args.pattern, "score": args.score,
+              "projections": list(projections), "eval_windows": args.eval_windows,
+              "seq_len": args.seq_len}
+    calib = None
+    if plan is not None or args.skip_budget > 0:
+        calib = _calib(session, args)
+    if plan is not None:
+        metric = args.metric or plan.settings.get("metric", "wanda")
+        pipeline.apply_plan(session.model, plan, None if metric == "magnitude" else calib,
+                            metric=metric)
+        record.update(plan=os.path.abspath(args.plan), metric=metric,
+                      weight_sparsity=plan.achieved_sparsity)
+    if args.skip_budget > 0:
+        sens = act.sensitivity(session.model, calib[: min(8, len(calib))], config)
+        skip = act.skip_most_sensitive(sens, args.skip_budget)
+        act_config = act.ActConfig(pattern=args.pattern, score=args.score,
+                                   projections=projections, skip=skip)
+        record.update(skip_budget=args.skip_budget, skipped=list(skip))
+    evaluate = lambda: pipeline.evaluate(session, count=args.eval_windows,  # noqa: E731
+                                         seq_len=args.seq_len)
+    record["perplexity_dense_act"] = evaluate()
+    with act.activation_pruning(session.model, act_config) as names:
+        record["pruned_projections"] = len(names)
+        record["perplexity_pruned_act"] = evaluate()
+    record["relative_increase"] = (record["perplexity_pruned_act"]
+                                   / record["perplexity_dense_act"] - 1)
+    print(f"perplexity without activation pruning {record['perplexity_dense_act']:.3f}, with "
+          f"{args.pattern} ({args.score}) on {record['pruned_projections']} projections "
+          f"{record['perplexity_pruned_act']:.3f} ({record['relative_increase']:+.1%})")
+    if args.output:
+        write_json(args.output, record)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from flexcim.flow import pipeline
+    from flexcim.flow.select import Plan
+    from flexcim.golden.nm import NMPattern
+
+    plan = Plan.load(args.plan)
+    if args.layer not in plan.layers:
+        raise FlexCimError(f"plan {args.plan!r} has no layer {args.layer!r}")
+    if args.act_pattern:
+        NMPattern.parse(args.act_pattern)
+    _check_output_dir(args.output)
+    session = _session(args)
+    pipeline.export_projection(
+        session, plan, args.layer, args.output, calib=_calib(session, args),
+        metric=args.metric or plan.settings.get("metric", "wanda"), act_tokens=args.act_tokens,
+        act_pattern=args.act_pattern,
+    )
+    return 0
+
+
+def _check_output_dir(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FlexCimError(f"output directory {parent!r} does not exist")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH",
+                   help="Hugging Face model directory or .gguf (default: bundled SmolLM2-135M)")
+    p.add_argument("--text", metavar="FILE",
+                   help="UTF-8 text: first half calibration, second half evaluation "
+                        "(default: Jane Austen, Pride and Prejudice + Emma)")
+    p.add_argument("--calib-windows", type=int, default=32, metavar="N",
+                   help="calibration windows (default 32)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+
+
+def register(sub) -> None:
+    flow = sub.add_parser("flow", help="FLOW/OWL/uniform N:M selection and pruning of an LLM",
+                          description="Layer-wise N:M sparsity for a causal LM (flow/).")
+    fsub = flow.add_subparsers(dest="flow_command", required=True, metavar="STEP")
+
+    p = fsub.add_parser("select", help="choose an N:M per decoder block -> plan.json")
+    _common(p)
+    p.add_argument("--method", choices=METHODS, default="flow")
+    p.add_argument("--target-sparsity", type=float, metavar="S",
+                   help="mean weight sparsity over the decoder blocks, e.g. 0.5")
+    p.add_argument("--pattern", metavar="N:M",
+                   help="uniform: the pattern everywhere; owl: its M is OWL's fixed M")
+    p.add_argument("--metric", choices=METRICS, default="wanda",
+                   help="scores for the outlier statistics and, later, pruning (default wanda; "
+                        "sparsegpt selects on Wanda scores)")
+    p.add_argument("--candidates", default="paper",
+                   help="flow's N:M choices: paper (N in 2,4,8; M in 4,8), extended "
+                        "(N in 1..16, M in 4,8,16) or a list like 2:4,4:8,2:8")
+    p.add_argument("--hyper-m", type=float, default=5.0,
+                   help="outlier threshold as a multiple of the block's mean score (default 5)")
+    p.add_argument("--m-direction", choices=M_DIRECTIONS, default="code",
+                   help="code: clustered outliers -> smaller M (the release's ILP); figure: "
+                        "-> larger M (the paper's figure); see docs/flow.md")
+    p.add_argument("--keep-ends-dense", action="store_true",
+                   help="keep the first and last blocks dense (the others compensate)")
+    p.add_argument("--hw-config", metavar="PRESET|JSON",
+                   help="add each block's relative latency on this FlexCiM macro to the cost")
+    p.add_argument("--hw-weight", type=float, default=1.0, help="weight of the latency term")
+    p.add_argument("-o", "--output", required=True, metavar="PLAN.json")
+    p.set_defaults(func=_select)
+
+    p = fsub.add_parser("prune", help="apply plan.json -> a sparsified model directory")
+    _common(p)
+    p.add_argument("--plan", required=True, metavar="PLAN.json")
+    p.add_argument("--metric", choices=METRICS, help="default: the plan's metric")
+    p.add_argument("--eval-windows", type=int, default=0, metavar="N",
+                   help="also report perplexity on N held-out windows (default 0: skip)")
+    p.add_argument("-o", "--output", required=True, metavar="DIR")
+    p.set_defaults(func=_prune)
+
+    p = fsub.add_parser("act-eval", help="perplexity with and without N:M activation pruning")
+    _common(p)
+    p.add_argument("--pattern", default="8:16", metavar="N:M",
+                   help="kept per group of input channels (default 8:16)")
+    p.add_argument("--score", choices=("abs", "weight"), default="abs",
+                   help="abs: |x|; weight: |x_j| * ||W[:, j]|| (default abs)")
+    p.add_argument("--projections", default="q,k,v,o,gate,up,down",
+                   help="projection kinds to prune (default all seven)")
+    p.add_argument("--skip-budget", type=float, default=0.0, metavar="F",
+                   help="keep the fraction F of most sensitive projections dense (default 0)")
+    p.add_argument("--plan", metavar="PLAN.json", help="also apply this weight plan first")
+    p.add_argument("--metric", choices=METRICS, help="with --plan (default: the plan's)")
+    p.add_argument("--eval-windows", type=int, default=16, metavar="N",
+                   help="held-out windows (default 16)")
+    p.add_argument("-o", "--output", metavar="RESULT.json")
+    p.set_defaults(func=_act_eval)
+
+    p = fsub.add_parser("export", help="one sparsified projection -> golden layer file")
+    _common(p)
+    p.add_argument("--plan", required=True, metavar="PLAN.json")
+    p.add_argument("--layer", required=True, metavar="NAME",
+                   help="module path, e.g. model.layers.3.self_attn.q_proj")
+    p.add_argument("--metric", choices=METRICS, help="default: the plan's")
+    p.add_argument("--act-tokens", type=int, default=64, metavar="T",
+                   help="real calibration activation rows to include (default 64)")
+    p.add_argument("--act-pattern", metavar="N:M",
+                   help="top-k the exported activations (e.g. 8:16)")
+    p.add_argument("-o", "--output", required=True, metavar="LAYER.safetensors")
+    p.set_defaults(func=_export)

@@ -1,0 +1,269 @@
+"""The Python API of flow/: load, plan, prune, measure (what ``make demo`` and the CLI call).
+
+Typical use::
+
+    from flexcim.flow import pipeline as fp
+    s = fp.load()                                  # bundled SmolLM2 + Austen text
+    calib = fp.calibration_windows(s, count=32)
+    plan = fp.make_plan(s.model, calib, fp.SelectConfig(method="flow", target=0.5))
+    fp.apply_plan(s.model, plan, calib, metric="wanda")
+    ppl = fp.evaluate(s, count=16)                 # held-out Pride and Prejudice
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import time
+
+import torch
+from flexcim.flow import calib, prune
+from flexcim.flow.eval import perplexity
+from flexcim.flow.model import LoadedModel, decoder_blocks, linear_layers, load_model
+from flexcim.flow.select import Plan, SelectConfig, select
+from flexcim.flow.text import Corpus, load_corpus, token_windows
+from flexcim.golden.nm import NMPattern
+from torch import nn
+
+from flexcim.errors import FlexCimError
+
+log = logging.getLogger("flexcim.flow")
+
+__all__ = ["Plan", "SelectConfig", "Session", "apply_plan", "calibration_windows", "measure",
+           "energy_plan", "export_projection",
+           "check_plan", "evaluate", "layer_scores", "load", "make_plan", "save_model"]
+
+
+@dataclasses.dataclass
+class Session:
+    """A loaded model and its disjoint calibration/evaluation texts."""
+
+    lm: LoadedModel
+    corpus: Corpus
+
+    @property
+    def model(self) -> nn.Module:
+        return self.lm.model
+
+
+def load(model: str | os.PathLike | None = None, text: str | os.PathLike | None = None
+         ) -> Session:
+    """Load a model (default: bundled SmolLM2) and text (default: Austen)."""
+    torch.set_grad_enabled(False)
+    return Session(lm=load_model(model), corpus=load_corpus(text))
+
+
+def calibration_windows(session: Session, *, count: int = 32, seq_len: int = 128,
+                        seed: int = 0) -> torch.Tensor:
+    """``count`` seeded windows from the calibration text."""
+    return token_windows(session.lm.tokenizer, session.corpus.calibration, seq_len=seq_len,
+                         count=count, seed=seed)
+
+
+def evaluate(session: Session, *, text: str = "held-out", count: int = 16, seq_len: int = 128,
+             seed: int = 0, progress: bool = True) -> float:
+    """Perplexity of the session's model on ``count`` seeded windows of an evaluation text."""
+    if text not in session.corpus.evaluation:
+        raise FlexCimError(f"evaluation text must be one of {list(session.corpus.evaluation)}, "
+                           f"not {text!r}")
+    windows = token_windows(session.lm.tokenizer, session.corpus.evaluation[text],
+                            seq_len=seq_len, count=count, seed=seed)
+    return perplexity(session.model, windows, progress=progress, desc=f"perplexity {text}")
+
+
+def layer_scores(model: nn.Module, stats: dict[str, calib.LayerStats] | None, metric: str
+                 ) -> dict[str, torch.Tensor]:
+    """Selection scores of every projection: Wanda (also for SparseGPT) or magnitude."""
+    layers = linear_layers(model)
+    if metric == "magnitude":
+        return {name: prune.magnitude_scores(layer.weight) for name, layer in layers.items()}
+    if stats is None:
+        raise ValueError("wanda scores need calibration statistics")
+    return {name: prune.wanda_scores(layer.weight, stats[name].act_sq_mean)
+            for name, layer in layers.items()}
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in prune.METRICS:
+        raise FlexCimError(f"metric must be one of {prune.METRICS}, not {metric!r}")
+
+
+def make_plan(model: nn.Module, windows: torch.Tensor | None, config: SelectConfig, *,
+              metric: str = "wanda", stats: dict | None = None, progress: bool = True,
+              outliers: list | None = None) -> Plan:
+    """Calibrate (dense model) and select a per-block N:M.
+
+    ``stats`` reuses a calibration; ``outliers`` (:func:`flexcim.flow.select.all_outliers`)
+    reuses the per-block statistics too, so many plans cost milliseconds each.
+    """
+    _check_metric(metric)
+    start = time.perf_counter()
+    if metric != "magnitude" and stats is None and outliers is None:
+        if windows is None:
+            raise FlexCimError(f"metric {metric!r} needs calibration windows")
+        stats = calib.calibrate(model, windows, progress=progress)
+    scores = None if outliers is not None else layer_scores(model, stats, metric)
+    plan = select(decoder_blocks(model), scores, config, outliers=outliers)
+    plan.settings["metric"] = metric
+    log.info("%s plan: target %.4g, achieved %.4g, %s (%.1f s)", config.method,
+             plan.target_sparsity, plan.achieved_sparsity,
+             " ".join(b["pattern"] for b in plan.blocks), time.perf_counter() - start)
+    return plan
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
+               metric: str = "wanda", progress: bool = True, last_block: int | None = None,
+               stats: dict[str, calib.LayerStats] | None = None) -> None:
+    """Prune ``model`` in place to ``plan``, block by block on ``windows`` (not for magnitude).
+
+    Later blocks calibrate on the outputs of the already-pruned earlier blocks, as in the Wanda
+    and SparseGPT references.  ``last_block`` stops after that block (export needs no more).
+    With ``stats`` (from one dense :func:`calib.calibrate`; with ``keep_hessians=True`` for
+    SparseGPT) the model is pruned one-shot from those statistics instead, without running it:
+    what the benchmark does to compare many plans on one calibration.
+    """
+    _check_metric(metric)
+    layers = linear_layers(model)
+    missing = sorted(set(plan.layers) - set(layers))
+    if missing:
+        raise FlexCimError(f"plan names layer {missing[0]!r}, which this model does not have")
+    patterns = {name: NMPattern.parse(p) for name, p in plan.layers.items()}
+    for name, pattern in patterns.items():
+        if layers[name].in_features % pattern.m:
+            raise FlexCimError(f"pattern {pattern}: M={pattern.m} does not divide the input "
+                               f"width {layers[name].in_features} of {name}")
+
+    def prune_layer(name: str, stats: calib.LayerStats | None) -> None:
+        pattern = patterns.get(name)
+        if pattern is None or pattern.is_dense:
+            return
+        weight = layers[name].weight
+        if metric == "sparsegpt":
+            new = prune.sparsegpt_nm(weight, stats.hessian, n_keep=pattern.n, m=pattern.m)
+        else:
+            scores = (prune.magnitude_scores(weight) if metric == "magnitude"
+                      else prune.wanda_scores(weight, stats.act_sq_mean))
+            new = prune.prune_nm(weight, scores, n_keep=pattern.n, m=pattern.m)
+        weight.copy_(new)
+
+    if metric == "magnitude" or stats is not None:
+        for name in layers:
+            prune_layer(name, None if stats is None else stats[name])
+        return
+    if windows is None:
+        raise FlexCimError(f"metric {metric!r} needs calibration windows")
+
+    def on_block(block, stats) -> bool:
+        for name in block.linears:
+            prune_layer(name, stats[name])
+        return any(not patterns[n].is_dense for n in block.linears if n in patterns)
+
+    calib.calibrate(model, windows, on_block=on_block, hessian=metric == "sparsegpt",
+                    progress=progress, last_block=last_block)
+
+
+def check_plan(model: nn.Module, plan: Plan) -> None:
+    """Raise unless every projection's weight satisfies its pattern in ``plan``."""
+    layers = linear_layers(model)
+    for name, text in plan.layers.items():
+        pattern = NMPattern.parse(text)
+        w = layers[name].weight.detach()
+        counts = (w.reshape(-1, pattern.m) != 0).sum(dim=1)
+        if int(counts.max()) > pattern.n:
+            raise FlexCimError(f"{name} violates its pattern {pattern}: a group keeps "
+                               f"{int(counts.max())} weights")
+
+
+def save_model(session_or_lm, directory: str | os.PathLike) -> pathlib.Path:
+    """Write a loadable Hugging Face directory (config, tokenizer, safetensors weights)."""
+    lm = session_or_lm.lm if isinstance(session_or_lm, Session) else session_or_lm
+    directory = pathlib.Path(directory)
+    if not directory.parent.is_dir():
+        raise FlexCimError(f"output directory {str(directory.parent)!r} does not exist")
+    lm.model.save_pretrained(str(directory))
+    if lm.tokenizer is not None and hasattr(lm.tokenizer, "save_pretrained"):
+        lm.tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def measure(session: Session, plan: Plan | None, *, calib: torch.Tensor | None = None,
+            metric: str = "wanda", act_pattern: str | None = "8:16", eval_windows: int = 16,
+            seq_len: int = 128, progress: bool = True) -> dict:
+    """Perplexity dense, with ``plan`` applied, and with ``act_pattern`` activation pruning on
+    top; the model is left pruned to ``plan`` (reload for a dense model).
+
+    Returns a JSON-ready dict: ``dense``, ``weights`` (with the plan), ``weights+act``, and
+    the relative increases.
+    """
+    from flexcim.flow import act
+
+    def ev() -> float:
+        return evaluate(session, count=eval_windows, seq_len=seq_len, progress=progress)
+
+    record = {"eval_windows": eval_windows, "seq_len": seq_len, "dense": ev()}
+    if plan is not None:
+        apply_plan(session.model, plan, None if metric == "magnitude" else calib,
+                   metric=metric, progress=progress)
+        check_plan(session.model, plan)
+        record.update(weights=ev(), weight_sparsity=plan.achieved_sparsity, metric=metric)
+    base = record.get("weights", record["dense"])
+    if act_pattern:
+        with act.activation_pruning(session.model, act.ActConfig(pattern=act_pattern)):
+            record["weights+act" if plan is not None else "act"] = ev()
+        record["act_pattern"] = act_pattern
+        record["act_increase"] = record.get("weights+act", record.get("act")) / base - 1
+    return record
+
+
+def export_projection(session: Session, plan: Plan, layer: str, path: str | os.PathLike, *,
+                      calib: torch.Tensor, metric: str = "wanda", act_tokens: int = 64,
+                      act_pattern: str | None = None) -> object:
+    """Write one projection of the (plan-pruned) model as a golden layer file; returns the
+    :class:`flexcim.golden.layer_io.SparseLayer`.  The model is pruned up to that block first
+    unless the projection already satisfies its pattern (e.g. after :func:`measure`)."""
+    from flexcim.flow import export
+
+    if layer not in plan.layers:
+        raise FlexCimError(f"plan has no layer {layer!r}")
+    pattern = NMPattern.parse(plan.layers[layer])
+    index, module = export.find_layer(session.model, layer)
+    if not export.satisfies(module.weight.detach().numpy(), pattern):
+        apply_plan(session.model, plan, None if metric == "magnitude" else calib, metric=metric,
+                   last_block=index)
+    x = export.layer_inputs(session.model, module, calib, act_tokens)
+    sparse = export.build_layer(
+        layer, module.weight, pattern, x,
+        act_pattern=NMPattern.parse(act_pattern) if act_pattern else None,
+        extra={"model": session.lm.name, "metric": metric, "method": plan.method},
+    )
+    export.export_layer(path, sparse)
+    return sparse
+
+
+def energy_plan(model: nn.Module, plan: Plan) -> dict:
+    """``plan`` in the form :func:`flexcim.golden.energy.parse_plan` reads.
+
+    One entry per decoder block: its pattern (dense blocks as ``1:1``), the ``[out, in]`` shape
+    of each projection, and ``mask_24``: whether every projection's *current* weights satisfy
+    2:4 (call after :func:`apply_plan` so the fixed-2:4 baseline sees the real masks).
+    """
+    layers = linear_layers(model)
+    entries = []
+    for block in plan.blocks:
+        names = [n for n in plan.layers if n.startswith(block["name"] + ".")]
+        pattern = NMPattern.parse(block["pattern"])
+        mask_24 = all(
+            int((layers[n].weight.detach().reshape(-1, 4) != 0).sum(1).max()) <= 2
+            for n in names
+        )
+        entries.append({
+            "name": block["name"],
+            "pattern": "1:1" if pattern.is_dense else str(pattern),
+            "linears": {n: [layers[n].out_features, layers[n].in_features] for n in names},
+            "mask_24": mask_24,
+        })
+    return {"layers": entries, "method": plan.method,
+            "achieved_sparsity": plan.achieved_sparsity}

@@ -1,0 +1,420 @@
+"""Layer-wise N:M selection: ``uniform``, ``owl`` and ``flow``, solved exactly.
+
+A "layer" here is a whole decoder block: all its projections share one N:M (as in the FLOW
+authors' release).  Per block we measure, on the Wanda (or magnitude) scores:
+
+* the **outlier ratio** (OWL's measure): the share of scores above ``hyper_m`` times the block's
+  mean score;
+* the **outlier locality**: ``1 / mean pairwise distance`` of the outliers' positions in each
+  projection's row-major flattened score matrix, averaged over the block's projections weighted
+  by their outlier counts.  (The release looks at the first 10,000 outliers of the concatenated
+  block only, so one projection dominates; we use every outlier of every projection, exactly,
+  via the sorted-prefix identity for the sum of pairwise distances.)
+
+Both are min-max normalised over the blocks to ``O_l, D_l`` in [0, 1].  FLOW's cost of giving
+block ``l`` the pattern ``n:m`` is ``|n - n_max O_l| + w_m |m - m_max (1 - D_l)|`` (direction
+``code``, the release's ILP: clustered outliers get a *smaller* M) or with ``m_max D_l``
+(direction ``figure``, the paper's figure: clustered outliers get a *larger* M); ``n_max, m_max``
+are the largest candidate N and M (8 and 8 for the paper's set, which gives the release's
+``|n - 8 O| + 4 |m - 8 (1 - D)|``).  OWL's cost is ``|n - M d_l|`` for OWL's per-layer density
+``d_l = 1 - S + 2 lambda (O_l - mean O)``.  Optionally the layer's latency on a FlexCiM
+configuration (:mod:`flexcim.golden.perf`, relative to dense) is added with weight ``hw_weight``.
+
+All three minimise their cost under ``mean sparsity == target`` with an exact dynamic program
+over the (integer) pruned fractions; when the target is not reachable with the candidates the
+nearest reachable average is chosen and :attr:`Plan.message` says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+
+import torch
+from flexcim.golden.nm import NMPattern
+
+from flexcim.errors import FlexCimError
+
+log = logging.getLogger("flexcim.flow")
+
+METHODS = ("uniform", "owl", "flow")
+M_DIRECTIONS = ("code", "figure")
+PAPER_CANDIDATES = tuple(NMPattern(n, m) for m in (4, 8) for n in (2, 4, 8) if n <= m)
+EXTENDED_CANDIDATES = tuple(NMPattern(n, m) for m in (4, 8, 16) for n in (1, 2, 4, 8, 16)
+                            if n <= m)
+PLAN_FORMAT = "flexcim-plan"
+
+
+def parse_candidates(text: str) -> tuple[NMPattern, ...]:
+    """``paper``, ``extended`` or a comma list like ``2:4,4:8,2:8``."""
+    if text == "paper":
+        return PAPER_CANDIDATES
+    if text == "extended":
+        return EXTENDED_CANDIDATES
+    patterns = tuple(NMPattern.parse(p) for p in text.split(",") if p.strip())
+    if not patterns:
+        raise FlexCimError(f"candidate set must be 'paper', 'extended' or '2:4,4:8,...', "
+                           f"not {text!r}")
+    return tuple(sorted(set(patterns), key=lambda p: (p.m, p.n)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Outlier statistics
+
+
+def mean_pairwise_distance(positions: torch.Tensor) -> float:
+    """Mean of ``|p_i - p_j|`` over all pairs ``i < j`` (0 for fewer than two positions)."""
+    n = positions.numel()
+    if n < 2:
+        return 0.0
+    p = positions.double().sort().values
+    weights = 2 * torch.arange(n, dtype=torch.float64) - (n - 1)
+    return float((p * weights).sum()) / (n * (n - 1) / 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outliers:
+    """Outlier ratio and locality of one decoder block's scores."""
+
+    ratio: float
+    locality: float
+    count: int
+
+
+def block_outliers(scores: list[torch.Tensor], hyper_m: float = 5.0) -> Outliers:
+    """Outlier ratio and locality of a block from its projections' score matrices."""
+    flat = torch.cat([s.reshape(-1).float() for s in scores])
+    threshold = hyper_m * float(flat.mean())
+    count = 0
+    weighted_locality = 0.0
+    for s in scores:
+        positions = torch.nonzero(s.reshape(-1).float() > threshold).reshape(-1)
+        distance = mean_pairwise_distance(positions)
+        if distance > 0:
+            weighted_locality += positions.numel() / distance
+        count += positions.numel()
+    return Outliers(ratio=count / flat.numel(), locality=weighted_locality / max(count, 1),
+                    count=count)
+
+
+def minmax(values: list[float]) -> list[float]:
+    """Min-max normalise to [0, 1] (all zeros when the values are all equal)."""
+    lo, hi = min(values), max(values)
+    return [0.0 if hi == lo else (v - lo) / (hi - lo) for v in values]
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact solver
+
+
+@dataclasses.dataclass(frozen=True)
+class Solution:
+    choice: tuple[int, ...]  # candidate index per layer
+    sparsity: float
+    exact: bool
+    message: str
+
+
+def solve(costs: list[list[float]], sparsities: list[list[float]], target: float, *,
+          denominator: int) -> Solution:
+    """Choose one option per layer minimising total cost under ``mean sparsity == target``.
+
+    ``sparsities[l][c] * denominator`` must be an integer (pruned units), which makes the
+    constraint exact: a DP over (layer, total units) finds the optimum over every reachable total
+    and picks the total nearest ``target`` (ties to the lower sparsity).  Options with an
+    infinite cost are excluded.
+
+    Raises
+    ------
+    FlexCimError
+        When ``target`` lies outside ``[0, max reachable]``.
+    """
+    layers = len(costs)
+    units = [[round(s * denominator) for s in row] for row in sparsities]
+    for row, urow in zip(sparsities, units, strict=True):
+        for s, u in zip(row, urow, strict=True):
+            if abs(s * denominator - u) > 1e-9:
+                raise ValueError(f"sparsity {s} is not a multiple of 1/{denominator}")
+    # best[t] = (cost, choices) for the layers so far with total units t
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for layer in range(layers):
+        nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for total, (cost, choice) in best.items():
+            for c, (option_cost, u) in enumerate(zip(costs[layer], units[layer], strict=True)):
+                if math.isinf(option_cost):
+                    continue
+                key, value = total + u, cost + option_cost
+                if key not in nxt or value < nxt[key][0] - 1e-12:
+                    nxt[key] = (value, (*choice, c))
+        best = nxt
+        if not best:
+            raise FlexCimError(f"layer {layer} has no admissible N:M candidate")
+    scale = layers * denominator
+    reachable = sorted(best)
+    max_sparsity = reachable[-1] / scale
+    if not (0.0 <= target <= max_sparsity + 1e-9):
+        raise FlexCimError(
+            f"target sparsity {target:g} is outside [0, {max_sparsity:.4g}], the range reachable "
+            f"with these candidates on {layers} blocks"
+        )
+    wanted = target * scale
+    total = min(reachable, key=lambda t: (abs(t - wanted), t))
+    exact = abs(total - wanted) < 1e-6
+    achieved = total / scale
+    message = "" if exact else (
+        f"target sparsity {target:g} is not reachable exactly with these candidates on {layers} "
+        f"blocks; using the nearest reachable average {achieved:.6g}"
+    )
+    return Solution(choice=best[total][1], sparsity=achieved, exact=exact, message=message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+
+@dataclasses.dataclass
+class Plan:
+    """A per-block N:M assignment and how it was chosen (JSON round-trip).
+
+    Members
+    -------
+    blocks : list of dict
+        Per block: ``index``, ``name``, ``pattern`` (``n:m``), ``sparsity`` and the statistics
+        behind the choice (``outlier_ratio``, ``locality``, normalised values, ``cycles``).
+    layers : dict of str to str
+        Pattern per projection (module path), what :func:`flexcim.flow.pipeline.apply_plan` uses.
+    """
+
+    method: str
+    target_sparsity: float
+    achieved_sparsity: float
+    exact: bool
+    message: str
+    blocks: list[dict]
+    layers: dict[str, str]
+    settings: dict = dataclasses.field(default_factory=dict)
+
+    def patterns(self) -> list[NMPattern]:
+        return [NMPattern.parse(b["pattern"]) for b in self.blocks]
+
+    def to_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, **dataclasses.asdict(self)}
+
+    def save(self, path: str | os.PathLike) -> None:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FlexCimError(f"output directory {directory!r} does not exist")
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        if not os.path.isfile(path):
+            raise FlexCimError(f"plan file {str(path)!r} does not exist")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise FlexCimError(f"plan file {str(path)!r} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or data.pop("format", None) != PLAN_FORMAT:
+            raise FlexCimError(f"{str(path)!r} is not a FlexCiM plan (format {PLAN_FORMAT!r})")
+        try:
+            plan = cls(**data)
+            for pattern in plan.layers.values():
+                NMPattern.parse(pattern)
+        except (TypeError, AttributeError) as exc:
+            raise FlexCimError(f"plan file {str(path)!r} is malformed: {exc}") from None
+        return plan
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    """Settings of :func:`select` (all have the paper's/release's defaults).
+
+    Members
+    -------
+    method : ``uniform`` | ``owl`` | ``flow``
+    target : float or None
+        Mean sparsity over the decoder blocks; ``uniform`` may give ``pattern`` instead.
+    pattern : str or None
+        ``uniform``: the pattern everywhere; ``owl``: its M is the fixed M (default 8).
+    candidates : tuple of NMPattern
+        ``flow``'s choice set.
+    hyper_m : float
+        Outlier threshold as a multiple of the block's mean score (OWL's M, default 5).
+    owl_lambda : float
+        OWL's half-width of the per-layer density band (default 0.08).
+    m_direction : ``code`` | ``figure``
+        Which way locality pushes M (see the module docstring).
+    m_weight : float
+        Weight of FLOW's M term (the release's 4).
+    keep_ends_dense : bool
+        Force the first and last blocks dense (the release does); the others compensate so the
+        mean over *all* blocks still meets the target.
+    hw_config : HwConfig or None
+        Add each block's relative latency on this macro to the cost (``hw_weight`` x
+        cycles/dense cycles); candidates the macro does not support are excluded.
+    hw_tokens : int
+        Tokens per layer call in the latency model (a prefill chunk).
+    """
+
+    method: str = "flow"
+    target: float | None = None
+    pattern: str | None = None
+    candidates: tuple[NMPattern, ...] = PAPER_CANDIDATES
+    hyper_m: float = 5.0
+    owl_lambda: float = 0.08
+    m_direction: str = "code"
+    m_weight: float = 4.0
+    keep_ends_dense: bool = False
+    hw_config: object | None = None
+    hw_weight: float = 1.0
+    hw_tokens: int = 128
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise FlexCimError(f"method must be one of {METHODS}, not {self.method!r}")
+        if self.m_direction not in M_DIRECTIONS:
+            raise FlexCimError(
+                f"M direction must be one of {M_DIRECTIONS}, not {self.m_direction!r}"
+            )
+        if self.target is not None and not 0.0 <= self.target < 1.0:
+            raise FlexCimError(f"target sparsity must be in [0, 1), not {self.target!r}")
+        if self.target is None and not (self.method == "uniform" and self.pattern):
+            raise FlexCimError(f"method {self.method!r} needs a target sparsity")
+        if self.hyper_m <= 0:
+            raise FlexCimError(f"hyper_m must be positive, not {self.hyper_m!r}")
+
+
+def _check_widths(blocks, pattern: NMPattern) -> None:
+    for block in blocks:
+        for name, layer in block.linears.items():
+            if layer.in_features % pattern.m:
+                raise FlexCimError(
+                    f"pattern {pattern}: M={pattern.m} does not divide the input width "
+                    f"{layer.in_features} of {name}"
+                )
+
+
+def _block_cycles(block, pattern: NMPattern, cfg, tokens: int) -> float:
+    from flexcim.golden import perf
+
+    hw_pattern = NMPattern(1, 1) if pattern.is_dense else pattern
+    if not cfg.supports(hw_pattern):
+        return math.inf
+    return float(sum(perf.estimate(cfg, hw_pattern, tokens, layer.in_features,
+                                   layer.out_features).cycles
+                     for layer in block.linears.values()))
+
+
+def all_outliers(blocks, scores: dict[str, torch.Tensor], hyper_m: float) -> list[Outliers]:
+    """:func:`block_outliers` of every block (reusable across targets and methods)."""
+    return [block_outliers([scores[n] for n in b.linears], hyper_m) for b in blocks]
+
+
+def select(blocks, scores: dict[str, torch.Tensor] | None, config: SelectConfig, *,
+           outliers: list[Outliers] | None = None) -> Plan:
+    """Choose an N:M per decoder block.
+
+    Parameters
+    ----------
+    blocks : list of :class:`flexcim.flow.model.Block`
+    scores : dict of str to Tensor
+        Pruning scores (Wanda or magnitude) of every projection, by module path; may be None
+        when ``outliers`` is given.
+    config : SelectConfig
+    outliers : list of Outliers, optional
+        Precomputed :func:`all_outliers` for ``config.hyper_m`` (saves recomputing them).
+    """
+    if outliers is None:
+        outliers = all_outliers(blocks, scores, config.hyper_m)
+    ratio_n = minmax([o.ratio for o in outliers])
+    local_n = minmax([o.locality for o in outliers])
+    n_blocks = len(blocks)
+
+    if config.method == "uniform":
+        if config.pattern:
+            pattern = NMPattern.parse(config.pattern)
+            if config.target is not None and abs(pattern.sparsity - config.target) > 1e-9:
+                raise FlexCimError(
+                    f"uniform pattern {pattern} has sparsity {pattern.sparsity:g}, "
+                    f"not the target {config.target:g}; give one or the other"
+                )
+        else:
+            m = NMPattern.parse(config.pattern or "4:8").m
+            n = (1 - config.target) * m
+            if abs(n - round(n)) > 1e-9 or round(n) < 1:
+                raise FlexCimError(
+                    f"uniform: target {config.target:g} is not 1 - N/{m} for a whole N; "
+                    f"give --pattern"
+                )
+            pattern = NMPattern(round(n), m)
+        candidates = [pattern]
+        costs = [[0.0] for _ in blocks]
+        target = pattern.sparsity
+    elif config.method == "owl":
+        m = NMPattern.parse(config.pattern).m if config.pattern else 8
+        candidates = [NMPattern(n, m) for n in range(1, m + 1)]
+        mean_o = sum(ratio_n) / n_blocks
+        density = [1 - config.target + 2 * config.owl_lambda * (o - mean_o) for o in ratio_n]
+        costs = [[abs(p.n - m * d) for p in candidates] for d in density]
+        target = config.target
+    else:
+        candidates = list(config.candidates)
+        n_max = max(p.n for p in candidates)
+        m_max = max(p.m for p in candidates)
+        costs = []
+        for o, d in zip(ratio_n, local_n, strict=True):
+            want_m = m_max * ((1 - d) if config.m_direction == "code" else d)
+            costs.append([abs(p.n - n_max * o) + config.m_weight * abs(p.m - want_m)
+                          for p in candidates])
+        target = config.target
+    for p in candidates:
+        _check_widths(blocks, p)
+
+    cycles = None
+    if config.hw_config is not None:
+        cycles = [[_block_cycles(b, p, config.hw_config, config.hw_tokens) for p in candidates]
+                  for b in blocks]
+        dense = [_block_cycles(b, NMPattern(1, 1), config.hw_config, config.hw_tokens)
+                 for b in blocks]
+        costs = [[c + config.hw_weight * cy / dn for c, cy in zip(row, cyr, strict=True)]
+                 for row, cyr, dn in zip(costs, cycles, dense, strict=True)]
+    sparsities = [[p.sparsity for p in candidates] for _ in blocks]
+    if config.keep_ends_dense:
+        for end in {0, n_blocks - 1}:
+            costs[end] = [0.0]
+            sparsities[end] = [0.0]
+    denominator = math.lcm(*(p.m for p in candidates))
+    solution = solve(costs, sparsities, target, denominator=denominator)
+    if solution.message:
+        log.warning("%s", solution.message)
+
+    records, layers = [], {}
+    for i, (block, c) in enumerate(zip(blocks, solution.choice, strict=True)):
+        dense_end = config.keep_ends_dense and i in (0, n_blocks - 1)
+        pattern = NMPattern(1, 1) if dense_end else candidates[c]
+        record = {
+            "index": block.index, "name": block.name, "pattern": str(pattern),
+            "sparsity": pattern.sparsity, "outlier_ratio": outliers[i].ratio,
+            "locality": outliers[i].locality, "outlier_ratio_norm": ratio_n[i],
+            "locality_norm": local_n[i], "outliers": outliers[i].count,
+        }
+        if cycles is not None and not dense_end:
+            record["cycles"] = cycles[i][c]
+        records.append(record)
+        layers.update({name: str(pattern) for name in block.linears})
+    weights = {name: layer.weight.numel() for b in blocks for name, layer in b.linears.items()}
+    achieved = sum(weights[n] * NMPattern.parse(p).sparsity for n, p in layers.items()) / sum(
+        weights.values())
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    settings["candidates"] = [str(p) for p in candidates]
+    if config.hw_config is not None:
+        settings["hw_config"] = config.hw_config.to_dict()
+    return Plan(method=config.method, target_sparsity=float(target),
+                achieved_sparsity=achieved, exact=solution.exact, message=solution.message,
+                blocks=records, layers=layers, settings=settings)

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+from flexcim.flow import calib, pipeline, prune
+from flexcim.flow.model import linear_layers
+from flexcim.flow.select import SelectConfig
+from flexcim.golden.nm import nm_prune
+
+from flexcim.errors import FlexCimError
+
+
+def test_apply_wanda_plan_block0_equals_direct_pruning(tiny, tiny_windows):
+    dense = {n: lin.weight.detach().clone() for n, lin in linear_layers(tiny).items()}
+    stats = calib.calibrate(tiny, tiny_windows, progress=False)
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="flow", target=0.5), stats=stats,
+                              progress=False)
+    pipeline.apply_plan(tiny, plan, tiny_windows, progress=False)
+    pipeline.check_plan(tiny, plan)
+    layers = linear_layers(tiny)
+    for name in (n for n in layers if n.startswith("model.layers.0.")):
+        p = plan.blocks[0]["pattern"]
+        n, m = map(int, p.split(":"))
+        expected = prune.prune_nm(dense[name], prune.wanda_scores(dense[name],
+                                                                  stats[name].act_sq_mean),
+                                  n_keep=n, m=m)
+        assert torch.equal(layers[name].weight, expected), name
+
+
+def test_apply_magnitude_equals_golden(tiny):
+    dense = {n: lin.weight.detach().clone() for n, lin in linear_layers(tiny).items()}
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="uniform", pattern="2:8"),
+                              metric="magnitude", progress=False)
+    pipeline.apply_plan(tiny, plan, None, metric="magnitude", progress=False)
+    for name, layer in linear_layers(tiny).items():
+        ref = nm_prune(dense[name].numpy().astype(np.float64), "2:8")
+        assert np.array_equal(layer.weight.detach().numpy(), ref.astype(np.float32))
+
+
+def test_check_plan_catches_a_violation(tiny):
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="uniform", pattern="2:4"),
+                              metric="magnitude", progress=False)
+    with pytest.raises(FlexCimError, match="violates its pattern 2:4"):
+        pipeline.check_plan(tiny, plan)  # not applied yet: dense weights
+
+
+def test_plan_for_another_model_is_rejected(tiny):
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="uniform", pattern="2:4"),
+                              metric="magnitude", progress=False)
+    plan.layers["model.layers.9.mlp.up_proj"] = "2:4"
+    with pytest.raises(FlexCimError, match="model.layers.9.mlp.up_proj"):
+        pipeline.apply_plan(tiny, plan, None, metric="magnitude")
+
+
+@pytest.mark.parametrize("metric", ["wanda", "sparsegpt"])
+def test_one_shot_from_dense_statistics(tiny, tiny_windows, metric):
+    stats = calib.calibrate(tiny, tiny_windows, hessian=metric == "sparsegpt",
+                            keep_hessians=True, progress=False)
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="uniform", pattern="2:4"),
+                              stats=stats, progress=False)
+    name = "model.layers.3.mlp.down_proj"
+    w = linear_layers(tiny)[name].weight.detach().clone()
+    pipeline.apply_plan(tiny, plan, None, metric=metric, stats=stats)
+    pipeline.check_plan(tiny, plan)
+    got = linear_layers(tiny)[name].weight
+    if metric == "wanda":
+        expected = prune.prune_nm(w, prune.wanda_scores(w, stats[name].act_sq_mean), n_keep=2, m=4)
+    else:
+        expected = prune.sparsegpt_nm(w, stats[name].hessian, n_keep=2, m=4)
+    assert torch.equal(got, expected)
+
+
+def test_demo_api_measure_and_export(tiny, tokenizer, tmp_path):
+    from flexcim.flow.model import LoadedModel
+    from flexcim.flow.text import Corpus
+    from flexcim.golden.layer_io import load_layer
+
+    g = torch.Generator().manual_seed(0)
+    text = "".join(chr(32 + int(i)) for i in torch.randint(0, 90, (4000,), generator=g))
+    session = pipeline.Session(LoadedModel(tiny, tokenizer, "tiny"),
+                               Corpus(text[:2000], {"held-out": text[2000:]}, "random"))
+    cw = pipeline.calibration_windows(session, count=4, seq_len=32)
+    plan = pipeline.make_plan(tiny, cw, SelectConfig(method="flow", target=0.5), progress=False)
+    r = pipeline.measure(session, plan, calib=cw, eval_windows=2, seq_len=32, progress=False,
+                         act_pattern="2:4")
+    assert r["dense"] != r["weights"] != r["weights+act"]
+    assert r["act_increase"] == pytest.approx(r["weights+act"] / r["weights"] - 1)
+    layer = pipeline.export_projection(session, plan, "model.layers.2.self_attn.o_proj",
+                                       tmp_path / "o.safetensors", calib=cw, act_tokens=8)
+    again = load_layer(tmp_path / "o.safetensors")
+    assert again.weight.equals(layer.weight) and again.act.shape == (8, 32)
+    assert str(again.weight.pattern) == plan.layers["model.layers.2.self_attn.o_proj"].replace(
+        "4:4", "1:1").replace("8:8", "1:1")
+
+
+def test_energy_plan_is_read_by_golden_energy(tiny):
+    from flexcim.golden.energy import parse_plan
+
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="uniform", pattern="2:8"),
+                              metric="magnitude", progress=False)
+    before = pipeline.energy_plan(tiny, plan)
+    assert not any(e["mask_24"] for e in before["layers"])  # dense weights are not 2:4
+    pipeline.apply_plan(tiny, plan, None, metric="magnitude")
+    after = pipeline.energy_plan(tiny, plan)
+    parsed = parse_plan(after)
+    assert len(parsed) == 4 and all(str(p.pattern) == "2:8" and p.mask_24 for p in parsed)
+    assert dict((n, (c, k)) for n, c, k in parsed[0].linears)[
+        "model.layers.0.mlp.down_proj"] == (32, 64)
