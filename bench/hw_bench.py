@@ -32,17 +32,24 @@ from flexcim.hw.config import PRESETS, preset
 T, K, C = 128, 576, 576
 SLICE_T = 2
 SWEEP = ((9, 4), (9, 8), (18, 8), (18, 16), (36, 16), (36, 32))
+#: Patterns whose cycles are checked on the default preset in amaranth.sim before the speed-up
+#: table: the three distinct pass widths' extremes and middle (about a minute each on a loaded
+#: 2-core machine; tests/hw/test_top.py checks every pattern on the tiny geometry).  --all
+#: checks every pattern.
+VALIDATE = ("1:1", "2:4", "1:8")
 OUT = pathlib.Path("out/bench")
 
 
-def validate_model(name: str) -> list[dict]:
+def validate_model(name: str, patterns=None) -> list[dict]:
     """Cycles of the RTL in amaranth.sim vs the cycle model, one layer slice per pattern."""
+    from flexcim.golden.nm import NMPattern
     from flexcim.hw.pysim import PySim
 
     cfg = preset(name)
     rng = np.random.default_rng(1)
     rows = []
-    for pattern in cfg.patterns:
+    chosen = cfg.patterns if patterns is None else [NMPattern.parse(p) for p in patterns]
+    for pattern in chosen:
         x = rng.integers(-128, 128, size=(SLICE_T, K), dtype=np.int8)
         w = nm_prune(rng.integers(-128, 128, size=(cfg.cols, K), dtype=np.int8), pattern)
         t = NMTensor.compress(w, pattern)
@@ -182,7 +189,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     print(f"validating the cycle model against the RTL in amaranth.sim "
           f"(T={SLICE_T}, K={K}, one column tile)")
-    validation = validate_model("default")
+    validation = validate_model("default", None if "--all" in sys.argv[1:] else VALIDATE)
     rows = speedups() + speedups(act_bits_per_cycle=8)
     elab = elaboration()
     (OUT / "hw.json").write_text(json.dumps(

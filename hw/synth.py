@@ -80,6 +80,9 @@ SRAM_SOURCE = "6T bit cell 0.346 um^2, Intel 45 nm (Mistry et al., IEDM 2007)"
 #: iCE40 device for the FPGA target (the largest HX part nextpnr-ice40 supports).
 ICE40_DEVICE = ("--hx8k", "--package", "ct256")
 ICE40_LCS = 7680
+#: A FlexCiM config measured to fit the HX8K (docs/architecture.md, section 6); the tiny preset
+#: does not, even with max_k=32 (its register-built activation buffer).
+ICE40_FITS = "--preset tiny --set cols=2 --set max_k=16 --set depth=2"
 
 _MODULE_RE = re.compile(r"^\s*module\s+(\\\S+|[A-Za-z_][\w$]*)", re.MULTILINE)
 # Top-level steps and the first level of sub-steps (the stages inside `synth`).
@@ -168,6 +171,90 @@ def _check_top(verilog: Path, top: str) -> str:
 def _yosys_name(name: str) -> str:
     """Yosys' command-line form of a module name (escaped identifiers keep their backslash)."""
     return name if re.fullmatch(r"[A-Za-z_][\w$]*", name) else "\\" + name
+
+
+# --------------------------------------------------------------------------- deduplication
+_ESCAPED_RE = re.compile(r"\\(\S+)(?=\s)")
+
+
+def _split_modules(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """``(preamble, [(name, block), ...])``: each block runs from the attribute lines before
+    its ``module`` line to its ``endmodule`` line."""
+    preamble: list[str] = []
+    blocks: list[tuple[str, str]] = []
+    pending: list[str] = []
+    current: list[str] | None = None
+    name = ""
+    for line in text.splitlines(keepends=True):
+        if current is None:
+            match = _MODULE_RE.match(line)
+            if match:
+                name = match.group(1).removeprefix("\\")
+                current = pending + [line]
+                pending = []
+            elif line.startswith("(*"):
+                pending.append(line)
+            elif not blocks:
+                preamble.extend(pending + [line])
+                pending = []
+            else:
+                pending.append(line)
+        else:
+            current.append(line)
+            if line.startswith("endmodule"):
+                blocks.append((name, "".join(current)))
+                current = None
+    if current is not None or not blocks:
+        raise FlexCimError("cannot split the Verilog into modules (an unterminated module?)")
+    return "".join(preamble), blocks
+
+
+def dedup_modules(text: str, top: str) -> tuple[str, dict[str, int]]:
+    """Keep one copy of modules whose bodies are identical up to their own name.
+
+    Amaranth writes one module per instance, so the ``P * R`` cell rows and ``P * C`` adder
+    trees of a macro are as many identical modules, and Yosys synthesises each of them.  Bodies
+    are compared bottom-up after renaming their submodules to their representatives (so
+    identical sub-macros made of identical rows collapse too), and only within one module kind
+    (:func:`_kind`), so every part of the area table keeps its modules.  Synthesis keeps the
+    hierarchy and optimises every module on its own, and :func:`area_report` multiplies each
+    module by its instance count, so the area is the same as the full netlist's (pinned by
+    tests/hw/test_synth.py on the tiny preset) in a fraction of the time.
+
+    Returns the deduplicated Verilog and, per kept module, how many modules it stands for.
+    """
+    preamble, blocks = _split_modules(text)
+    bodies = dict(blocks)
+    if top not in bodies:
+        raise FlexCimError(f"top module {top!r} is not defined in the Verilog")
+    rep: dict[str, str] = {}
+    keys: dict[tuple[str, str], str] = {}
+    renamed: dict[str, str] = {}
+
+    def resolve(name: str, stack: tuple[str, ...] = ()) -> str:
+        if name in rep:
+            return rep[name]
+        if name in stack:
+            raise FlexCimError(f"recursive module hierarchy at {name!r}")
+
+        def child(match: re.Match) -> str:
+            ref = match.group(1)
+            if ref in bodies and ref != name:
+                return "\\" + resolve(ref, (*stack, name))
+            return match.group(0)
+
+        block = _ESCAPED_RE.sub(child, bodies[name])
+        renamed[name] = block
+        own = "\\" + name if _yosys_name(name) != name else name
+        key = (_kind(name, top), block.replace(own, "\\@self", 1))
+        rep[name] = keys.setdefault(key, name)
+        return rep[name]
+
+    for name, _ in blocks:
+        resolve(name)
+    counts = collections.Counter(rep.values())
+    kept = "".join(renamed[name] for name, _ in blocks if rep[name] == name)
+    return preamble + kept, dict(counts)
 
 
 # --------------------------------------------------------------------------- generic area
@@ -305,13 +392,31 @@ def _instance_counts(modules: dict[str, dict], top: str) -> dict[str, int]:
     return dict(counts)
 
 
-def synth_generic(verilog: Path, top: str, workdir: Path) -> dict:
-    """Synthesise ``top`` of ``verilog`` to gates and report area per module (see module doc)."""
+def synth_generic(verilog: Path, top: str, workdir: Path, *, dedup: bool = True) -> dict:
+    """Synthesise ``top`` of ``verilog`` to gates and report area per module (see module doc).
+
+    With ``dedup`` (the default) identical modules are synthesised once
+    (:func:`dedup_modules`); the report is the same, ``modules_deduplicated`` says how many
+    modules were left out.
+    """
     _check_top(verilog, top)
     workdir.mkdir(parents=True, exist_ok=True)
     local = workdir / "design.v"
+    text = verilog.read_text()
+    removed = 0
+    if dedup:
+        before = len(verilog_modules(text))
+        try:
+            text, _ = dedup_modules(text, top)
+        except FlexCimError as exc:
+            # Not one module per line block (hand-written Verilog): Yosys reads it as it is and
+            # reports its own errors.
+            log.info("not deduplicating modules: %s", exc)
+        removed = before - len(verilog_modules(text))
+        log.info("synthesising %d distinct modules of %d", before - removed, before)
+        local = workdir / "design_dedup.v"
     if local.resolve() != verilog.resolve():
-        local.write_text(verilog.read_text())
+        local.write_text(text)
     (workdir / "generic.ys").write_text(_generic_script(local, top))
     start = time.monotonic()
     run_tool("yosys", ["generic.ys"], workdir)
@@ -323,6 +428,7 @@ def synth_generic(verilog: Path, top: str, workdir: Path) -> dict:
         top=top,
         tool=gate_stat.get("creator", "yosys"),
         seconds=time.monotonic() - start,
+        modules_deduplicated=removed,
         weights={
             "source": AREA_SOURCE,
             "nand2_um2": NAND2_UM2,
@@ -356,15 +462,21 @@ def synth_ice40(verilog: Path, top: str, workdir: Path, *, seed: int = 1) -> dic
     cells = stat["design"].get("num_cells_by_type", {})
     luts = cells.get("SB_LUT4", 0)
     ffs = sum(v for k, v in cells.items() if k.startswith("SB_DFF"))
+    too_big = (f"{top} needs {luts} LUT4 and {ffs} flip-flops after synth_ice40, more than the "
+               f"{ICE40_LCS} logic cells of an iCE40 HX8K hold once packed: shrink the config "
+               f"(e.g. {ICE40_FITS}) or use --target generic")
     if max(luts, ffs) > ICE40_LCS:
-        raise FlexCimError(
-            f"{top} needs {luts} LUT4 and {ffs} flip-flops after synth_ice40, more than the "
-            f"{ICE40_LCS} logic cells of an iCE40 HX8K: shrink the config (e.g. --preset tiny "
-            f"--set max_k=32) or use --target generic"
-        )
-    run_tool("nextpnr-ice40", [*ICE40_DEVICE, "--json", "ice40.json", "--report", "pnr.json",
-                               "--pcf-allow-unconstrained", "--timing-allow-fail",
-                               "--seed", str(seed)], workdir)
+        raise FlexCimError(too_big)
+    try:
+        run_tool("nextpnr-ice40", [*ICE40_DEVICE, "--json", "ice40.json", "--report", "pnr.json",
+                                   "--pcf-allow-unconstrained", "--timing-allow-fail",
+                                   "--seed", str(seed)], workdir)
+    except FlexCimError as exc:
+        # A LUT and a flip-flop share a logic cell only when the LUT feeds that flip-flop, so
+        # the count check above cannot catch every design that does not fit.
+        if "no BELs remaining" in str(exc):
+            raise FlexCimError(too_big) from None
+        raise
     pnr = json.loads((workdir / "pnr.json").read_text())
     fmax = {clk: v["achieved"] for clk, v in pnr.get("fmax", {}).items()}
     return {
@@ -402,12 +514,13 @@ def config_verilog(cfg) -> tuple[str, str]:
 
 def synthesize(*, target: str = "generic", verilog: str | os.PathLike | None = None,
                top: str | None = None, config=None,
-               workdir: str | os.PathLike | None = None) -> dict:
+               workdir: str | os.PathLike | None = None, dedup: bool = True) -> dict:
     """Synthesise a Verilog file (``verilog`` + ``top``) or a :class:`HwConfig` (``config``).
 
     ``workdir`` keeps the netlists, scripts and logs; by default a temporary directory is used
-    and removed.  Returns the report of :func:`synth_generic` or :func:`synth_ice40`, with the
-    config (as a dict) when one was given.
+    and removed.  ``dedup`` (generic target) synthesises identical modules once
+    (:func:`dedup_modules`).  Returns the report of :func:`synth_generic` or
+    :func:`synth_ice40`, with the config (as a dict) when one was given.
     """
     if target not in ("generic", "ice40"):
         raise FlexCimError(f"synthesis target must be 'generic' or 'ice40', not {target!r}")
@@ -426,8 +539,10 @@ def synthesize(*, target: str = "generic", verilog: str | os.PathLike | None = N
             if not top:
                 raise FlexCimError("--verilog needs --top, the name of the top module")
             path = Path(verilog)
-        run = synth_generic if target == "generic" else synth_ice40
-        report = run(path, top, work)
+        if target == "generic":
+            report = synth_generic(path, top, work, dedup=dedup)
+        else:
+            report = synth_ice40(path, top, work)
     if config is not None:
         report["config"] = config.to_dict()
     return report
@@ -474,7 +589,7 @@ def _synth_cmd(args: argparse.Namespace) -> int:
     if not out.parent.resolve().is_dir():
         raise FlexCimError(f"output directory {os.fspath(out.parent)!r} does not exist")
     report = synthesize(target=args.target, verilog=args.verilog, top=args.top, config=config,
-                        workdir=args.workdir)
+                        workdir=args.workdir, dedup=not args.no_dedup)
     out.write_text(json.dumps(report, indent=2, sort_keys=True))
     if args.target == "generic":
         print(format_generic(report))
@@ -504,6 +619,9 @@ def register(sub) -> None:
                    help="override a config field (repeatable), e.g. --set rows=8")
     p.add_argument("--target", choices=("generic", "ice40"), default="generic",
                    help="generic gates (default) or iCE40 HX8K")
+    p.add_argument("--no-dedup", action="store_true",
+                   help="synthesise every module instance, even identical ones (slower; the "
+                   "generic area is the same)")
     p.add_argument("--workdir", metavar="DIR",
                    help="keep netlists, scripts and logs here (default: a temporary directory)")
     p.add_argument("-o", "--output", required=True, metavar="REPORT.json",

@@ -16,6 +16,9 @@ COCOTB_HDL_TIMEPRECISION = 1ps
 ifeq ($(SIM),verilator)
 # Amaranth's output trips Verilator's WIDTH lint, fatal by default.
 COMPILE_ARGS += -Wno-fatal -Wno-WIDTH
+else
+# Verilog-2005, not cocotb's -g2012: see ICARUS_ARGS in sim/runner.py (a later -g wins).
+COMPILE_ARGS += -g2005
 endif
 export FLEXCIM_HW_CONFIG := $(shell cat $(DIR)/hw_config.json)
 export FLEXCIM_CASE := {"pattern": "$(PATTERN)"}

@@ -40,6 +40,17 @@ SIMULATORS = ("verilator", "icarus")
 TIMESCALE = ("1ns", "1ps")
 CLOCK_PERIOD_NS = 10
 VERILATOR_ARGS = ("-Wno-fatal", "-Wno-WIDTH")
+ICARUS_ARGS = ("-g2005",)
+"""Compile Amaranth's output as the Verilog-2005 it is, not as SystemVerilog.
+
+cocotb's Icarus flow passes ``-g2012``; a later ``-g`` wins.  Yosys's Verilog backend (which
+Amaranth uses) gives every module a dummy ``reg ... dump_module$N = 0`` read by each
+``always @*`` block, relying on Verilog-2005 semantics, where a declaration initialiser is an
+``initial`` assignment and so an event at time 0 that runs every ``always @*`` once.  Under
+SystemVerilog semantics the initialiser fires no event: a combinational block whose inputs keep
+their initial values never runs and its output stays X.  That hung the dense pattern (code 0,
+equal to the register's initial value) on Icarus: the controller's pass width stayed X.
+"""
 BUILD_ROOT = Path("build") / "sim"
 
 
@@ -95,6 +106,11 @@ def prepare_environment() -> None:
         os.environ["PATH"] = os.pathsep.join([bindir, os.environ["PATH"]])
 
 
+def build_args(sim: str) -> tuple[str, ...]:
+    """The compiler flags :func:`run` adds for ``sim`` (part of every build directory's key)."""
+    return VERILATOR_ARGS if check_simulator(sim) == "verilator" else ICARUS_ARGS
+
+
 def available(sim: str) -> bool:
     """True when ``sim`` can build here (Icarus needs ``iverilog`` from the OS)."""
     check_simulator(sim)
@@ -108,8 +124,9 @@ def build_dir_for(kind: str, sim: str, params: Mapping, root: Path | None = None
     ``params`` is anything JSON-serialisable that changes the netlist or the build (config,
     waves); two parameter sets never share a simulator binary.
     """
-    check_simulator(sim)
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    # The flags are part of the key: a changed flag must not reuse a stale simulator binary.
+    key = {"params": params, "build_args": build_args(sim)}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return Path(root or BUILD_ROOT).absolute() / f"{kind}-{sim}-{digest}"
 
 
@@ -285,7 +302,7 @@ def run(
         sources=[Path(s).absolute() for s in sources],
         hdl_toplevel=toplevel,
         build_dir=build_dir,
-        build_args=list(VERILATOR_ARGS) if sim == "verilator" else [],
+        build_args=list(build_args(sim)),
         timescale=TIMESCALE,
         waves=waves,
         log_file=log_file,
