@@ -26,6 +26,22 @@ import torch
 log = logging.getLogger("flexcim.bench")
 
 
+# label -> (label, method, metric, SelectConfig options); "flow-code" = the release's M direction
+CONFIGS = {
+    "uniform": ("uniform wanda", "uniform", "wanda", {}),
+    "owl": ("owl wanda", "owl", "wanda", {}),
+    "flow-code": ("flow-code wanda", "flow", "wanda", {"m_direction": "code"}),
+    "flow-figure": ("flow-figure wanda", "flow", "wanda", {"m_direction": "figure"}),
+    "flow-sparsegpt": ("flow-code sparsegpt", "flow", "sparsegpt", {"m_direction": "code"}),
+    "flow-code-ext": ("flow-code-extended wanda", "flow", "wanda",
+                      {"m_direction": "code", "candidates": "extended"}),
+    "flow-figure-ext": ("flow-figure-extended wanda", "flow", "wanda",
+                        {"m_direction": "figure", "candidates": "extended"}),
+    "flow-code-ends": ("flow-code-ends-dense wanda", "flow", "wanda",
+                       {"m_direction": "code", "keep_ends_dense": True}),
+}
+
+
 def _restore(model, state):
     model.load_state_dict(state)
 
@@ -69,6 +85,9 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--sparsities", default="0.25,0.375,0.5,0.625")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"sweep configurations (default all: {', '.join(CONFIGS)})")
+    parser.add_argument("--skip-act", action="store_true", help="skip activation pruning")
     parser.add_argument("--skip-timing", action="store_true",
                         help="skip the sequential select + prune timing")
     args = parser.parse_args(argv)
@@ -78,7 +97,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     from flexcim.flow import act, calib, pipeline
-    from flexcim.flow.select import SelectConfig
+    from flexcim.flow.select import SelectConfig, parse_candidates
 
     t0 = time.perf_counter()
     session = pipeline.load()
@@ -92,7 +111,9 @@ def main(argv=None) -> int:
                                    seq_len=args.seq_len, progress=False)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     t0 = time.perf_counter()
-    stats = calib.calibrate(model, cw, hessian=True, keep_hessians=True)
+    configs = [CONFIGS[name] for name in args.configs.split(",")]
+    hessian = any(metric == "sparsegpt" for _, _, metric, _ in configs)
+    stats = calib.calibrate(model, cw, hessian=hessian, keep_hessians=hessian)
     result["calibration_s"] = time.perf_counter() - t0
     result["dense_ppl"] = ev()
     log.info("dense perplexity %.3f", result["dense_ppl"])
@@ -103,20 +124,16 @@ def main(argv=None) -> int:
     outliers = all_outliers(decoder_blocks(model), pipeline.layer_scores(model, stats, "wanda"),
                             SelectConfig(method="uniform", pattern="4:8").hyper_m)
     sweep = []
-    configs = [
-        ("uniform", "wanda", {}), ("owl", "wanda", {}),
-        ("flow", "wanda", {"m_direction": "code"}), ("flow", "wanda", {"m_direction": "figure"}),
-        ("flow", "sparsegpt", {"m_direction": "code"}),
-    ]
     plans = {}
     for s in (float(v) for v in args.sparsities.split(",")):
-        for method, metric, extra in configs:
-            label = method + (f"-{extra['m_direction']}" if method == "flow" else "") + \
-                f" {metric}"
+        for label, method, metric, extra in configs:
             try:
                 if method == "uniform":
                     config = SelectConfig(method="uniform", pattern=f"{round((1 - s) * 8)}:8")
                 else:
+                    extra = dict(extra)
+                    if "candidates" in extra:
+                        extra["candidates"] = parse_candidates(extra["candidates"])
                     config = SelectConfig(method=method, target=s, **extra)
                 plan = pipeline.make_plan(model, None, config, stats=stats, progress=False,
                                           outliers=outliers)
@@ -138,50 +155,53 @@ def main(argv=None) -> int:
     result["sweep"] = sweep
     (out / "flow_bench.json").write_text(json.dumps(result, indent=1) + "\n")  # partial
 
-    # FLOW vs the baselines at each sparsity (Wanda): relative perplexity improvement
+    # each FLOW variant vs the baselines at each sparsity: 1 - ppl_flow / ppl_baseline
     summary = []
     for s in sorted({r["target"] for r in sweep}):
         at = {r["label"]: r["ppl"] for r in sweep if r["target"] == s}
-        flow_best = min(v for k, v in at.items() if k.startswith("flow") and "wanda" in k)
-        row = {"sparsity": s, "flow_wanda_best": flow_best}
-        for base in ("uniform wanda", "owl wanda"):
-            if base in at:
-                row[f"vs {base}"] = 1 - flow_best / at[base]
-        summary.append(row)
+        for label, ppl in at.items():
+            if not label.startswith("flow"):
+                continue
+            row = {"sparsity": s, "flow": label, "ppl": ppl}
+            for base in ("uniform wanda", "owl wanda"):
+                if base in at:
+                    row[f"vs {base}"] = 1 - ppl / at[base]
+            summary.append(row)
     result["flow_vs_baselines"] = summary
 
-    # Activation pruning alone and on top of the FLOW 50 % plan
-    acts = []
-    flow50 = plans.get(("flow-code wanda", 0.5))
-    for weight_plan in (None, flow50):
-        if weight_plan is not None:
-            pipeline.apply_plan(model, weight_plan, None, metric="wanda", stats=stats)
-        base = result["dense_ppl"] if weight_plan is None else ev()
-        for pattern, score in (("8:16", "abs"), ("8:16", "weight"), ("4:8", "abs"),
-                               ("2:4", "abs")):
-            with act.activation_pruning(model, act.ActConfig(pattern=pattern, score=score)):
-                ppl = ev()
-            acts.append({"weights": "dense" if weight_plan is None else "flow 0.5 wanda",
-                         "pattern": pattern, "score": score, "ppl_without": base, "ppl": ppl,
-                         "increase": ppl / base - 1})
-            log.info("activations %s (%s), weights %s: %.3f (%+.1f%%)", pattern, score,
-                     acts[-1]["weights"], ppl, 100 * acts[-1]["increase"])
-        _restore(model, dense_state)
-    # per-projection-kind sensitivity at 8:16 and skipping the most sensitive 10 %
-    sens = act.sensitivity(model, cw[:4], act.ActConfig(pattern="8:16"))
-    kinds = {}
-    for name, v in sens.items():
-        kinds.setdefault(act.projection_kind(name), []).append(v)
-    result["act_sensitivity_by_kind"] = {k: sum(v) / len(v) for k, v in kinds.items()}
-    skip = act.skip_most_sensitive(sens, 0.1)
-    with act.activation_pruning(model, act.ActConfig(pattern="8:16", skip=skip)):
-        ppl = ev()
-    acts.append({"weights": "dense", "pattern": "8:16", "score": "abs", "skip_budget": 0.1,
-                 "skipped": list(skip), "ppl_without": result["dense_ppl"], "ppl": ppl,
-                 "increase": ppl / result["dense_ppl"] - 1})
-    result["activation"] = acts
-    result["act_overhead"] = _overhead()
-    (out / "flow_bench.json").write_text(json.dumps(result, indent=1) + "\n")  # partial
+    if not args.skip_act:
+        # Activation pruning alone and on top of the FLOW 50 % plan
+        acts = []
+        flow50 = plans.get(("flow-code wanda", 0.5))
+        for weight_plan in (None, flow50):
+            if weight_plan is not None:
+                pipeline.apply_plan(model, weight_plan, None, metric="wanda", stats=stats)
+            base = result["dense_ppl"] if weight_plan is None else ev()
+            for pattern, score in (("8:16", "abs"), ("8:16", "weight"), ("4:8", "abs"),
+                                   ("2:4", "abs")):
+                with act.activation_pruning(model, act.ActConfig(pattern=pattern, score=score)):
+                    ppl = ev()
+                acts.append({"weights": "dense" if weight_plan is None else "flow 0.5 wanda",
+                             "pattern": pattern, "score": score, "ppl_without": base, "ppl": ppl,
+                             "increase": ppl / base - 1})
+                log.info("activations %s (%s), weights %s: %.3f (%+.1f%%)", pattern, score,
+                         acts[-1]["weights"], ppl, 100 * acts[-1]["increase"])
+            _restore(model, dense_state)
+        # per-projection-kind sensitivity at 8:16 and skipping the most sensitive 10 %
+        sens = act.sensitivity(model, cw[:4], act.ActConfig(pattern="8:16"))
+        kinds = {}
+        for name, v in sens.items():
+            kinds.setdefault(act.projection_kind(name), []).append(v)
+        result["act_sensitivity_by_kind"] = {k: sum(v) / len(v) for k, v in kinds.items()}
+        skip = act.skip_most_sensitive(sens, 0.1)
+        with act.activation_pruning(model, act.ActConfig(pattern="8:16", skip=skip)):
+            ppl = ev()
+        acts.append({"weights": "dense", "pattern": "8:16", "score": "abs", "skip_budget": 0.1,
+                     "skipped": list(skip), "ppl_without": result["dense_ppl"], "ppl": ppl,
+                     "increase": ppl / result["dense_ppl"] - 1})
+        result["activation"] = acts
+        result["act_overhead"] = _overhead()
+        (out / "flow_bench.json").write_text(json.dumps(result, indent=1) + "\n")  # partial
 
     if not args.skip_timing:
         # the CLI's path: calibrate + select, then block-by-block (sequential) Wanda pruning
@@ -248,11 +268,11 @@ def _print(result) -> None:
         print(f"{r['label']:<24}{r['achieved']:>9.3f}{r['ppl']:>12.2f}")
     for row in result["flow_vs_baselines"]:
         rel = ", ".join(f"{k} {v:+.1%}" for k, v in row.items() if k.startswith("vs"))
-        print(f"sparsity {row['sparsity']:.3f}: FLOW (best direction) lowers perplexity: {rel}")
-    for a in result["activation"]:
+        print(f"sparsity {row['sparsity']:.3f} {row['flow']}: perplexity lower by {rel}")
+    for a in result.get("activation", []):
         print(f"activations {a['pattern']} {a['score']:<6} weights {a['weights']:<16} "
               f"{a['ppl']:.2f} ({a['increase']:+.1%})")
-    for k, v in result["act_overhead"].items():
+    for k, v in result.get("act_overhead", {}).items():
         print(f"top-k 8:16 {k}: {v['topk_ms']:.3f} ms vs linear {v['linear_ms']:.3f} ms "
               f"({v['ratio']:.2f}x)")
     if "timing_select_s" in result:

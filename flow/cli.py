@@ -181,8 +181,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", metavar="FILE",
                    help="UTF-8 text: first half calibration, second half evaluation "
                         "(default: Jane Austen, Pride and Prejudice + Emma)")
-    p.add_argument("--calib-windows", type=int, default=32, metavar="N",
-                   help="calibration windows (default 32)")
+    p.add_argument("--calib-windows", type=int, default=16, metavar="N",
+                   help="calibration windows of --seq-len tokens (default 16: 2048 tokens)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
     p.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")

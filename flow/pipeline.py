@@ -4,7 +4,7 @@ Typical use::
 
     from flexcim.flow import pipeline as fp
     s = fp.load()                                  # bundled SmolLM2 + Austen text
-    calib = fp.calibration_windows(s, count=32)
+    calib = fp.calibration_windows(s, count=16)
     plan = fp.make_plan(s.model, calib, fp.SelectConfig(method="flow", target=0.5))
     fp.apply_plan(s.model, plan, calib, metric="wanda")
     ppl = fp.evaluate(s, count=16)                 # held-out Pride and Prejudice
@@ -55,7 +55,7 @@ def load(model: str | os.PathLike | None = None, text: str | os.PathLike | None 
     return Session(lm=load_model(model), corpus=load_corpus(text))
 
 
-def calibration_windows(session: Session, *, count: int = 32, seq_len: int = 128,
+def calibration_windows(session: Session, *, count: int = 16, seq_len: int = 128,
                         seed: int = 0) -> torch.Tensor:
     """``count`` seeded windows from the calibration text."""
     return token_windows(session.lm.tokenizer, session.corpus.calibration, seq_len=seq_len,

@@ -46,6 +46,8 @@ PAPER_CANDIDATES = tuple(NMPattern(n, m) for m in (4, 8) for n in (2, 4, 8) if n
 EXTENDED_CANDIDATES = tuple(NMPattern(n, m) for m in (4, 8, 16) for n in (1, 2, 4, 8, 16)
                             if n <= m)
 PLAN_FORMAT = "flexcim-plan"
+TIE_BREAK = 1e-6
+"""Weight of the secondary cost ``sparsity * outlier ratio / max ratio`` that breaks FLOW's ties."""
 
 
 def parse_candidates(text: str) -> tuple[NMPattern, ...]:
@@ -368,9 +370,15 @@ def select(blocks, scores: dict[str, torch.Tensor] | None, config: SelectConfig,
         n_max = max(p.n for p in candidates)
         m_max = max(p.m for p in candidates)
         costs = []
-        for o, d in zip(ratio_n, local_n, strict=True):
+        top = max(o.ratio for o in outliers) or 1.0
+        for o, d, raw in zip(ratio_n, local_n, (o.ratio / top for o in outliers), strict=True):
             want_m = m_max * ((1 - d) if config.m_direction == "code" else d)
+            # FLOW's cost is flat in n for every block with n_max*O below the smallest N, so
+            # without a tie-break the solver's enumeration order decides which of those blocks
+            # stay dense.  A tiny term (far below any real cost difference) breaks such ties
+            # toward keeping the more outlier-rich blocks denser, FLOW's and OWL's principle.
             costs.append([abs(p.n - n_max * o) + config.m_weight * abs(p.m - want_m)
+                          + TIE_BREAK * p.sparsity * raw
                           for p in candidates])
         target = config.target
     for p in candidates:

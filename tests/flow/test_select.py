@@ -179,3 +179,12 @@ def test_plan_json_round_trip_and_errors(blocks, scores, tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"format": "x"}))
     with pytest.raises(FlexCimError, match="is not a FlexCiM plan"):
         sel.Plan.load(tmp_path / "other.json")
+
+
+def test_flow_ties_keep_outlier_richer_blocks_denser(blocks):
+    # all four blocks have few outliers (n_max * O below 2 for all but the top one), so FLOW's
+    # own cost is flat; the tie-break must keep the richer ones dense, not the first ones
+    scores = _scores(blocks, {0: [5], 1: [5, 300, 600], 2: [5, 300], 3: list(range(0, 1000, 90))})
+    plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.25,
+                                                       candidates=sel.parse_candidates("2:4,4:4")))
+    assert [b["pattern"] for b in plan.blocks] == ["2:4", "4:4", "2:4", "4:4"]
