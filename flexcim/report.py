@@ -16,6 +16,8 @@ from flexcim.errors import FlexCimError
 
 
 def _cell(value) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):

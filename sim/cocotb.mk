@@ -14,8 +14,9 @@ COCOTB_RESULTS_FILE = $(DIR)/results-$(SIM).xml
 COCOTB_HDL_TIMEUNIT = 1ns
 COCOTB_HDL_TIMEPRECISION = 1ps
 ifeq ($(SIM),verilator)
-# Amaranth's output trips Verilator's WIDTH lint, fatal by default.
-COMPILE_ARGS += -Wno-fatal -Wno-WIDTH
+# The runner's flags (sim/runner.py VERILATOR_ARGS: WIDTH lint waived, build-speed flags,
+# ports-only VPI); cocotb's --public-flat-rw is filtered out below its include.
+COMPILE_ARGS += $(shell python -c 'from flexcim.sim import runner; print(" ".join(runner.VERILATOR_ARGS))')
 else
 # Verilog-2005, not cocotb's -g2012: see ICARUS_ARGS in sim/runner.py (a later -g wins).
 COMPILE_ARGS += -g2005
@@ -25,3 +26,6 @@ export FLEXCIM_CASE := {"pattern": "$(PATTERN)"}
 export COCOTB_RESULTS_FILE
 
 include $(shell cocotb-config --makefiles)/Makefile.sim
+# Every net public makes the default preset's build several times longer; the TB needs ports.
+# (Recipes expand COMPILE_ARGS when they run, so this filter applies after Makefile.sim's +=.)
+COMPILE_ARGS := $(filter-out --public-flat-rw,$(COMPILE_ARGS))

@@ -122,6 +122,31 @@ def run_rtl(x: np.ndarray, w: NMTensor, cfg: HwConfig, *, sim: str = "verilator"
     return RtlRun(y=y, stats=stats)
 
 
+def layer_operands(layer, *, tokens: int | None = None, in_features: int | None = None,
+                   out_features: int | None = None) -> tuple[np.ndarray, NMTensor]:
+    """``(x, w)`` of an exported layer (:class:`flexcim.golden.layer_io.SparseLayer`, e.g. from
+    ``flexcim flow export``), optionally its first ``tokens`` rows, ``in_features`` inputs (a
+    multiple of the pattern's M) and ``out_features`` outputs: a corner that fits a small
+    preset and keeps the real values, pattern and (top-k'd) activations."""
+    if layer.act is None:
+        raise FlexCimError(f"layer {layer.name or '?'} holds no activations "
+                           "(export it with --act-tokens)")
+    pattern = layer.weight.pattern
+    t_all, (c_all, k_all) = layer.act.shape[0], layer.weight.shape
+    t, k, c = (all_ if v is None else v for v, all_ in
+               ((tokens, t_all), (in_features, k_all), (out_features, c_all)))
+    for what, value, limit in (("tokens", t, t_all), ("in_features", k, k_all),
+                               ("out_features", c, c_all)):
+        if not 1 <= value <= limit:
+            raise FlexCimError(f"{what} must be from 1 to {limit} for this layer, not {value!r}")
+    if k % pattern.m:
+        raise FlexCimError(f"in_features must be a multiple of M={pattern.m} ({pattern}), "
+                           f"not {k!r}")
+    w = layer.weight if (c, k) == (c_all, k_all) else NMTensor.compress(
+        layer.weight.decompress()[:c, :k], pattern)
+    return np.ascontiguousarray(layer.act[:t, :k]), w
+
+
 def rtl_matmul(x: np.ndarray, weight: NMTensor, args) -> np.ndarray:
     """The ``flexcim matmul --engine rtl`` handler: ``args`` carries ``preset``, ``sim``,
     ``acc_bits`` and ``stats`` (a JSON path or None)."""

@@ -46,17 +46,42 @@ def hw_digest() -> str:
 
 
 def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False) -> tuple[Path, Path]:
-    """Verilog of ``FlexCiM(cfg)`` in the build directory of ``(cfg, sim)``; returns
-    ``(verilog, build_dir)``.  Elaboration is skipped when the file is already there."""
-    build_dir = runner.build_dir_for("flexcim", sim, {"cfg": cfg.to_dict(), "waves": waves,
-                                                      "hw": hw_digest()})
-    path = build_dir / f"{TOPLEVEL}.v"
+    """Verilog of ``FlexCiM(cfg)`` and the simulator build directory for it; returns
+    ``(verilog, build_dir)``.
+
+    Two caches: the Verilog is kept per configuration and digest of the generator's sources
+    (elaboration of ``default`` takes half a minute and is skipped while hw/ is unchanged; both
+    simulators share it), and the simulator build per digest of the Verilog *text*, so an edit
+    of hw/ that leaves a preset's netlist unchanged (a docstring, another block's fix) does not
+    recompile its simulator (minutes for ``default`` on Verilator).
+    """
+    key = json.dumps({"cfg": cfg.to_dict(), "hw": hw_digest()}, sort_keys=True)
+    verilog_dir = runner.BUILD_ROOT.absolute() / f"verilog-{_sha1(key.encode())[:10]}"
+    path = verilog_dir / f"{TOPLEVEL}.v"
     if not path.is_file():
         from flexcim.hw.top import FlexCiM
 
+        log.info("elaborating the %s top (cached in %s)", cfg_name(cfg), verilog_dir)
+        runner.write_if_changed(verilog_dir / "hw_config.json", cfg.to_json())
         runner.amaranth_verilog(FlexCiM(cfg), TOPLEVEL, path)
-        runner.write_if_changed(build_dir / "hw_config.json", cfg.to_json())
-    return path, build_dir
+    text = path.read_text()
+    build_dir = runner.build_dir_for("flexcim", sim, {"verilog": _sha1(text.encode()),
+                                                      "waves": waves})
+    runner.write_if_changed(build_dir / "hw_config.json", cfg.to_json())
+    # The simulator compiles a copy at a fixed path in its build directory: Verilator skips
+    # verilation (and make its C++) only when the source *paths* are the same as last time.
+    return runner.write_if_changed(build_dir / f"{TOPLEVEL}.v", text), build_dir
+
+
+def _sha1(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha1(data).hexdigest()
+
+
+def cfg_name(cfg: HwConfig) -> str:
+    """The preset's name if ``cfg`` is one, else ``"custom"`` (for log lines)."""
+    return next((name for name, p in PRESETS.items() if p == cfg), "custom")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +234,20 @@ def regress(cases: list[Case], *, jobs: int, seed: int | None = None) -> tuple[l
     return [records[c] for c in cases], time.perf_counter() - t0
 
 
+def run_layer_file(path: Path, sim: str, preset_name: str, seed: int | None) -> int:
+    """A real exported layer, whole, through the RTL, bit-exact against golden."""
+    from flexcim.golden.layer_io import load_layer
+    from flexcim.sim.host import layer_operands, run_rtl
+
+    layer = load_layer(path)
+    x, w = layer_operands(layer)
+    stats = run_rtl(x, w, preset(preset_name), sim=sim, seed=seed).stats
+    print(f"{layer.name or path}: {w.pattern} [{x.shape[0]}x{w.in_features}] @ "
+          f"[{w.out_features}x{w.in_features}].T on {sim}/{preset_name}: bit-exact, "
+          f"{stats['cycles']} cycles (model {stats['model_cycles']}), {stats['sim_s']:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flexcim.sim.regress",
                                      description="FlexCiM RTL regression sweep")
@@ -219,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--seed", type=int, help="COCOTB_RANDOM_SEED of every case")
     parser.add_argument("--json", type=Path, help="write every record there")
+    parser.add_argument("--layer", type=Path, metavar="FILE",
+                        help="instead of the sweep: an exported layer (flexcim flow export) with "
+                        "its real activations, whole, through the RTL on the first --sim and "
+                        "--preset (default: verilator, default)")
     parser.add_argument("--emit", type=Path, metavar="DIR",
                         help="only write DIR/flexcim_top.v and DIR/hw_config.json for the "
                         "first --preset (cocotb's Makefile flow, `make sim`)")
@@ -231,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         runner.amaranth_verilog(FlexCiM(cfg), TOPLEVEL, args.emit / f"{TOPLEVEL}.v")
         runner.write_if_changed(args.emit / "hw_config.json", cfg.to_json())
         return 0
+    if args.layer:
+        return run_layer_file(args.layer, (args.sim or ["verilator"])[0],
+                              (args.preset or ["default"])[0], args.seed)
     sims = tuple(s for s in runner.SIMULATORS if runner.available(s) and
                  (not args.sim or s in args.sim))
     if not sims:

@@ -40,7 +40,7 @@ def test_report_writes_markdown_json_and_plot(tmp_path):
 def test_demo_writes_report(tmp_path, capsys):
     from flexcim.cli import main
 
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--only", "golden", "--out", str(tmp_path)]) == 0
     data = json.load(open(tmp_path / "report.json"))
     assert all(row["match"] for row in data["golden_check"])
     assert "total" in data["stage_seconds"]
@@ -69,3 +69,12 @@ def test_prefill_comparison_orders_the_macros():
     # Gating the zeros of activation pruning saves energy without changing cycles.
     assert result["0.5"]["default"]["energy_pj"] < dense_act["default"]["energy_pj"]
     assert result["0.5"]["default"]["cycles"] == dense_act["default"]["cycles"]
+
+
+@pytest.mark.parametrize("only, message", [("gold", "unknown demo stage 'gold'"),
+                                           ("perf", "needs stage 'flow'")])
+def test_demo_rejects_bad_stage_lists(tmp_path, capsys, only, message):
+    from flexcim.cli import main
+
+    assert main(["demo", "--only", only, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err

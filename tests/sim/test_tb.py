@@ -101,3 +101,19 @@ def test_cli_engine_rtl_rejects_a_pattern_the_preset_lacks(tmp_path, capsys):
                      "-o", str(tmp_path / "y.npy")])
     assert code == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_build_directory_follows_the_verilog_text(monkeypatch, tmp_path):
+    """A changed generator (new hw/ digest) re-elaborates, but an unchanged netlist keeps its
+    simulator build (minutes for the default preset); another netlist gets another one."""
+    from flexcim.sim import regress
+
+    monkeypatch.setattr(runner, "BUILD_ROOT", tmp_path)
+    cfg = preset("tiny")
+    source, build_dir = top_verilog(cfg, "verilator")
+    monkeypatch.setattr(regress, "hw_digest", lambda: "an-edited-docstring")
+    source2, build_dir2 = top_verilog(cfg, "verilator")
+    assert (source2, build_dir2) == (source, build_dir)
+    assert source.parent == build_dir  # a fixed source path: Verilator can skip re-verilating
+    assert len(list(tmp_path.glob("verilog-*/flexcim_top.v"))) == 2
+    assert top_verilog(cfg.replace(acc_bits=24), "verilator")[1] != build_dir
