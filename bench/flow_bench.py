@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     if not args.skip_act:
         # Activation pruning alone and on top of the FLOW 50 % plan
         acts = []
-        flow50 = plans.get(("flow-code wanda", 0.5))
+        flow50 = plans.get(("flow-figure wanda", 0.5)) or plans.get(("flow-code wanda", 0.5))
         for weight_plan in (None, flow50):
             if weight_plan is not None:
                 pipeline.apply_plan(model, weight_plan, None, metric="wanda", stats=stats)
@@ -181,7 +181,9 @@ def main(argv=None) -> int:
                                    ("2:4", "abs")):
                 with act.activation_pruning(model, act.ActConfig(pattern=pattern, score=score)):
                     ppl = ev()
-                acts.append({"weights": "dense" if weight_plan is None else "flow 0.5 wanda",
+                weights = ("dense" if weight_plan is None else
+                           f"flow-{weight_plan.settings['m_direction']} 0.5 wanda")
+                acts.append({"weights": weights,
                              "pattern": pattern, "score": score, "ppl_without": base, "ppl": ppl,
                              "increase": ppl / base - 1})
                 log.info("activations %s (%s), weights %s: %.3f (%+.1f%%)", pattern, score,
@@ -217,7 +219,8 @@ def main(argv=None) -> int:
         _restore(model, dense_state)
     result["load_average_at_end"] = os.getloadavg()[0]
     (out / "flow_bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    _plots(result, plans.get(("flow-code wanda", 0.5)), out)
+    _plots(result, plans.get(("flow-figure wanda", 0.5)) or plans.get(("flow-code wanda", 0.5)),
+           out)
     _print(result)
     return 0
 

@@ -101,7 +101,8 @@ def test_m_direction_for_clustered_outliers(blocks, scores, direction, first, se
 
 
 def test_flow_gives_outlier_blocks_more_weights(blocks, scores):
-    plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.5))
+    plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.5,
+                                                       m_direction="code"))
     dens = [1 - b["sparsity"] for b in plan.blocks]
     assert min(dens[:2]) > max(dens[2:])
     assert plan.achieved_sparsity == pytest.approx(0.5) and plan.exact
