@@ -117,3 +117,13 @@ def test_build_directory_follows_the_verilog_text(monkeypatch, tmp_path):
     assert source.parent == build_dir  # a fixed source path: Verilator can skip re-verilating
     assert len(list(tmp_path.glob("verilog-*/flexcim_top.v"))) == 2
     assert top_verilog(cfg.replace(acc_bits=24), "verilator")[1] != build_dir
+
+
+def test_sweep_every_tiny_pattern_on_both_simulators_default_on_verilator():
+    from flexcim.sim.regress import SWEEP_PRESETS, sweep
+
+    cases = sweep()
+    tiny = {(c.sim, c.pattern) for c in cases if c.preset == "tiny"}
+    assert tiny == {(s, p) for s in runner.SIMULATORS for p in SWEEP_PRESETS["tiny"]}
+    assert {c.sim for c in cases if c.preset == "default"} == {"verilator"}
+    assert len({c.name for c in cases}) == len(cases)
