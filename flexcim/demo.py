@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -355,12 +356,41 @@ def stage_rtl(ctx: Context) -> None:
         raise FlexCimError(f"the RTL disagrees with the reference on {name}")
 
 
+AREA_DIR = "out/synth"
+
+
+def stage_area(ctx: Context) -> None:
+    """The area table of the last ``make synth`` (Yosys takes several minutes per preset, too
+    long for the demo): included with its date when present, else the report says how to get it."""
+    import os
+
+    from flexcim.hw.area import markdown
+
+    path = os.path.join(AREA_DIR, "area.json")
+    if not os.path.isfile(path):
+        raise StageSkipped(f"no {path}: run `make synth` (Yosys, several minutes per preset) "
+                           "and the next demo includes the area table")
+    with open(path) as f:
+        result = json.load(f)
+    order = ("dense", "fixed24", "default")  # baselines first, as make synth prints them
+    names = sorted(result["presets"], key=lambda n: order.index(n) if n in order else len(order))
+    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
+    ctx.report.record("area", result)
+    ctx.report.section(
+        "Area (from `make synth`)",
+        f"Measured by `make synth` on {stamp} (`{path}`); dense vs fixed-2:4 vs FlexCiM at "
+        "equal cell count, NAND2-equivalents per part. See docs/architecture.md section 6.",
+        markdown(result, names).split("\n", 1)[1],
+    )
+
+
 # key, title, function, keys of the stages it needs
 STAGES: list[tuple[str, str, Callable[[Context], None], tuple[str, ...]]] = [
     ("golden", "golden model vs int64 reference", stage_golden, ()),
     ("flow", "FLOW, OWL and uniform on SmolLM2 (perplexity)", stage_flow, ()),
     ("rtl", "one real layer through the RTL on Verilator", stage_rtl, ("flow",)),
     ("perf", "prefill latency and energy (FLOW plan)", stage_performance, ("flow",)),
+    ("area", "area table (make synth)", stage_area, ()),
 ]
 
 

@@ -78,3 +78,11 @@ def test_demo_rejects_bad_stage_lists(tmp_path, capsys, only, message):
 
     assert main(["demo", "--only", only, "--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_demo_area_stage_skips_without_synthesis(tmp_path, monkeypatch):
+    from flexcim.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--only", "area", "--out", "rep"]) == 0
+    assert "run `make synth`" in (tmp_path / "rep" / "report.md").read_text()
