@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from flexcim.errors import FlexCimError
-from flexcim.report import Report
+from flexcim.report import Report, pyplot
 
 log = logging.getLogger("flexcim.demo")
 
@@ -103,11 +103,7 @@ def prefill_comparison(plan: dict, tokens: int = PREFILL_TOKENS) -> dict:
 
 def stage_performance(ctx: Context) -> None:
     """Latency and energy of the FLOW plan's prefill on FlexCiM vs the baselines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     plan = ctx.results["energy_plan"]
     result = prefill_comparison(plan)
     ctx.report.record("prefill", result)
@@ -232,11 +228,7 @@ def stage_flow(ctx: Context) -> None:
 
 
 def _plot_sweep(ctx: Context, dense, sweep) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for method, marker in (("uniform", "s"), ("OWL", "^"), ("FLOW", "o")):
         pts = sorted((r["sparsity"], r["ppl"]) for r in sweep if r["method"] == method)
@@ -250,11 +242,7 @@ def _plot_sweep(ctx: Context, dense, sweep) -> None:
 
 
 def _plot_plan(ctx: Context, plan) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     blocks = plan.blocks
     idx = [b["index"] for b in blocks]
     fig, ax = plt.subplots(figsize=(9, 3.4))

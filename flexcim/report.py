@@ -43,6 +43,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     return "\n".join(lines)
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display needed), imported lazily."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 class Report:
     """Collects markdown sections, plots and figures, then writes them into ``out_dir``.
 
@@ -80,11 +90,9 @@ class Report:
 
     def plot(self, name: str, fig, caption: str) -> str:
         """Save a matplotlib figure as ``name``.png, close it, and reference it in the report."""
-        import matplotlib.pyplot as plt
-
         path = os.path.join(self.out_dir, f"{name}.png")
         fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        pyplot().close(fig)
         self._parts.append(f"![{caption}]({name}.png)\n\n*{caption}*\n")
         return path
 
