@@ -15,6 +15,7 @@ log = logging.getLogger("flexcim.flow")
 METRICS = ("magnitude", "wanda", "sparsegpt")
 METHODS = ("uniform", "owl", "flow")
 M_DIRECTIONS = ("figure", "code")
+NORMALISATIONS = ("minmax", "zscore", "rank")
 
 
 def _session(args):
@@ -56,7 +57,8 @@ def _select(args: argparse.Namespace) -> int:
     config = SelectConfig(
         method=args.method, target=args.target_sparsity, pattern=args.pattern,
         candidates=parse_candidates(args.candidates), hyper_m=args.hyper_m,
-        m_direction=args.m_direction, keep_ends_dense=args.keep_ends_dense,
+        m_direction=args.m_direction, normalisation=args.normalisation,
+        keep_ends_dense=args.keep_ends_dense,
         hw_config=_hw_config(args.hw_config), hw_weight=args.hw_weight,
     )
     _check_output_dir(args.output)
@@ -212,6 +214,9 @@ def register(sub) -> None:
                    help="figure (default, measured better): clustered outliers -> larger M "
                         "(the paper's figure); code: -> smaller M (the release's ILP); "
                         "see docs/flow.md")
+    p.add_argument("--normalisation", choices=NORMALISATIONS, default="minmax",
+                   help="flow: how outlier ratio and locality map to [0, 1] over the blocks: "
+                        "minmax (the release's), zscore (normal CDF) or rank")
     p.add_argument("--keep-ends-dense", action="store_true",
                    help="keep the first and last blocks dense (the others compensate)")
     p.add_argument("--hw-config", metavar="PRESET|JSON",

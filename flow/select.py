@@ -11,7 +11,8 @@ authors' release).  Per block we measure, on the Wanda (or magnitude) scores:
   block only, so one projection dominates; we use every outlier of every projection, exactly,
   via the sorted-prefix identity for the sum of pairwise distances.)
 
-Both are min-max normalised over the blocks to ``O_l, D_l`` in [0, 1].  FLOW's cost of giving
+Both are normalised over the blocks to ``O_l, D_l`` in [0, 1] (min-max as in the release, or
+the normal CDF of the z-score, or the rank: ``normalisation``).  FLOW's cost of giving
 block ``l`` the pattern ``n:m`` is ``|n - n_max O_l| + w_m |m - m_max (1 - D_l)|`` (direction
 ``code``, the release's ILP: clustered outliers get a *smaller* M) or with ``m_max D_l``
 (direction ``figure``, the paper's figure: clustered outliers get a *larger* M); ``n_max, m_max``
@@ -106,6 +107,41 @@ def minmax(values: list[float]) -> list[float]:
     """Min-max normalise to [0, 1] (all zeros when the values are all equal)."""
     lo, hi = min(values), max(values)
     return [0.0 if hi == lo else (v - lo) / (hi - lo) for v in values]
+
+
+def zscore(values: list[float]) -> list[float]:
+    """Standard normal CDF of the z-score, in (0, 1) (all 0.5 when the values are all equal).
+
+    Unlike min-max, one extreme block moves the others' values only through the mean and the
+    standard deviation, so the bulk of the blocks stays spread around 0.5.
+    """
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+    if std == 0:
+        return [0.5] * n
+    return [0.5 * (1 + math.erf((v - mean) / (std * math.sqrt(2)))) for v in values]
+
+
+def rank(values: list[float]) -> list[float]:
+    """Rank / (count - 1) in [0, 1], ties sharing their mean rank (all 0 for equal values)."""
+    n = len(values)
+    if n < 2 or max(values) == min(values):
+        return [0.0] * n
+    order = sorted(range(n), key=lambda i: values[i])
+    ranks = [0.0] * n
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 / (n - 1)
+        i = j + 1
+    return ranks
+
+
+NORMALISATIONS = {"minmax": minmax, "zscore": zscore, "rank": rank}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +291,9 @@ class SelectConfig:
         because it measured better on SmolLM2 at 50 % and 62.5 % (docs/flow.md).
     m_weight : float
         Weight of FLOW's M term (the release's 4).
+    normalisation : ``minmax`` | ``zscore`` | ``rank``
+        How FLOW maps the blocks' outlier ratio and locality to [0, 1]: min-max (the release),
+        the normal CDF of the z-score, or the rank.  OWL always uses min-max (its band).
     keep_ends_dense : bool
         Force the first and last blocks dense (the release does); the others compensate so the
         mean over *all* blocks still meets the target.
@@ -273,6 +312,7 @@ class SelectConfig:
     owl_lambda: float = 0.08
     m_direction: str = "figure"  # measured better on SmolLM2 (docs/flow.md)
     m_weight: float = 4.0
+    normalisation: str = "minmax"
     keep_ends_dense: bool = False
     hw_config: object | None = None
     hw_weight: float = 1.0
@@ -285,6 +325,9 @@ class SelectConfig:
             raise FlexCimError(
                 f"M direction must be one of {M_DIRECTIONS}, not {self.m_direction!r}"
             )
+        if self.normalisation not in NORMALISATIONS:
+            raise FlexCimError(f"normalisation must be one of {tuple(NORMALISATIONS)}, "
+                               f"not {self.normalisation!r}")
         if self.target is not None and not 0.0 <= self.target < 1.0:
             raise FlexCimError(f"target sparsity must be in [0, 1), not {self.target!r}")
         if self.target is None and not (self.method == "uniform" and self.pattern):
@@ -335,8 +378,9 @@ def select(blocks, scores: dict[str, torch.Tensor] | None, config: SelectConfig,
     """
     if outliers is None:
         outliers = all_outliers(blocks, scores, config.hyper_m)
-    ratio_n = minmax([o.ratio for o in outliers])
-    local_n = minmax([o.locality for o in outliers])
+    normalise = NORMALISATIONS[config.normalisation if config.method == "flow" else "minmax"]
+    ratio_n = normalise([o.ratio for o in outliers])
+    local_n = normalise([o.locality for o in outliers])
     n_blocks = len(blocks)
 
     if config.method == "uniform":

@@ -15,6 +15,7 @@ from flexcim.cli import main
 def test_cli_choices_match_the_library():
     assert flow_cli.METRICS == prune.METRICS
     assert flow_cli.METHODS == sel.METHODS and flow_cli.M_DIRECTIONS == sel.M_DIRECTIONS
+    assert flow_cli.NORMALISATIONS == tuple(sel.NORMALISATIONS)
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +66,19 @@ def test_select_then_prune(workspace, capsys, metric):
         assert int(counts.max()) <= n, name
     record = json.loads((d / f"pruned-{metric}" / "flexcim-prune.json").read_text())
     assert record["metric"] == metric and record["perplexity"] > 1
+
+
+def test_select_normalisation_option(workspace, capsys):
+    d = workspace
+    code, err = _run(capsys, "flow", "select", *_common(d), "--metric", "magnitude",
+                     "--target-sparsity", "0.5", "--normalisation", "rank",
+                     "-o", str(d / "rank.json"))
+    assert code == 0, err
+    plan = json.loads((d / "rank.json").read_text())
+    assert plan["settings"]["normalisation"] == "rank"
+    # ranks / (L - 1), ties sharing their mean rank: always averaging 1/2, largest 1 unless tied
+    ranks = [b["outlier_ratio_norm"] for b in plan["blocks"]]
+    assert sum(ranks) / len(ranks) == pytest.approx(0.5) and 0 <= min(ranks) < max(ranks) <= 1
 
 
 @pytest.mark.parametrize("argv, message", [

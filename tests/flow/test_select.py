@@ -1,6 +1,7 @@
 import itertools
 import json
 import random
+import statistics
 
 import pytest
 import torch
@@ -189,3 +190,46 @@ def test_flow_ties_keep_outlier_richer_blocks_denser(blocks):
     plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.25,
                                                        candidates=sel.parse_candidates("2:4,4:4")))
     assert [b["pattern"] for b in plan.blocks] == ["2:4", "4:4", "2:4", "4:4"]
+
+
+def test_normalisations_hand_cases():
+    values = [0.0, 1.0, 2.0, 100.0]  # one extreme value, as block 0's ratio on SmolLM2
+    assert sel.minmax(values) == pytest.approx([0, 0.01, 0.02, 1])
+    assert sel.rank(values) == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert sel.rank([3.0, 1.0, 3.0]) == pytest.approx([0.75, 0, 0.75])  # ties share mean rank
+    assert sel.rank([2.0, 2.0]) == [0.0, 0.0] and sel.zscore([2.0, 2.0]) == [0.5, 0.5]
+    # z-score of [-1, 1] (population std 1) is [-1, 1]; Phi(1) = 0.841345
+    assert sel.zscore([-1.0, 1.0]) == pytest.approx([1 - 0.8413447, 0.8413447])
+    mean, std = statistics.fmean(values), statistics.pstdev(values)
+    expected = [statistics.NormalDist().cdf((v - mean) / std) for v in values]
+    assert sel.zscore(values) == pytest.approx(expected)
+    assert sel.zscore(values)[0] == pytest.approx(0.27405, abs=1e-4)  # not squeezed to 0
+
+
+def test_normalisation_changes_flow_and_is_recorded(blocks):
+    # block 3 has far more outliers than the rest: min-max squeezes blocks 0-2 together near 0,
+    # rank spreads them evenly
+    scores = _scores(blocks, {0: [5], 1: [5, 300], 2: [5, 300, 600, 900],
+                              3: list(range(0, 1000, 4))})
+    plans = {}
+    for norm in ("minmax", "zscore", "rank"):
+        config = sel.SelectConfig(method="flow", target=0.5, normalisation=norm,
+                                  candidates=sel.parse_candidates("2:4,4:8,1:4,4:4"))
+        plans[norm] = sel.select(blocks, scores, config)
+        assert plans[norm].settings["normalisation"] == norm
+        assert plans[norm].achieved_sparsity == pytest.approx(0.5)
+    ratio = {k: [b["outlier_ratio_norm"] for b in p.blocks] for k, p in plans.items()}
+    assert ratio["rank"] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert max(ratio["minmax"][:3]) < 0.02
+    assert [b["locality_norm"] for b in plans["rank"].blocks] == pytest.approx([0, 1, 1 / 3, 2 / 3])
+    # block 3 (O = 1, n wanted 4): min-max locality 0.88 wants M = 7 -> 4:8 (cost 3.8 vs 12.2 for
+    # 4:4); rank locality 2/3 wants M = 5.3 -> 4:4 (cost 5.3 vs 10.7), and the others compensate
+    assert [b["pattern"] for b in plans["minmax"].blocks] == ["2:4", "4:8", "2:4", "4:8"]
+    assert [b["pattern"] for b in plans["rank"].blocks] == ["1:4", "4:8", "1:4", "4:4"]
+    with pytest.raises(FlexCimError, match="normalisation must be one of"):
+        sel.SelectConfig(method="flow", target=0.5, normalisation="l2")
+    # OWL keeps its min-max band whatever the option says
+    owl = [sel.select(blocks, scores, sel.SelectConfig(method="owl", target=0.5,
+                                                       normalisation=n)).layers
+           for n in ("minmax", "rank")]
+    assert owl[0] == owl[1]
