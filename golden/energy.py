@@ -28,6 +28,15 @@ cycle count does not change (no zero *skipping*: the bit-serial schedule is fixe
 ``act_density`` (fraction of non-zero activations) scales the cell-MAC and adder-tree energies,
 and nothing else: buffers, distribution and weights move the same data.  Leakage and clock-tree
 energy are not modelled.
+
+How well the global ``act_density`` estimates the gated cells is measured against the RTL: a
+macro generated with ``FlexCiM(cfg, counters=True)`` counts the cell-cycles whose weight and
+selected activation *slice* are both non-zero, and :func:`mac_cycles` computes exactly that
+count from the operands (the cocotb testbench asserts they are equal).  A bit-serial cell sees
+slices, not whole activations, and a zero weight (pruning padding, unused columns) needs no
+multiplication either, so the global estimate is systematically high; :func:`gated_density`
+is the exact fraction, and ``layer_cost(..., operands=(x, w))`` uses it
+(docs/architecture.md, section 7, has the measured table).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import math
 import os
 from collections.abc import Mapping
 
+import numpy as np
 from flexcim.golden import perf
 from flexcim.golden.nm import NMPattern
 from flexcim.hw.config import ACT_BITS, WEIGHT_BITS, HwConfig
@@ -103,6 +113,73 @@ class Activity:
         return {name: self.counts[name] * per[name] for name in ACTIONS}
 
 
+EVENTS = ("compute_cycles", "passes", "act_beats", "weight_beats")
+"""The events the model multiplies by per-event bits; the RTL counters count the same ones
+(:data:`flexcim.hw.layouts.COUNTERS`)."""
+
+
+def command_events(cfg: HwConfig, cmd: perf.Command) -> dict[str, int]:
+    """Event counts of one command: compute cycles, passes (buffer window reads of one pass
+    width), activation beats (buffer writes) and weight beats (cell-row word writes)."""
+    passes = cfg.passes(cmd.pattern, cmd.k)
+    return {
+        "compute_cycles": cmd.tokens * passes * cfg.cycles_per_pass,
+        "passes": cmd.tokens * passes,
+        "act_beats": cmd.tokens * perf.act_beats(cfg, cmd.k),
+        "weight_beats": passes * cfg.rows_total if cmd.load_weights else 0,
+    }
+
+
+def layer_events(cfg: HwConfig, cmds: list[perf.Command]) -> dict[str, int]:
+    """:func:`command_events` summed over a schedule."""
+    totals = dict.fromkeys(EVENTS, 0)
+    for cmd in cmds:
+        for name, count in command_events(cfg, cmd).items():
+            totals[name] += count
+    return totals
+
+
+def nonzero_slices(x: np.ndarray, slice_bits: int) -> np.ndarray:
+    """How many of each int8 activation's ``8 / slice_bits`` bit-slices are non-zero (int64,
+    the shape of ``x``).  The top slice is signed in the cell, but it is zero exactly when its
+    bits are, so the two's-complement bits decide."""
+    if slice_bits not in (1, 2, 4, 8):
+        raise FlexCimError(f"slice_bits must be 1, 2, 4 or 8, not {slice_bits!r}")
+    u = np.asarray(x, dtype=np.int8).view(np.uint8).astype(np.int64)
+    mask = (1 << slice_bits) - 1
+    return sum(((u >> s) & mask) != 0 for s in range(0, ACT_BITS, slice_bits)).astype(np.int64)
+
+
+def mac_cycles(cfg: HwConfig, x: np.ndarray, w) -> int:
+    """Exact count of cell-cycles with a non-zero weight and a non-zero selected activation
+    slice when ``y = x @ W.T`` runs on ``cfg`` (what the RTL's ``mac_cycles`` counter counts).
+
+    Each stored weight ``W[c, k]`` sits in one cell for every token of its tile (tiling never
+    duplicates a weight), and that cell sees activation ``x[t, k]`` slice by slice; padding,
+    unused columns and lanes past a group's M carry zero weights.  So the count is
+    ``sum over W[c,k] != 0 of sum_t nonzero_slices(x[t, k])``, independent of the schedule.
+    """
+    from flexcim.golden.matmul import check_activations
+    from flexcim.golden.nm import NMTensor
+
+    dense = w.decompress() if isinstance(w, NMTensor) else np.asarray(w)
+    x = check_activations(x, dense.shape[1])
+    per_channel = nonzero_slices(x, cfg.act_bits_per_cycle).sum(axis=0)  # [K]
+    return int(np.count_nonzero(dense, axis=0).astype(np.int64) @ per_channel)
+
+
+def gated_density(cfg: HwConfig, x: np.ndarray, w) -> float:
+    """:func:`mac_cycles` over all cell-cycles of the layer: the exact fraction of the
+    ``cell_mac`` and ``adder_tree`` activity a zero-gated macro performs (the ``act_density``
+    that makes :func:`layer_cost` exact for these operands)."""
+    from flexcim.golden.nm import NMTensor
+
+    if not isinstance(w, NMTensor):
+        raise FlexCimError(f"weight must be an NMTensor, not {type(w).__name__}")
+    cmds = perf.schedule(cfg, w.pattern, x.shape[0], w.in_features, w.out_features)
+    return mac_cycles(cfg, x, w) / (perf.ideal_cycles(cfg, cmds) * cfg.cells)
+
+
 def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0) -> Activity:
     """Action counts of one command.
 
@@ -126,23 +203,22 @@ def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0)
     if not 0 <= act_density <= 1:
         raise FlexCimError(f"act_density must be from 0 to 1, not {act_density!r}")
     b = cfg.act_bits_per_cycle
-    passes = cfg.passes(cmd.pattern, cmd.k)
-    cycles = cmd.tokens * passes * cfg.cycles_per_pass
+    events = command_events(cfg, cmd)
+    cycles = events["compute_cycles"]
     tree_width = WEIGHT_BITS + b + _log2_ceil(cfg.rows)
     merge = (cfg.sub_macros - 1) * (tree_width + _log2_ceil(cfg.sub_macros)) + cfg.acc_bits
     flexible = cfg.index_bits > 0
     routing = cfg.rows_total * cfg.m_max * b * _log2_ceil(len(cfg.patterns)) if flexible else 0
     selection = cfg.cells * (cfg.m_max - 1) * b if flexible else 0
-    weight_beats = passes * cfg.rows_total if cmd.load_weights else 0
     counts = {
         "cell_mac": cycles * cfg.cells * b * act_density,
         "adder_tree": cycles * cfg.sub_macros * cfg.cols * (cfg.rows - 1) * tree_width
         * act_density,
         "merge_accumulate": cycles * cfg.cols * merge,
-        "buffer_write": cmd.tokens * perf.act_beats(cfg, cmd.k) * cfg.in_lanes * ACT_BITS,
-        "buffer_read": cmd.tokens * passes * cfg.pass_width(cmd.pattern) * ACT_BITS,
+        "buffer_write": events["act_beats"] * cfg.in_lanes * ACT_BITS,
+        "buffer_read": events["passes"] * cfg.pass_width(cmd.pattern) * ACT_BITS,
         "distribution": cycles * (routing + selection),
-        "weight_write": weight_beats * cfg.cols * (WEIGHT_BITS + cfg.index_bits),
+        "weight_write": events["weight_beats"] * cfg.cols * (WEIGHT_BITS + cfg.index_bits),
     }
     return Activity({k: float(v) for k, v in counts.items()})
 
@@ -171,9 +247,20 @@ class LayerCost:
 
 
 def layer_cost(cfg: HwConfig, pattern, tokens: int, k: int, c: int, *, act_density: float = 1.0,
-               energies: ActionEnergies = ENERGY_45NM) -> LayerCost:
-    """Cycles and energy of ``y = x @ W.T`` (``x`` ``[tokens, k]``, ``W`` ``[c, k]``)."""
+               energies: ActionEnergies = ENERGY_45NM, operands=None) -> LayerCost:
+    """Cycles and energy of ``y = x @ W.T`` (``x`` ``[tokens, k]``, ``W`` ``[c, k]``).
+
+    ``act_density`` is the estimate of the gated fraction without operands; given the
+    operands ``(x, w)`` (``w`` an NMTensor of this shape and pattern) the exact
+    :func:`gated_density` replaces it.
+    """
     pattern = NMPattern.parse(pattern)
+    if operands is not None:
+        x, w = operands
+        if (tuple(np.shape(x)), tuple(w.shape), w.pattern) != ((tokens, k), (c, k), pattern):
+            raise FlexCimError(f"operands {np.shape(x)} x {w.shape} ({w.pattern}) do not match "
+                               f"the layer [{tokens}, {k}] x [{c}, {k}] ({pattern})")
+        act_density = gated_density(cfg, x, w)
     cmds = perf.schedule(cfg, pattern, tokens, k, c)
     totals = dict.fromkeys(ACTIONS, 0.0)
     for cmd in cmds:

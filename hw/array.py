@@ -28,6 +28,16 @@ def product_bits(slice_bits: int) -> int:
     return WEIGHT_BITS + slice_bits + 1
 
 
+def balanced_sum(values):
+    """Sum of ``values`` as a balanced tree of two-input adders (depth ``ceil_log2(n)``); each
+    adder is as wide as its operands plus one bit, so no partial sum overflows."""
+    level = list(values)
+    while len(level) > 1:
+        pairs = [level[i] + level[i + 1] for i in range(0, len(level) - 1, 2)]
+        level = pairs + ([level[-1]] if len(level) % 2 else [])
+    return level[0]
+
+
 @contextlib.contextmanager
 def validating(component):
     """Parameter checks of a component: on a ``ValueError`` the half-built component will never
@@ -69,6 +79,8 @@ class CellRow(wiring.Component):
         Bits of the in-group index per weight (0: dense only, one lane, no selection).
     slice_bits : int
         Activation bits per cycle (1, 2, 4 or 8).
+    activity : bool
+        Add the ``active`` output (an activity counter's input; default off: no logic).
 
     Members
     -------
@@ -82,9 +94,13 @@ class CellRow(wiring.Component):
         The slices are the most significant ones of their activations: signed.
     products : Out, ``cols`` x signed ``product_bits(slice_bits)``
         Combinational; latency 0, one set of products per cycle.
+    active : Out, ``cols`` bits (only with ``activity``)
+        Bit ``c``: cell ``c``'s weight and its selected activation slice are both non-zero,
+        i.e. the multiplier of a cell gated on zero operands would switch (combinational).
     """
 
-    def __init__(self, *, cols: int, depth: int, index_bits: int, slice_bits: int):
+    def __init__(self, *, cols: int, depth: int, index_bits: int, slice_bits: int,
+                 activity: bool = False):
         with validating(self):
             self._cols = _positive("cols", cols)
             self._depth = _positive("depth", depth)
@@ -95,6 +111,7 @@ class CellRow(wiring.Component):
             if self._slice_bits not in (1, 2, 4, 8):
                 raise ValueError(f"slice_bits must be 1, 2, 4 or 8, not {slice_bits!r}")
         self._word = word_layout(cols=self._cols, index_bits=self._index_bits)
+        self._activity = bool(activity)
         super().__init__({
             "we": In(1),
             "waddr": In(index_shape(self._depth)),
@@ -103,6 +120,7 @@ class CellRow(wiring.Component):
             "lanes": In(data.ArrayLayout(unsigned(self._slice_bits), 1 << self._index_bits)),
             "top": In(1),
             "products": Out(data.ArrayLayout(signed(product_bits(self._slice_bits)), self._cols)),
+            **({"active": Out(self._cols)} if self._activity else {}),
         })
 
     @property
@@ -137,6 +155,8 @@ class CellRow(wiring.Component):
             digit = Signal(signed(self._slice_bits + 1), name=f"digit{c}")
             m.d.comb += digit.eq(Mux(self.top, act.as_signed(), act))
             m.d.comb += self.products[c].eq(word.values[c] * digit)
+            if self._activity:
+                m.d.comb += self.active[c].eq((word.values[c] != 0) & (act != 0))
         return m
 
 
@@ -167,11 +187,7 @@ class AdderTree(wiring.Component):
 
     def elaborate(self, platform):
         m = Module()
-        level = [self.addends[i] for i in range(self._inputs)]
-        while len(level) > 1:
-            pairs = [level[i] + level[i + 1] for i in range(0, len(level) - 1, 2)]
-            level = pairs + ([level[-1]] if len(level) % 2 else [])
-        m.d.comb += self.sum.eq(level[0])
+        m.d.comb += self.sum.eq(balanced_sum(self.addends[i] for i in range(self._inputs)))
         return m
 
 
@@ -182,6 +198,8 @@ class SubMacro(wiring.Component):
     ----------
     rows, cols, depth, index_bits, slice_bits : int
         As :class:`CellRow`; ``rows`` is the number of rows of this sub-macro.
+    activity : bool
+        Add the ``active`` output (default off: no logic).
 
     Members
     -------
@@ -192,14 +210,18 @@ class SubMacro(wiring.Component):
     lanes : In, ``rows`` x ``2**index_bits`` x unsigned ``slice_bits``
     psums : Out, ``cols`` x signed ``psum_bits``
         Column sums of the products, registered: latency 1, throughput 1 per cycle.
+    active : Out, ``range(rows * cols + 1)`` (only with ``activity``)
+        How many cells are active (:class:`CellRow`) in this cycle; combinational.
     """
 
-    def __init__(self, *, rows: int, cols: int, depth: int, index_bits: int, slice_bits: int):
+    def __init__(self, *, rows: int, cols: int, depth: int, index_bits: int, slice_bits: int,
+                 activity: bool = False):
         with validating(self):
             self._rows = _positive("rows", rows)
             self._cols = _positive("cols", cols)
+        self._activity = bool(activity)
         self._row_args = dict(cols=cols, depth=depth, index_bits=index_bits,
-                              slice_bits=slice_bits)
+                              slice_bits=slice_bits, activity=self._activity)
         self._tree_width = product_bits(slice_bits)
         lane = data.ArrayLayout(unsigned(slice_bits), 1 << index_bits)
         super().__init__({
@@ -211,6 +233,7 @@ class SubMacro(wiring.Component):
             "lanes": In(data.ArrayLayout(lane, self._rows)),
             "top": In(1),
             "psums": Out(data.ArrayLayout(signed(self.psum_bits), self._cols)),
+            **({"active": Out(range(self._rows * self._cols + 1))} if self._activity else {}),
         })
 
     @property
@@ -237,7 +260,11 @@ class SubMacro(wiring.Component):
             m.submodules[f"tree{c}"] = tree
             m.d.comb += [tree.addends[r].eq(rows[r].products[c]) for r in range(self._rows)]
             m.d.sync += self.psums[c].eq(tree.sum)
+        if self._activity:
+            m.d.comb += self.active.eq(balanced_sum(row.active[c] for row in rows
+                                                    for c in range(self._cols)))
         return m
 
 
-__all__ = ["AdderTree", "CellRow", "SubMacro", "ceil_log2", "index_shape", "product_bits"]
+__all__ = ["AdderTree", "CellRow", "SubMacro", "balanced_sum", "ceil_log2", "index_shape",
+           "product_bits"]

@@ -14,6 +14,9 @@ weights    ``values``: ``cols`` x signed 8, ``indices``: ``cols`` x unsigned ``i
 act        ``in_lanes`` x signed 8, input channel ``b*in_lanes + i`` in lane ``i`` of beat ``b``
 result     ``cols`` x signed ``acc_bits``, output channel ``c`` of the tile in element ``c``
 =========  =====================================================================================
+
+The activity counters of a macro generated with ``counters=True`` (:func:`counters_layout`) are
+one read-only port, unpacked by :func:`unpack_counters`.
 """
 
 from __future__ import annotations
@@ -63,6 +66,32 @@ def act_layout(cfg: HwConfig) -> data.ArrayLayout:
 def result_layout(cfg: HwConfig) -> data.ArrayLayout:
     """The ``cols`` accumulators of one token, two's complement ``acc_bits`` each."""
     return data.ArrayLayout(signed(cfg.acc_bits), cfg.cols)
+
+
+COUNTER_BITS = 48
+"""Width of every activity counter: a whole SmolLM2 layer on the default preset counts about
+1e9 cell-cycles, past 32 bits; 48 bits last 2.8e14 cycles of the busiest counter."""
+
+COUNTERS = {
+    "weight_beats": "weight words written into cell rows (weight-stream handshakes)",
+    "act_beats": "activation beats written into the buffer (activation-stream handshakes)",
+    "compute_cycles": "cycles in which the cell array computed a bit-slice",
+    "passes": "passes computed: buffer window reads of one pass width, one per token per pass",
+    "mac_cycles": "cell-cycles with a non-zero weight and a non-zero selected activation slice "
+                  "(the multiplications a zero-gated cell performs)",
+}
+"""The counters, in bit order (first in the low bits), with what each counts since reset."""
+
+
+def counters_layout() -> data.StructLayout:
+    """The activity counters (:data:`COUNTERS`), ``COUNTER_BITS`` each, wrapping."""
+    return data.StructLayout({name: unsigned(COUNTER_BITS) for name in COUNTERS})
+
+
+def unpack_counters(value: int) -> dict[str, int]:
+    """The ``counters`` port's value to ``{name: count}``."""
+    mask = (1 << COUNTER_BITS) - 1
+    return {name: (int(value) >> field.offset) & mask for name, field in counters_layout()}
 
 
 # --------------------------------------------------------------------------- NumPy packers

@@ -35,6 +35,8 @@ class PySim:
         Seed of the gap and stall generator.
     vcd : str, optional
         Write a waveform.
+    counters : bool
+        Elaborate the macro with its activity counters and read them after each run.
 
     Members
     -------
@@ -43,6 +45,9 @@ class PySim:
         inclusive.
     error : bool
         The macro's sticky ``error`` output at the end of the last run.
+    counters : dict of str to int or None
+        With ``counters``: the activity counters (:data:`flexcim.hw.layouts.COUNTERS`) at the
+        end of the last run (each run elaborates a fresh macro, so they count that run only).
     """
 
     IDLE_LIMIT = 2000
@@ -50,12 +55,14 @@ class PySim:
     command's compute or weight load on the presets this engine is meant for)."""
 
     def __init__(self, cfg: HwConfig, *, in_gap: float = 0.0, out_stall: float = 0.0,
-                 seed: int = 0, vcd: str | None = None):
+                 seed: int = 0, vcd: str | None = None, counters: bool = False):
         self.cfg = cfg
         self.in_gap, self.out_stall = float(in_gap), float(out_stall)
         self.seed, self.vcd = seed, vcd
+        self.with_counters = counters
         self.cycles = 0
         self.error = False
+        self.counters: dict[str, int] | None = None
 
     def _expected_results(self, cmd_beats) -> int:
         cfg, total = self.cfg, 0
@@ -69,7 +76,7 @@ class PySim:
 
     def execute(self, cmd_beats, weight_beats, act_beats) -> list[int]:
         cfg = self.cfg
-        dut = FlexCiM(cfg)
+        dut = FlexCiM(cfg, counters=self.with_counters)
         rng = random.Random(self.seed)
         expected = self._expected_results(cmd_beats)
         results: list[int] = []
@@ -115,6 +122,8 @@ class PySim:
                         break
             state["done"] = True
             self.error = bool(ctx.get(dut.error))
+            if self.with_counters:
+                self.counters = layouts.unpack_counters(ctx.get(dut.counters.as_value()))
 
         sim = Simulator(dut)
         sim.add_clock(1e-6)

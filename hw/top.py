@@ -10,15 +10,21 @@ so no result is ever dropped).
 
 from __future__ import annotations
 
-from amaranth.hdl import Module, Signal
+from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
-from flexcim.hw.array import SubMacro
+from flexcim.hw.array import SubMacro, balanced_sum, validating
 from flexcim.hw.buffer import ActivationBuffer
 from flexcim.hw.config import HwConfig
 from flexcim.hw.controller import Controller, lookup
 from flexcim.hw.distribution import Distribution
-from flexcim.hw.layouts import act_layout, cmd_layout, result_layout, weight_layout
+from flexcim.hw.layouts import (
+    act_layout,
+    cmd_layout,
+    counters_layout,
+    result_layout,
+    weight_layout,
+)
 from flexcim.hw.merging import Merging
 
 RESULT_FIFO_DEPTH = 4
@@ -32,6 +38,12 @@ class FlexCiM(wiring.Component):
     Parameters
     ----------
     cfg : HwConfig
+    counters : bool
+        Add the activity counters (the ``counters`` port), for simulation: they check the
+        energy model's activity counts (golden/energy.py).  Off by default, so ``flexcim
+        verilog`` and ``make synth`` get the macro without them (unchanged area).  Not a
+        :class:`HwConfig` field: they change no computed result, cycle or payload layout, and
+        the golden models must not depend on them.
 
     Members
     -------
@@ -42,21 +54,29 @@ class FlexCiM(wiring.Component):
         compute cycle when the stream is ready.
     error : Out
         Sticky: a command was rejected (pattern code, ``k`` or ``tokens`` out of range).
+    counters : Out, :func:`~flexcim.hw.layouts.counters_layout` (only with ``counters``)
+        Free-running counts since reset (:data:`~flexcim.hw.layouts.COUNTERS`), registered:
+        an event shows up the cycle after it happened.  Read them once after a layer.
 
     Throughput: one activation bit-slice of every cell per cycle; a token of ``k`` inputs takes
     ``passes * cycles_per_pass`` cycles, overlapped with loading the next (golden/perf.py).
     """
 
-    def __init__(self, cfg: HwConfig):
-        if not isinstance(cfg, HwConfig):
-            raise TypeError(f"cfg must be a HwConfig, not {type(cfg).__name__}")
+    def __init__(self, cfg: HwConfig, *, counters: bool = False):
+        with validating(self):
+            if not isinstance(cfg, HwConfig):
+                raise TypeError(f"cfg must be a HwConfig, not {type(cfg).__name__}")
+            if not isinstance(counters, bool):
+                raise TypeError(f"counters must be True or False, not {counters!r}")
         self._cfg = cfg
+        self._counters = counters
         super().__init__({
             "cmd": In(stream.Signature(cmd_layout(cfg))),
             "weights": In(stream.Signature(weight_layout(cfg))),
             "act": In(stream.Signature(act_layout(cfg))),
             "result": Out(stream.Signature(result_layout(cfg))),
             "error": Out(1),
+            **({"counters": Out(counters_layout())} if counters else {}),
         })
 
     @property
@@ -103,7 +123,7 @@ class FlexCiM(wiring.Component):
         subs = []
         for p in range(cfg.sub_macros):
             sub = SubMacro(rows=cfg.rows, cols=cfg.cols, depth=cfg.depth,
-                           index_bits=cfg.index_bits, slice_bits=b)
+                           index_bits=cfg.index_bits, slice_bits=b, activity=self._counters)
             m.submodules[f"sub{p}"] = sub
             m.d.comb += [
                 sub.we.eq(ctrl.w_we & (ctrl.w_sub == p)),
@@ -139,7 +159,25 @@ class FlexCiM(wiring.Component):
             results.r_en.eq(self.result.ready),
             ctrl.result_taken.eq(self.result.valid & self.result.ready),
         ]
+        if self._counters:
+            self._count(m, ctrl, subs)
         return m
+
+    def _count(self, m: Module, ctrl: Controller, subs: list[SubMacro]) -> None:
+        """The activity counters: one increment per event, from the controller's handshakes and
+        compute flags (the same signals that move the data, so they cannot disagree)."""
+        active = Signal(range(self._cfg.cells + 1))
+        m.d.comb += active.eq(balanced_sum(sub.active for sub in subs))
+        events = {
+            "weight_beats": ctrl.w_we,
+            "act_beats": ctrl.a_we,
+            "compute_cycles": ctrl.issue,
+            "passes": ctrl.shift,
+            "mac_cycles": Mux(ctrl.issue, active, 0),
+        }
+        for name, increment in events.items():
+            counter = self.counters[name]
+            m.d.sync += counter.eq(counter + increment)
 
 
 __all__ = ["RESULT_FIFO_DEPTH", "FlexCiM"]

@@ -2,9 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 from flexcim.golden import energy, perf
-from flexcim.golden.nm import NMPattern
+from flexcim.golden.nm import NMPattern, NMTensor, act_topk, nm_prune
 from flexcim.hw.config import PRESETS
 
 from flexcim.errors import FlexCimError
@@ -137,3 +138,96 @@ def test_load_plan_errors(tmp_path):
     assert len(energy.load_plan(good)) == 4
     with pytest.raises(FlexCimError, match="tokens must be a positive integer"):
         energy.prefill_cost(PRESETS["tiny"], PLAN, 0)
+
+
+# ------------------------------------------------------------- exact gating from the operands
+
+
+def _mac_cycles_by_cell(cfg, x, w):
+    """Naive reference of energy.mac_cycles: walk the schedule as the macro does (weight beat
+    q -> row q mod R_tot, word q div R_tot; row r of pass p sees the M lanes from
+    p*pass_width + (r div N)*M; slice s of the selected activation), cell by cell."""
+    from flexcim.golden.host import weight_tile
+    from flexcim.hw.layouts import weight_rows
+
+    b = cfg.act_bits_per_cycle
+    count = 0
+    for cmd in perf.schedule(cfg, w.pattern, x.shape[0], w.in_features, w.out_features):
+        values, indices = weight_rows(cfg, weight_tile(w, cmd.c0, cmd.c, cmd.k0, cmd.k))
+        n, m, pw = cmd.pattern.n, cmd.pattern.m, cfg.pass_width(cmd.pattern)
+        for t in range(cmd.tokens):
+            acts = x[cmd.t0 + t, cmd.k0 : cmd.k0 + cmd.k].view(np.uint8).astype(int)
+            for q in range(values.shape[0]):
+                p, r = divmod(q, cfg.rows_total)
+                for col in range(cfg.cols):
+                    if values[q, col] == 0:
+                        continue
+                    a = acts[p * pw + (r // n) * m + indices[q, col]]
+                    count += sum((a >> s) & ((1 << b) - 1) != 0 for s in range(0, 8, b))
+    return count
+
+
+def test_nonzero_slices_hand_computed():
+    x = np.array([[0, 1, -1, 64, -128, 3]], dtype=np.int8)
+    # bits: 0, 00000001, 11111111, 01000000, 10000000, 00000011
+    assert energy.nonzero_slices(x, 1).tolist() == [[0, 1, 8, 1, 1, 2]]
+    assert energy.nonzero_slices(x, 2).tolist() == [[0, 1, 4, 1, 1, 1]]
+    assert energy.nonzero_slices(x, 4).tolist() == [[0, 1, 2, 1, 1, 1]]
+    assert energy.nonzero_slices(x, 8).tolist() == [[0, 1, 1, 1, 1, 1]]
+    with pytest.raises(FlexCimError, match="slice_bits must be 1, 2, 4 or 8, not 3"):
+        energy.nonzero_slices(x, 3)
+
+
+@pytest.mark.parametrize("b", [1, 2, 8])
+@pytest.mark.parametrize("pattern, act", [("2:4", None), ("1:8", "8:16"), ("1:1", "2:4")])
+def test_mac_cycles_equals_the_cell_by_cell_walk(b, pattern, act):
+    """K over two chunks, C over two tiles (unused columns), T over two commands' worth of
+    tokens: the closed form and the walk must agree exactly."""
+    cfg = TINY.replace(act_bits_per_cycle=b, max_tokens=3)
+    rng = np.random.default_rng(b)
+    p = NMPattern.parse(pattern)
+    k = (cfg.max_k_for(p) // 16 + 1) * 16  # whole groups of the 8:16 top-k too
+    x = rng.integers(-128, 128, size=(5, k), dtype=np.int8)
+    x[:, ::3] = 0
+    x[1] = rng.integers(-2, 3, size=k)  # small values: upper slices zero (or all ones)
+    if act:
+        x = act_topk(x, act)
+    w = nm_prune(rng.integers(-128, 128, size=(cfg.cols + 2, k), dtype=np.int8), p)
+    w[0, : k // 2] = 0  # zero weights: no multiplication
+    w = NMTensor.compress(w, p)
+    assert energy.mac_cycles(cfg, x, w) == _mac_cycles_by_cell(cfg, x, w)
+
+
+def test_gated_density_replaces_the_global_estimate_in_layer_cost():
+    rng = np.random.default_rng(0)
+    x = rng.integers(-128, 128, size=(4, 64), dtype=np.int8)
+    w = NMTensor.compress(nm_prune(rng.integers(-128, 128, size=(4, 64), dtype=np.int8), "2:4"),
+                          "2:4")
+    cmds = perf.schedule(TINY, "2:4", 4, 64, 4)
+    cells_cycles = perf.ideal_cycles(TINY, cmds) * TINY.cells
+    density = energy.gated_density(TINY, x, w)
+    assert density == energy.mac_cycles(TINY, x, w) / cells_cycles
+    # 2-bit slices of uniform int8 are zero a quarter of the time; weights ~1/256.
+    assert 0.70 < density < 0.80
+    exact = energy.layer_cost(TINY, "2:4", 4, 64, 4, operands=(x, w))
+    estimate = energy.layer_cost(TINY, "2:4", 4, 64, 4, act_density=density)
+    assert exact.energy_pj == estimate.energy_pj
+    with pytest.raises(FlexCimError, match=r"do not match the layer \[4, 32\]"):
+        energy.layer_cost(TINY, "2:4", 4, 32, 4, operands=(x, w))
+
+
+def test_layer_events_count_what_the_model_multiplies():
+    cmds = perf.schedule(TINY, "1:4", 300, 160, 6)  # 2 tiles x 2 chunks x 2 token blocks
+    events = energy.layer_events(TINY, cmds)
+    assert events == {
+        "compute_cycles": perf.ideal_cycles(TINY, cmds),
+        "passes": sum(c.tokens * TINY.passes("1:4", c.k) for c in cmds),
+        "act_beats": sum(c.tokens * -(-c.k // TINY.in_lanes) for c in cmds),
+        "weight_beats": sum(TINY.passes("1:4", c.k) * 8 for c in cmds if c.load_weights),
+    }
+    total = dict.fromkeys(energy.ACTIONS, 0.0)
+    for cmd in cmds:
+        for name, v in energy.command_activity(TINY, cmd).counts.items():
+            total[name] += v
+    assert total["buffer_write"] == events["act_beats"] * TINY.in_lanes * 8
+    assert total["weight_write"] == events["weight_beats"] * TINY.cols * (8 + 4)
