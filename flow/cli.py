@@ -217,8 +217,9 @@ def register(sub) -> None:
     p.add_argument("--normalisation", choices=NORMALISATIONS, default="minmax",
                    help="flow: how outlier ratio and locality map to [0, 1] over the blocks: "
                         "minmax (the release's), zscore (normal CDF) or rank")
-    p.add_argument("--keep-ends-dense", action="store_true",
-                   help="keep the first and last blocks dense (the others compensate)")
+    p.add_argument("--keep-ends-dense", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the first and last blocks dense, the others compensate (default: "
+                        "on for flow, measured better, see docs/flow.md; off for uniform, owl)")
     p.add_argument("--hw-config", metavar="PRESET|JSON",
                    help="add each block's relative latency on this FlexCiM macro to the cost")
     p.add_argument("--hw-weight", type=float, default=1.0, help="weight of the latency term")

@@ -294,9 +294,11 @@ class SelectConfig:
     normalisation : ``minmax`` | ``zscore`` | ``rank``
         How FLOW maps the blocks' outlier ratio and locality to [0, 1]: min-max (the release),
         the normal CDF of the z-score, or the rank.  OWL always uses min-max (its band).
-    keep_ends_dense : bool
+    keep_ends_dense : bool or None
         Force the first and last blocks dense (the release does); the others compensate so the
-        mean over *all* blocks still meets the target.
+        mean over *all* blocks still meets the target.  ``None`` (default): on for ``flow``
+        (measured far better on SmolLM2, docs/flow.md), off for ``uniform`` and ``owl`` (their
+        published forms).
     hw_config : HwConfig or None
         Add each block's relative latency on this macro to the cost (``hw_weight`` x
         cycles/dense cycles); candidates the macro does not support are excluded.
@@ -313,7 +315,7 @@ class SelectConfig:
     m_direction: str = "figure"  # measured better on SmolLM2 (docs/flow.md)
     m_weight: float = 4.0
     normalisation: str = "minmax"
-    keep_ends_dense: bool = False
+    keep_ends_dense: bool | None = None  # None: True for flow (measured better), else False
     hw_config: object | None = None
     hw_weight: float = 1.0
     hw_tokens: int = 128
@@ -438,7 +440,9 @@ def select(blocks, scores: dict[str, torch.Tensor] | None, config: SelectConfig,
         costs = [[c + config.hw_weight * cy / dn for c, cy in zip(row, cyr, strict=True)]
                  for row, cyr, dn in zip(costs, cycles, dense, strict=True)]
     sparsities = [[p.sparsity for p in candidates] for _ in blocks]
-    if config.keep_ends_dense:
+    ends_dense = (config.method == "flow" if config.keep_ends_dense is None
+                  else config.keep_ends_dense)
+    if ends_dense:
         for end in {0, n_blocks - 1}:
             costs[end] = [0.0]
             sparsities[end] = [0.0]
@@ -449,7 +453,7 @@ def select(blocks, scores: dict[str, torch.Tensor] | None, config: SelectConfig,
 
     records, layers = [], {}
     for i, (block, c) in enumerate(zip(blocks, solution.choice, strict=True)):
-        dense_end = config.keep_ends_dense and i in (0, n_blocks - 1)
+        dense_end = ends_dense and i in (0, n_blocks - 1)
         pattern = NMPattern(1, 1) if dense_end else candidates[c]
         record = {
             "index": block.index, "name": block.name, "pattern": str(pattern),
@@ -466,6 +470,7 @@ def select(blocks, scores: dict[str, torch.Tensor] | None, config: SelectConfig,
         weights.values())
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     settings["candidates"] = [str(p) for p in candidates]
+    settings["keep_ends_dense"] = ends_dense
     if config.hw_config is not None:
         settings["hw_config"] = config.hw_config.to_dict()
     return Plan(method=config.method, target_sparsity=float(target),

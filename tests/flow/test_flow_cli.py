@@ -51,7 +51,8 @@ def _common(d):
 def test_select_then_prune(workspace, capsys, metric):
     d = workspace
     code, err = _run(capsys, "flow", "select", *_common(d), "--method", "flow",
-                     "--target-sparsity", "0.5", "--metric", metric, "-o", str(d / "plan.json"))
+                     "--target-sparsity", "0.5", "--metric", metric, "--no-keep-ends-dense",
+                     "-o", str(d / "plan.json"))
     assert code == 0, err
     plan = json.loads((d / "plan.json").read_text())
     assert plan["achieved_sparsity"] == 0.5 and len(plan["blocks"]) == 4
@@ -71,18 +72,22 @@ def test_select_then_prune(workspace, capsys, metric):
 def test_select_normalisation_option(workspace, capsys):
     d = workspace
     code, err = _run(capsys, "flow", "select", *_common(d), "--metric", "magnitude",
-                     "--target-sparsity", "0.5", "--normalisation", "rank",
+                     "--target-sparsity", "0.25", "--normalisation", "rank",
                      "-o", str(d / "rank.json"))
     assert code == 0, err
     plan = json.loads((d / "rank.json").read_text())
     assert plan["settings"]["normalisation"] == "rank"
+    # ends dense by default: the two middle blocks carry the whole 0.25 (one 2:4, one dense)
+    patterns = [b["pattern"] for b in plan["blocks"]]
+    assert patterns[0] == patterns[3] == "1:1" and plan["achieved_sparsity"] == 0.25
     # ranks / (L - 1), ties sharing their mean rank: always averaging 1/2, largest 1 unless tied
     ranks = [b["outlier_ratio_norm"] for b in plan["blocks"]]
     assert sum(ranks) / len(ranks) == pytest.approx(0.5) and 0 <= min(ranks) < max(ranks) <= 1
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--target-sparsity", "0.95"], "outside [0, 0.75]"),
+    (["--target-sparsity", "0.95"], "outside [0, 0.375]"),  # ends dense: 2 of 4 blocks
+    (["--target-sparsity", "0.8", "--no-keep-ends-dense"], "outside [0, 0.75]"),
     (["--target-sparsity", "1.5"], "target sparsity must be in [0, 1)"),
     (["--method", "uniform", "--pattern", "4:64"], "M must be a power of two from 1 to 32"),
     (["--method", "uniform", "--pattern", "2:x"], "N:M pattern must look like"),

@@ -12,8 +12,9 @@ from flexcim.errors import FlexCimError
 def test_apply_wanda_plan_block0_equals_direct_pruning(tiny, tiny_windows):
     dense = {n: lin.weight.detach().clone() for n, lin in linear_layers(tiny).items()}
     stats = calib.calibrate(tiny, tiny_windows, progress=False)
-    plan = pipeline.make_plan(tiny, None, SelectConfig(method="flow", target=0.5), stats=stats,
-                              progress=False)
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="flow", target=0.5,
+                                                       keep_ends_dense=False),
+                              stats=stats, progress=False)
     pipeline.apply_plan(tiny, plan, tiny_windows, progress=False)
     pipeline.check_plan(tiny, plan)
     layers = linear_layers(tiny)
@@ -79,7 +80,8 @@ def test_demo_api_measure_and_export(tiny, tokenizer, tmp_path):
     session = pipeline.Session(LoadedModel(tiny, tokenizer, "tiny"),
                                Corpus(text[:2000], {"held-out": text[2000:]}, "random"))
     cw = pipeline.calibration_windows(session, count=4, seq_len=32)
-    plan = pipeline.make_plan(tiny, cw, SelectConfig(method="flow", target=0.5), progress=False)
+    plan = pipeline.make_plan(tiny, cw, SelectConfig(method="flow", target=0.5,
+                                                     keep_ends_dense=False), progress=False)
     r = pipeline.measure(session, plan, calib=cw, eval_windows=2, seq_len=32, progress=False,
                          act_pattern="2:4")
     assert r["dense"] != r["weights"] != r["weights+act"]

@@ -94,6 +94,7 @@ def scores(blocks):
                                                       ("figure", "4:8", "2:4")])
 def test_m_direction_for_clustered_outliers(blocks, scores, direction, first, second):
     config = sel.SelectConfig(method="flow", target=0.5, m_direction=direction,
+                              keep_ends_dense=False,
                               candidates=sel.parse_candidates("2:4,4:8"))
     plan = sel.select(blocks, scores, config)
     assert plan.blocks[0]["locality_norm"] == 1.0 and plan.blocks[1]["locality_norm"] < 0.1
@@ -103,7 +104,7 @@ def test_m_direction_for_clustered_outliers(blocks, scores, direction, first, se
 
 def test_flow_gives_outlier_blocks_more_weights(blocks, scores):
     plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.5,
-                                                       m_direction="code"))
+                                                       m_direction="code", keep_ends_dense=False))
     dens = [1 - b["sparsity"] for b in plan.blocks]
     assert min(dens[:2]) > max(dens[2:])
     assert plan.achieved_sparsity == pytest.approx(0.5) and plan.exact
@@ -119,8 +120,8 @@ def test_owl_band_and_exact_target(blocks, scores):
 
 
 def test_keep_ends_dense_compensates(blocks, scores):
-    plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.375,
-                                                       keep_ends_dense=True))
+    plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.375))  # default
+    assert plan.settings["keep_ends_dense"] is True
     assert plan.blocks[0]["pattern"] == plan.blocks[-1]["pattern"] == "1:1"
     assert plan.achieved_sparsity == pytest.approx(0.375)
     assert {b["pattern"] for b in plan.blocks[1:3]} == {"2:8"}
@@ -153,14 +154,17 @@ def test_hardware_aware_cost_records_cycles(blocks, scores):
     from flexcim.hw.config import DEFAULT
 
     config = sel.SelectConfig(method="flow", target=0.5, hw_config=DEFAULT, hw_weight=100.0,
+                              keep_ends_dense=False,
                               candidates=sel.parse_candidates("1:1,2:4,4:8,1:4,2:8"))
     plan = sel.select(blocks, scores, config)
     assert plan.achieved_sparsity == pytest.approx(0.5)
     assert all(b["cycles"] > 0 for b in plan.blocks)
     assert plan.settings["hw_config"]["rows"] == DEFAULT.rows
     plain = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.5,
-                                                        candidates=config.candidates))
+                                                        candidates=config.candidates,
+                                                        keep_ends_dense=False))
     cycles = sel.SelectConfig(method="flow", target=0.5, hw_config=DEFAULT, hw_weight=0.0,
+                              keep_ends_dense=False,
                               candidates=config.candidates)
     plain_cycles = sum(b["cycles"] for b in sel.select(blocks, scores, cycles).blocks)
     assert sum(b["cycles"] for b in plan.blocks) <= plain_cycles
@@ -169,7 +173,7 @@ def test_hardware_aware_cost_records_cycles(blocks, scores):
 
 
 def test_plan_json_round_trip_and_errors(blocks, scores, tmp_path):
-    plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.5))
+    plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.25))
     plan.save(tmp_path / "plan.json")
     again = sel.Plan.load(tmp_path / "plan.json")
     assert again.layers == plan.layers and again.blocks == plan.blocks
@@ -188,7 +192,8 @@ def test_flow_ties_keep_outlier_richer_blocks_denser(blocks):
     # own cost is flat; the tie-break must keep the richer ones dense, not the first ones
     scores = _scores(blocks, {0: [5], 1: [5, 300, 600], 2: [5, 300], 3: list(range(0, 1000, 90))})
     plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.25,
-                                                       candidates=sel.parse_candidates("2:4,4:4")))
+                                                       candidates=sel.parse_candidates("2:4,4:4"),
+                                                       keep_ends_dense=False))
     assert [b["pattern"] for b in plan.blocks] == ["2:4", "4:4", "2:4", "4:4"]
 
 
@@ -214,6 +219,7 @@ def test_normalisation_changes_flow_and_is_recorded(blocks):
     plans = {}
     for norm in ("minmax", "zscore", "rank"):
         config = sel.SelectConfig(method="flow", target=0.5, normalisation=norm,
+                                  keep_ends_dense=False,
                                   candidates=sel.parse_candidates("2:4,4:8,1:4,4:4"))
         plans[norm] = sel.select(blocks, scores, config)
         assert plans[norm].settings["normalisation"] == norm
