@@ -499,6 +499,8 @@ def _print(result) -> None:
               f"test {v['geomean_ppl']:>9.2f}{'  <- chosen' if label == sel['chosen'] else ''}")
     for row in result["flow_vs_baselines"]:
         rel = ", ".join(f"{k} {v:+.1%}" for k, v in row.items() if k.startswith("vs"))
+        if not rel:
+            continue
         print(f"sparsity {row['sparsity']:.3f} {row['flow']} {row['metric']}: "
               f"perplexity lower by {rel}")
     hw = result.get("hw_aware")

@@ -94,7 +94,7 @@ def scores(blocks):
                                                       ("figure", "4:8", "2:4")])
 def test_m_direction_for_clustered_outliers(blocks, scores, direction, first, second):
     config = sel.SelectConfig(method="flow", target=0.5, m_direction=direction,
-                              keep_ends_dense=False,
+                              keep_ends_dense=False, normalisation="minmax",
                               candidates=sel.parse_candidates("2:4,4:8"))
     plan = sel.select(blocks, scores, config)
     assert plan.blocks[0]["locality_norm"] == 1.0 and plan.blocks[1]["locality_norm"] < 0.1
@@ -104,7 +104,8 @@ def test_m_direction_for_clustered_outliers(blocks, scores, direction, first, se
 
 def test_flow_gives_outlier_blocks_more_weights(blocks, scores):
     plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.5,
-                                                       m_direction="code", keep_ends_dense=False))
+                                                       m_direction="code", keep_ends_dense=False,
+                                                       normalisation="minmax"))
     dens = [1 - b["sparsity"] for b in plan.blocks]
     assert min(dens[:2]) > max(dens[2:])
     assert plan.achieved_sparsity == pytest.approx(0.5) and plan.exact
@@ -120,8 +121,9 @@ def test_owl_band_and_exact_target(blocks, scores):
 
 
 def test_keep_ends_dense_compensates(blocks, scores):
-    plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.375))  # default
-    assert plan.settings["keep_ends_dense"] is True
+    plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.375,
+                                                       m_direction="code", normalisation="minmax"))
+    assert plan.settings["keep_ends_dense"] is True  # the default for flow
     assert plan.blocks[0]["pattern"] == plan.blocks[-1]["pattern"] == "1:1"
     assert plan.achieved_sparsity == pytest.approx(0.375)
     assert {b["pattern"] for b in plan.blocks[1:3]} == {"2:8"}
@@ -193,7 +195,8 @@ def test_flow_ties_keep_outlier_richer_blocks_denser(blocks):
     scores = _scores(blocks, {0: [5], 1: [5, 300, 600], 2: [5, 300], 3: list(range(0, 1000, 90))})
     plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.25,
                                                        candidates=sel.parse_candidates("2:4,4:4"),
-                                                       keep_ends_dense=False))
+                                                       keep_ends_dense=False,
+                                                       normalisation="minmax"))
     assert [b["pattern"] for b in plan.blocks] == ["2:4", "4:4", "2:4", "4:4"]
 
 
@@ -219,7 +222,7 @@ def test_normalisation_changes_flow_and_is_recorded(blocks):
     plans = {}
     for norm in ("minmax", "zscore", "rank"):
         config = sel.SelectConfig(method="flow", target=0.5, normalisation=norm,
-                                  keep_ends_dense=False,
+                                  keep_ends_dense=False, m_direction="figure",
                                   candidates=sel.parse_candidates("2:4,4:8,1:4,4:4"))
         plans[norm] = sel.select(blocks, scores, config)
         assert plans[norm].settings["normalisation"] == norm
