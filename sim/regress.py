@@ -251,7 +251,8 @@ def format_table(records: list[dict]) -> str:
     """Pass/fail, measured and modelled cycles, and ``mac/est``: the RTL's active cell-cycles
     (equal to golden.energy.mac_cycles, asserted) over the energy model's global-density
     estimate."""
-    head = (f"{'case':44} {'result':6} {'cycles':>8} {'model':>8} {'err %':>6} "
+    width = max([44, *(len(r["case"]) for r in records)])
+    head = (f"{'case':{width}} {'result':6} {'cycles':>8} {'model':>8} {'err %':>6} "
             f"{'stalled':>8} {'mac/est':>7} {'wall s':>7}")
     lines = [head, "-" * len(head)]
     for r in records:
@@ -260,7 +261,7 @@ def format_table(records: list[dict]) -> str:
         ratio = full.get("activity", {}).get("mac_ratio")
         ratio = f"{ratio:.3f}" if ratio is not None else "-"
         lines.append(
-            f"{r['case']:44} {'PASS' if r['passed'] else 'FAIL':6} "
+            f"{r['case']:{width}} {'PASS' if r['passed'] else 'FAIL':6} "
             f"{full.get('cycles', '-'):>8} {full.get('model_cycles', '-'):>8} {err:>6} "
             f"{stalled.get('cycles', '-'):>8} {ratio:>7} {r.get('wall_s', 0):7.1f}"
         )
