@@ -74,11 +74,10 @@ def measure(real: bool = True) -> list[dict]:
     for label, name, x, w in cases(real):
         cfg = preset(name)
         act = run_rtl(x, w, cfg, sim="verilator", seed=1).stats["activity"]
-        slices = energy.nonzero_slices(x, cfg.act_bits_per_cycle)
         rows.append({
             "layer": label, "preset": name, "b": cfg.act_bits_per_cycle,
             "act_density": act["act_density"],
-            "slice_density": float(slices.mean()) / (8 // cfg.act_bits_per_cycle),
+            "slice_density": energy.slice_density(x, cfg.act_bits_per_cycle),
             "mac_cycles": act["mac_cycles"], "mac_estimate": act["mac_estimate"],
             "mac_ratio": act["mac_ratio"], "gated_density": act["gated_density"],
         })
