@@ -11,9 +11,10 @@ of on ``tiny``.
 The file name carries a digest of the settings below, so changing one re-exports; the export
 itself is not keyed by flow/'s code (a stale file is still a real, valid layer: every check
 is made against golden/ and int64 on whatever the file holds).  Measured on the shared 2-core
-machine: the first conversion of the GGUF model takes ~60 s (cached in ``~/.cache/flexcim``,
-shared with flow/'s tests, which convert it first in ``make test``); with the model cached, the
-plan and the export take 14 s (load average 3; 95 s while a Verilator build ran alongside).
+machine: the first conversion of the GGUF model takes 22 s on a clean clone (63 s under heavy
+load; cached in ``~/.cache/flexcim``, shared with flow/'s tests, which convert it first in
+``make test``); with the model cached, the plan and the export of one layer take 11-14 s (95 s
+while a Verilator build ran alongside).
 """
 
 from __future__ import annotations
