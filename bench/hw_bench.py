@@ -159,11 +159,9 @@ def elaboration() -> dict:
 
 
 def plot(sweep, fit) -> None:
-    import matplotlib
+    from flexcim.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()  # the file-only Agg backend: benchmarks run without a display
     cells = [r["cells"] for r in sweep]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.loglog(cells, [r["elaborate_s"] for r in sweep], "o-",

@@ -4,7 +4,9 @@ The Verilog is written with ``emit_src=False`` (no machine paths), so the same c
 the same bytes on every machine.  The sidecar ``OUT.json`` holds the config (it round-trips
 through :meth:`HwConfig.from_dict`) and the port map: every top-level port with its direction
 and width (``clk`` and ``rst``: the synchronous, active-high ``sync`` domain).  ``OUT.core``
-is a FuseSoC CAPI2 description so the IP drops into Edalize-based flows.
+is a FuseSoC CAPI2 description so the IP drops into Edalize-based flows.  ``--counters`` adds
+the activity counters (``FlexCiM(cfg, counters=True)``; the sidecar then lists each counter's
+bit field of the ``counters`` port); they cost area, so the default is without.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from flexcim.errors import FlexCimError
 log = logging.getLogger("flexcim")
 
 
-def port_map(cfg: HwConfig) -> list[dict]:
+def port_map(cfg: HwConfig, counters: bool = False) -> list[dict]:
     """Top-level ports of the generated module: name, direction, width."""
     from amaranth.hdl import Value
     from flexcim.hw.top import FlexCiM
 
-    top = FlexCiM(cfg)
+    top = FlexCiM(cfg, counters=counters)
     ports = [{"name": "clk", "dir": "in", "width": 1}, {"name": "rst", "dir": "in", "width": 1}]
     for path, member, value in top.signature.flatten(top):
         ports.append({
@@ -38,11 +40,19 @@ def port_map(cfg: HwConfig) -> list[dict]:
     return ports
 
 
-def to_verilog(cfg: HwConfig, top: str = "flexcim") -> str:
+def to_verilog(cfg: HwConfig, top: str = "flexcim", counters: bool = False) -> str:
     from amaranth.back import verilog
     from flexcim.hw.top import FlexCiM
 
-    return verilog.convert(FlexCiM(cfg), name=top, emit_src=False)
+    return verilog.convert(FlexCiM(cfg, counters=counters), name=top, emit_src=False)
+
+
+def counter_fields() -> list[dict]:
+    """The bit fields of the ``counters`` port (low bits first) and what each counts."""
+    from flexcim.hw.layouts import COUNTERS, counters_layout
+
+    return [{"name": name, "offset": field.offset, "width": field.width,
+             "counts": COUNTERS[name]} for name, field in counters_layout()]
 
 
 def core_file(top: str, verilog_name: str, version: str) -> str:
@@ -72,8 +82,10 @@ def core_file(top: str, verilog_name: str, version: str) -> str:
     )
 
 
-def export(cfg: HwConfig, out: str | os.PathLike, top: str = "flexcim") -> dict:
-    """Write ``out`` (.v), its ``.json`` sidecar and ``.core``; returns the sidecar dict."""
+def export(cfg: HwConfig, out: str | os.PathLike, top: str = "flexcim", *,
+           counters: bool = False) -> dict:
+    """Write ``out`` (.v), its ``.json`` sidecar and ``.core``; returns the sidecar dict.
+    With ``counters``, the macro has its activity counters and the sidecar their fields."""
     from flexcim import __version__
 
     if not top.isidentifier():
@@ -81,7 +93,7 @@ def export(cfg: HwConfig, out: str | os.PathLike, top: str = "flexcim") -> dict:
     out = pathlib.Path(out)
     if not out.parent.is_dir():
         raise FlexCimError(f"output directory {str(out.parent)!r} does not exist")
-    out.write_text(to_verilog(cfg, top))
+    out.write_text(to_verilog(cfg, top, counters))
     sidecar = {
         "top": top,
         "verilog": out.name,
@@ -89,8 +101,10 @@ def export(cfg: HwConfig, out: str | os.PathLike, top: str = "flexcim") -> dict:
         "config": cfg.to_dict(),
         "clock": {"name": "clk", "edge": "rising"},
         "reset": {"name": "rst", "kind": "synchronous, active high"},
-        "ports": port_map(cfg),
+        "ports": port_map(cfg, counters),
     }
+    if counters:
+        sidecar["counters"] = counter_fields()
     out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
     out.with_suffix(".core").write_text(core_file(top, out.name, __version__))
     return sidecar
@@ -102,7 +116,7 @@ def _verilog(args) -> int:
     else:
         cfg = preset(args.preset)
     cfg = cfg.with_overrides(args.set or [])
-    export(cfg, args.output, args.top)
+    export(cfg, args.output, args.top, counters=args.counters)
     log.info("wrote %s (+ .json sidecar, .core): %d cells, patterns %s", args.output, cfg.cells,
              ", ".join(str(p) for p in cfg.patterns))
     if args.lint:
@@ -128,4 +142,6 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.v", help="Verilog file")
     p.add_argument("--top", default="flexcim", help="module name (default flexcim)")
     p.add_argument("--lint", action="store_true", help="run verilator --lint-only on the result")
+    p.add_argument("--counters", action="store_true",
+                   help="add the activity counters (a read-only 'counters' port; costs area)")
     p.set_defaults(func=_verilog)

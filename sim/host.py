@@ -22,7 +22,13 @@ from flexcim.golden.matmul import check_activations
 from flexcim.golden.nm import NMTensor
 from flexcim.hw.config import HwConfig, preset
 from flexcim.sim import runner
-from flexcim.sim.regress import TB_MODULE, TOPLEVEL, tb_timeout_ns, top_verilog
+from flexcim.sim.regress import (
+    TB_MODULE,
+    TOPLEVEL,
+    save_layer_data,
+    tb_timeout_ns,
+    top_verilog,
+)
 
 from flexcim.errors import FlexCimError
 
@@ -85,8 +91,7 @@ def run_rtl(x: np.ndarray, w: NMTensor, cfg: HwConfig, *, sim: str = "verilator"
     job = build_dir / "host" / uuid.uuid4().hex[:12]
     job.mkdir(parents=True)
     data, out = job / "layer.npz", job / "out.json"
-    np.savez(data, x=x, values=w.values, indices=w.indices, pattern=str(w.pattern),
-             shape=np.array(w.shape))
+    save_layer_data(data, x, w)
     t, k = x.shape
     c = w.out_features
     try:

@@ -46,8 +46,9 @@ def hw_digest() -> str:
 
 
 def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False) -> tuple[Path, Path]:
-    """Verilog of ``FlexCiM(cfg)`` and the simulator build directory for it; returns
-    ``(verilog, build_dir)``.
+    """Verilog of ``FlexCiM(cfg, counters=True)`` and the simulator build directory for it;
+    returns ``(verilog, build_dir)``.  Every simulation build has the activity counters, which
+    the testbench checks against the energy model.
 
     Two caches: the Verilog is kept per configuration and digest of the generator's sources
     (elaboration of ``default`` takes half a minute and is skipped while hw/ is unchanged; both
@@ -55,7 +56,8 @@ def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False) -> tuple[Path, 
     of hw/ that leaves a preset's netlist unchanged (a docstring, another block's fix) does not
     recompile its simulator (minutes for ``default`` on Verilator).
     """
-    key = json.dumps({"cfg": cfg.to_dict(), "hw": hw_digest()}, sort_keys=True)
+    key = json.dumps({"cfg": cfg.to_dict(), "hw": hw_digest(), "counters": True},
+                     sort_keys=True)
     verilog_dir = runner.BUILD_ROOT.absolute() / f"verilog-{_sha1(key.encode())[:10]}"
     path = verilog_dir / f"{TOPLEVEL}.v"
     if not path.is_file():
@@ -63,7 +65,7 @@ def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False) -> tuple[Path, 
 
         log.info("elaborating the %s top (cached in %s)", cfg_name(cfg), verilog_dir)
         runner.write_if_changed(verilog_dir / "hw_config.json", cfg.to_json())
-        runner.amaranth_verilog(FlexCiM(cfg), TOPLEVEL, path)
+        runner.amaranth_verilog(FlexCiM(cfg, counters=True), TOPLEVEL, path)
     text = path.read_text()
     build_dir = runner.build_dir_for("flexcim", sim, {"verilog": _sha1(text.encode()),
                                                       "waves": waves})
@@ -71,6 +73,27 @@ def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False) -> tuple[Path, 
     # The simulator compiles a copy at a fixed path in its build directory: Verilator skips
     # verilation (and make its C++) only when the source *paths* are the same as last time.
     return runner.write_if_changed(build_dir / f"{TOPLEVEL}.v", text), build_dir
+
+
+def save_layer_data(path: Path, x, w) -> Path:
+    """Write a layer for the testbench (``FLEXCIM_DATA``): ``x`` int8 ``[T, K]`` and the
+    NMTensor ``w`` in one ``.npz`` (:func:`load_layer_data` reads it)."""
+    import numpy as np
+
+    np.savez(path, x=x, values=w.values, indices=w.indices, pattern=str(w.pattern),
+             shape=np.array(w.shape))
+    return Path(path)
+
+
+def load_layer_data(path: Path):
+    """``(x, w)`` of a :func:`save_layer_data` file."""
+    import numpy as np
+    from flexcim.golden.nm import NMTensor
+
+    with np.load(path, allow_pickle=False) as f:
+        w = NMTensor(values=f["values"], indices=f["indices"], pattern=str(f["pattern"]),
+                     shape=tuple(int(v) for v in f["shape"]))
+        return f["x"], w
 
 
 def _sha1(data: bytes) -> str:
@@ -86,7 +109,8 @@ def cfg_name(cfg: HwConfig) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One regression case: a random layer ``[tokens, k] x [c, k]`` with ``pattern``."""
+    """One regression case: a random layer ``[tokens, k] x [c, k]`` with ``pattern``, or with
+    ``data`` the layer of that :func:`save_layer_data` file (a real one: :func:`real_case`)."""
 
     sim: str
     preset: str
@@ -95,11 +119,14 @@ class Case:
     k: int
     c: int
     act_pattern: str | None = None
+    data: str | None = None
 
     @property
     def name(self) -> str:
         act = f"-act{self.act_pattern}" if self.act_pattern else ""
-        return f"{self.sim}-{self.preset}-{self.pattern}{act}-t{self.tokens}k{self.k}c{self.c}"
+        real = "-real" if self.data else ""
+        return (f"{self.sim}-{self.preset}{real}-{self.pattern}{act}-"
+                f"t{self.tokens}k{self.k}c{self.c}")
 
     def env(self) -> dict:
         d = {"pattern": self.pattern, "tokens": self.tokens, "k": self.k, "c": self.c}
@@ -132,6 +159,7 @@ def run_case(case: Case, *, seed: int | None = None, testcase: str | None = None
             extra_env={
                 "FLEXCIM_HW_CONFIG": cfg.to_json(),
                 "FLEXCIM_CASE": json.dumps(case.env()),
+                **({"FLEXCIM_DATA": case.data} if case.data else {}),
                 "FLEXCIM_OUT": str(out),
                 "FLEXCIM_TIMEOUT_NS": str(tb_timeout_ns(cfg, case.pattern, case.tokens,
                                                         case.k, case.c)),
@@ -194,6 +222,24 @@ def sweep(sims=runner.SIMULATORS, presets=SWEEP_PRESETS) -> list[Case]:
     return cases
 
 
+def real_case(sim: str = "verilator", preset_name: str = "default") -> Case:
+    """The real SmolLM2 projection of :mod:`flexcim.sim.real`, whole, with its real 8:16-pruned
+    activations (exported once and converted for the testbench, both cached under build/)."""
+    from flexcim.golden.layer_io import load_layer
+    from flexcim.sim.host import layer_operands
+    from flexcim.sim.real import real_layer
+
+    path = real_layer()
+    data = path.with_suffix(".npz")
+    layer = load_layer(path)
+    x, w = layer_operands(layer)
+    if not data.is_file():
+        save_layer_data(data, x, w)
+    return Case(sim, preset_name, str(w.pattern), x.shape[0], w.in_features, w.out_features,
+                act_pattern=str(layer.act_pattern) if layer.act_pattern else None,
+                data=str(data))
+
+
 def _worker(case: Case, seed: int | None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     log_dir = runner.BUILD_ROOT.absolute() / "logs"
@@ -202,16 +248,22 @@ def _worker(case: Case, seed: int | None) -> dict:
 
 
 def format_table(records: list[dict]) -> str:
-    head = (f"{'case':44} {'result':6} {'cycles':>8} {'model':>8} {'err %':>6} "
-            f"{'stalled':>8} {'wall s':>7}")
+    """Pass/fail, measured and modelled cycles, and ``mac/est``: the RTL's active cell-cycles
+    (equal to golden.energy.mac_cycles, asserted) over the energy model's global-density
+    estimate."""
+    width = max([44, *(len(r["case"]) for r in records)])
+    head = (f"{'case':{width}} {'result':6} {'cycles':>8} {'model':>8} {'err %':>6} "
+            f"{'stalled':>8} {'mac/est':>7} {'wall s':>7}")
     lines = [head, "-" * len(head)]
     for r in records:
         full, stalled = r.get("full_rate", {}), r.get("random_stalls", {})
         err = f"{100 * full['model_error']:+.2f}" if full else "-"
+        ratio = full.get("activity", {}).get("mac_ratio")
+        ratio = f"{ratio:.3f}" if ratio is not None else "-"
         lines.append(
-            f"{r['case']:44} {'PASS' if r['passed'] else 'FAIL':6} "
+            f"{r['case']:{width}} {'PASS' if r['passed'] else 'FAIL':6} "
             f"{full.get('cycles', '-'):>8} {full.get('model_cycles', '-'):>8} {err:>6} "
-            f"{stalled.get('cycles', '-'):>8} {r.get('wall_s', 0):7.1f}"
+            f"{stalled.get('cycles', '-'):>8} {ratio:>7} {r.get('wall_s', 0):7.1f}"
         )
         if not r["passed"]:
             lines.append(f"    {r.get('message', '')[:300]}")
@@ -251,9 +303,13 @@ def run_layer_file(path: Path, sim: str, preset_name: str, seed: int | None) -> 
     layer = load_layer(path)
     x, w = layer_operands(layer)
     stats = run_rtl(x, w, preset(preset_name), sim=sim, seed=seed).stats
+    act = stats["activity"]
     print(f"{layer.name or path}: {w.pattern} [{x.shape[0]}x{w.in_features}] @ "
           f"[{w.out_features}x{w.in_features}].T on {sim}/{preset_name}: bit-exact, "
-          f"{stats['cycles']} cycles (model {stats['model_cycles']}), {stats['sim_s']:.1f} s")
+          f"{stats['cycles']} cycles (model {stats['model_cycles']}), {stats['sim_s']:.1f} s; "
+          f"activity counters equal the model, active cell-cycles {act['mac_cycles']} = "
+          f"{act['mac_ratio']:.3f} x the global-density estimate "
+          f"(act_density {act['act_density']:.3f}, gated_density {act['gated_density']:.3f})")
     return 0
 
 
@@ -267,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--seed", type=int, help="COCOTB_RANDOM_SEED of every case")
     parser.add_argument("--json", type=Path, help="write every record there")
+    parser.add_argument("--no-real", action="store_true",
+                        help="leave out the real SmolLM2 layer (whole, default preset, "
+                        "Verilator; its first export loads the model: about a minute)")
     parser.add_argument("--layer", type=Path, metavar="FILE",
                         help="instead of the sweep: an exported layer (flexcim flow export) with "
                         "its real activations, whole, through the RTL on the first --sim and "
@@ -280,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         from flexcim.hw.top import FlexCiM
 
         cfg = preset((args.preset or ["tiny"])[0])
-        runner.amaranth_verilog(FlexCiM(cfg), TOPLEVEL, args.emit / f"{TOPLEVEL}.v")
+        runner.amaranth_verilog(FlexCiM(cfg, counters=True), TOPLEVEL,
+                                args.emit / f"{TOPLEVEL}.v")
         runner.write_if_changed(args.emit / "hw_config.json", cfg.to_json())
         return 0
     if args.layer:
@@ -294,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if not presets:
         raise FlexCimError(f"the sweep covers presets {', '.join(SWEEP_PRESETS)} only")
     cases = sweep(sims, presets)
+    if not args.no_real and "default" in presets and "verilator" in sims:
+        cases.append(real_case())
     records, wall = regress(cases, jobs=args.jobs, seed=args.seed)
     print(format_table(records))
     parts = sum(r.get("wall_s", 0) for r in records)

@@ -7,6 +7,11 @@ expected result beats) and an in-order :class:`~flexcim.sim.streams.Scoreboard`.
 shape is tiled and packed by :mod:`flexcim.golden.host`; the final ``y`` is also checked against
 the closed-form :func:`flexcim.golden.sparse_matmul`, an independent reference.
 
+The top is built with its activity counters (``FlexCiM(cfg, counters=True)``), read once before
+and once after a layer: the compute cycles, passes, activation and weight beats must equal the
+energy model's counts (:func:`flexcim.golden.energy.layer_events`) and the active cell-cycles
+:func:`flexcim.golden.energy.mac_cycles` of the operands, exactly, in every run.
+
 The tests below read their parameters from the environment (set by :mod:`flexcim.sim.regress`,
 the pytest runner tests, ``make sim`` and the host driver):
 
@@ -34,7 +39,7 @@ from pathlib import Path
 
 import cocotb
 import numpy as np
-from flexcim.golden import perf, sparse_matmul
+from flexcim.golden import energy, perf, sparse_matmul
 from flexcim.golden.host import MacroModel, collect, layer_streams
 from flexcim.golden.nm import NMPattern, NMTensor, act_topk, nm_prune
 from flexcim.hw.config import HwConfig
@@ -66,6 +71,10 @@ class LayerResult:
     ideal_cycles : int
         Compute cycles alone: ``cycles`` can at best reach this.
     commands : int
+    activity : dict
+        The RTL's activity counters over the layer (:data:`flexcim.hw.layouts.COUNTERS`), the
+        energy model's estimate of the active cell-cycles from the global non-zero fraction
+        of ``x`` (``mac_estimate = compute_cycles * cells * act_density``) and their ratio.
     """
 
     y: np.ndarray
@@ -73,6 +82,7 @@ class LayerResult:
     model_cycles: int
     ideal_cycles: int
     commands: int
+    activity: dict = dataclasses.field(default_factory=dict)
 
     @property
     def utilization(self) -> float:
@@ -87,6 +97,7 @@ class LayerResult:
             "ideal_cycles": self.ideal_cycles,
             "utilization": self.utilization,
             "commands": self.commands,
+            "activity": self.activity,
         }
 
 
@@ -108,6 +119,31 @@ def random_layer(cfg: HwConfig, pattern, tokens: int, k: int, c: int, rng: np.ra
     if act_pattern is not None:
         x = act_topk(x, act_pattern)
     return x, NMTensor.compress(w, pattern)
+
+
+def check_activity(cfg: HwConfig, measured: dict[str, int], commands, x: np.ndarray,
+                   w: NMTensor) -> dict:
+    """Activity counters of a layer against the energy model: the events must equal
+    :func:`flexcim.golden.energy.layer_events` and ``mac_cycles``
+    :func:`flexcim.golden.energy.mac_cycles`, exactly (AssertionError naming each difference).
+
+    Returns the counts with the model's estimate of the active cell-cycles from the global
+    non-zero fraction of ``x`` (``mac_estimate = compute_cycles * cells * act_density``), the
+    ratio ``mac_cycles / mac_estimate`` and the exact ``gated_density``.
+    """
+    expected = {**energy.layer_events(cfg, commands), "mac_cycles": energy.mac_cycles(cfg, x, w)}
+    wrong = {k: (measured.get(k), v) for k, v in expected.items() if measured.get(k) != v}
+    assert not wrong, f"RTL activity counters differ from the model (got, expected): {wrong}"
+    density = float(np.count_nonzero(x)) / x.size
+    cell_cycles = measured["compute_cycles"] * cfg.cells
+    estimate = cell_cycles * density
+    return {
+        **measured,
+        "act_density": density,
+        "mac_estimate": estimate,
+        "mac_ratio": measured["mac_cycles"] / estimate if estimate else None,
+        "gated_density": measured["mac_cycles"] / cell_cycles,
+    }
 
 
 class TB:
@@ -170,6 +206,7 @@ class TB:
             max_cycles = 20 * model_cycles + 1000
         for agent in self.loop.agents:
             agent.mark()
+        counters_before = self.counters()
         start = self.result.count
         self.board.expect(expected)
         self.cmd.send(streams.cmd_beats)
@@ -198,7 +235,23 @@ class TB:
             model_cycles=model_cycles,
             ideal_cycles=perf.ideal_cycles(cfg, streams.commands),
             commands=len(streams.commands),
+            activity=self.check_activity(counters_before, streams.commands, x, w),
         )
+
+    def counters(self) -> dict[str, int]:
+        """The macro's activity counters now (one read of one port)."""
+        from flexcim.hw.layouts import unpack_counters
+
+        return unpack_counters(self.dut.counters.value.to_unsigned())
+
+    def check_activity(self, before: dict[str, int], commands, x: np.ndarray, w: NMTensor
+                       ) -> dict:
+        """The counters since ``before`` through :func:`check_activity`."""
+        from flexcim.hw.layouts import COUNTER_BITS
+
+        now = self.counters()
+        measured = {k: (now[k] - before[k]) % (1 << COUNTER_BITS) for k in now}
+        return check_activity(self.cfg, measured, commands, x, w)
 
 
 # ----------------------------------------------------------------------------- cocotb tests
@@ -217,10 +270,9 @@ def _case(cfg: HwConfig):
     """The layer of this run: the host's data file, or a random case from FLEXCIM_CASE."""
     path = os.environ.get("FLEXCIM_DATA")
     if path:
-        with np.load(path, allow_pickle=False) as f:
-            w = NMTensor(values=f["values"], indices=f["indices"], pattern=str(f["pattern"]),
-                         shape=tuple(int(v) for v in f["shape"]))
-            return f["x"], w, {}
+        from flexcim.sim.regress import load_layer_data
+
+        return (*load_layer_data(Path(path)), {})
     case = _env_json("FLEXCIM_CASE", {})
     rng = np.random.default_rng(cocotb.RANDOM_SEED)
     pattern = NMPattern.parse(case.get("pattern", "1:1"))
@@ -256,6 +308,9 @@ async def full_rate(dut):
                   result.cycles, result.model_cycles, 100 * (result.cycles /
                                                           result.model_cycles - 1),
                   100 * result.utilization)
+    dut._log.info("activity counters equal the model; active cell-cycles %d, global-density "
+                  "estimate %.0f (RTL/estimate %.3f)", result.activity["mac_cycles"],
+                  result.activity["mac_estimate"], result.activity["mac_ratio"] or 0)
     _write_out(result, {"full_rate": result.stats()})
     assert abs(result.cycles - result.model_cycles) <= CYCLE_TOLERANCE * result.model_cycles, (
         f"measured {result.cycles} cycles, golden.perf predicts {result.model_cycles} "

@@ -176,6 +176,8 @@ def test_nonzero_slices_hand_computed():
     assert energy.nonzero_slices(x, 8).tolist() == [[0, 1, 1, 1, 1, 1]]
     with pytest.raises(FlexCimError, match="slice_bits must be 1, 2, 4 or 8, not 3"):
         energy.nonzero_slices(x, 3)
+    assert energy.slice_density(x, 1) == pytest.approx((0 + 1 + 8 + 1 + 1 + 2) / 48)
+    assert energy.slice_density(x, 8) == pytest.approx(5 / 6)
 
 
 @pytest.mark.parametrize("b", [1, 2, 8])

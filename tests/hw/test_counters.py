@@ -51,6 +51,18 @@ def test_counters_equal_the_model_and_the_operand_reference(b):
     assert 0 < counters["mac_cycles"] < counters["compute_cycles"] * cfg.cells
 
 
+@pytest.mark.parametrize("name, cfg", [
+    # A dense-only macro (no indices: every cell reads lane 0) and every one-entry index (one
+    # word per cell: a register instead of a memory, bit-parallel slices).
+    ("dense", TINY.replace(patterns=("1:1",))),
+    ("one-entry", TINY.replace(sub_macros=1, rows=8, depth=1, in_lanes=8, max_k=8,
+                               act_bits_per_cycle=8, patterns=("1:1", "2:4", "1:4", "1:8"))),
+])
+def test_counters_on_other_geometries(name, cfg):
+    counters, expected = run(cfg, layers(cfg, np.random.default_rng(len(name))))
+    assert counters == expected
+
+
 def test_stalls_change_no_count():
     """Input gaps and result back-pressure cost cycles, but the counters count events (data
     moved, slices computed), not time."""

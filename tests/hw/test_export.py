@@ -82,3 +82,22 @@ def test_single_pattern_and_one_entry_indices_lint_clean(name, tmp_path):
     export(LINT_CASES[name], out)
     tools.lint(out, "flexcim")  # raises on any warning but WIDTH
     assert "[-1:0]" not in out.read_text()
+
+
+def test_counters_on_request_with_their_fields_in_the_sidecar(tiny_export, tmp_path):
+    """--counters adds the 'counters' port (lint-clean) and documents its bit fields; without
+    it the module has no such port."""
+    from flexcim.hw.layouts import COUNTER_BITS, COUNTERS
+
+    assert "counters" not in tiny_export.read_text()
+    out = tmp_path / "counted.v"
+    assert main(["-q", "verilog", "--preset", "tiny", "--counters", "-o", str(out),
+                 "--lint"]) == 0
+    width = len(COUNTERS) * COUNTER_BITS
+    assert f"output [{width - 1}:0] counters;" in out.read_text()
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert {p["name"]: p["width"] for p in sidecar["ports"]}["counters"] == width
+    fields = sidecar["counters"]
+    assert [f["name"] for f in fields] == list(COUNTERS)
+    assert [f["offset"] for f in fields] == [i * COUNTER_BITS for i in range(len(COUNTERS))]
+    assert "selected activation slice" in fields[-1]["counts"]

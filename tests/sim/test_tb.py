@@ -46,6 +46,11 @@ def test_layer_on_rtl(case):
     assert abs(full["model_error"]) <= 0.02
     assert stalled["cycles"] > full["cycles"]  # the stalls really stalled the macro
     assert full["commands"] >= 1
+    # The testbench compared the RTL's activity counters with the model in both runs (each
+    # draws its own data); the stalls change the time, not the compute cycles.
+    for record in (full, stalled):
+        assert record["activity"]["compute_cycles"] == full["ideal_cycles"]
+        assert record["activity"]["mac_cycles"] > 0
 
 
 def test_testbench_fails_on_a_wrong_golden_config():
@@ -127,3 +132,21 @@ def test_sweep_every_tiny_pattern_on_both_simulators_default_on_verilator():
     assert tiny == {(s, p) for s in runner.SIMULATORS for p in SWEEP_PRESETS["tiny"]}
     assert {c.sim for c in cases if c.preset == "default"} == {"verilator"}
     assert len({c.name for c in cases}) == len(cases)
+
+
+def test_activity_check_names_every_counter_that_differs():
+    """The testbench's comparison of the RTL counters with the energy model (pure Python)."""
+    from flexcim.golden import energy, perf
+    from flexcim.sim.tb import check_activity, random_layer
+
+    cfg = preset("tiny")
+    x, w = random_layer(cfg, "2:4", 3, 64, 6, np.random.default_rng(0))
+    cmds = perf.schedule(cfg, w.pattern, 3, 64, 6)
+    right = {**energy.layer_events(cfg, cmds), "mac_cycles": energy.mac_cycles(cfg, x, w)}
+    record = check_activity(cfg, right, cmds, x, w)
+    assert record["mac_ratio"] == pytest.approx(
+        right["mac_cycles"] / (right["compute_cycles"] * cfg.cells * np.count_nonzero(x) / x.size))
+    for name in right:
+        wrong = {**right, name: right[name] + 1}
+        with pytest.raises(AssertionError, match=f"'{name}': \\({right[name] + 1}, "):
+            check_activity(cfg, wrong, cmds, x, w)
