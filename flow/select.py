@@ -299,8 +299,9 @@ class SelectConfig:
     keep_ends_dense : bool or None
         Force the first and last blocks dense (the release does); the others compensate so the
         mean over *all* blocks still meets the target.  ``None`` (default): on for ``flow``
-        (measured far better on SmolLM2, docs/flow.md), off for ``uniform`` and ``owl`` (their
-        published forms).
+        (measured far better on SmolLM2, docs/flow.md) unless that makes the target
+        unreachable (a model with few blocks; the plan's message says so), off for ``uniform``
+        and ``owl`` (their published forms).
     hw_config : HwConfig or None
         Add each block's relative latency on this macro to the cost (``hw_weight`` x
         cycles/dense cycles); candidates the macro does not support are excluded.
@@ -442,14 +443,28 @@ def select(blocks, scores: dict[str, torch.Tensor] | None, config: SelectConfig,
         costs = [[c + config.hw_weight * cy / dn for c, cy in zip(row, cyr, strict=True)]
                  for row, cyr, dn in zip(costs, cycles, dense, strict=True)]
     sparsities = [[p.sparsity for p in candidates] for _ in blocks]
-    ends_dense = (config.method == "flow" if config.keep_ends_dense is None
-                  else config.keep_ends_dense)
-    if ends_dense:
-        for end in {0, n_blocks - 1}:
-            costs[end] = [0.0]
-            sparsities[end] = [0.0]
     denominator = math.lcm(*(p.m for p in candidates))
-    solution = solve(costs, sparsities, target, denominator=denominator)
+    auto_ends = config.keep_ends_dense is None and config.method == "flow"
+    ends_dense = auto_ends or bool(config.keep_ends_dense)
+    solution = None
+    if ends_dense:
+        end_costs, end_sparsities = list(costs), list(sparsities)
+        for end in {0, n_blocks - 1}:
+            end_costs[end] = [0.0]
+            end_sparsities[end] = [0.0]
+        try:
+            solution = solve(end_costs, end_sparsities, target, denominator=denominator)
+        except FlexCimError as exc:
+            if not auto_ends:
+                raise
+            # the default only: with few blocks dense ends can make the target unreachable
+            ends_dense = False
+            fallback = f"{exc}; the first and last blocks are pruned like the others"
+    if solution is None:
+        solution = solve(costs, sparsities, target, denominator=denominator)
+        if auto_ends and not ends_dense:
+            message = f"{fallback}. {solution.message}" if solution.message else fallback
+            solution = dataclasses.replace(solution, message=message)
     if solution.message:
         log.warning("%s", solution.message)
 

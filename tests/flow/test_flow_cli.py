@@ -86,8 +86,8 @@ def test_select_normalisation_option(workspace, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--target-sparsity", "0.95"], "outside [0, 0.375]"),  # ends dense: 2 of 4 blocks
-    (["--target-sparsity", "0.8", "--no-keep-ends-dense"], "outside [0, 0.75]"),
+    (["--target-sparsity", "0.95"], "outside [0, 0.75]"),
+    (["--target-sparsity", "0.5", "--keep-ends-dense"], "outside [0, 0.375]"),  # 2 of 4 blocks
     (["--target-sparsity", "1.5"], "target sparsity must be in [0, 1)"),
     (["--method", "uniform", "--pattern", "4:64"], "M must be a power of two from 1 to 32"),
     (["--method", "uniform", "--pattern", "2:x"], "N:M pattern must look like"),

@@ -129,6 +129,20 @@ def test_keep_ends_dense_compensates(blocks, scores):
     assert {b["pattern"] for b in plan.blocks[1:3]} == {"2:8"}
 
 
+def test_default_ends_dense_falls_back_when_the_target_needs_the_ends(blocks, scores):
+    # 4 blocks, paper candidates: with dense ends at most 2 x 0.75 / 4 = 0.375 is reachable
+    plan = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.5))
+    assert plan.settings["keep_ends_dense"] is False and plan.exact
+    assert plan.achieved_sparsity == pytest.approx(0.5)
+    assert "outside [0, 0.375]" in plan.message and "pruned like the others" in plan.message
+    kept = sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.25))
+    assert kept.settings["keep_ends_dense"] is True and kept.message == ""
+    assert kept.blocks[0]["pattern"] == kept.blocks[3]["pattern"] == "1:1"
+    with pytest.raises(FlexCimError, match=r"outside \[0, 0.375\]"):  # asked for: no fallback
+        sel.select(blocks, scores, sel.SelectConfig(method="flow", target=0.5,
+                                                    keep_ends_dense=True))
+
+
 def test_uniform_and_bad_inputs(blocks, scores):
     plan = sel.select(blocks, scores, sel.SelectConfig(method="uniform", pattern="2:4"))
     assert set(plan.layers.values()) == {"2:4"} and plan.achieved_sparsity == 0.5
