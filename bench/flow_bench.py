@@ -16,9 +16,10 @@ and modelled prefill cycles/energy on the ``default``, ``dense`` and ``fixed24``
 
 Budget (the defaults): 16 calibration windows, 16 test + 8 validation windows of 128 tokens,
 four targets, the eight ``DEFAULT_CONFIGS`` with Wanda (32 plans), SparseGPT on 5 plans, 5
-hardware plans, 9 activation runs, one sequential select + prune; the measured wall time is in
-the JSON (``total_s``).  ``--configs``, ``--sparsities``, ``--skip-*`` and the window counts
-shrink it.  Progress is logged per plan.
+hardware plans, 13 activation runs, the greedy 8:16 projection-set study (about 20 sets, each
+on validation and test), one sequential select + prune; the measured wall time is in the JSON
+(``total_s``).  ``--only-act-sets`` runs the study alone (about 3 minutes); ``--configs``,
+``--sparsities``, ``--skip-*`` and the window counts shrink the rest.  Progress is logged per plan.
 
 To compare many plans on one calibration the sweep prunes one-shot from the dense model's
 statistics (``apply_plan(stats=...)``); ``flexcim flow prune`` prunes block by block on the
@@ -81,6 +82,26 @@ CONFIGS = {
 DEFAULT_CONFIGS = tuple(CONFIGS)[:8]
 HW_WEIGHTS = (1.0, 10.0)
 """Weights of the latency term in the hardware-aware comparison (FLOW's own costs are O(1-10))."""
+
+
+ACT_BUDGET = 0.05
+"""Perplexity increase allowed for the default activation-pruned projection set (the goal)."""
+
+
+def _act_sets(model, ev, dense: float, pattern: str = "8:16") -> dict:
+    """Which projection kinds to prune at ``pattern``: :func:`act.choose_projections` on the
+    *validation* text (Emma), the largest share of linear MACs within :data:`ACT_BUDGET`; every
+    set it measured is then also scored on the test windows (reported, never used to choose)."""
+    from flexcim.flow import act
+
+    study = act.choose_projections(model, lambda: ev("emma"), pattern=pattern, budget=ACT_BUDGET)
+    for rows in study["steps"]:
+        for row in rows:
+            config = act.ActConfig(pattern=pattern, projections=tuple(row["projections"]))
+            with act.activation_pruning(model, config):
+                row["ppl_test"] = ev()
+            row["increase_test"] = row["ppl_test"] / dense - 1
+    return study
 
 
 def _restore(model, state):
@@ -218,6 +239,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-act", action="store_true", help="skip activation pruning")
     parser.add_argument("--skip-timing", action="store_true",
                         help="skip the sequential select + prune timing")
+    parser.add_argument("--only-act-sets", action="store_true",
+                        help="only the dense perplexities and the 8:16 projection-set study")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(2)
@@ -267,6 +290,12 @@ def main(argv=None) -> int:
     result["dense_ppl"], result["dense_ppl_val"] = ev(), ev("emma")
     log.info("dense perplexity %.3f (validation %.3f)", result["dense_ppl"],
              result["dense_ppl_val"])
+    if args.only_act_sets:
+        result["act_sets"] = _act_sets(model, ev, result["dense_ppl"])
+        result["total_s"] = time.perf_counter() - started
+        save()
+        _print(result)
+        return 0
     outliers = all_outliers(decoder_blocks(model), pipeline.layer_scores(model, stats, "wanda"),
                             SelectConfig(method="uniform", pattern="4:8").hyper_m)
     plans = {}
@@ -388,30 +417,38 @@ def main(argv=None) -> int:
             if weight_plan is not None:
                 wanda.apply(weight_plan)
             base = result["dense_ppl"] if weight_plan is None else ev()
-            for pattern, score in (("8:16", "abs"), ("8:16", "weight"), ("4:8", "abs"),
-                                   ("2:4", "abs")):
-                with act.activation_pruning(model, act.ActConfig(pattern=pattern, score=score)):
+            every, default = act.PROJECTIONS, act.DEFAULT_PROJECTIONS
+            for pattern, score, kinds in (("8:16", "abs", every), ("8:16", "weight", every),
+                                          ("4:8", "abs", every), ("2:4", "abs", every),
+                                          ("8:16", "abs", default), ("4:8", "abs", default)):
+                config = act.ActConfig(pattern=pattern, score=score, projections=kinds)
+                with act.activation_pruning(model, config):
                     ppl = ev()
                 weights = "dense" if weight_plan is None else f"{chosen} 0.5 wanda"
-                acts.append({"weights": weights,
+                acts.append({"weights": weights, "projections": list(kinds),
                              "pattern": pattern, "score": score, "ppl_without": base, "ppl": ppl,
                              "increase": ppl / base - 1})
-                log.info("activations %s (%s), weights %s: %.3f (%+.1f%%)", pattern, score,
-                         acts[-1]["weights"], ppl, 100 * acts[-1]["increase"])
+                log.info("activations %s (%s) on %s, weights %s: %.3f (%+.1f%%)", pattern,
+                         score, ",".join(kinds), acts[-1]["weights"], ppl,
+                         100 * acts[-1]["increase"])
             _restore(model, dense_state)
         # per-projection-kind sensitivity at 8:16 and skipping the most sensitive 10 %
-        sens = act.sensitivity(model, cw[:4], act.ActConfig(pattern="8:16"))
+        sens = act.sensitivity(model, cw[:4],
+                               act.ActConfig(pattern="8:16", projections=act.PROJECTIONS))
         kinds = {}
         for name, v in sens.items():
             kinds.setdefault(act.projection_kind(name), []).append(v)
         result["act_sensitivity_by_kind"] = {k: sum(v) / len(v) for k, v in kinds.items()}
         skip = act.skip_most_sensitive(sens, 0.1)
-        with act.activation_pruning(model, act.ActConfig(pattern="8:16", skip=skip)):
+        with act.activation_pruning(model, act.ActConfig(pattern="8:16", skip=skip,
+                                                          projections=act.PROJECTIONS)):
             ppl = ev()
-        acts.append({"weights": "dense", "pattern": "8:16", "score": "abs", "skip_budget": 0.1,
+        acts.append({"weights": "dense", "projections": list(act.PROJECTIONS),
+                     "pattern": "8:16", "score": "abs", "skip_budget": 0.1,
                      "skipped": list(skip), "ppl_without": result["dense_ppl"], "ppl": ppl,
                      "increase": ppl / result["dense_ppl"] - 1})
         result["activation"] = acts
+        result["act_sets"] = _act_sets(model, ev, result["dense_ppl"])
         result["act_overhead"] = _overhead()
         save()
 
@@ -489,7 +526,7 @@ def _print(result) -> None:
           f"{result['seq_len']} tokens; validation {result['dense_ppl_val']:.2f}, "
           f"{result['val_windows']} windows)")
     print(f"{'method':<30}{'metric':<10}{'sparsity':>9}{'perplexity':>12}{'validation':>12}")
-    for r in result["sweep"]:
+    for r in result.get("sweep", []):
         print(f"{r['label']:<30}{r['metric']:<10}{r['achieved']:>9.3f}{r['ppl']:>12.2f}"
               f"{r['ppl_val']:>12.2f}")
     sel = result.get("selection", {})
@@ -497,7 +534,7 @@ def _print(result) -> None:
     for label, v in sorted(variants.items(), key=lambda kv: kv[1]["geomean_ppl_val"]):
         print(f"geomean over targets {label:<30} validation {v['geomean_ppl_val']:>9.2f} "
               f"test {v['geomean_ppl']:>9.2f}{'  <- chosen' if label == sel['chosen'] else ''}")
-    for row in result["flow_vs_baselines"]:
+    for row in result.get("flow_vs_baselines", []):
         rel = ", ".join(f"{k} {v:+.1%}" for k, v in row.items() if k.startswith("vs"))
         if not rel:
             continue
@@ -517,8 +554,19 @@ def _print(result) -> None:
                   f"x{f['cycles'] / x['cycles']:.2f}, energy x{d['energy_pj'] / x['energy_pj']:.2f}"
                   f" / x{f['energy_pj'] / x['energy_pj']:.2f}")
     for a in result.get("activation", []):
-        print(f"activations {a['pattern']} {a['score']:<6} weights {a['weights']:<24} "
+        print(f"activations {a['pattern']} {a['score']:<6} on {','.join(a['projections']):<22}"
+              f" weights {a['weights']:<24} "
               f"{a['ppl']:.2f} ({a['increase']:+.1%})")
+    sets = result.get("act_sets")
+    if sets:
+        for step, rows in enumerate(sets["steps"], 1):
+            for r in rows:
+                print(f"activations {sets['pattern']} step {step} {','.join(r['projections']):<22}"
+                      f" MACs {r['mac_share']:6.1%}  validation {r['ppl']:.2f} "
+                      f"({r['increase']:+.1%})  test {r['ppl_test']:.2f} "
+                      f"({r['increase_test']:+.1%})")
+        print(f"largest MAC share within {sets['budget']:.0%} on validation: "
+              f"{','.join(sets['projections']) or 'none'}")
     for k, v in result.get("act_overhead", {}).items():
         print(f"top-k 8:16 {k}: {v['topk_ms']:.3f} ms vs linear {v['linear_ms']:.3f} ms "
               f"({v['ratio']:.2f}x)")

@@ -16,6 +16,7 @@ METRICS = ("magnitude", "wanda", "sparsegpt")
 METHODS = ("uniform", "owl", "flow")
 M_DIRECTIONS = ("figure", "code")
 NORMALISATIONS = ("minmax", "zscore", "rank")
+ACT_DEFAULT = ("q", "down")  # flexcim.flow.act.DEFAULT_PROJECTIONS
 
 
 def _session(args):
@@ -107,21 +108,23 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _act_eval(args: argparse.Namespace) -> int:
     from flexcim.flow import act, pipeline
-    from flexcim.flow.eval import write_json
+    from flexcim.flow.eval import perplexity, write_json
     from flexcim.flow.select import Plan
 
-    projections = tuple(p.strip() for p in args.projections.split(",") if p.strip())
+    auto = args.projections.strip() == "auto"
+    projections = act.PROJECTIONS if auto else tuple(
+        p.strip() for p in args.projections.split(",") if p.strip())
     config = act.ActConfig(pattern=args.pattern, score=args.score, projections=projections)
+    if not args.budget > 0:
+        raise FlexCimError(f"--budget must be a positive fraction, not {args.budget!r}")
     plan = Plan.load(args.plan) if args.plan else None
     if args.output:
         _check_output_dir(args.output)
     session = _session(args)
-    act_config = config
     record = {"model": session.lm.name, "pattern": args.pattern, "score": args.score,
-              "projections": list(projections), "eval_windows": args.eval_windows,
-              "seq_len": args.seq_len}
+              "eval_windows": args.eval_windows, "seq_len": args.seq_len}
     calib = None
-    if plan is not None or args.skip_budget > 0:
+    if plan is not None or args.skip_budget > 0 or auto:
         calib = _calib(session, args)
     if plan is not None:
         metric = args.metric or plan.settings.get("metric", "wanda")
@@ -129,6 +132,19 @@ def _act_eval(args: argparse.Namespace) -> int:
                             metric=metric)
         record.update(plan=os.path.abspath(args.plan), metric=metric,
                       weight_sparsity=plan.achieved_sparsity)
+    if auto:
+        # chosen on the calibration text, disjoint from the evaluation windows reported below
+        study = act.choose_projections(
+            session.model, lambda: perplexity(session.model, calib, progress=False),
+            pattern=args.pattern, score=args.score, budget=args.budget)
+        projections = study["projections"]
+        if not projections:
+            raise FlexCimError(f"no projection kind keeps the calibration perplexity within "
+                               f"+{args.budget:.1%} at {args.pattern}; raise --budget")
+        config = act.ActConfig(pattern=args.pattern, score=args.score, projections=projections)
+        record["selection"] = study
+    record["projections"] = list(projections)
+    act_config = config
     if args.skip_budget > 0:
         sens = act.sensitivity(session.model, calib[: min(8, len(calib))], config)
         skip = act.skip_most_sensitive(sens, args.skip_budget)
@@ -241,8 +257,13 @@ def register(sub) -> None:
                    help="kept per group of input channels (default 8:16)")
     p.add_argument("--score", choices=("abs", "weight"), default="abs",
                    help="abs: |x|; weight: |x_j| * ||W[:, j]|| (default abs)")
-    p.add_argument("--projections", default="q,k,v,o,gate,up,down",
-                   help="projection kinds to prune (default all seven)")
+    p.add_argument("--projections", default=",".join(ACT_DEFAULT), metavar="KINDS|auto",
+                   help="projection kinds to prune, some of q,k,v,o,gate,up,down (default "
+                        f"{','.join(ACT_DEFAULT)}: measured on SmolLM2, docs/flow.md), or auto: "
+                        "the largest share of the "
+                        "linear MACs within --budget on the calibration text")
+    p.add_argument("--budget", type=float, default=0.05, metavar="F",
+                   help="with --projections auto: allowed perplexity increase (default 0.05)")
     p.add_argument("--skip-budget", type=float, default=0.0, metavar="F",
                    help="keep the fraction F of most sensitive projections dense (default 0)")
     p.add_argument("--plan", metavar="PLAN.json", help="also apply this weight plan first")

@@ -66,7 +66,7 @@ def test_hooks_removed_after_exception():
 def test_sensitivity_matches_direct_computation_and_skip_budget():
     model = tiny_llama(0)
     windows = torch.randint(0, 96, (2, 16))
-    config = act.ActConfig(pattern="2:4", score="weight")
+    config = act.ActConfig(pattern="2:4", score="weight", projections=act.PROJECTIONS)
     sens = act.sensitivity(model, windows, config)
     assert len(sens) == 28
     name = "model.layers.2.mlp.down_proj"
@@ -99,3 +99,43 @@ def test_act_bad_inputs():
     odd = tiny_llama(0, hidden=24, intermediate=40)
     with pytest.raises(FlexCimError, match="M=16 does not divide the input width 24"):
         act.ActConfig(pattern="8:16").targets(odd)
+
+
+def test_pruned_mac_share_counts_in_times_out_per_target():
+    model = tiny_llama(0)  # hidden 32, intermediate 64, 4 heads of 8, 2 KV heads: k/v are 32->16
+    per_block = {"q": 32 * 32, "k": 32 * 16, "v": 32 * 16, "o": 32 * 32,
+                 "gate": 32 * 64, "up": 32 * 64, "down": 64 * 32}
+    total = sum(per_block.values())
+    every = act.ActConfig(projections=act.PROJECTIONS)
+    assert act.pruned_mac_share(model, every) == pytest.approx(1.0)
+    default = act.ActConfig()  # q and down
+    assert act.pruned_mac_share(model, default) == pytest.approx((32 * 32 + 64 * 32) / total)
+    config = act.ActConfig(projections=("k", "down"))
+    assert act.pruned_mac_share(model, config) == pytest.approx((32 * 16 + 64 * 32) / total)
+    # skipping one block's down_proj removes a quarter of that kind (4 blocks)
+    skip = act.ActConfig(projections=("down",), skip=("model.layers.0.mlp.down_proj",))
+    assert act.pruned_mac_share(model, skip) == pytest.approx(0.75 * 64 * 32 / total)
+
+
+def test_choose_projections_greedy_largest_mac_share_within_budget():
+    model = tiny_llama(0)
+    layers = linear_layers(model)
+    cost = {"q": 0.01, "k": 0.01, "v": 0.03, "o": 0.02, "gate": 0.2, "up": 0.3, "down": 0.02}
+    calls = []
+
+    def evaluate():  # perplexity 10 * (1 + cost of every kind whose inputs are pruned now)
+        hooked = {act.projection_kind(n) for n, m in layers.items() if m._forward_pre_hooks}
+        calls.append(hooked)
+        return 10.0 * (1 + sum(cost[k] for k in hooked))
+
+    study = act.choose_projections(model, evaluate, budget=0.05)
+    # step 1: down has the largest MAC share of the kinds within 5 %; step 2: q and o tie on
+    # MACs with down, q costs less; step 3: k; step 4: nothing fits (v +7 %, o +6 %)
+    assert study["projections"] == ("q", "k", "down")
+    assert study["result"]["increase"] == pytest.approx(0.04)
+    assert [len(s) for s in study["steps"]] == [7, 6, 5, 4]
+    assert calls[0] == set() and study["baseline"] == 10.0  # the dense-activation baseline
+    assert len(calls) == 1 + 7 + 6 + 5 + 4
+    assert all(not m._forward_pre_hooks for m in layers.values())
+    with pytest.raises(FlexCimError, match="budget must be a positive fraction, not 0"):
+        act.choose_projections(model, evaluate, budget=0)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
+from flexcim.flow import act, prune
 from flexcim.flow import cli as flow_cli
-from flexcim.flow import prune
 from flexcim.flow import select as sel
 from flexcim.flow.model import linear_layers, load_model, tiny_llama
 
@@ -16,6 +16,7 @@ def test_cli_choices_match_the_library():
     assert flow_cli.METRICS == prune.METRICS
     assert flow_cli.METHODS == sel.METHODS and flow_cli.M_DIRECTIONS == sel.M_DIRECTIONS
     assert flow_cli.NORMALISATIONS == tuple(sel.NORMALISATIONS)
+    assert flow_cli.ACT_DEFAULT == act.DEFAULT_PROJECTIONS == act.ActConfig().projections
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +123,36 @@ def test_act_eval_reports_both_perplexities(workspace, capsys, tmp_path):
     d = workspace
     out = tmp_path / "act.json"
     code, err = _run(capsys, "flow", "act-eval", *_common(d), "--pattern", "2:4", "--score",
-                     "weight", "--skip-budget", "0.25", "--eval-windows", "2", "-o", str(out))
+                     "weight", "--projections", "q,k,v,o,gate,up,down", "--skip-budget", "0.25",
+                     "--eval-windows", "2", "-o", str(out))
     assert code == 0, err
     r = json.loads(out.read_text())
     assert r["pruned_projections"] == 21 and len(r["skipped"]) == 7
     assert r["perplexity_pruned_act"] != r["perplexity_dense_act"]
     assert r["relative_increase"] == pytest.approx(
         r["perplexity_pruned_act"] / r["perplexity_dense_act"] - 1)
+
+
+def test_act_eval_default_and_auto_projections(workspace, capsys, tmp_path):
+    d, out = workspace, tmp_path / "act.json"
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--eval-windows", "2", "-o",
+                     str(out))
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["projections"] == ["q", "down"] and r["pruned_projections"] == 8  # 4 blocks
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--pattern", "2:4",
+                     "--projections", "auto", "--budget", "10", "--eval-windows", "2", "-o",
+                     str(out))
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    sel = r["selection"]
+    # a budget of +1000 % admits every kind: the greedy search ends with all seven, step by step
+    assert r["projections"] == list(act.PROJECTIONS) and r["pruned_projections"] == 28
+    assert [len(step) for step in sel["steps"]] == [7, 6, 5, 4, 3, 2, 1]
+    assert sel["result"]["mac_share"] == pytest.approx(1.0)
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--pattern", "2:4",
+                     "--projections", "auto", "--budget", "0")
+    assert code == 2 and "--budget must be a positive fraction, not 0.0" in err
 
 
 def test_act_eval_bad_pattern(workspace, capsys):
