@@ -402,23 +402,32 @@ class ModelCost:
         return self.cycles / clock_hz
 
 
-def prefill_cost(cfg: HwConfig, plan, tokens: int, *, act_density: float = 1.0,
+def prefill_cost(cfg: HwConfig, plan, tokens: int, *,
+                 act_density: float | Mapping[str, float] = 1.0,
                  energies: ActionEnergies = ENERGY_45NM) -> ModelCost:
     """Cycles and energy of prefilling ``tokens`` tokens through every linear of ``plan``.
 
-    Linears run one after another on one macro (no overlap between layers).
+    Linears run one after another on one macro (no overlap between layers).  ``act_density``
+    is one fraction for every linear, or a mapping from linear names to their fractions
+    (absent names: 1.0), e.g. 0.5 for only the projections whose activations are pruned 8:16.
     """
     layers = parse_plan(plan) if isinstance(plan, Mapping) else tuple(plan)
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise FlexCimError(f"tokens must be a positive integer, not {tokens!r}")
     totals = dict.fromkeys(ACTIONS, 0.0)
     cycles, rows = 0, []
+    memo = {}  # a model repeats a few shapes in every block: cost each once
     for layer in layers:
         pattern = pattern_on(cfg, layer)
         layer_cycles, layer_pj = 0, 0.0
-        for _, c, k in layer.linears:
-            cost = layer_cost(cfg, pattern, tokens, k, c, act_density=act_density,
-                              energies=energies)
+        for name, c, k in layer.linears:
+            density = (act_density.get(name, 1.0) if isinstance(act_density, Mapping)
+                       else act_density)
+            key = (pattern, k, c, density)
+            if key not in memo:
+                memo[key] = layer_cost(cfg, pattern, tokens, k, c, act_density=density,
+                                       energies=energies)
+            cost = memo[key]
             layer_cycles += cost.cycles
             layer_pj += cost.total_pj
             for name, pj in cost.energy_pj.items():
@@ -428,9 +437,10 @@ def prefill_cost(cfg: HwConfig, plan, tokens: int, *, act_density: float = 1.0,
     return ModelCost(cycles=cycles, energy_pj=totals, layers=tuple(rows))
 
 
-def compare(plan, tokens: int, configs: Mapping[str, HwConfig], *, act_density: float = 1.0,
-            reference: str = "fixed24") -> dict:
-    """Prefill cycles/energy of ``plan`` on every config, with ratios to ``reference``.
+def compare(plan, tokens: int, configs: Mapping[str, HwConfig], *,
+            act_density: float | Mapping[str, float] = 1.0, reference: str = "fixed24") -> dict:
+    """Prefill cycles/energy of ``plan`` on every config, with ratios to ``reference``
+    (``act_density`` as in :func:`prefill_cost`).
 
     Returns a JSON-ready dict ``{name: {"cycles", "energy_pj", "latency_vs_ref",
     "energy_vs_ref"}}``; ratios are reference / this (> 1 means this macro is better).

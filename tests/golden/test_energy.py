@@ -107,6 +107,17 @@ def test_prefill_cost_is_the_sum_of_its_linears_and_compare_ratios():
     ref = energy.prefill_cost(PRESETS["fixed24"], PLAN, 8)
     assert table["default"]["energy_vs_ref"] == pytest.approx(ref.total_pj / cost.total_pj)
     json.dumps(table)  # JSON-ready
+    # per-linear activation density: only the named linears are gated
+    names = [n for layer in energy.parse_plan(PLAN) for n, _, _ in layer.linears]
+    half = energy.prefill_cost(cfg, PLAN, 8, act_density=0.5)
+    one = energy.prefill_cost(cfg, PLAN, 8, act_density={"up": 0.5})  # b1's up only
+    assert energy.prefill_cost(cfg, PLAN, 8, act_density={}).total_pj == cost.total_pj
+    assert energy.prefill_cost(cfg, PLAN, 8, act_density=dict.fromkeys(names, 0.5)).total_pj \
+        == pytest.approx(half.total_pj)
+    solo = (energy.layer_cost(cfg, "1:8", 8, 16, 32).total_pj
+            - energy.layer_cost(cfg, "1:8", 8, 16, 32, act_density=0.5).total_pj)
+    assert cost.total_pj - one.total_pj == pytest.approx(solo) and solo > 0
+    assert one.cycles == cost.cycles
 
 
 @pytest.mark.parametrize(
