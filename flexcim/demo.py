@@ -84,35 +84,41 @@ MACROS = ("default", "dense", "fixed24")  # FlexCiM and the two baselines, same 
 PREFILL_TOKENS = 128
 
 
-def prefill_comparison(plan: dict, tokens: int = PREFILL_TOKENS) -> dict:
+def prefill_comparison(plan: dict, tokens: int = PREFILL_TOKENS, *,
+                       act_layers: tuple[str, ...] = (), act_pattern: str = "8:16") -> dict:
     """Whole-model prefill cycles/energy of ``plan`` on FlexCiM vs dense and fixed-2:4 macros.
 
-    ``plan`` is in :func:`flexcim.golden.energy.parse_plan` form.  Returns, per activation
-    density (1.0 = dense activations, 0.5 = 8:16 activation pruning, whose zeros gate the cells),
-    :func:`flexcim.golden.energy.compare` of the three macros against ``fixed24``.
+    ``plan`` is in :func:`flexcim.golden.energy.parse_plan` form.  Returns
+    :func:`flexcim.golden.energy.compare` of the three macros against ``fixed24`` with dense
+    activations (``dense_act``) and with ``act_pattern`` activation pruning on the linears
+    ``act_layers`` (``pruned_act``: their non-zero fraction N/M gates the cells).
     """
     from flexcim.golden import energy
+    from flexcim.golden.nm import NMPattern
     from flexcim.hw.config import preset
 
     configs = {name: preset(name) for name in MACROS}
-    return {
-        str(density): energy.compare(plan, tokens, configs, act_density=density)
-        for density in (1.0, 0.5)
-    }
+    pattern = NMPattern.parse(act_pattern)
+    density = dict.fromkeys(act_layers, pattern.n / pattern.m)
+    return {"dense_act": energy.compare(plan, tokens, configs),
+            "pruned_act": energy.compare(plan, tokens, configs, act_density=density),
+            "act_pattern": act_pattern, "act_layers": list(act_layers)}
 
 
 def stage_performance(ctx: Context) -> None:
     """Latency and energy of the FLOW plan's prefill on FlexCiM vs the baselines."""
     plt = pyplot()
     plan = ctx.results["energy_plan"]
-    result = prefill_comparison(plan)
+    result = prefill_comparison(plan, act_layers=ctx.results["act_layers"],
+                                act_pattern=ACT_PATTERN)
     ctx.report.record("prefill", result)
-    dense_act = result["1.0"]
+    dense_act, pruned = result["dense_act"], result["pruned_act"]
     rows = []
     for name in MACROS:
         r = dense_act[name]
         rows.append([name, r["cycles"], r["energy_pj"] / 1e6, r["latency_vs_ref"],
-                     r["energy_vs_ref"], result["0.5"][name]["energy_pj"] / 1e6])
+                     r["energy_vs_ref"], pruned[name]["energy_pj"] / 1e6,
+                     pruned[name]["energy_vs_ref"]])
     ctx.report.section(
         "Prefill latency and energy",
         f"Every linear projection of the plan ({len(plan['layers'])} blocks), {PREFILL_TOKENS} "
@@ -121,12 +127,13 @@ def stage_performance(ctx: Context) -> None:
         "runs a block as 2:4 only if its masks are 2:4-compatible, else dense. Cycles from "
         "`flexcim.golden.perf` (checked against the RTL), energy from `flexcim.golden.energy` "
         "(Horowitz ISSCC 2014 45 nm action energies; see its docstring). Ratios are "
-        "fixed24 / macro (> 1: better than fixed24). The last column gates the zeros of 8:16 "
-        "activation pruning.",
+        f"fixed24 / macro (> 1: better than fixed24). The last two columns gate the zeros of "
+        f"{ACT_PATTERN} activation pruning on the {_kinds()} projections (the default set, as "
+        "in the perplexity table); the cycles do not change (zeros are gated, not skipped).",
     )
     ctx.report.table(
         ["macro", "cycles", "energy (uJ)", "latency vs fixed24", "energy vs fixed24",
-         "energy with 8:16 act. (uJ)"],
+         f"energy, {ACT_PATTERN} act. (uJ)", f"energy vs fixed24, {ACT_PATTERN} act."],
         rows,
     )
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
@@ -142,23 +149,144 @@ def stage_performance(ctx: Context) -> None:
     fig.suptitle("FLOW plan prefill: FlexCiM vs baselines (ratio = fixed24 / macro)")
     ctx.report.plot("prefill_latency_energy", fig,
                     "Prefill latency and energy of the FLOW plan on each macro")
+    _iso_accuracy(ctx, ctx.results["points"])
+
+
+def _iso_accuracy(ctx: Context, points: list[dict]) -> None:
+    """Each macro with the plans it runs best: latency/energy at equal or better perplexity."""
+    plt = pyplot()
+    rows = iso_accuracy(points)
+    ctx.report.record("iso_accuracy", {"points": [
+        {k: p[k] for k in ("name", "ppl", "sparsity", "prefill")} for p in points],
+        "default_vs_fixed24": rows})
+    best = max(rows, key=lambda r: r["latency_ratio"])
+    ctx.report.text(
+        "**At equal accuracy.**  The same plan on every macro is one comparison; the other is "
+        "each macro with the plan it runs best.  Every plan of the perplexity table (dense "
+        "activations) on every macro: for each plan on FlexCiM's Pareto front (no other plan "
+        "both faster there and at least as accurate), the fastest and the most frugal plan the "
+        "fixed-2:4 macro runs at equal or lower perplexity. Ratios are fixed24 / FlexCiM "
+        f"(> 1: FlexCiM better); the best latency ratio is {best['latency_ratio']:.2f}x "
+        f"(`{best['plan']}`, perplexity {best['ppl']:.1f}, vs fixed24 running "
+        f"`{best['reference_fastest']}`). The comparison is only as fine as the measured plans: "
+        "an unmeasured plan between two of them could move either macro's front.",
+    )
+    ctx.report.table(
+        ["plan on FlexCiM", "perplexity", "cycles", "fixed24's fastest at <= perplexity",
+         "its cycles", "latency ratio", "fixed24's most frugal", "energy ratio"],
+        [[r["plan"], r["ppl"], r["cycles"], f"{r['reference_fastest']} "
+          f"({r['reference_fastest_ppl']:.1f})", r["reference_cycles"], r["latency_ratio"],
+          r["reference_frugal"], r["energy_ratio"]] for r in rows],
+    )
+    colors = {"default": "tab:green", "dense": "tab:gray", "fixed24": "tab:blue"}
+    fig, axes = plt.subplots(1, len(MACROS), figsize=(12, 4.2), sharey=True, sharex=True)
+    for ax, macro in zip(axes, MACROS, strict=True):
+        pts = sorted((p["prefill"][macro]["cycles"] / 1e6, p["ppl"], p["name"]) for p in points)
+        ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], color=colors[macro], s=18)
+        front, best_ppl = [], float("inf")  # the staircase of the Pareto front
+        for x, y, _ in pts:
+            if y < best_ppl:
+                front.append((x, y))
+                best_ppl = y
+        ax.step([x for x, _ in front], [y for _, y in front], where="post",
+                color=colors[macro], alpha=0.6)
+        for x, y, name in pts:
+            ax.annotate(name, (x, y), fontsize=6, xytext=(-3, 3), textcoords="offset points",
+                        ha="right")
+        ax.set_title(f"`{macro}` macro", fontsize=10)
+        ax.set_xlabel(f"prefill cycles, {PREFILL_TOKENS} tokens (millions)")
+    axes[0].set_ylabel("perplexity (held-out Austen)")
+    axes[0].set_yscale("log")
+    fig.suptitle("Every measured plan on every macro (lower left is better; line: Pareto front)",
+                 fontsize=10)
+    ctx.report.plot("iso_accuracy", fig, "Perplexity vs prefill latency per macro and plan")
 
 
 # ----------------------------------------------------------------------------- FLOW on SmolLM2
-DEMO_TARGETS = (0.25, 0.5)      # mean weight sparsity targets of the perplexity sweep
+DEMO_TARGETS = (0.25, 0.375, 0.5)  # mean weight sparsity targets of the perplexity sweep
 DEMO_TARGET = 0.5               # the plan that goes to the hardware
-UNIFORM = {0.25: "3:4", 0.5: "2:4"}  # uniform N:M at each target
+UNIFORM = {0.25: "3:4", 0.375: "5:8", 0.5: "2:4"}  # uniform N:M at each target
 ACT_PATTERN = "8:16"            # Amber-style prefill activation pruning
 
 
-def _plans(fp, model, stats, target: float) -> dict:
-    configs = {
-        f"uniform {UNIFORM[target]}": fp.SelectConfig(method="uniform", pattern=UNIFORM[target]),
-        "OWL": fp.SelectConfig(method="owl", target=target),
-        "FLOW": fp.SelectConfig(method="flow", target=target),
-    }
-    return {name: fp.make_plan(model, None, cfg, stats=stats, progress=False)
-            for name, cfg in configs.items()}
+def _kinds() -> str:
+    from flexcim.flow.act import DEFAULT_PROJECTIONS
+
+    return " and ".join(f"`{k}`" for k in DEFAULT_PROJECTIONS)
+
+
+def _plans(fp, model, stats, target: float) -> list:
+    """``(name, series, plan)`` of every plan of the sweep at ``target``.  Besides the three
+    methods: uniform 4:8 at 50 % (what FlexCiM runs sparse and a fixed-2:4 macro cannot) and FLOW
+    restricted to {1:1, 2:4} below 50 % (plans made for a fixed-2:4 macro: every block dense or
+    2:4), so that each macro's best plans are among the measured points."""
+    from flexcim.flow.select import parse_candidates
+
+    configs = [
+        (f"uniform {UNIFORM[target]}", f"uniform ({', '.join(UNIFORM.values())})",
+         fp.SelectConfig(method="uniform", pattern=UNIFORM[target])),
+        ("OWL", "OWL", fp.SelectConfig(method="owl", target=target)),
+        ("FLOW", "FLOW", fp.SelectConfig(method="flow", target=target)),
+    ]
+    if target == 0.5:
+        configs.append(("uniform 4:8", "uniform 4:8",
+                        fp.SelectConfig(method="uniform", pattern="4:8")))
+    if target < 0.5:
+        configs.append(("FLOW on {1:1, 2:4}", "FLOW on {1:1, 2:4}", fp.SelectConfig(
+            method="flow", target=target, candidates=parse_candidates("1:1,2:4"))))
+    return [(name, series, fp.make_plan(model, None, cfg, stats=stats, progress=False))
+            for name, series, cfg in configs]
+
+
+def prefill_costs(energy_plan: dict, tokens: int = PREFILL_TOKENS) -> dict:
+    """``{macro: {"cycles", "energy_pj"}}`` of one plan (dense activations) on every macro."""
+    from flexcim.golden import energy
+    from flexcim.hw.config import preset
+
+    costs = {name: energy.prefill_cost(preset(name), energy_plan, tokens) for name in MACROS}
+    return {name: {"cycles": c.cycles, "energy_pj": c.total_pj} for name, c in costs.items()}
+
+
+def dense_energy_plan(energy_plan: dict) -> dict:
+    """The same projections with every block dense (the unpruned model's prefill)."""
+    return {**energy_plan, "layers": [{**e, "pattern": "1:1", "mask_24": False}
+                                      for e in energy_plan["layers"]]}
+
+
+def iso_accuracy(points: list[dict], macro: str = "default", reference: str = "fixed24"
+                 ) -> list[dict]:
+    """Latency and energy of ``macro`` vs ``reference`` at equal or better perplexity.
+
+    ``points`` are measured plans ``{"name", "ppl", "prefill": {macro: {"cycles",
+    "energy_pj"}}}``.  For every plan on ``macro`` that no other plan beats on both perplexity
+    and cycles there (its Pareto front), the reference's fastest and its most frugal plan among
+    those with perplexity <= that plan's (each plan runs on the reference as the reference can:
+    unsupported patterns dense).  Ratios are reference / macro (> 1: ``macro`` better).
+    """
+    def cycles(p, m):
+        return p["prefill"][m]["cycles"]
+
+    front = [p for p in points
+             if not any((q["ppl"] <= p["ppl"] and cycles(q, macro) < cycles(p, macro))
+                        or (q["ppl"] < p["ppl"] and cycles(q, macro) <= cycles(p, macro))
+                        for q in points)]
+    rows = []
+    for p in sorted(front, key=lambda p: cycles(p, macro)):
+        rivals = [q for q in points if q["ppl"] <= p["ppl"]]
+        fast = min(rivals, key=lambda q: (cycles(q, reference), q["ppl"]))
+        frugal = min(rivals, key=lambda q: (q["prefill"][reference]["energy_pj"], q["ppl"]))
+        rows.append({
+            "plan": p["name"], "ppl": p["ppl"], "cycles": cycles(p, macro),
+            "energy_pj": p["prefill"][macro]["energy_pj"],
+            "reference_fastest": fast["name"], "reference_fastest_ppl": fast["ppl"],
+            "reference_cycles": cycles(fast, reference),
+            "latency_ratio": cycles(fast, reference) / cycles(p, macro),
+            "reference_frugal": frugal["name"],
+            "reference_energy_pj": frugal["prefill"][reference]["energy_pj"],
+            "energy_ratio": frugal["prefill"][reference]["energy_pj"]
+            / p["prefill"][macro]["energy_pj"],
+        })
+    return rows
 
 
 def stage_flow(ctx: Context) -> None:
@@ -167,7 +295,7 @@ def stage_flow(ctx: Context) -> None:
 
     from flexcim.flow import calib
     from flexcim.flow import pipeline as fp
-    from flexcim.flow.act import ActConfig, activation_pruning
+    from flexcim.flow.act import ActConfig, activation_pruning, pruned_mac_share
     from flexcim.flow.model import linear_layers
 
     args = ctx.args
@@ -185,40 +313,54 @@ def stage_flow(ctx: Context) -> None:
         dense_act = fp.evaluate(session, count=args.eval_windows, seed=args.seed)
         if not with_act:  # the sweep's milder targets: weight sparsity only, to save time
             return dense_act, None
-        with activation_pruning(model, ActConfig(pattern=ACT_PATTERN)):
+        with activation_pruning(model, ActConfig(pattern=ACT_PATTERN)) as names:
             pruned = fp.evaluate(session, count=args.eval_windows, seed=args.seed)
+        kept["act_layers"] = tuple(names)
         return dense_act, pruned
 
     rows, sweep, kept = [], [], {}
+    mac_share = pruned_mac_share(model, ActConfig(pattern=ACT_PATTERN))
     with torch.no_grad():
         dense = ppl()
         rows.append(["dense", 0.0, "-", dense[0], dense[1]])
         for target in DEMO_TARGETS:
-            for name, plan in _plans(fp, model, stats, target).items():
+            for name, series, plan in _plans(fp, model, stats, target):
+                log.info("plan %s at %.0f %%: pruning and measuring perplexity", name,
+                         100 * target)
                 fp.apply_plan(model, plan, None, stats=stats, progress=False)
                 fp.check_plan(model, plan)
                 result = ppl(with_act=target == DEMO_TARGET)
                 rows.append([name, plan.achieved_sparsity,
                              " ".join(sorted(set(plan.layers.values()))), *result])
-                sweep.append({"method": name.split()[0], "target": target,
+                sweep.append({"name": f"{name} ({plan.achieved_sparsity:.0%})",
+                              "method": series, "target": target,
                               "sparsity": plan.achieved_sparsity, "ppl": result[0],
-                              "ppl_act": result[1], "plan": plan.to_dict()})
+                              "ppl_act": result[1], "plan": plan.to_dict(),
+                              "prefill": prefill_costs(fp.energy_plan(model, plan))})
                 if name == "FLOW" and target == DEMO_TARGET:
                     kept["plan"] = plan
                     kept["energy_plan"] = fp.energy_plan(model, plan)
                     kept["weights"] = {n: lin.weight.detach().clone()
                                        for n, lin in linear_layers(model).items()}
                 restore()
-    ctx.results.update(session=session, windows=windows, **kept)
+    dense_point = {"name": "dense", "method": "dense", "target": 0.0, "sparsity": 0.0,
+                   "ppl": dense[0], "ppl_act": dense[1],
+                   "prefill": prefill_costs(dense_energy_plan(kept["energy_plan"]))}
+    ctx.results.update(session=session, windows=windows, points=[dense_point, *sweep], **kept)
     ctx.report.record("perplexity", {"dense": dense, "runs": sweep,
                                      "eval_windows": args.eval_windows,
-                                     "calib_windows": args.calib_windows})
+                                     "calib_windows": args.calib_windows,
+                                     "act_pattern": ACT_PATTERN,
+                                     "act_layers": list(kept["act_layers"]),
+                                     "act_mac_share": mac_share})
     ctx.report.section(
         "FLOW on SmolLM2-135M: perplexity",
         f"Weights pruned one-shot with the Wanda metric from one dense calibration "
         f"({args.calib_windows} x 128 tokens of *Pride and Prejudice*), perplexity on "
         f"{args.eval_windows} held-out windows of 128 tokens; the last column adds {ACT_PATTERN} "
-        "Amber-style top-k pruning of the prefill activations of every projection (measured at "
+        f"Amber-style top-k pruning of the prefill activations of the {_kinds()} projections "
+        f"({mac_share:.1%} of the linear MACs; the default set, the largest share within a 5 % "
+        "perplexity budget on validation text, docs/flow.md) (measured at "
         f"the {DEMO_TARGET:.0%} target; n/a = not measured, to keep the demo short).",
     )
     ctx.report.table(["method", "achieved sparsity", "patterns", "perplexity",
@@ -230,9 +372,11 @@ def stage_flow(ctx: Context) -> None:
 def _plot_sweep(ctx: Context, dense, sweep) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for method, marker in (("uniform", "s"), ("OWL", "^"), ("FLOW", "o")):
+    markers = iter("s^oDvx")
+    for method in dict.fromkeys(r["method"] for r in sweep):
         pts = sorted((r["sparsity"], r["ppl"]) for r in sweep if r["method"] == method)
-        ax.plot(*zip(*pts, strict=True), marker=marker, label=method)
+        ax.plot(*zip(*pts, strict=True), marker=next(markers, "x"), label=method,
+                ls="-" if len(pts) > 1 else "none")
     ax.axhline(dense[0], color="gray", ls="--", label="dense")
     ax.set_xlabel("mean weight sparsity")
     ax.set_ylabel("perplexity (held-out Austen)")

@@ -48,7 +48,7 @@ def test_demo_writes_report(tmp_path, capsys):
 
 
 def test_prefill_comparison_orders_the_macros():
-    from flexcim.golden import perf
+    from flexcim.golden import energy, perf
     from flexcim.hw.config import preset
 
     from flexcim.demo import prefill_comparison
@@ -56,8 +56,8 @@ def test_prefill_comparison_orders_the_macros():
     shapes = {"q": [96, 576], "down": [576, 192]}
     plan = {"layers": [{"name": "b0", "pattern": "2:8", "linears": shapes},
                        {"name": "b1", "pattern": "2:4", "linears": shapes}]}
-    result = prefill_comparison(plan, tokens=8)
-    dense_act = result["1.0"]
+    result = prefill_comparison(plan, tokens=8, act_layers=("q",))
+    dense_act, pruned = result["dense_act"], result["pruned_act"]
     # Independent: the cycle model per linear, summed by hand.
     for name, patterns in (("default", ("2:8", "2:4")), ("dense", ("1:1", "1:1")),
                            ("fixed24", ("2:4", "2:4"))):
@@ -67,8 +67,18 @@ def test_prefill_comparison_orders_the_macros():
         assert dense_act[name]["cycles"] == expected, name
     assert dense_act["default"]["latency_vs_ref"] > 1.2 > 1 > dense_act["dense"]["latency_vs_ref"]
     # Gating the zeros of activation pruning saves energy without changing cycles.
-    assert result["0.5"]["default"]["energy_pj"] < dense_act["default"]["energy_pj"]
-    assert result["0.5"]["default"]["cycles"] == dense_act["default"]["cycles"]
+    assert pruned["default"]["energy_pj"] < dense_act["default"]["energy_pj"]
+    assert pruned["default"]["cycles"] == dense_act["default"]["cycles"]
+    # only q's activations are pruned: the saving is q's alone, computed per linear by hand
+    for name, patterns in (("default", ("2:8", "2:4")), ("dense", ("1:1", "1:1"))):
+        cfg = preset(name)
+        c, k = shapes["q"]
+        saving = sum(energy.layer_cost(cfg, p, 8, k, c).total_pj
+                     - energy.layer_cost(cfg, p, 8, k, c, act_density=0.5).total_pj
+                     for p in patterns)
+        assert dense_act[name]["energy_pj"] - pruned[name]["energy_pj"] == pytest.approx(saving)
+    everything = prefill_comparison(plan, tokens=8, act_layers=("q", "down"))["pruned_act"]
+    assert everything["default"]["energy_pj"] < pruned["default"]["energy_pj"]
 
 
 @pytest.mark.parametrize("only, message", [("gold", "unknown demo stage 'gold'"),
@@ -86,3 +96,29 @@ def test_demo_area_stage_skips_without_synthesis(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--only", "area", "--out", "rep"]) == 0
     assert "run `make synth`" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_iso_accuracy_compares_each_macro_with_its_best_plan():
+    from flexcim.demo import iso_accuracy
+
+    def point(name, ppl, flex, fixed, e_flex, e_fixed):
+        return {"name": name, "ppl": ppl,
+                "prefill": {"default": {"cycles": flex, "energy_pj": e_flex},
+                            "fixed24": {"cycles": fixed, "energy_pj": e_fixed}}}
+
+    points = [point("dense", 40, 100, 100, 10, 10),
+              point("u48", 110, 50, 100, 7, 10),       # fixed24 must run 4:8 dense
+              point("u24", 168, 50, 50, 7, 6),         # both run 2:4 sparse; FlexCiM: u48 wins
+              point("u28", 400, 25, 50, 5, 6),         # fixed24 runs 2:8 as 2:4
+              point("mixed", 75, 75, 75, 8, 8),
+              point("slow", 120, 90, 60, 9, 7)]        # dominated on FlexCiM by u48
+    rows = iso_accuracy(points)
+    assert [r["plan"] for r in rows] == ["u28", "u48", "mixed", "dense"]  # by FlexCiM cycles
+    u28, u48, mixed, dense = rows
+    # at perplexity <= 400 fixed24's fastest are u24 and u28 (50): the more accurate one
+    assert u28["reference_fastest"] == "u24" and u28["latency_ratio"] == 50 / 25
+    assert u28["reference_frugal"] == "u24" and u28["energy_ratio"] == 6 / 5
+    # at <= 110 fixed24's fastest is "mixed" (75 cycles), not u48 (which it runs dense)
+    assert u48["reference_fastest"] == "mixed" and u48["latency_ratio"] == 75 / 50
+    assert u48["reference_frugal"] == "mixed" and u48["energy_ratio"] == 8 / 7
+    assert mixed["latency_ratio"] == 1.0 and dense["latency_ratio"] == 1.0
