@@ -287,7 +287,7 @@ def run(
         Importable cocotb test module (``flexcim.sim.tb``); the simulator's Python sees this
         process's ``sys.path``.
     build_dir : Path
-        Build and test directory (waves and ``results.xml`` land here).
+        Build and test directory (waves and ``results-<pid>.xml`` land here).
     seed : int, optional
         ``COCOTB_RANDOM_SEED``; drawn at random (and logged) when not given.
     extra_env : dict, optional
@@ -323,7 +323,10 @@ def run(
         log_file=log_file,
     )
     t1 = time.perf_counter()
-    results_xml = build_dir / "results.xml"
+    # One results file per process: cases of a parallel regression share the build directory,
+    # and cocotb deletes its results file when a test starts (a shared name lost a case's
+    # results to the next case on the same build: 'no results file').
+    results_xml = build_dir / f"results-{os.getpid()}.xml"
     env = {"FLEXCIM_BUILD_DIR": str(build_dir)}
     env.update(extra_env or {})
     try:

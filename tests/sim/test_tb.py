@@ -68,6 +68,30 @@ def test_testbench_fails_on_a_wrong_golden_config():
                               "FLEXCIM_TIMEOUT_NS": "200000"})
 
 
+def test_parallel_cases_on_one_build_keep_their_own_results_file():
+    """Cases of a parallel regression share a build directory; cocotb deletes its results file
+    when a test starts, so each process must have its own (a shared results.xml made a case
+    fail with 'no results file' when the next case on that build started first)."""
+    import os
+
+    sim = "verilator" if runner.available("verilator") else "icarus"
+    _skip_unless(sim)
+    cfg = preset("tiny")
+    source, build_dir = top_verilog(cfg, sim)
+    other = build_dir / f"results-{os.getpid() + 1}.xml"  # another worker's, still being read
+    other.write_text("<testsuites/>")
+    try:
+        result = runner.run(sim, [source], TOPLEVEL, TB_MODULE, build_dir, testcase="full_rate",
+                            extra_env={"FLEXCIM_HW_CONFIG": cfg.to_json(),
+                                       "FLEXCIM_CASE": json.dumps({"pattern": "2:4", "tokens": 2,
+                                                                   "k": 32, "c": 4}),
+                                       "FLEXCIM_TIMEOUT_NS": "200000"})
+        assert result.passed and result.results_xml.name == f"results-{os.getpid()}.xml"
+        assert other.read_text() == "<testsuites/>"
+    finally:
+        other.unlink(missing_ok=True)
+
+
 def test_cli_matmul_engine_rtl_any_shape(tmp_path):
     """flexcim matmul --engine rtl: C not a multiple of cols, K in two chunks, T above
     max_tokens=255 (two token blocks); Y equals the golden engine's, stats are written."""
