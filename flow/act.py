@@ -3,7 +3,7 @@
 Training-free: before a selected projection runs, its input activations ``x [.., K]`` keep the
 ``n`` best-scored entries of every group of ``m`` consecutive input channels (the reduction
 dimension, as the FlexCiM macro groups them), the rest are zeroed.  Only prefill is pruned: a
-call whose sequence length is 1 (a decode step with the KV cache) stays dense.
+model call with one token per sequence (a decode step with the KV cache) stays dense.
 
 Scores:
 
@@ -42,11 +42,17 @@ budget on the validation text (34.4 % of the linear MACs; docs/flow.md).  gate a
 +22 % and +34 % alone on that model, v and o are worse than q and k per MAC."""
 
 
+ALIASES = {"out_proj": "o", "fc1": "up", "fc2": "down"}
+"""OPT-style projection names and their Llama-style kinds (``fc1``/``fc2``: the MLP's input and
+output projections, as ``up``/``down`` without a gate)."""
+
+
 def projection_kind(name: str) -> str:
-    """``q``/``k``/``v``/``o``/``gate``/``up``/``down`` from a module path (or its last part)."""
+    """``q``/``k``/``v``/``o``/``gate``/``up``/``down`` from a module path (or its last part);
+    Llama/Qwen/Mistral names (``q_proj`` ... ``down_proj``) and OPT's (:data:`ALIASES`)."""
     last = name.rsplit(".", 1)[-1]
     match = re.fullmatch(r"(q|k|v|o|gate|up|down)_proj", last)
-    return match[1] if match else last
+    return match[1] if match else ALIASES.get(last, last)
 
 
 def topk_activations(x: torch.Tensor, pattern: NMPattern, column_norm: torch.Tensor | None = None
@@ -98,11 +104,26 @@ class ActConfig:
         return chosen
 
 
-def _pre_hook(pattern: NMPattern, column_norm: torch.Tensor | None):
+def _sequence_length(args, kwargs) -> int | None:
+    """Tokens per sequence of a causal-LM call (``input_ids [B, L]`` or ``inputs_embeds``)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if isinstance(ids, torch.Tensor):
+        return int(ids.shape[-1])
+    embeds = kwargs.get("inputs_embeds")
+    return int(embeds.shape[-2]) if isinstance(embeds, torch.Tensor) else None
+
+
+def _pre_hook(pattern: NMPattern, column_norm: torch.Tensor | None, call: dict):
     def hook(_module, args):
         x = args[0]
-        if x.ndim >= 2 and x.shape[-2] == 1:
-            return None  # decode step (one new token): dense, as Amber Pruner does
+        # A decode step (one new token per sequence) stays dense, as in Amber Pruner.  The
+        # model's call says which it is; a projection's input alone cannot (OPT flattens its
+        # MLP input to [batch x tokens, features]: a batched decode step looks like prefill).
+        length = call.get("length")
+        if length is None:  # the projection called outside a model call: judge by its input
+            length = x.shape[-2] if x.ndim >= 2 else None
+        if length == 1:
+            return None
         return (topk_activations(x, pattern, column_norm), *args[1:])
 
     return hook
@@ -117,12 +138,22 @@ def activation_pruning(model: nn.Module, config: ActConfig) -> Iterator[list[str
     """
     pattern = NMPattern.parse(config.pattern)
     targets = config.targets(model)
+    call: dict = {}
+
+    def model_starts(_module, args, kwargs):
+        call["length"] = _sequence_length(args, kwargs)
+
+    def model_ends(_module, _args, _output):
+        call.pop("length", None)
+
     handles = []
     try:
+        handles.append(model.register_forward_pre_hook(model_starts, with_kwargs=True))
+        handles.append(model.register_forward_hook(model_ends))
         for layer in targets.values():
             norm = (layer.weight.detach().float().norm(dim=0) if config.score == "weight"
                     else None)
-            handles.append(layer.register_forward_pre_hook(_pre_hook(pattern, norm)))
+            handles.append(layer.register_forward_pre_hook(_pre_hook(pattern, norm, call)))
         yield list(targets)
     finally:
         for handle in handles:

@@ -139,3 +139,45 @@ def test_choose_projections_greedy_largest_mac_share_within_budget():
     assert all(not m._forward_pre_hooks for m in layers.values())
     with pytest.raises(FlexCimError, match="budget must be a positive fraction, not 0"):
         act.choose_projections(model, evaluate, budget=0)
+
+
+def _tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                       num_attention_heads=4, word_embed_proj_dim=32,
+                       max_position_embeddings=64)
+    return OPTForCausalLM(config).eval()
+
+
+def test_opt_names_and_batched_decode_stays_dense():
+    """OPT's out_proj/fc1/fc2 are o/up/down; its MLP flattens [B, L, H] to [B*L, H], so a
+    batched decode step must be told apart by the model call, not by the projection's input."""
+    model = _tiny_opt()
+    kinds = {act.projection_kind(n) for n in linear_layers(model)}
+    assert kinds == {"q", "k", "v", "o", "up", "down"}
+    fc2 = model.model.decoder.layers[0].fc2
+    seen = []
+    ids = torch.randint(0, 96, (2, 8))
+    config = act.ActConfig(pattern="2:4", projections=("down",))
+    with torch.no_grad(), act.activation_pruning(model, config) as names:
+        assert names == [f"model.decoder.layers.{i}.fc2" for i in range(2)]
+        probe = fc2.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+        out = model(input_ids=ids, use_cache=True)
+        model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+        probe.remove()
+    prefill, decode = seen
+    groups = lambda x: (x.reshape(-1, 4) != 0).sum(1)  # noqa: E731
+    assert prefill.shape == (16, 64) and int(groups(prefill).max()) == 2
+    assert decode.shape == (2, 64) and int(groups(decode).max()) > 2  # two sequences, dense
+    # outside a model call a projection judges by its own input: [.., 1, K] is a decode step
+    with torch.no_grad(), act.activation_pruning(model, config):
+        x = torch.randn(3, 64)
+        probe = fc2.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+        fc2(x)
+        fc2(x[None, :1])
+        probe.remove()
+    assert int(groups(seen[-2]).max()) == 2 and int(groups(seen[-1]).max()) > 2
+    assert all(not m._forward_pre_hooks for m in linear_layers(model).values())
+    assert not model._forward_pre_hooks and not model._forward_hooks
