@@ -25,21 +25,31 @@ def test_weight_aware_score_uses_column_norms():
     assert act.topk_activations(x, NMPattern(1, 4)).tolist() == [[3.0, 0.0, 0, 0]]
 
 
-def test_hooks_prune_prefill_only_and_come_off():
-    model = tiny_llama(0)
-    q = model.model.layers[0].self_attn.q_proj
+def groups(x):
+    """Non-zeros per group of 4 along the last axis."""
+    return (x.reshape(-1, 4) != 0).sum(1)
+
+
+def _prefill_then_decode(model, layer, config, ids):
+    """The pruned model's module names, and what ``layer`` multiplies in a prefill of ``ids``
+    and in the next decode step (one token per sequence, with the KV cache)."""
     seen = []
-    config = act.ActConfig(pattern="2:4", projections=("q",))
-    ids = torch.randint(0, 96, (1, 8))
     with torch.no_grad(), act.activation_pruning(model, config) as names:
-        assert len(names) == 4 and all(n.endswith("q_proj") for n in names)
-        # registered after the pruning hook, so it sees what q_proj multiplies
-        probe = q.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+        # registered after the pruning hook, so it sees what the layer multiplies
+        probe = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
         out = model(input_ids=ids, use_cache=True)
         model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
         probe.remove()
     prefill, decode = seen
-    groups = lambda x: (x.reshape(-1, 4) != 0).sum(1)  # noqa: E731
+    return names, prefill, decode
+
+
+def test_hooks_prune_prefill_only_and_come_off():
+    model = tiny_llama(0)
+    q = model.model.layers[0].self_attn.q_proj
+    config = act.ActConfig(pattern="2:4", projections=("q",))
+    names, prefill, decode = _prefill_then_decode(model, q, config, torch.randint(0, 96, (1, 8)))
+    assert len(names) == 4 and all(n.endswith("q_proj") for n in names)
     assert prefill.shape[-2] == 8 and int(groups(prefill).max()) == 2
     assert decode.shape[-2] == 1 and int(groups(decode).max()) > 2  # decode stays dense
     assert all(not layer._forward_pre_hooks for layer in linear_layers(model).values())
@@ -158,20 +168,13 @@ def test_opt_names_and_batched_decode_stays_dense():
     kinds = {act.projection_kind(n) for n in linear_layers(model)}
     assert kinds == {"q", "k", "v", "o", "up", "down"}
     fc2 = model.model.decoder.layers[0].fc2
-    seen = []
-    ids = torch.randint(0, 96, (2, 8))
     config = act.ActConfig(pattern="2:4", projections=("down",))
-    with torch.no_grad(), act.activation_pruning(model, config) as names:
-        assert names == [f"model.decoder.layers.{i}.fc2" for i in range(2)]
-        probe = fc2.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
-        out = model(input_ids=ids, use_cache=True)
-        model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
-        probe.remove()
-    prefill, decode = seen
-    groups = lambda x: (x.reshape(-1, 4) != 0).sum(1)  # noqa: E731
+    names, prefill, decode = _prefill_then_decode(model, fc2, config, torch.randint(0, 96, (2, 8)))
+    assert names == [f"model.decoder.layers.{i}.fc2" for i in range(2)]
     assert prefill.shape == (16, 64) and int(groups(prefill).max()) == 2
     assert decode.shape == (2, 64) and int(groups(decode).max()) > 2  # two sequences, dense
     # outside a model call a projection judges by its own input: [.., 1, K] is a decode step
+    seen = []
     with torch.no_grad(), act.activation_pruning(model, config):
         x = torch.randn(3, 64)
         probe = fc2.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
