@@ -492,7 +492,7 @@ AREA_DIR = "out/synth"
 
 
 def stage_area(ctx: Context) -> None:
-    """The area table of the last ``make synth`` (Yosys takes several minutes per preset, too
+    """The area table of the last ``make synth`` (Yosys takes 1-3 minutes per preset, too
     long for the demo): included with its date when present, else the report says how to get it."""
     import os
 
@@ -500,7 +500,7 @@ def stage_area(ctx: Context) -> None:
 
     path = os.path.join(AREA_DIR, "area.json")
     if not os.path.isfile(path):
-        raise StageSkipped(f"no {path}: run `make synth` (Yosys, several minutes per preset) "
+        raise StageSkipped(f"no {path}: run `make synth` (Yosys, 1-3 minutes per preset) "
                            "and the next demo includes the area table")
     with open(path) as f:
         result = json.load(f)
