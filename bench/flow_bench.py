@@ -1,11 +1,12 @@
 """``make bench-flow``: FLOW vs OWL vs uniform on SmolLM2, activation pruning, timings.
 
 Everything is measured in this run on the bundled SmolLM2-135M and Jane Austen text and written to
-``out/bench/flow/flow_bench.json`` with two plots:
+``out/bench/flow/flow_bench.json`` with three plots:
 
 * perplexity (held-out Pride and Prejudice) vs mean weight sparsity for uniform, OWL and the FLOW
   variants (M direction, normalisation, candidate set) with Wanda, and FLOW with SparseGPT;
-* per-block outlier ratio and locality with the N:M FLOW chose at 50 %.
+* per-block outlier ratio and locality with the N:M FLOW chose at 50 %;
+* the 8:16 activation-pruning projection sets: share of linear MACs vs perplexity increase.
 
 Every plan is scored on two disjoint texts: ``ppl_val`` (*Emma*, the validation split) and
 ``ppl`` (held-out *Pride and Prejudice*, the reported figure).  The FLOW variant used for
@@ -294,6 +295,7 @@ def main(argv=None) -> int:
         result["act_sets"] = _act_sets(model, ev, result["dense_ppl"])
         result["total_s"] = time.perf_counter() - started
         save()
+        _plot_act_sets(result["act_sets"], out)
         _print(result)
         return 0
     outliers = all_outliers(decoder_blocks(model), pipeline.layer_scores(model, stats, "wanda"),
@@ -473,8 +475,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def _plot_act_sets(sets: dict, out: pathlib.Path) -> None:
+    """Every projection set the greedy search measured: share of linear MACs pruned vs
+    perplexity increase (validation, which chose; test, reported), with the budget."""
+    plt = pyplot()
+    rows = [r for step in sets["steps"] for r in step]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for key, label, marker in (("increase", "validation (chooses)", "o"),
+                               ("increase_test", "test (reported)", "x")):
+        ax.scatter([100 * r["mac_share"] for r in rows], [100 * r[key] for r in rows],
+                   marker=marker, label=label)
+    for r in rows:
+        ax.annotate(",".join(r["projections"]), (100 * r["mac_share"], 100 * r["increase"]),
+                    fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.axhline(100 * sets["budget"], color="gray", ls="--", label="budget")
+    ax.set_xlabel("linear MACs whose activations are pruned (%)")
+    ax.set_ylabel("perplexity increase (%)")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_title(f"{sets['pattern']} activation pruning: projection sets of the greedy search "
+                 f"(chosen: {','.join(sets['projections']) or 'none'})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "act_sets.png", dpi=120)
+    plt.close(fig)
+
+
 def _plots(result, plan, chosen, out: pathlib.Path) -> None:
     plt = pyplot()
+    if result.get("act_sets"):
+        _plot_act_sets(result["act_sets"], out)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), sharey=True)
     main_lines = {("uniform", "wanda"), ("owl", "wanda"), (chosen, "wanda"),
