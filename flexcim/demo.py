@@ -183,13 +183,9 @@ def _iso_accuracy(ctx: Context, points: list[dict]) -> None:
     for ax, macro in zip(axes, MACROS, strict=True):
         pts = sorted((p["prefill"][macro]["cycles"] / 1e6, p["ppl"], p["name"]) for p in points)
         ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], color=colors[macro], s=18)
-        front, best_ppl = [], float("inf")  # the staircase of the Pareto front
-        for x, y, _ in pts:
-            if y < best_ppl:
-                front.append((x, y))
-                best_ppl = y
-        ax.step([x for x, _ in front], [y for _, y in front], where="post",
-                color=colors[macro], alpha=0.6)
+        front = pareto_front(points, macro)
+        ax.step([p["prefill"][macro]["cycles"] / 1e6 for p in front], [p["ppl"] for p in front],
+                where="post", color=colors[macro], alpha=0.6)
         for x, y, name in pts:
             ax.annotate(name, (x, y), fontsize=6, xytext=(-3, 3), textcoords="offset points",
                         ha="right")
@@ -243,14 +239,26 @@ def prefill_costs(energy_plan: dict, tokens: int = PREFILL_TOKENS) -> dict:
     from flexcim.golden import energy
     from flexcim.hw.config import preset
 
-    costs = {name: energy.prefill_cost(preset(name), energy_plan, tokens) for name in MACROS}
-    return {name: {"cycles": c.cycles, "energy_pj": c.total_pj} for name, c in costs.items()}
+    table = energy.compare(energy_plan, tokens, {name: preset(name) for name in MACROS})
+    return {name: {k: table[name][k] for k in ("cycles", "energy_pj")} for name in MACROS}
 
 
 def dense_energy_plan(energy_plan: dict) -> dict:
     """The same projections with every block dense (the unpruned model's prefill)."""
     return {**energy_plan, "layers": [{**e, "pattern": "1:1", "mask_24": False}
                                       for e in energy_plan["layers"]]}
+
+
+def pareto_front(points: list[dict], macro: str) -> list[dict]:
+    """The plans that no other plan beats on both perplexity and prefill cycles on ``macro``
+    (``points`` as in :func:`iso_accuracy`), fastest first."""
+    def cycles(p):
+        return p["prefill"][macro]["cycles"]
+
+    front = [p for p in points
+             if not any((q["ppl"] <= p["ppl"] and cycles(q) < cycles(p))
+                        or (q["ppl"] < p["ppl"] and cycles(q) <= cycles(p)) for q in points)]
+    return sorted(front, key=cycles)
 
 
 def iso_accuracy(points: list[dict], macro: str = "default", reference: str = "fixed24"
@@ -266,12 +274,8 @@ def iso_accuracy(points: list[dict], macro: str = "default", reference: str = "f
     def cycles(p, m):
         return p["prefill"][m]["cycles"]
 
-    front = [p for p in points
-             if not any((q["ppl"] <= p["ppl"] and cycles(q, macro) < cycles(p, macro))
-                        or (q["ppl"] < p["ppl"] and cycles(q, macro) <= cycles(p, macro))
-                        for q in points)]
     rows = []
-    for p in sorted(front, key=lambda p: cycles(p, macro)):
+    for p in pareto_front(points, macro):
         rivals = [q for q in points if q["ppl"] <= p["ppl"]]
         fast = min(rivals, key=lambda q: (cycles(q, reference), q["ppl"]))
         frugal = min(rivals, key=lambda q: (q["prefill"][reference]["energy_pj"], q["ppl"]))
@@ -304,6 +308,8 @@ def stage_flow(ctx: Context) -> None:
     windows = fp.calibration_windows(session, count=args.calib_windows, seed=args.seed)
     stats = calib.calibrate(model, windows, progress=True)
     original = {n: lin.weight.detach().clone() for n, lin in linear_layers(model).items()}
+    act_config = ActConfig(pattern=ACT_PATTERN)
+    mac_share = pruned_mac_share(model, act_config)
 
     def restore() -> None:
         for name, lin in linear_layers(model).items():
@@ -313,13 +319,11 @@ def stage_flow(ctx: Context) -> None:
         dense_act = fp.evaluate(session, count=args.eval_windows, seed=args.seed)
         if not with_act:  # the sweep's milder targets: weight sparsity only, to save time
             return dense_act, None
-        with activation_pruning(model, ActConfig(pattern=ACT_PATTERN)) as names:
+        with activation_pruning(model, act_config):
             pruned = fp.evaluate(session, count=args.eval_windows, seed=args.seed)
-        kept["act_layers"] = tuple(names)
         return dense_act, pruned
 
-    rows, sweep, kept = [], [], {}
-    mac_share = pruned_mac_share(model, ActConfig(pattern=ACT_PATTERN))
+    rows, sweep, kept = [], [], {"act_layers": tuple(act_config.targets(model))}
     with torch.no_grad():
         dense = ppl()
         rows.append(["dense", 0.0, "-", dense[0], dense[1]])
@@ -329,6 +333,7 @@ def stage_flow(ctx: Context) -> None:
                          100 * target)
                 fp.apply_plan(model, plan, None, stats=stats, progress=False)
                 fp.check_plan(model, plan)
+                energy_plan = fp.energy_plan(model, plan)
                 result = ppl(with_act=target == DEMO_TARGET)
                 rows.append([name, plan.achieved_sparsity,
                              " ".join(sorted(set(plan.layers.values()))), *result])
@@ -336,10 +341,10 @@ def stage_flow(ctx: Context) -> None:
                               "method": series, "target": target,
                               "sparsity": plan.achieved_sparsity, "ppl": result[0],
                               "ppl_act": result[1], "plan": plan.to_dict(),
-                              "prefill": prefill_costs(fp.energy_plan(model, plan))})
+                              "prefill": prefill_costs(energy_plan)})
                 if name == "FLOW" and target == DEMO_TARGET:
                     kept["plan"] = plan
-                    kept["energy_plan"] = fp.energy_plan(model, plan)
+                    kept["energy_plan"] = energy_plan
                     kept["weights"] = {n: lin.weight.detach().clone()
                                        for n, lin in linear_layers(model).items()}
                 restore()

@@ -228,6 +228,7 @@ def choose_projections(model: nn.Module, evaluate: Callable[[], float], *,
         raise FlexCimError(f"the model has none of the projection kinds {', '.join(PROJECTIONS)}")
     baseline = evaluate()
     chosen: tuple[str, ...] = ()
+    final = None
     steps = []
     while remaining:
         rows = []
@@ -245,10 +246,9 @@ def choose_projections(model: nn.Module, evaluate: Callable[[], float], *,
         fits = [r for r in rows if r["increase"] < budget]
         if not fits:
             break
-        best = max(fits, key=lambda r: (r["mac_share"], -r["increase"]))
-        chosen = tuple(best["projections"])
+        final = max(fits, key=lambda r: (r["mac_share"], -r["increase"]))
+        chosen = tuple(final["projections"])
         remaining = [k for k in remaining if k not in chosen]
-    final = next((r for rows in steps for r in rows if tuple(r["projections"]) == chosen), None)
     return {"pattern": pattern, "score": score, "budget": budget, "baseline": baseline,
             "projections": chosen, "result": final, "steps": steps}
 

@@ -420,8 +420,8 @@ def prefill_cost(cfg: HwConfig, plan, tokens: int, *,
     for layer in layers:
         pattern = pattern_on(cfg, layer)
         layer_cycles, layer_pj = 0, 0.0
-        for name, c, k in layer.linears:
-            density = (act_density.get(name, 1.0) if isinstance(act_density, Mapping)
+        for linear, c, k in layer.linears:
+            density = (act_density.get(linear, 1.0) if isinstance(act_density, Mapping)
                        else act_density)
             key = (pattern, k, c, density)
             if key not in memo:
