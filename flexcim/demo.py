@@ -106,7 +106,7 @@ def prefill_comparison(plan: dict, tokens: int = PREFILL_TOKENS, *,
 
 
 def stage_performance(ctx: Context) -> None:
-    """Latency and energy of the FLOW plan's prefill on FlexCiM vs the baselines."""
+    """Latency and energy of the ``auto`` plan's prefill on FlexCiM vs the baselines."""
     plt = pyplot()
     plan = ctx.results["energy_plan"]
     result = prefill_comparison(plan, act_layers=ctx.results["act_layers"],
@@ -146,9 +146,9 @@ def stage_performance(ctx: Context) -> None:
         for i, m in enumerate(MACROS):
             ax.annotate(f"{dense_act['fixed24'][key] / dense_act[m][key]:.2f}x",
                         (i, dense_act[m][key] / scale), ha="center", va="bottom")
-    fig.suptitle("FLOW plan prefill: FlexCiM vs baselines (ratio = fixed24 / macro)")
+    fig.suptitle("auto plan prefill: FlexCiM vs baselines (ratio = fixed24 / macro)")
     ctx.report.plot("prefill_latency_energy", fig,
-                    "Prefill latency and energy of the FLOW plan on each macro")
+                    "Prefill latency and energy of the auto plan on each macro")
     _iso_accuracy(ctx, ctx.results["points"])
 
 
@@ -199,10 +199,14 @@ def _iso_accuracy(ctx: Context, points: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------- FLOW on SmolLM2
-DEMO_TARGETS = (0.25, 0.375, 0.5)  # mean weight sparsity targets of the perplexity sweep
+DEMO_TARGETS = (0.25, 0.375, 0.5, 0.625, 0.75)  # mean weight sparsity targets of the sweep
 DEMO_TARGET = 0.5               # the plan that goes to the hardware
-UNIFORM = {0.25: "3:4", 0.375: "5:8", 0.5: "2:4"}  # uniform N:M at each target
+UNIFORM = {0.25: "6:8", 0.375: "5:8", 0.5: "4:8", 0.625: "3:8", 0.75: "2:8"}  # any N, M = 8
 ACT_PATTERN = "8:16"            # Amber-style prefill activation pruning
+SENS_PATTERNS = ("1:1", "2:4", "4:8", "2:8", "1:8")
+"""Patterns whose sensitivity ``auto`` measures: the levels of the ``default`` and ``fixed24``
+macros (one measurement serves both)."""
+SENS_WINDOWS = 4
 
 
 def _kinds() -> str:
@@ -211,27 +215,32 @@ def _kinds() -> str:
     return " and ".join(f"`{k}`" for k in DEFAULT_PROJECTIONS)
 
 
-def _plans(fp, model, stats, target: float) -> list:
-    """``(name, series, plan)`` of every plan of the sweep at ``target``.  Besides the three
-    methods: uniform 4:8 at 50 % (what FlexCiM runs sparse and a fixed-2:4 macro cannot) and FLOW
-    restricted to {1:1, 2:4} below 50 % (plans made for a fixed-2:4 macro: every block dense or
-    2:4), so that each macro's best plans are among the measured points."""
-    from flexcim.flow.select import parse_candidates
+def _plans(fp, model, stats, sensitivity, target: float) -> list:
+    """``(name, series, plan)`` of every plan of the sweep at ``target``: ``auto`` on the
+    FlexCiM macro's patterns and on the fixed-2:4 macro's ({1:1, 2:4}: each macro gets its own
+    best plans), uniform N:8 (any N: what a GPU kernel could run; FlexCiM runs 4:8 and 2:8),
+    OWL and the paper's FLOW criterion."""
+    from flexcim.hw.config import preset
 
     configs = [
-        (f"uniform {UNIFORM[target]}", f"uniform ({', '.join(UNIFORM.values())})",
+        ("auto", "auto (FlexCiM patterns)",
+         fp.SelectConfig(method="auto", target=target, hw_config=preset("default"))),
+        ("auto on {1:1, 2:4}", "auto on {1:1, 2:4}",
+         fp.SelectConfig(method="auto", target=target, hw_config=preset("fixed24"))),
+        (f"uniform {UNIFORM[target]}", "uniform N:8",
          fp.SelectConfig(method="uniform", pattern=UNIFORM[target])),
         ("OWL", "OWL", fp.SelectConfig(method="owl", target=target)),
         ("FLOW", "FLOW", fp.SelectConfig(method="flow", target=target)),
     ]
-    if target == 0.5:
-        configs.append(("uniform 4:8", "uniform 4:8",
-                        fp.SelectConfig(method="uniform", pattern="4:8")))
-    if target < 0.5:
-        configs.append(("FLOW on {1:1, 2:4}", "FLOW on {1:1, 2:4}", fp.SelectConfig(
-            method="flow", target=target, candidates=parse_candidates("1:1,2:4"))))
-    return [(name, series, fp.make_plan(model, None, cfg, stats=stats, progress=False))
-            for name, series, cfg in configs]
+    plans = []
+    for name, series, cfg in configs:
+        try:
+            plans.append((name, series, fp.make_plan(model, None, cfg, stats=stats,
+                                                     sensitivity=sensitivity,
+                                                     progress=False)))
+        except FlexCimError as exc:  # e.g. 75 % on {1:1, 2:4}: beyond its reach
+            log.info("plan %s at %.1f %%: %s", name, 100 * target, exc)
+    return plans
 
 
 def prefill_costs(energy_plan: dict, tokens: int = PREFILL_TOKENS) -> dict:
@@ -294,7 +303,8 @@ def iso_accuracy(points: list[dict], macro: str = "default", reference: str = "f
 
 
 def stage_flow(ctx: Context) -> None:
-    """FLOW, OWL and uniform plans on SmolLM2; perplexity with and without 8:16 activations."""
+    """auto, uniform, OWL and FLOW plans on SmolLM2; perplexity with and without 8:16
+    activations."""
     import torch
 
     from flexcim.flow import calib
@@ -307,6 +317,12 @@ def stage_flow(ctx: Context) -> None:
     model = session.model
     windows = fp.calibration_windows(session, count=args.calib_windows, seed=args.seed)
     stats = calib.calibrate(model, windows, progress=True)
+    from flexcim.flow import auto
+    from flexcim.golden.nm import NMPattern
+
+    log.info("auto: measuring the sensitivity of every block and projection kind")
+    sensitivity = auto.measure_sensitivity(model, windows[:SENS_WINDOWS],
+                                           tuple(NMPattern.parse(p) for p in SENS_PATTERNS))
     original = {n: lin.weight.detach().clone() for n, lin in linear_layers(model).items()}
     act_config = ActConfig(pattern=ACT_PATTERN)
     mac_share = pruned_mac_share(model, act_config)
@@ -328,7 +344,7 @@ def stage_flow(ctx: Context) -> None:
         dense = ppl()
         rows.append(["dense", 0.0, "-", dense[0], dense[1]])
         for target in DEMO_TARGETS:
-            for name, series, plan in _plans(fp, model, stats, target):
+            for name, series, plan in _plans(fp, model, stats, sensitivity, target):
                 log.info("plan %s at %.0f %%: pruning and measuring perplexity", name,
                          100 * target)
                 fp.apply_plan(model, plan, None, stats=stats, progress=False)
@@ -342,7 +358,7 @@ def stage_flow(ctx: Context) -> None:
                               "sparsity": plan.achieved_sparsity, "ppl": result[0],
                               "ppl_act": result[1], "plan": plan.to_dict(),
                               "prefill": prefill_costs(energy_plan)})
-                if name == "FLOW" and target == DEMO_TARGET:
+                if name == "auto" and target == DEMO_TARGET:
                     kept["plan"] = plan
                     kept["energy_plan"] = energy_plan
                     kept["weights"] = {n: lin.weight.detach().clone()
@@ -359,7 +375,7 @@ def stage_flow(ctx: Context) -> None:
                                      "act_layers": list(kept["act_layers"]),
                                      "act_mac_share": mac_share})
     ctx.report.section(
-        "FLOW on SmolLM2-135M: perplexity",
+        "N:M selection on SmolLM2-135M: perplexity",
         f"Weights pruned one-shot with the Wanda metric from one dense calibration "
         f"({args.calib_windows} x 128 tokens of *Pride and Prejudice*), perplexity on "
         f"{args.eval_windows} held-out windows of 128 tokens; the last column adds {ACT_PATTERN} "
@@ -391,25 +407,31 @@ def _plot_sweep(ctx: Context, dense, sweep) -> None:
 
 
 def _plot_plan(ctx: Context, plan) -> None:
+    """The ``auto`` plan: the sparsity of every projection kind per block, and the measured
+    loss increase of pruning the block alone to 4:8 (what the allocation trades off)."""
+    from flexcim.golden.nm import NMPattern
+
     plt = pyplot()
     blocks = plan.blocks
     idx = [b["index"] for b in blocks]
-    fig, ax = plt.subplots(figsize=(9, 3.4))
-    ax.plot(idx, [b.get("outlier_ratio", float("nan")) for b in blocks], "o-",
-            label="outlier ratio")
-    ax2 = ax.twinx()
-    ax2.plot(idx, [b.get("locality", float("nan")) for b in blocks], "s--", color="tab:orange",
-             label="outlier locality")
-    for b in blocks:
-        ax.annotate(b["pattern"], (b["index"], b.get("outlier_ratio", 0)), fontsize=7,
-                    rotation=90, ha="center", va="bottom", xytext=(0, 4),
-                    textcoords="offset points")
+    kinds = list(blocks[0]["patterns"])
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    markers = iter("os^vD<>x")
+    for i, kind in enumerate(kinds):
+        ax.plot([x + (i - len(kinds) / 2) * 0.08 for x in idx],
+                [NMPattern.parse(b["patterns"][kind]).sparsity for b in blocks],
+                marker=next(markers, "x"), ls="none", label=kind.rsplit(".", 1)[-1], ms=4)
     ax.set_xlabel("decoder block")
-    ax.set_ylabel("outlier ratio")
-    ax2.set_ylabel("outlier locality")
-    fig.legend(loc="upper right")
-    ctx.report.plot("flow_plan", fig,
-                    f"Per-block outlier ratio and locality with FLOW's N:M at target {DEMO_TARGET}")
+    ax.set_ylabel("projection sparsity")
+    ax2 = ax.twinx()
+    ax2.plot(idx, [b["block_cost"].get("4:8", float("nan")) for b in blocks], color="gray",
+             alpha=0.6, label="block alone at 4:8")
+    ax2.set_yscale("log")
+    ax2.set_ylabel("measured loss increase (nats/token)")
+    fig.legend(loc="upper center", ncol=8, fontsize=7)
+    ctx.report.plot("auto_plan", fig,
+                    f"The auto plan at target {DEMO_TARGET}: sparsity per projection and the "
+                    "measured sensitivity of each block")
 
 
 RTL_PRESET = "default"
@@ -417,14 +439,14 @@ RTL_TOKENS = 128
 
 
 def pick_rtl_layer(plan, cfg) -> tuple[str, str]:
-    """The q_proj of the first block whose FLOW pattern is sparse and supported by ``cfg``
+    """The q_proj of the first block whose planned pattern is sparse and supported by ``cfg``
     (the densest-in-K projection shape of SmolLM2, 576x576); any projection as a fallback."""
     from flexcim.golden.nm import NMPattern
 
     candidates = [(name, p) for name, p in plan.layers.items()
                   if not NMPattern.parse(p).is_dense and cfg.supports(p)]
     if not candidates:
-        raise FlexCimError("the FLOW plan has no sparse layer this macro supports")
+        raise FlexCimError("the plan has no sparse layer this macro supports")
     for name, p in candidates:
         if name.endswith("q_proj"):
             return name, p
@@ -432,7 +454,8 @@ def pick_rtl_layer(plan, cfg) -> tuple[str, str]:
 
 
 def stage_rtl(ctx: Context) -> None:
-    """One real FLOW-sparsified projection with 8:16-pruned real activations, on Verilator."""
+    """One real projection sparsified by the auto plan, with 8:16-pruned real activations, on
+    Verilator."""
     from flexcim.flow.export import build_layer, find_layer, layer_inputs
     from flexcim.flow.model import linear_layers
     from flexcim.golden import sparse_matmul
@@ -472,7 +495,7 @@ def stage_rtl(ctx: Context) -> None:
     ctx.report.record("rtl", record)
     ctx.report.section(
         "One real layer on the RTL (Verilator)",
-        f"`{name}` of SmolLM2, pruned by the FLOW plan to **{pattern}**, quantized to int8 per "
+        f"`{name}` of SmolLM2, pruned by the `auto` plan to **{pattern}**, quantized to int8 per "
         f"output channel, driven with {RTL_TOKENS} real calibration activations pruned "
         f"{ACT_PATTERN} (top-|x|) and quantized, through the Verilog of the `{RTL_PRESET}` "
         "macro with cocotb on Verilator:",
@@ -524,9 +547,9 @@ def stage_area(ctx: Context) -> None:
 # key, title, function, keys of the stages it needs
 STAGES: list[tuple[str, str, Callable[[Context], None], tuple[str, ...]]] = [
     ("golden", "golden model vs int64 reference", stage_golden, ()),
-    ("flow", "FLOW, OWL and uniform on SmolLM2 (perplexity)", stage_flow, ()),
+    ("flow", "auto, uniform, OWL and FLOW on SmolLM2 (perplexity)", stage_flow, ()),
     ("rtl", "one real layer through the RTL on Verilator", stage_rtl, ("flow",)),
-    ("perf", "prefill latency and energy (FLOW plan)", stage_performance, ("flow",)),
+    ("perf", "prefill latency and energy (auto plan)", stage_performance, ("flow",)),
     ("area", "area table (make synth)", stage_area, ()),
 ]
 
@@ -584,7 +607,8 @@ def _demo(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the FlexCiM demonstration (make demo): FLOW, RTL check, performance, report",
+        help="run the FlexCiM demonstration (make demo): N:M selection, RTL check, performance, "
+             "report",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--calib-windows", type=int, default=16, metavar="N",

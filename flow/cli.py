@@ -13,7 +13,7 @@ log = logging.getLogger("flexcim.flow")
 
 # Choices repeated here so `flexcim --help` does not import torch (tests pin them to the source).
 METRICS = ("magnitude", "wanda", "sparsegpt")
-METHODS = ("uniform", "owl", "flow")
+METHODS = ("auto", "uniform", "owl", "flow")
 M_DIRECTIONS = ("figure", "code")
 NORMALISATIONS = ("minmax", "zscore", "rank")
 ACT_DEFAULT = ("q", "down")  # flexcim.flow.act.DEFAULT_PROJECTIONS
@@ -61,11 +61,14 @@ def _select(args: argparse.Namespace) -> int:
         m_direction=args.m_direction, normalisation=args.normalisation,
         keep_ends_dense=args.keep_ends_dense,
         hw_config=_hw_config(args.hw_config), hw_weight=args.hw_weight,
+        granularity=args.granularity, sens_windows=args.sens_windows,
     )
     _check_output_dir(args.output)
     start = time.perf_counter()
     session = _session(args)
-    windows = None if args.metric == "magnitude" else _calib(session, args)
+    # auto measures the loss on calibration text whatever the pruning metric
+    needs_text = args.metric != "magnitude" or args.method == "auto"
+    windows = _calib(session, args) if needs_text else None
     plan = pipeline.make_plan(session.model, windows, config, metric=args.metric)
     plan.settings.update(model=session.lm.name, calib_windows=args.calib_windows,
                          seq_len=args.seq_len, seed=args.seed,
@@ -213,7 +216,10 @@ def register(sub) -> None:
 
     p = fsub.add_parser("select", help="choose an N:M per decoder block -> plan.json")
     _common(p)
-    p.add_argument("--method", choices=METHODS, default="flow")
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help="auto (default): a pattern per projection from sensitivity measured on "
+                        "the calibration text, among --hw-config's patterns (docs/flow.md); "
+                        "flow: the paper's criterion; owl, uniform: baselines")
     p.add_argument("--target-sparsity", type=float, metavar="S",
                    help="mean weight sparsity over the decoder blocks, e.g. 0.5")
     p.add_argument("--pattern", metavar="N:M",
@@ -237,8 +243,14 @@ def register(sub) -> None:
                    help="keep the first and last blocks dense, the others compensate (default: "
                         "on for flow, measured better, see docs/flow.md; off for uniform, owl)")
     p.add_argument("--hw-config", metavar="PRESET|JSON",
-                   help="add each block's relative latency on this FlexCiM macro to the cost")
+                   help="the target FlexCiM macro: auto chooses among its patterns (default "
+                        "the default preset); flow adds each block's relative latency on it to "
+                        "the cost")
     p.add_argument("--hw-weight", type=float, default=1.0, help="weight of the latency term")
+    p.add_argument("--granularity", choices=("projection", "block"), default="projection",
+                   help="auto: a pattern per projection (default) or per decoder block")
+    p.add_argument("--sens-windows", type=int, default=8, metavar="N",
+                   help="auto: calibration windows used to measure sensitivity (default 8)")
     p.add_argument("-o", "--output", required=True, metavar="PLAN.json")
     p.set_defaults(func=_select)
 

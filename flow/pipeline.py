@@ -92,14 +92,26 @@ def _check_metric(metric: str) -> None:
 
 def make_plan(model: nn.Module, windows: torch.Tensor | None, config: SelectConfig, *,
               metric: str = "wanda", stats: dict | None = None, progress: bool = True,
-              outliers: list | None = None) -> Plan:
-    """Calibrate (dense model) and select a per-block N:M.
+              outliers: list | None = None, sensitivity=None) -> Plan:
+    """Calibrate (dense model) and select an N:M per block (per projection for ``auto``).
 
     ``stats`` reuses a calibration; ``outliers`` (:func:`flexcim.flow.select.all_outliers`)
-    reuses the per-block statistics too, so many plans cost milliseconds each.
+    reuses the per-block statistics too, and ``sensitivity``
+    (:func:`flexcim.flow.auto.measure_sensitivity`) the measurements of ``auto``, so many plans
+    cost milliseconds each.
     """
     _check_metric(metric)
     start = time.perf_counter()
+    if config.method == "auto":
+        from flexcim.flow import auto
+
+        plan = auto.auto_plan(model, windows, config, sensitivity=sensitivity,
+                              progress=progress)
+        plan.settings["metric"] = metric
+        log.info("auto plan: target %.4g, achieved %.4g, %s (%.1f s)", plan.target_sparsity,
+                 plan.achieved_sparsity, " ".join(b["pattern"] for b in plan.blocks),
+                 time.perf_counter() - start)
+        return plan
     if metric != "magnitude" and stats is None and outliers is None:
         if windows is None:
             raise FlexCimError(f"metric {metric!r} needs calibration windows")
@@ -246,24 +258,31 @@ def export_projection(session: Session, plan: Plan, layer: str, path: str | os.P
 def energy_plan(model: nn.Module, plan: Plan) -> dict:
     """``plan`` in the form :func:`flexcim.golden.energy.parse_plan` reads.
 
-    One entry per decoder block: its pattern (dense blocks as ``1:1``), the ``[out, in]`` shape
-    of each projection, and ``mask_24``: whether every projection's *current* weights satisfy
-    2:4 (call after :func:`apply_plan` so the fixed-2:4 baseline sees the real masks).
+    One entry per decoder block and pattern (an ``auto`` plan may give a block's projections
+    different patterns; the entry is then named ``block[kind,kind]``): the pattern (dense as
+    ``1:1``), the ``[out, in]`` shape of each projection, and ``mask_24``: whether every
+    projection's *current* weights satisfy 2:4 (call after :func:`apply_plan` so the fixed-2:4
+    baseline sees the real masks).
     """
     layers = linear_layers(model)
     entries = []
     for block in plan.blocks:
-        names = [n for n in plan.layers if n.startswith(block["name"] + ".")]
-        pattern = NMPattern.parse(block["pattern"])
-        mask_24 = all(
-            int((layers[n].weight.detach().reshape(-1, 4) != 0).sum(1).max()) <= 2
-            for n in names
-        )
-        entries.append({
-            "name": block["name"],
-            "pattern": "1:1" if pattern.is_dense else str(pattern),
-            "linears": {n: [layers[n].out_features, layers[n].in_features] for n in names},
-            "mask_24": mask_24,
-        })
+        groups: dict[str, list[str]] = {}
+        for n, p in plan.layers.items():
+            if n.startswith(block["name"] + "."):
+                pattern = NMPattern.parse(p)
+                groups.setdefault("1:1" if pattern.is_dense else str(pattern), []).append(n)
+        for pattern, names in groups.items():
+            mask_24 = all(
+                int((layers[n].weight.detach().reshape(-1, 4) != 0).sum(1).max()) <= 2
+                for n in names
+            )
+            kinds = ",".join(n[len(block["name"]) + 1:].rsplit(".", 1)[-1] for n in names)
+            entries.append({
+                "name": block["name"] if len(groups) == 1 else f"{block['name']}[{kinds}]",
+                "pattern": pattern,
+                "linears": {n: [layers[n].out_features, layers[n].in_features] for n in names},
+                "mask_24": mask_24,
+            })
     return {"layers": entries, "method": plan.method,
             "achieved_sparsity": plan.achieved_sparsity}

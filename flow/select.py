@@ -41,7 +41,7 @@ from flexcim.errors import FlexCimError
 
 log = logging.getLogger("flexcim.flow")
 
-METHODS = ("uniform", "owl", "flow")
+METHODS = ("auto", "uniform", "owl", "flow")
 M_DIRECTIONS = ("figure", "code")
 PAPER_CANDIDATES = tuple(NMPattern(n, m) for m in (4, 8) for n in (2, 4, 8) if n <= m)
 EXTENDED_CANDIDATES = tuple(NMPattern(n, m) for m in (4, 8, 16) for n in (1, 2, 4, 8, 16)
@@ -275,7 +275,10 @@ class SelectConfig:
 
     Members
     -------
-    method : ``uniform`` | ``owl`` | ``flow``
+    method : ``auto`` | ``uniform`` | ``owl`` | ``flow``
+        ``auto`` (the default): a pattern per projection from measured sensitivity
+        (:mod:`flexcim.flow.auto`) among the target macro's patterns (``hw_config``, default
+        the ``default`` preset); ``flow`` the paper's criterion; ``owl``, ``uniform`` baselines.
     target : float or None
         Mean sparsity over the decoder blocks; ``uniform`` may give ``pattern`` instead.
     pattern : str or None
@@ -307,9 +310,13 @@ class SelectConfig:
         cycles/dense cycles); candidates the macro does not support are excluded.
     hw_tokens : int
         Tokens per layer call in the latency model (a prefill chunk).
+    granularity : ``projection`` | ``block``
+        ``auto``: one pattern per projection (default) or per decoder block.
+    sens_windows : int
+        ``auto``: calibration windows used to measure sensitivity (the first ones).
     """
 
-    method: str = "flow"
+    method: str = "auto"
     target: float | None = None
     pattern: str | None = None
     candidates: tuple[NMPattern, ...] = PAPER_CANDIDATES
@@ -322,6 +329,8 @@ class SelectConfig:
     hw_config: object | None = None
     hw_weight: float = 1.0
     hw_tokens: int = 128
+    granularity: str = "projection"
+    sens_windows: int = 8
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -339,6 +348,13 @@ class SelectConfig:
             raise FlexCimError(f"method {self.method!r} needs a target sparsity")
         if self.hyper_m <= 0:
             raise FlexCimError(f"hyper_m must be positive, not {self.hyper_m!r}")
+        if self.granularity not in ("projection", "block"):
+            raise FlexCimError(f"granularity must be 'projection' or 'block', "
+                               f"not {self.granularity!r}")
+        if isinstance(self.sens_windows, bool) or not isinstance(self.sens_windows, int) or \
+                self.sens_windows < 1:
+            raise FlexCimError(f"sensitivity windows must be a positive integer, "
+                               f"not {self.sens_windows!r}")
 
 
 def _check_widths(blocks, pattern: NMPattern) -> None:

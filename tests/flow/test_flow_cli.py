@@ -73,7 +73,7 @@ def test_select_then_prune(workspace, capsys, metric):
 def test_select_normalisation_option(workspace, capsys):
     d = workspace
     code, err = _run(capsys, "flow", "select", *_common(d), "--metric", "magnitude",
-                     "--target-sparsity", "0.25", "--normalisation", "rank",
+                     "--method", "flow", "--target-sparsity", "0.25", "--normalisation", "rank",
                      "-o", str(d / "rank.json"))
     assert code == 0, err
     plan = json.loads((d / "rank.json").read_text())
@@ -86,6 +86,32 @@ def test_select_normalisation_option(workspace, capsys):
     assert sum(ranks) / len(ranks) == pytest.approx(0.5) and 0 <= min(ranks) < max(ranks) <= 1
 
 
+def test_select_auto_is_the_default_and_prunes(workspace, capsys):
+    d = workspace
+    code, err = _run(capsys, "flow", "select", *_common(d), "--target-sparsity", "0.375",
+                     "--sens-windows", "2", "-o", str(d / "auto.json"))
+    assert code == 0, err
+    plan = json.loads((d / "auto.json").read_text())
+    assert plan["method"] == "auto" and plan["achieved_sparsity"] == 0.375
+    assert set(plan["layers"].values()) <= {"1:1", "4:8", "2:8", "1:8"}  # the default macro
+    assert plan["settings"]["sensitivity"]["evaluations"] == 4 * 3 + 7 * 3
+    code, err = _run(capsys, "flow", "prune", *_common(d), "--plan", str(d / "auto.json"),
+                     "-o", str(d / "pruned-auto"))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target-sparsity", "0.9"], "outside [0, 0.875]"),
+    (["--target-sparsity", "0.5", "--hw-config", "dense"], "at least one sparse pattern"),
+    (["--target-sparsity", "0.5", "--sens-windows", "0"], "sensitivity windows must be"),
+])
+def test_select_auto_bad_input(workspace, capsys, argv, message):
+    d = workspace
+    code, err = _run(capsys, "flow", "select", *_common(d), *argv, "-o", str(d / "bad.json"))
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (d / "bad.json").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--target-sparsity", "0.95"], "outside [0, 0.75]"),
     (["--target-sparsity", "0.5", "--keep-ends-dense"], "outside [0, 0.375]"),  # 2 of 4 blocks
@@ -96,8 +122,8 @@ def test_select_normalisation_option(workspace, capsys):
 ])
 def test_select_bad_input(workspace, capsys, argv, message):
     d = workspace
-    code, err = _run(capsys, "flow", "select", *_common(d), "--metric", "magnitude", *argv,
-                     "-o", str(d / "bad.json"))
+    code, err = _run(capsys, "flow", "select", *_common(d), "--metric", "magnitude",
+                     "--method", "flow", *argv, "-o", str(d / "bad.json"))
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 

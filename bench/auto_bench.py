@@ -1,0 +1,265 @@
+"""``make bench-flow`` (first part): the ``auto`` selector vs uniform N:M, OWL and FLOW.
+
+Everything is measured in this run on the bundled SmolLM2-135M and written to
+``out/bench/auto/auto_bench.json`` with a plot (``auto_vs_baselines.png``):
+
+1. **Sensitivity** (:func:`flexcim.flow.auto.measure_sensitivity`) on the first
+   ``--sens-windows`` calibration windows, once, for the patterns of the ``default`` macro and of
+   the fixed-2:4 macro (2:4, 4:8, 2:8, 1:8); every plan below reuses it.
+2. **Validation** (*Emma*, or the calibration half of ``--text``'s corpus is never used): every
+   ``auto`` variant (``projection`` and ``block`` granularity) and every baseline variant at
+   every target, Wanda one-shot from the dense statistics; the variant of each method with the
+   lowest validation perplexity is chosen (per target for uniform: its best pattern, any N with
+   M = 8 or 16; for OWL: first and last blocks dense or not).
+3. **Test** (held-out *Pride and Prejudice*): the chosen variants, with Wanda and SparseGPT,
+   on the same windows.  ``auto`` is also run on the patterns of the fixed-2:4 macro
+   ({1:1, 2:4}).
+
+``--text FILE`` runs the same comparison on another text (first half calibration, second half
+test; the variants chosen on Austen's validation text are reused, ``--variants-from`` a
+previous JSON); ``--seed`` draws other windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import pathlib
+import sys
+import time
+
+import torch
+
+from flexcim.errors import FlexCimError
+from flexcim.report import pyplot
+
+log = logging.getLogger("flexcim.bench")
+
+TARGETS = (0.25, 0.375, 0.5, 0.625, 0.75)
+MEASURED = ("1:1", "2:4", "4:8", "2:8", "1:8")
+"""Patterns whose sensitivity is measured: the ``default`` macro's levels and ``fixed24``'s."""
+
+
+def _geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def uniform_patterns(target: float) -> list[str]:
+    """Uniform N:M at exactly ``target`` with M = 8 or 16 (any N)."""
+    out = []
+    for m in (8, 16):
+        n = (1 - target) * m
+        if abs(n - round(n)) < 1e-9 and round(n) >= 1:
+            out.append(f"{round(n)}:{m}")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out/bench/auto")
+    parser.add_argument("--text", metavar="FILE", help="another text (default: Austen)")
+    parser.add_argument("--variants-from", metavar="JSON",
+                        help="with --text: reuse the variants chosen in this earlier run")
+    parser.add_argument("--seed", type=int, default=0, help="window seed (default 0)")
+    parser.add_argument("--calib-windows", type=int, default=16)
+    parser.add_argument("--sens-windows", type=int, default=4)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--val-windows", type=int, default=8)
+    parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
+    parser.add_argument("--skip-sparsegpt", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(2)
+    targets = [float(t) for t in args.targets.split(",")]
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from flexcim.flow import auto, calib, pipeline
+    from flexcim.flow.eval import perplexity
+    from flexcim.flow.model import linear_layers
+    from flexcim.flow.select import SelectConfig
+    from flexcim.flow.text import token_windows
+    from flexcim.golden.nm import NMPattern
+    from flexcim.hw.config import PRESETS
+
+    started = time.perf_counter()
+    session = pipeline.load(None, args.text)
+    model = session.model
+    result = {"model": session.lm.name, "text": session.corpus.source, "seed": args.seed,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": "python bench/auto_bench.py " + " ".join(argv or sys.argv[1:]),
+              "calib_windows": args.calib_windows, "sens_windows": args.sens_windows,
+              "eval_windows": args.eval_windows, "val_windows": args.val_windows,
+              "load_average_at_start": os.getloadavg()[0]}
+    cw = pipeline.calibration_windows(session, count=args.calib_windows, seed=args.seed)
+    texts = {"test": ("held-out", args.eval_windows)}
+    if "emma" in session.corpus.evaluation and not args.variants_from:
+        texts["val"] = ("emma", args.val_windows)
+    windows = {key: token_windows(session.lm.tokenizer, session.corpus.evaluation[name],
+                                  seq_len=128, count=count, seed=args.seed)
+               for key, (name, count) in texts.items()}
+    layers = linear_layers(model)
+    dense_weights = {n: m.weight.detach().clone() for n, m in layers.items()}
+
+    def save() -> None:
+        tmp = out / "auto_bench.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, out / "auto_bench.json")
+
+    def restore() -> None:
+        for n, m in layers.items():
+            m.weight.data.copy_(dense_weights[n])
+
+    stats = calib.calibrate(model, cw, hessian=not args.skip_sparsegpt,
+                            keep_hessians=not args.skip_sparsegpt)
+    result["dense"] = {key: perplexity(model, w, progress=False) for key, w in windows.items()}
+    log.info("dense perplexity %s", result["dense"])
+    sens = auto.measure_sensitivity(model, cw[: args.sens_windows],
+                                    tuple(NMPattern.parse(p) for p in MEASURED))
+    result["sensitivity"] = sens.to_dict()
+    save()
+
+    def plan_for(method: str, variant: str, target: float, macro: str = "default"):
+        if method == "auto":
+            s = sens if variant == "projection" else auto.Sensitivity(
+                **{**sens.to_dict(), "kind_cost": {}})
+            return pipeline.make_plan(model, None, SelectConfig(
+                method="auto", target=target, hw_config=PRESETS[macro]), sensitivity=s,
+                progress=False)
+        if method == "uniform":
+            return pipeline.make_plan(model, None, SelectConfig(method="uniform",
+                                                                pattern=variant), stats=stats,
+                                      progress=False)
+        if method == "owl":
+            return pipeline.make_plan(model, None, SelectConfig(
+                method="owl", target=target, keep_ends_dense=variant == "ends-dense"),
+                stats=stats, progress=False)
+        return pipeline.make_plan(model, None, SelectConfig(method="flow", target=target),
+                                  stats=stats, progress=False)
+
+    def measure(plan, metric: str, keys) -> dict:
+        pipeline.apply_plan(model, plan, None, metric=metric, stats=stats, progress=False)
+        pipeline.check_plan(model, plan)
+        row = {key: perplexity(model, windows[key], progress=False) for key in keys}
+        restore()
+        return row
+
+    variants = {"auto": ["projection", "block"], "owl": ["ends-pruned", "ends-dense"],
+                "flow": ["code-ends-dense"]}
+    rows = []
+    # 2. validation: every variant of every method at every target (Wanda)
+    chosen: dict = {}
+    if "val" in windows:
+        for t in targets:
+            candidates = {**variants, "uniform": uniform_patterns(t)}
+            for method, names in candidates.items():
+                for v in names:
+                    try:
+                        plan = plan_for(method, v, t)
+                    except FlexCimError as exc:
+                        log.info("%s %s at %g: %s", method, v, t, exc)
+                        continue
+                    row = {"method": method, "variant": v, "target": t, "metric": "wanda",
+                           "macro": "default", "achieved": plan.achieved_sparsity,
+                           "ppl_val": measure(plan, "wanda", ["val"])["val"]}
+                    rows.append(row)
+                    log.info("[%5.0f s] val %-8s %-16s %.3f: %.3f", time.perf_counter() - started,
+                             method, v, t, row["ppl_val"])
+            result["validation"] = rows
+            save()
+        for method, names in variants.items():
+            chosen[method] = min(names, key=lambda v, m=method: _geomean(
+                r["ppl_val"] for r in rows if r["method"] == m and r["variant"] == v))
+        chosen["uniform"] = {str(t): min(
+            (r for r in rows if r["method"] == "uniform" and r["target"] == t),
+            key=lambda r: r["ppl_val"])["variant"] for t in targets}
+    else:
+        previous = json.loads(pathlib.Path(args.variants_from).read_text())["chosen"] \
+            if args.variants_from else None
+        if previous is None:
+            raise FlexCimError("--text without validation windows needs --variants-from")
+        chosen = previous
+    result["chosen"] = chosen
+    log.info("chosen on validation: %s", chosen)
+
+    # 3. test: the chosen variants, Wanda and SparseGPT; auto also on fixed24's patterns
+    tests = []
+    metrics = ["wanda"] + ([] if args.skip_sparsegpt else ["sparsegpt"])
+    for t in targets:
+        plans = [("auto", chosen["auto"], "default"), ("auto", chosen["auto"], "fixed24"),
+                 ("uniform", chosen["uniform"][str(t)], "default"),
+                 ("owl", chosen["owl"], "default"), ("flow", chosen["flow"], "default")]
+        for method, v, macro in plans:
+            try:
+                plan = plan_for(method, v, t, macro)
+            except FlexCimError as exc:
+                log.info("%s %s on %s at %g: %s", method, v, macro, t, exc)
+                continue
+            for metric in metrics:
+                row = {"method": method, "variant": v, "macro": macro, "target": t,
+                       "metric": metric, "achieved": plan.achieved_sparsity,
+                       "patterns": sorted(set(plan.layers.values())),
+                       **{f"ppl_{k}": p for k, p in measure(plan, metric, ["test"]).items()}}
+                tests.append(row)
+                log.info("[%5.0f s] test %-8s %-16s %-8s %-9s %.3f: %.3f",
+                         time.perf_counter() - started, method, v, macro, metric, t,
+                         row["ppl_test"])
+        result["test"] = tests
+        save()
+    result["summary"] = summary(tests)
+    result["total_s"] = time.perf_counter() - started
+    result["load_average_at_end"] = os.getloadavg()[0]
+    save()
+    _plot(result, out)
+    for r in result["summary"]:
+        log.info("%s", r)
+    return 0
+
+
+def summary(tests: list[dict]) -> list[dict]:
+    """auto (default macro) vs each baseline at each target and metric: ``1 - auto / base``."""
+    rows = []
+    for a in tests:
+        if a["method"] != "auto" or a["macro"] != "default":
+            continue
+        row = {"target": a["target"], "metric": a["metric"], "auto": a["ppl_test"]}
+        for b in tests:
+            if (b["target"], b["metric"]) == (a["target"], a["metric"]) and b is not a:
+                name = b["method"] if b["macro"] == "default" else f"{b['method']}-{b['macro']}"
+                row[name] = b["ppl_test"]
+                row[f"vs {name}"] = 1 - a["ppl_test"] / b["ppl_test"]
+        rows.append(row)
+    return rows
+
+
+def _plot(result: dict, out: pathlib.Path) -> None:
+    plt = pyplot()
+    metrics = sorted({r["metric"] for r in result["test"]})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        series: dict = {}
+        for r in result["test"]:
+            if r["metric"] == metric:
+                label = r["method"] if r["macro"] == "default" else f"{r['method']} on {{1:1, 2:4}}"
+                series.setdefault(label, []).append((r["achieved"], r["ppl_test"]))
+        for label, pts in series.items():
+            ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=label)
+        ax.set_yscale("log")
+        ax.set_xlabel("mean weight sparsity")
+        ax.set_ylabel("test perplexity")
+        ax.set_title(f"{metric}, {result['text']}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "auto_vs_baselines.png", dpi=120)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except FlexCimError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,457 @@
+"""``auto``: an N:M per projection from *measured* sensitivity, solved exactly.
+
+FLOW's criterion (outlier ratio and locality) predicts which decoder blocks tolerate sparsity;
+on SmolLM2 it predicts badly (docs/flow.md: the outlier ratio rank-correlates -0.25 with the
+measured harm, and the harm grows faster than linearly with sparsity).  ``auto`` measures
+instead, on the calibration text only:
+
+1. **Block costs.**  For every decoder block ``b`` and every sparsity level the target macro
+   offers (one pattern per level: the largest M, measured better), the increase of the mean
+   next-token loss when block ``b`` alone is pruned to that pattern (Wanda masks from the dense
+   model's statistics).  The loss runs from block ``b`` on, from the cached dense input of ``b``,
+   so a measurement costs the tail of the network only.
+2. **Kind shares** (``granularity="projection"``).  For every projection kind (q, k, v, o, gate,
+   up, down) and level, the loss increase when that kind alone is pruned in every block but the
+   first and the last; a block's cost at a level is split over its projections in proportion.
+   The cost of projection ``k`` of block ``b`` at level ``s`` is ``cost_b(s) * share_k(s)``.
+3. **Exact allocation.**  One pattern per projection minimising the summed cost subject to
+   *mean weight sparsity over the parameters == target*, by a dynamic program over integer
+   pruned-parameter units (:func:`solve_units`).  Different projections of one block may get
+   different patterns: the macro takes a pattern per command, so this costs nothing in hardware.
+
+The measurements depend only on the model and the calibration windows, not on the target, so
+:class:`Sensitivity` is computed once and every target's plan then costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from flexcim.flow import calib
+from flexcim.flow.model import Block, _block_list, decoder_blocks
+from flexcim.flow.prune import nm_mask, wanda_scores
+from flexcim.golden.nm import NMPattern
+from torch import nn
+from tqdm import tqdm
+
+from flexcim.errors import FlexCimError
+
+log = logging.getLogger("flexcim.flow")
+
+GRANULARITIES = ("projection", "block")
+
+
+def levels_of(patterns, widths: list[int]) -> tuple[NMPattern, ...]:
+    """One pattern per sparsity level of ``patterns``: the one with the largest M that divides
+    every input width (dense first).  Larger M is the more flexible mask at equal sparsity
+    (4:8 keeps any 4 of 8, 2:4 only 2 of each half); measured better on SmolLM2 (docs/flow.md).
+    """
+    best: dict[float, NMPattern] = {0.0: NMPattern(1, 1)}
+    for p in patterns:
+        p = NMPattern.parse(p)
+        if p.is_dense or any(w % p.m for w in widths):
+            continue
+        s = p.sparsity
+        if s not in best or p.m > best[s].m:
+            best[s] = p
+    if len(best) < 2:
+        names = ", ".join(str(NMPattern.parse(p)) for p in patterns)
+        raise FlexCimError(f"auto needs at least one sparse pattern that divides the input widths "
+                           f"{sorted(set(widths))}; the macro's patterns are {names}")
+    return tuple(best[s] for s in sorted(best))
+
+
+# ---------------------------------------------------------------------------------------------
+# The calibration loss, from any block on
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a skipped decoder block: returns its input as the block would return it."""
+
+    def __init__(self, tuple_output: bool):
+        super().__init__()
+        self.tuple_output = tuple_output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.tuple_output else hidden_states
+
+
+class LossProbe:
+    """Mean next-token loss of ``model`` on ``windows``, runnable from any decoder block.
+
+    On construction the model runs once, dense: the input of every block is cached (per batch)
+    and every projection's input statistics are collected (Wanda's ``act_sq_mean``).
+    :meth:`loss` ``(start)`` then runs the model with blocks ``0 .. start-1`` replaced by
+    pass-throughs and the cached input of block ``start`` injected, so only the tail of the
+    network is computed; blocks before ``start`` must be unchanged since construction.
+    """
+
+    def __init__(self, model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8):
+        if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
+            raise FlexCimError(f"windows must be int64 [count, length >= 2], "
+                               f"not {tuple(windows.shape)}")
+        self.model = model
+        self.windows = windows
+        self.batch_size = batch_size
+        self.blocks = decoder_blocks(model)
+        _, self._layers = _block_list(model)
+        self.inputs: list[list[torch.Tensor]] = [[] for _ in self.blocks]
+        self._tuple_output = False
+        linears = {n: m for b in self.blocks for n, m in b.linears.items()}
+        handles = []
+
+        def capture(index):
+            def hook(_module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.inputs[index].append(hidden.detach())
+            return hook
+
+        def output_kind(_module, _args, output):
+            self._tuple_output = isinstance(output, tuple)
+
+        try:
+            for b in self.blocks:
+                handles.append(b.module.register_forward_pre_hook(capture(b.index),
+                                                                  with_kwargs=True))
+            handles.append(self.blocks[0].module.register_forward_hook(output_kind))
+            with calib.collecting(linears) as stats:
+                self.dense = self._loss_all()
+            self.stats = stats
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        for start in range(0, self.windows.shape[0], self.batch_size):
+            yield self.windows[start : start + self.batch_size]
+
+    @torch.no_grad()
+    def _loss_all(self) -> float:
+        total, count = 0.0, 0
+        for batch in self._batches():
+            logits = self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            total += float(nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+            count += batch[:, 1:].numel()
+        return total / count
+
+    @torch.no_grad()
+    def loss(self, start: int = 0) -> float:
+        """Mean next-token loss, computing blocks ``start ..`` only (see the class doc)."""
+        if start == 0:
+            return self._loss_all()
+        saved = [self._layers[i] for i in range(start)]
+        batch_index = [0]
+
+        def inject(_module, args, kwargs):
+            cached = self.inputs[start][batch_index[0]]
+            batch_index[0] += 1
+            if args:
+                return (cached, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": cached}
+
+        handle = self.blocks[start].module.register_forward_pre_hook(inject, with_kwargs=True)
+        try:
+            for i in range(start):
+                self._layers[i] = _Passthrough(self._tuple_output)
+            return self._loss_all()
+        finally:
+            handle.remove()
+            for i, module in enumerate(saved):
+                self._layers[i] = module
+
+    def wanda_mask(self, name: str, weight: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+        scores = wanda_scores(weight, self.stats[name].act_sq_mean)
+        return nm_mask(scores, n_keep=pattern.n, m=pattern.m)
+
+
+@contextlib.contextmanager
+def pruned(layers: dict[str, nn.Linear], patterns: dict[str, NMPattern], probe: LossProbe
+           ) -> Iterator[None]:
+    """Temporarily prune ``layers`` to ``patterns`` with Wanda masks (weights restored after)."""
+    saved = {}
+    try:
+        for name, pattern in patterns.items():
+            if pattern.is_dense:
+                continue
+            w = layers[name].weight
+            saved[name] = w.detach().clone()
+            w.data.mul_(probe.wanda_mask(name, saved[name], pattern).to(w.dtype))
+        yield
+    finally:
+        for name, w in saved.items():
+            layers[name].weight.data.copy_(w)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measured sensitivity
+
+
+def projection_kind(name: str, block: Block) -> str:
+    """The path of a projection inside its block (``self_attn.q_proj``)."""
+    return name[len(block.name) + 1:]
+
+
+@dataclasses.dataclass
+class Sensitivity:
+    """Measured loss increases (nats per token) on the calibration windows.
+
+    Members
+    -------
+    levels : list of str
+        The patterns measured, dense first (several may share a sparsity: a measurement can
+        serve macros with different pattern sets, see :meth:`restrict`).
+    block_cost : list of list of float
+        ``[block][level]``: block pruned alone (0 for the dense level).
+    kind_cost : dict of str to list of float
+        ``[kind][level]``: that kind pruned in every block but the first and last (empty for
+        block granularity).
+    dense_loss : float
+    seconds : float
+    evaluations : int
+    """
+
+    levels: list[str]
+    block_cost: list[list[float]]
+    kind_cost: dict[str, list[float]]
+    dense_loss: float
+    seconds: float
+    evaluations: int
+
+    def unit_costs(self, blocks: list[Block]) -> dict[str, list[float]]:
+        """Cost of every projection at every level: its block's cost split by kind shares
+        (or by parameter count when no kind costs were measured)."""
+        costs = {}
+        for b, row in zip(blocks, self.block_cost, strict=True):
+            params = {n: m.weight.numel() for n, m in b.linears.items()}
+            total = sum(params.values())
+            for name in b.linears:
+                kind = projection_kind(name, b)
+                unit = []
+                for level, cost in enumerate(row):
+                    if self.kind_cost and level > 0:
+                        kinds = [projection_kind(n, b) for n in b.linears]
+                        weights = [max(self.kind_cost[k][level], 0.0) for k in kinds]
+                        denom = sum(weights)
+                        share = (max(self.kind_cost[kind][level], 0.0) / denom if denom > 0
+                                 else params[name] / total)
+                    else:
+                        share = params[name] / total
+                    unit.append(max(cost, 0.0) * share)
+                costs[name] = unit
+        return costs
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def restrict(self, levels) -> Sensitivity:
+        """The measurement of ``levels`` only (dense first), e.g. one macro's levels."""
+        names = [str(NMPattern.parse(p)) for p in levels]
+        missing = [n for n in names if n not in self.levels]
+        if missing or names[0] != "1:1":
+            raise FlexCimError(f"the sensitivity was measured for the patterns {self.levels}, "
+                               f"not for {', '.join(missing) or 'a dense first level'}")
+        cols = [self.levels.index(n) for n in names]
+        return dataclasses.replace(
+            self, levels=names, block_cost=[[row[c] for c in cols] for row in self.block_cost],
+            kind_cost={k: [row[c] for c in cols] for k, row in self.kind_cost.items()})
+
+
+@torch.no_grad()
+def measure_sensitivity(model: nn.Module, windows: torch.Tensor, levels: tuple[NMPattern, ...],
+                        *, granularity: str = "projection", batch_size: int = 8,
+                        progress: bool = True) -> Sensitivity:
+    """Measure :class:`Sensitivity` (``len(blocks) * (levels - 1)`` tail evaluations, plus
+    ``kinds * (levels - 1)`` whole-model ones for projection granularity)."""
+    if granularity not in GRANULARITIES:
+        raise FlexCimError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
+    start_time = time.perf_counter()
+    probe = LossProbe(model, windows, batch_size=batch_size)
+    blocks = probe.blocks
+    sparse = levels[1:]
+    total = len(blocks) * len(sparse)
+    kinds: list[str] = []
+    if granularity == "projection" and len(blocks) > 2:
+        for name in blocks[1].linears:
+            kinds.append(projection_kind(name, blocks[1]))
+        total += len(kinds) * len(sparse)
+    bar = tqdm(total=total, desc="sensitivity", disable=not progress, leave=False, unit="eval")
+    block_cost = []
+    try:
+        for b in blocks:
+            row = [0.0]
+            for p in sparse:
+                with pruned(b.linears, dict.fromkeys(b.linears, p), probe):
+                    row.append(probe.loss(b.index) - probe.dense)
+                bar.update()
+            block_cost.append(row)
+        kind_cost = {}
+        middle = blocks[1:-1]
+        for kind in kinds:
+            row = [0.0]
+            layers = {f"{b.name}.{kind}": b.linears[f"{b.name}.{kind}"] for b in middle}
+            for p in sparse:
+                with pruned(layers, dict.fromkeys(layers, p), probe):
+                    row.append(probe.loss(middle[0].index) - probe.dense)
+                bar.update()
+            kind_cost[kind] = row
+    finally:
+        bar.close()
+    result = Sensitivity(levels=[str(p) for p in levels], block_cost=block_cost,
+                         kind_cost=kind_cost, dense_loss=probe.dense,
+                         seconds=time.perf_counter() - start_time, evaluations=total)
+    log.info("sensitivity: %d evaluations in %.1f s", total, result.seconds)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact allocation
+
+
+def solve_units(costs: list[list[float]], units: list[list[int]], target: int
+                ) -> tuple[list[int], int]:
+    """One option per item minimising the summed cost with the summed units nearest ``target``.
+
+    ``units[i][o]`` are non-negative integers.  An exact DP over the running total (NumPy over
+    all totals at once): returns the chosen option per item and the total reached (the reachable
+    total nearest ``target``, ties to the lower; among equal totals the lowest cost).
+    """
+    top = sum(max(u) for u in units)
+    inf = math.inf
+    best = np.full(top + 1, inf)
+    best[0] = 0.0
+    choice = np.zeros((len(costs), top + 1), dtype=np.int16)
+    reach = 0
+    for i, (c_row, u_row) in enumerate(zip(costs, units, strict=True)):
+        new = np.full(top + 1, inf)
+        new_choice = np.zeros(top + 1, dtype=np.int16)
+        for o, (c, u) in enumerate(zip(c_row, u_row, strict=True)):
+            if math.isinf(c):
+                continue
+            cand = np.full(top + 1, inf)
+            cand[u : reach + u + 1] = best[: reach + 1] + c
+            better = cand < new - 1e-15
+            new[better] = cand[better]
+            new_choice[better] = o
+        reach += max(u_row)
+        best = new
+        choice[i] = new_choice
+    reachable = np.flatnonzero(np.isfinite(best))
+    if reachable.size == 0:
+        raise FlexCimError("no admissible option for some item")
+    total = int(reachable[np.argmin(np.abs(reachable - target) * 2 + (reachable > target))])
+    picks = []
+    t = total
+    for i in range(len(costs) - 1, -1, -1):
+        o = int(choice[i, t])
+        picks.append(o)
+        t -= units[i][o]
+    return picks[::-1], total
+
+
+def allocate(blocks: list[Block], sensitivity: Sensitivity, target: float
+             ) -> tuple[dict[str, NMPattern], float, str]:
+    """The projection patterns minimising the measured cost at mean parameter sparsity
+    ``target`` (exact when reachable, else the nearest with a message)."""
+    levels = [NMPattern.parse(p) for p in sensitivity.levels]
+    costs = sensitivity.unit_costs(blocks)
+    names = list(costs)
+    params = {n: m.weight.numel() for b in blocks for n, m in b.linears.items()}
+    # integer units: pruned parameters in multiples of the common grain
+    grain = 0
+    for n in names:
+        for p in levels:
+            pruned_params = params[n] * (p.m - p.n) // p.m
+            grain = math.gcd(grain, pruned_params)
+    grain = max(grain, 1)
+    units = [[params[n] * (p.m - p.n) // p.m // grain for p in levels] for n in names]
+    total_params = sum(params.values())
+    max_sparsity = sum(max(u) for u in units) * grain / total_params
+    if not 0.0 <= target <= max_sparsity + 1e-9:
+        raise FlexCimError(f"target sparsity {target:g} is outside [0, {max_sparsity:.4g}], the "
+                           f"range reachable with the patterns {sensitivity.levels}")
+    wanted = round(target * total_params / grain)
+    picks, total = solve_units([costs[n] for n in names], units, wanted)
+    achieved = total * grain / total_params
+    message = "" if abs(achieved - target) < 1e-9 else (
+        f"target sparsity {target:g} is not reachable exactly with the patterns "
+        f"{sensitivity.levels}; using the nearest reachable {achieved:.6g}")
+    return {n: levels[o] for n, o in zip(names, picks, strict=True)}, achieved, message
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def macro_patterns(config) -> tuple[NMPattern, ...]:
+    """The patterns ``auto`` may use: the target macro's (``hw_config``, default preset)."""
+    if config.hw_config is not None:
+        return tuple(config.hw_config.patterns)
+    from flexcim.hw.config import DEFAULT
+
+    return tuple(DEFAULT.patterns)
+
+
+def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
+              sensitivity: Sensitivity | None = None, progress: bool = True):
+    """The ``auto`` :class:`~flexcim.flow.select.Plan` for ``config.target``.
+
+    ``sensitivity`` reuses a measurement (it depends on the model, the calibration windows and
+    the pattern levels only); otherwise the first ``config.sens_windows`` of ``windows`` are
+    measured.
+    """
+    from flexcim.flow.select import Plan
+
+    blocks = decoder_blocks(model)
+    widths = sorted({m.in_features for b in blocks for m in b.linears.values()})
+    levels = levels_of(macro_patterns(config), widths)
+    if not 0.0 <= config.target <= levels[-1].sparsity:  # before measuring anything
+        raise FlexCimError(f"target sparsity {config.target:g} is outside "
+                           f"[0, {levels[-1].sparsity:.4g}], the range reachable with the "
+                           f"patterns {[str(p) for p in levels]}")
+    if sensitivity is None:
+        if windows is None:
+            raise FlexCimError("auto needs calibration windows to measure sensitivity")
+        sensitivity = measure_sensitivity(model, windows[: config.sens_windows], levels,
+                                          granularity=config.granularity, progress=progress)
+    else:
+        sensitivity = sensitivity.restrict(levels)
+    patterns, achieved, message = allocate(blocks, sensitivity, config.target)
+    if message:
+        log.warning("%s", message)
+    costs = sensitivity.unit_costs(blocks)
+    records, layers = [], {}
+    for b in blocks:
+        own = {projection_kind(n, b): patterns[n] for n in b.linears}
+        params = {n: m.weight.numel() for n, m in b.linears.items()}
+        shared = set(own.values())
+        records.append({
+            "index": b.index, "name": b.name,
+            "pattern": str(next(iter(shared))) if len(shared) == 1 else "mixed",
+            "patterns": {k: str(p) for k, p in own.items()},
+            "sparsity": sum(params[n] * patterns[n].sparsity for n in b.linears)
+            / sum(params.values()),
+            "cost": sum(costs[n][[str(x) for x in levels].index(str(patterns[n]))]
+                        for n in b.linears),
+            "block_cost": dict(zip(sensitivity.levels, sensitivity.block_cost[b.index],
+                                   strict=True)),
+        })
+        layers.update({n: str(patterns[n]) for n in b.linears})
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    settings["candidates"] = [str(p) for p in levels]
+    if config.hw_config is not None:
+        settings["hw_config"] = config.hw_config.to_dict()
+    settings["sensitivity"] = {"seconds": round(sensitivity.seconds, 1),
+                               "evaluations": sensitivity.evaluations,
+                               "dense_loss": sensitivity.dense_loss,
+                               "kind_cost": sensitivity.kind_cost}
+    return Plan(method="auto", target_sparsity=float(config.target), achieved_sparsity=achieved,
+                exact=not message, message=message, blocks=records, layers=layers,
+                settings=settings)

@@ -1,0 +1,241 @@
+import itertools
+import math
+
+import pytest
+import torch
+from flexcim.flow import auto, calib, pipeline, prune
+from flexcim.flow.model import decoder_blocks, linear_layers
+from flexcim.flow.select import SelectConfig
+from flexcim.golden.nm import NMPattern
+from flexcim.hw.config import PRESETS
+from torch import nn
+
+from flexcim.errors import FlexCimError
+
+LEVELS = (NMPattern(1, 1), NMPattern(4, 8), NMPattern(2, 8))
+
+
+def reference_loss(model, windows) -> float:
+    """Mean next-token NLL by Hugging Face's own loss (an independent reference)."""
+    with torch.no_grad():
+        out = model(input_ids=windows, labels=windows, use_cache=False)
+    return float(out.loss)
+
+
+def test_probe_loss_from_any_block_equals_the_full_forward(tiny, tiny_windows):
+    probe = auto.LossProbe(tiny, tiny_windows, batch_size=4)  # 6 windows: a short last batch
+    ref = reference_loss(tiny, tiny_windows)
+    assert probe.dense == pytest.approx(ref, rel=1e-5)
+    for start in range(len(probe.blocks)):
+        assert probe.loss(start) == pytest.approx(ref, rel=1e-5), start
+    # the skipped blocks are back in place
+    assert all(not isinstance(m, auto._Passthrough) for m in tiny.modules())
+    assert reference_loss(tiny, tiny_windows) == pytest.approx(ref, rel=1e-6)
+
+
+def test_probe_tail_sees_a_changed_block(tiny, tiny_windows):
+    probe = auto.LossProbe(tiny, tiny_windows)
+    blocks = decoder_blocks(tiny)
+    layer = blocks[2].linears["model.layers.2.mlp.down_proj"]
+    layer.weight.data.mul_(0)
+    assert probe.loss(2) == pytest.approx(reference_loss(tiny, tiny_windows), rel=1e-5)
+    assert probe.loss(2) != pytest.approx(probe.dense, rel=1e-4)
+
+
+def test_probe_statistics_equal_calibrate(tiny, tiny_windows):
+    probe = auto.LossProbe(tiny, tiny_windows)
+    stats = calib.calibrate(tiny, tiny_windows, progress=False)
+    for name, s in stats.items():
+        torch.testing.assert_close(probe.stats[name].act_sq_mean, s.act_sq_mean)
+
+
+def test_pruned_applies_wanda_masks_and_restores(tiny, tiny_windows):
+    probe = auto.LossProbe(tiny, tiny_windows)
+    layers = linear_layers(tiny)
+    before = {n: m.weight.detach().clone() for n, m in layers.items()}
+    chosen = {"model.layers.1.self_attn.q_proj": NMPattern(2, 8),
+              "model.layers.1.mlp.up_proj": NMPattern(1, 1)}
+    with auto.pruned(layers, chosen, probe):
+        name = "model.layers.1.self_attn.q_proj"
+        expected = prune.prune_nm(before[name], prune.wanda_scores(
+            before[name], probe.stats[name].act_sq_mean), n_keep=2, m=8)
+        assert torch.equal(layers[name].weight, expected)
+        assert torch.equal(layers["model.layers.1.mlp.up_proj"].weight,
+                           before["model.layers.1.mlp.up_proj"])
+    for n, m in layers.items():
+        assert torch.equal(m.weight, before[n]), n
+
+
+def test_sensitivity_equals_pruning_one_block_by_hand(tiny, tiny_windows):
+    sens = auto.measure_sensitivity(tiny, tiny_windows, LEVELS, progress=False)
+    stats = calib.calibrate(tiny, tiny_windows, progress=False)
+    dense = reference_loss(tiny, tiny_windows)
+    assert sens.dense_loss == pytest.approx(dense, rel=1e-5)
+    blocks = decoder_blocks(tiny)
+    for b, level in ((blocks[0], 1), (blocks[3], 2)):
+        saved = {n: m.weight.detach().clone() for n, m in b.linears.items()}
+        p = LEVELS[level]
+        for n, m in b.linears.items():
+            m.weight.data.copy_(prune.prune_nm(saved[n], prune.wanda_scores(
+                saved[n], stats[n].act_sq_mean), n_keep=p.n, m=p.m))
+        by_hand = reference_loss(tiny, tiny_windows) - dense
+        for n, m in b.linears.items():
+            m.weight.data.copy_(saved[n])
+        assert sens.block_cost[b.index][level] == pytest.approx(by_hand, rel=1e-4, abs=1e-6)
+    assert all(row[0] == 0.0 for row in sens.block_cost)
+    assert set(sens.kind_cost) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                   "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                   "mlp.down_proj"}
+    assert sens.evaluations == 4 * 2 + 7 * 2
+
+
+def test_unit_costs_split_a_block_by_kind_shares(tiny):
+    blocks = decoder_blocks(tiny)
+    kinds = [auto.projection_kind(n, blocks[0]) for n in blocks[0].linears]
+    kind_cost = {k: [0.0, 1.0 + i, 2.0 + i] for i, k in enumerate(kinds)}
+    sens = auto.Sensitivity(levels=["1:1", "4:8", "2:8"],
+                            block_cost=[[0.0, 0.7, 1.5]] * len(blocks), kind_cost=kind_cost,
+                            dense_loss=1.0, seconds=0.0, evaluations=0)
+    costs = sens.unit_costs(blocks)
+    for level in (1, 2):
+        total = sum(kind_cost[k][level] for k in kinds)
+        for k in kinds:
+            assert costs[f"model.layers.1.{k}"][level] == pytest.approx(
+                [0.7, 1.5][level - 1] * kind_cost[k][level] / total)
+        assert sum(costs[f"model.layers.2.{k}"][level] for k in kinds) == pytest.approx(
+            [0.7, 1.5][level - 1])
+    # block granularity: shares by parameter count
+    by_params = auto.Sensitivity(levels=["1:1", "4:8", "2:8"],
+                                 block_cost=[[0.0, 0.7, 1.5]] * len(blocks), kind_cost={},
+                                 dense_loss=1.0, seconds=0.0, evaluations=0).unit_costs(blocks)
+    q = by_params["model.layers.0.self_attn.q_proj"]
+    gate = by_params["model.layers.0.mlp.gate_proj"]
+    assert gate[1] / q[1] == pytest.approx(64 * 32 / (32 * 32))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_solve_units_equals_brute_force(seed):
+    g = torch.Generator().manual_seed(seed)
+    items = 5
+    costs = torch.rand(items, 3, generator=g).tolist()
+    units = [[0, int(u), int(2 * u)] for u in torch.randint(1, 4, (items,), generator=g)]
+    costs[1][2] = math.inf
+    target = int(torch.randint(0, 12, (1,), generator=g))
+    picks, total = auto.solve_units(costs, units, target)
+    best = None
+    for combo in itertools.product(range(3), repeat=items):
+        if any(math.isinf(costs[i][o]) for i, o in enumerate(combo)):
+            continue
+        t = sum(units[i][o] for i, o in enumerate(combo))
+        c = sum(costs[i][o] for i, o in enumerate(combo))
+        key = (abs(t - target), t, c)
+        if best is None or key < best[0]:
+            best = (key, combo)
+    assert total == best[0][1]
+    assert sum(units[i][o] for i, o in enumerate(picks)) == total
+    assert sum(costs[i][o] for i, o in enumerate(picks)) == pytest.approx(best[0][2])
+
+
+def test_allocate_keeps_the_sensitive_projection_dense_and_counts_parameters(tiny):
+    blocks = decoder_blocks(tiny)
+    kinds = [auto.projection_kind(n, blocks[0]) for n in blocks[0].linears]
+    kind_cost = {k: [0.0, 1.0, 2.0] for k in kinds}
+    kind_cost["mlp.gate_proj"] = [0.0, 100.0, 200.0]
+    block_cost = [[0.0, 1.0, 3.0] for _ in blocks]
+    block_cost[0] = [0.0, 50.0, 90.0]
+    sens = auto.Sensitivity(levels=["1:1", "4:8", "2:8"], block_cost=block_cost,
+                            kind_cost=kind_cost, dense_loss=1.0, seconds=0.0, evaluations=0)
+    patterns, achieved, message = auto.allocate(blocks, sens, 0.25)
+    params = {n: m.weight.numel() for n, m in linear_layers(tiny).items()}
+    pruned = sum(params[n] * p.sparsity for n, p in patterns.items())
+    assert achieved == pytest.approx(0.25) and message == ""
+    assert pruned / sum(params.values()) == pytest.approx(0.25)
+    assert all(patterns[f"model.layers.{i}.mlp.gate_proj"].is_dense for i in range(4))
+    assert all(p.is_dense for n, p in patterns.items() if n.startswith("model.layers.0."))
+    with pytest.raises(FlexCimError, match="outside"):
+        auto.allocate(blocks, sens, 0.8)
+
+
+def test_levels_take_the_largest_m_per_sparsity():
+    levels = auto.levels_of(PRESETS["default"].patterns, [576, 1536])
+    assert [str(p) for p in levels] == ["1:1", "4:8", "2:8", "1:8"]
+    assert [str(p) for p in auto.levels_of(["1:1", "2:4", "4:8"], [12])] == ["1:1", "2:4"]
+    with pytest.raises(FlexCimError, match="at least one sparse pattern"):
+        auto.levels_of(PRESETS["dense"].patterns, [576])
+
+
+def test_auto_plan_end_to_end(tiny, tiny_windows):
+    config = SelectConfig(method="auto", target=0.5, hw_config=PRESETS["fixed24"],
+                          sens_windows=4)
+    plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    assert plan.method == "auto" and plan.exact
+    assert set(plan.layers.values()) <= {"1:1", "2:4"}
+    params = {n: m.weight.numel() for n, m in linear_layers(tiny).items()}
+    pruned = sum(params[n] * NMPattern.parse(p).sparsity for n, p in plan.layers.items())
+    assert pruned / sum(params.values()) == pytest.approx(0.5)
+    assert plan.achieved_sparsity == pytest.approx(0.5)
+    assert plan.settings["sensitivity"]["evaluations"] == 4 + 7
+    pipeline.apply_plan(tiny, plan, tiny_windows, progress=False)
+    pipeline.check_plan(tiny, plan)
+    entries = pipeline.energy_plan(tiny, plan)["layers"]
+    assert sorted(n for e in entries for n in e["linears"]) == sorted(plan.layers)
+    for e in entries:
+        assert {plan.layers[n] for n in e["linears"]} == {e["pattern"]}
+
+
+def test_auto_reuses_a_sensitivity_and_checks_its_patterns(tiny, tiny_windows):
+    sens = auto.measure_sensitivity(tiny, tiny_windows, LEVELS, granularity="block",
+                                    progress=False)
+    assert sens.kind_cost == {}
+    plan = pipeline.make_plan(tiny, None, SelectConfig(
+        method="auto", target=0.375, hw_config=PRESETS["default"].replace(
+            patterns=("1:1", "4:8", "2:8"))), sensitivity=sens, progress=False)
+    assert plan.achieved_sparsity == pytest.approx(0.375)
+    with pytest.raises(FlexCimError, match="measured for the patterns.*not for 1:8"):
+        pipeline.make_plan(tiny, None, SelectConfig(method="auto", target=0.5),
+                           sensitivity=sens, progress=False)
+    # a wider measurement serves a macro with fewer patterns: the same columns
+    wide = auto.measure_sensitivity(tiny, tiny_windows, (*LEVELS, NMPattern(2, 4)),
+                                    granularity="block", progress=False)
+    narrow = wide.restrict(["1:1", "2:8"])
+    assert narrow.levels == ["1:1", "2:8"]
+    assert [row[1] for row in narrow.block_cost] == [row[2] for row in wide.block_cost]
+    assert [row[1:3] for row in wide.block_cost] == [row[1:] for row in sens.block_cost]
+
+
+def test_auto_bad_input(tiny, tiny_windows):
+    with pytest.raises(FlexCimError, match="at least one sparse pattern"):
+        pipeline.make_plan(tiny, tiny_windows, SelectConfig(
+            method="auto", target=0.5, hw_config=PRESETS["dense"]), progress=False)
+    with pytest.raises(FlexCimError, match="sensitivity windows"):
+        SelectConfig(method="auto", target=0.5, sens_windows=0)
+    with pytest.raises(FlexCimError, match="granularity"):
+        SelectConfig(method="auto", target=0.5, granularity="row")
+    with pytest.raises(FlexCimError, match="outside"):
+        pipeline.make_plan(tiny, tiny_windows, SelectConfig(
+            method="auto", target=0.9, hw_config=PRESETS["fixed24"]), progress=False)
+
+
+def test_passthrough_matches_the_block_output_type():
+    x = torch.ones(2, 3)
+    assert auto._Passthrough(True)(x, 1, a=2)[0] is x
+    assert auto._Passthrough(False)(x) is x
+    assert isinstance(auto._Passthrough(False), nn.Module)
+
+
+def test_demo_plans_give_each_macro_its_own_auto_plan(tiny, tiny_windows):
+    from flexcim import demo
+
+    stats = calib.calibrate(tiny, tiny_windows, progress=False)
+    sens = auto.measure_sensitivity(tiny, tiny_windows, tuple(
+        NMPattern.parse(p) for p in demo.SENS_PATTERNS), progress=False)
+    for target in (0.5, 0.75):
+        plans = {name: plan for name, _, plan in demo._plans(pipeline, tiny, stats, sens,
+                                                              target)}
+        assert set(plans["auto"].layers.values()) <= {"1:1", "4:8", "2:8", "1:8"}
+        for plan in plans.values():
+            assert plan.achieved_sparsity == pytest.approx(target, abs=0.02), plan.method
+        if target == 0.5:
+            assert set(plans["auto on {1:1, 2:4}"].layers.values()) == {"2:4"}
+        else:  # beyond the fixed-2:4 macro's reach: left out, not approximated
+            assert "auto on {1:1, 2:4}" not in plans
