@@ -22,7 +22,7 @@ help:
 	@echo "make setup  - create $(VENV), install flexcim and its pinned dependencies, iverilog"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks (golden model speed; hw speed-up per pattern, generator time; RTL simulation speed; energy-model activity vs RTL counters)"
-	@echo "make bench-flow - FLOW/OWL/uniform and activation pruning on SmolLM2 (10-30 min on 2 cores)"
+	@echo "make bench-flow - auto vs uniform/OWL/FLOW, FLOW variants, activation pruning on SmolLM2 (30-60 min on 2 cores)"
 	@echo "make verilog - Verilog + sidecar + FuseSoC core of every preset, linted (PRESET=NAME for one)"
 	@echo "make synth  - area of dense vs fixed24 vs FlexCiM with Yosys (writes out/synth/)"
 	@echo "make clean  - remove build outputs (keeps $(VENV))"
@@ -66,6 +66,7 @@ bench: $(STAMP)
 
 .PHONY: bench-flow
 bench-flow: $(STAMP)
+	$(BIN)/python bench/auto_bench.py --out out/bench/auto
 	$(BIN)/python bench/flow_bench.py --out out/bench/flow
 
 synth: $(STAMP)

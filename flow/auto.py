@@ -386,6 +386,22 @@ def allocate(blocks: list[Block], sensitivity: Sensitivity, target: float
     return {n: levels[o] for n, o in zip(names, picks, strict=True)}, achieved, message
 
 
+def calibration_losses(model: nn.Module, windows: torch.Tensor,
+                       plans: dict[str, dict[str, NMPattern]], *, batch_size: int = 8
+                       ) -> dict[str, float]:
+    """Mean loss on ``windows`` with each candidate plan applied (Wanda masks of the dense
+    model), computed from the first pruned block on; the model is left as it was."""
+    probe = LossProbe(model, windows, batch_size=batch_size)
+    layers = {n: m for b in probe.blocks for n, m in b.linears.items()}
+    index = {n: b.index for b in probe.blocks for n in b.linears}
+    losses = {}
+    for key, patterns in plans.items():
+        sparse = [index[n] for n, p in patterns.items() if not p.is_dense]
+        with pruned(layers, patterns, probe):
+            losses[key] = probe.loss(min(sparse, default=0))
+    return losses
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan
 
@@ -419,11 +435,30 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     if sensitivity is None:
         if windows is None:
             raise FlexCimError("auto needs calibration windows to measure sensitivity")
+        measure = "block" if config.granularity == "block" else "projection"
         sensitivity = measure_sensitivity(model, windows[: config.sens_windows], levels,
-                                          granularity=config.granularity, progress=progress)
+                                          granularity=measure, progress=progress)
     else:
         sensitivity = sensitivity.restrict(levels)
-    patterns, achieved, message = allocate(blocks, sensitivity, config.target)
+    candidates = {}
+    for granularity in ("projection", "block"):
+        if config.granularity in (granularity, "best"):
+            s = sensitivity if granularity == "projection" else dataclasses.replace(
+                sensitivity, kind_cost={})
+            candidates[granularity] = (s, *allocate(blocks, s, config.target))
+    uniform = [p for p in levels if abs(p.sparsity - config.target) < 1e-9]
+    if config.granularity == "best" and uniform:
+        names = [n for b in blocks for n in b.linears]
+        candidates["uniform"] = (sensitivity, dict.fromkeys(names, uniform[0]),
+                                 uniform[0].sparsity, "")
+    choice = {}
+    chosen = next(iter(candidates))
+    if len(candidates) > 1 and windows is not None:
+        choice = calibration_losses(model, windows, {k: c[1] for k, c in candidates.items()})
+        chosen = min(choice, key=choice.get)
+        log.info("auto: calibration loss per candidate plan %s; keeping %s",
+                 {k: round(v, 4) for k, v in choice.items()}, chosen)
+    sensitivity, patterns, achieved, message = candidates[chosen]
     if message:
         log.warning("%s", message)
     costs = sensitivity.unit_costs(blocks)
@@ -448,6 +483,8 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     settings["candidates"] = [str(p) for p in levels]
     if config.hw_config is not None:
         settings["hw_config"] = config.hw_config.to_dict()
+    settings["chosen"] = chosen
+    settings["candidate_losses"] = choice
     settings["sensitivity"] = {"seconds": round(sensitivity.seconds, 1),
                                "evaluations": sensitivity.evaluations,
                                "dense_loss": sensitivity.dense_loss,

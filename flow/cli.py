@@ -247,8 +247,10 @@ def register(sub) -> None:
                         "the default preset); flow adds each block's relative latency on it to "
                         "the cost")
     p.add_argument("--hw-weight", type=float, default=1.0, help="weight of the latency term")
-    p.add_argument("--granularity", choices=("projection", "block"), default="projection",
-                   help="auto: a pattern per projection (default) or per decoder block")
+    p.add_argument("--granularity", choices=("best", "projection", "block"), default="best",
+                   help="auto: a pattern per projection or per decoder block, or best (default): "
+                        "the one of the two, or the uniform pattern, with the lowest loss on the "
+                        "calibration windows")
     p.add_argument("--sens-windows", type=int, default=8, metavar="N",
                    help="auto: calibration windows used to measure sensitivity (default 8)")
     p.add_argument("-o", "--output", required=True, metavar="PLAN.json")

@@ -310,8 +310,10 @@ class SelectConfig:
         cycles/dense cycles); candidates the macro does not support are excluded.
     hw_tokens : int
         Tokens per layer call in the latency model (a prefill chunk).
-    granularity : ``projection`` | ``block``
-        ``auto``: one pattern per projection (default) or per decoder block.
+    granularity : ``best`` | ``projection`` | ``block``
+        ``auto``: one pattern per projection or per decoder block, or (``best``, the default)
+        whichever of the two allocations, and of the uniform pattern when the macro has one at
+        the target, gives the lowest loss on the calibration windows.
     sens_windows : int
         ``auto``: calibration windows used to measure sensitivity (the first ones).
     """
@@ -329,7 +331,7 @@ class SelectConfig:
     hw_config: object | None = None
     hw_weight: float = 1.0
     hw_tokens: int = 128
-    granularity: str = "projection"
+    granularity: str = "best"
     sens_windows: int = 8
 
     def __post_init__(self):
@@ -348,8 +350,8 @@ class SelectConfig:
             raise FlexCimError(f"method {self.method!r} needs a target sparsity")
         if self.hyper_m <= 0:
             raise FlexCimError(f"hyper_m must be positive, not {self.hyper_m!r}")
-        if self.granularity not in ("projection", "block"):
-            raise FlexCimError(f"granularity must be 'projection' or 'block', "
+        if self.granularity not in ("best", "projection", "block"):
+            raise FlexCimError(f"granularity must be 'best', 'projection' or 'block', "
                                f"not {self.granularity!r}")
         if isinstance(self.sens_windows, bool) or not isinstance(self.sens_windows, int) or \
                 self.sens_windows < 1:

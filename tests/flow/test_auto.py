@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 import math
 
@@ -239,3 +240,22 @@ def test_demo_plans_give_each_macro_its_own_auto_plan(tiny, tiny_windows):
             assert set(plans["auto on {1:1, 2:4}"].layers.values()) == {"2:4"}
         else:  # beyond the fixed-2:4 macro's reach: left out, not approximated
             assert "auto on {1:1, 2:4}" not in plans
+
+
+def test_best_granularity_keeps_the_candidate_with_the_lowest_calibration_loss(tiny,
+                                                                              tiny_windows):
+    config = SelectConfig(method="auto", target=0.5, sens_windows=3,
+                          hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
+    plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    losses = plan.settings["candidate_losses"]
+    assert set(losses) == {"projection", "block", "uniform"}  # 4:8 is at the target
+    assert plan.settings["chosen"] == min(losses, key=losses.get)
+    # the recorded loss of the kept plan, recomputed by hand: Wanda masks + HF's own loss
+    stats = calib.calibrate(tiny, tiny_windows, progress=False)
+    pipeline.apply_plan(tiny, plan, None, stats=stats, progress=False)
+    assert reference_loss(tiny, tiny_windows) == pytest.approx(losses[plan.settings["chosen"]],
+                                                               rel=1e-5)
+    # off the uniform levels only the two allocations compete
+    plan = pipeline.make_plan(tiny, tiny_windows, dataclasses.replace(config, target=0.375),
+                              progress=False)
+    assert set(plan.settings["candidate_losses"]) == {"projection", "block"}
