@@ -6,8 +6,8 @@ Everything is measured in this run on the bundled SmolLM2-135M and written to
 1. **Sensitivity** (:func:`flexcim.flow.auto.measure_sensitivity`) on the first
    ``--sens-windows`` calibration windows, once, for the patterns of the ``default`` macro and of
    the fixed-2:4 macro (2:4, 4:8, 2:8, 1:8); every plan below reuses it.
-2. **Validation** (*Emma*, or the calibration half of ``--text``'s corpus is never used): every
-   ``auto`` variant (``projection`` and ``block`` granularity) and every baseline variant at
+2. **Validation** (*Emma*): every ``auto`` variant (granularity ``best``, ``projection``,
+   ``block``) and every baseline variant at
    every target, Wanda one-shot from the dense statistics; the variant of each method with the
    lowest validation perplexity is chosen (per target for uniform: its best pattern, any N with
    M = 8 or 16; for OWL: first and last blocks dense or not).
@@ -124,12 +124,10 @@ def main(argv=None) -> int:
     save()
 
     def plan_for(method: str, variant: str, target: float, macro: str = "default"):
-        if method == "auto":
-            s = sens if variant == "projection" else auto.Sensitivity(
-                **{**sens.to_dict(), "kind_cost": {}})
-            return pipeline.make_plan(model, None, SelectConfig(
-                method="auto", target=target, hw_config=PRESETS[macro]), sensitivity=s,
-                progress=False)
+        if method == "auto":  # variant = granularity; best compares on calibration loss
+            return pipeline.make_plan(model, cw, SelectConfig(
+                method="auto", target=target, hw_config=PRESETS[macro], granularity=variant),
+                sensitivity=sens, progress=False)
         if method == "uniform":
             return pipeline.make_plan(model, None, SelectConfig(method="uniform",
                                                                 pattern=variant), stats=stats,
@@ -148,7 +146,7 @@ def main(argv=None) -> int:
         restore()
         return row
 
-    variants = {"auto": ["projection", "block"], "owl": ["ends-pruned", "ends-dense"],
+    variants = {"auto": ["best", "projection", "block"], "owl": ["ends-pruned", "ends-dense"],
                 "flow": ["code-ends-dense"]}
     rows = []
     # 2. validation: every variant of every method at every target (Wanda)

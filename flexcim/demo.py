@@ -207,6 +207,7 @@ SENS_PATTERNS = ("1:1", "2:4", "4:8", "2:8", "1:8")
 """Patterns whose sensitivity ``auto`` measures: the levels of the ``default`` and ``fixed24``
 macros (one measurement serves both)."""
 SENS_WINDOWS = 4
+CHOICE_WINDOWS = 8  # calibration windows on which auto compares its candidate plans
 
 
 def _kinds() -> str:
@@ -215,11 +216,12 @@ def _kinds() -> str:
     return " and ".join(f"`{k}`" for k in DEFAULT_PROJECTIONS)
 
 
-def _plans(fp, model, stats, sensitivity, target: float) -> list:
+def _plans(fp, model, stats, sensitivity, target: float, windows=None) -> list:
     """``(name, series, plan)`` of every plan of the sweep at ``target``: ``auto`` on the
     FlexCiM macro's patterns and on the fixed-2:4 macro's ({1:1, 2:4}: each macro gets its own
     best plans), uniform N:8 (any N: what a GPU kernel could run; FlexCiM runs 4:8 and 2:8),
-    OWL and the paper's FLOW criterion."""
+    OWL and the paper's FLOW criterion.  ``windows`` (calibration) let ``auto`` compare its
+    candidate plans on the calibration loss (granularity ``best``)."""
     from flexcim.hw.config import preset
 
     configs = [
@@ -235,7 +237,7 @@ def _plans(fp, model, stats, sensitivity, target: float) -> list:
     plans = []
     for name, series, cfg in configs:
         try:
-            plans.append((name, series, fp.make_plan(model, None, cfg, stats=stats,
+            plans.append((name, series, fp.make_plan(model, windows, cfg, stats=stats,
                                                      sensitivity=sensitivity,
                                                      progress=False)))
         except FlexCimError as exc:  # e.g. 75 % on {1:1, 2:4}: beyond its reach
@@ -344,7 +346,8 @@ def stage_flow(ctx: Context) -> None:
         dense = ppl()
         rows.append(["dense", 0.0, "-", dense[0], dense[1]])
         for target in DEMO_TARGETS:
-            for name, series, plan in _plans(fp, model, stats, sensitivity, target):
+            for name, series, plan in _plans(fp, model, stats, sensitivity, target,
+                                             windows[:CHOICE_WINDOWS]):
                 log.info("plan %s at %.0f %%: pruning and measuring perplexity", name,
                          100 * target)
                 fp.apply_plan(model, plan, None, stats=stats, progress=False)

@@ -232,7 +232,8 @@ def test_demo_plans_give_each_macro_its_own_auto_plan(tiny, tiny_windows):
         NMPattern.parse(p) for p in demo.SENS_PATTERNS), progress=False)
     for target in (0.5, 0.75):
         plans = {name: plan for name, _, plan in demo._plans(pipeline, tiny, stats, sens,
-                                                              target)}
+                                                              target, tiny_windows)}
+        assert plans["auto"].settings["chosen"] in plans["auto"].settings["candidate_losses"]
         assert set(plans["auto"].layers.values()) <= {"1:1", "4:8", "2:8", "1:8"}
         for plan in plans.values():
             assert plan.achieved_sparsity == pytest.approx(target, abs=0.02), plan.method
