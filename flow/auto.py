@@ -231,21 +231,15 @@ class Sensitivity:
         costs = {}
         for b, row in zip(blocks, self.block_cost, strict=True):
             params = {n: m.weight.numel() for n, m in b.linears.items()}
-            total = sum(params.values())
-            for name in b.linears:
-                kind = projection_kind(name, b)
-                unit = []
-                for level, cost in enumerate(row):
-                    if self.kind_cost and level > 0:
-                        kinds = [projection_kind(n, b) for n in b.linears]
-                        weights = [max(self.kind_cost[k][level], 0.0) for k in kinds]
-                        denom = sum(weights)
-                        share = (max(self.kind_cost[kind][level], 0.0) / denom if denom > 0
-                                 else params[name] / total)
-                    else:
-                        share = params[name] / total
-                    unit.append(max(cost, 0.0) * share)
-                costs[name] = unit
+            kinds = {n: projection_kind(n, b) for n in b.linears}
+            for level, cost in enumerate(row):
+                weights = {n: max(self.kind_cost[k][level], 0.0) for n, k in kinds.items()} \
+                    if self.kind_cost else {}
+                if sum(weights.values()) <= 0:  # no kind costs (or none positive): by size
+                    weights = params
+                total = sum(weights.values())
+                for name in b.linears:
+                    costs.setdefault(name, []).append(max(cost, 0.0) * weights[name] / total)
         return costs
 
     def to_dict(self) -> dict:
