@@ -207,7 +207,7 @@ SENS_PATTERNS = ("1:1", "2:4", "4:8", "2:8", "1:8")
 """Patterns whose sensitivity ``auto`` measures: the levels of the ``default`` and ``fixed24``
 macros (one measurement serves both)."""
 SENS_WINDOWS = 4
-CHOICE_WINDOWS = 8  # calibration windows on which auto compares its candidate plans
+CHOICE_WINDOWS = 4  # calibration windows on which auto compares its candidate plans (time)
 
 
 def _kinds() -> str:
