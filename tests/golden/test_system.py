@@ -79,6 +79,21 @@ def test_decode_step_hand_computed():
     assert step.tokens_per_s == pytest.approx(1 / 315e-9)
 
 
+def test_prefill_attention_is_causal_and_the_head_sees_one_token():
+    step = system.step_cost(toy_acc(), TOY, "2:4", tokens=3, kv_len=0)
+    # Pairs 1 + 2 + 3 = 6: 2 x 2 heads x 8 x 6 = 192 MACs (12 cycles); KV rows 3 read + 3
+    # written x 128 bits = 768 bits = 15 DRAM cycles: memory-bound.
+    assert step.energy_pj["attention"] == pytest.approx(192 * 0.3)
+    assert step.dram_bits == 15360 + 768 + 3 * 16 * 8
+    lm_head = system.projection_cost(toy_acc(), NMPattern(1, 1), 1, 8, 16)
+    q = system.projection_cost(toy_acc(), NMPattern(2, 4), 3, 16, 16)
+    assert lm_head.result_bits == 2 * 80 and q.result_bits == 4 * 3 * 80
+    assert step.tokens_per_s == pytest.approx(3 / step.seconds)
+    projections = sum(system.projection_cost(toy_acc(), NMPattern(2, 4), 3, c, k).cycles
+                      for c, k in TOY.linears().values())
+    assert step.cycles == projections + lm_head.cycles + 15
+
+
 def test_resident_weights_skip_dram():
     # 15,360 weight bits = 1,920 bytes: they fit a 1,920-byte buffer and stay there.
     acc = toy_acc(memory=dataclasses.replace(MEM, weight_buffer_bytes=1920))
