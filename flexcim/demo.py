@@ -319,7 +319,8 @@ def stage_system(ctx: Context) -> None:
         ax.set_title(f"{model}, {phase}", fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
     axes[0].set_ylabel("energy per token (uJ)")
-    axes[-1].legend(fontsize=7, loc="upper right")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(CATEGORIES),
+               fontsize=8, bbox_to_anchor=(0.5, -0.06))
     fig.suptitle(f"Where the energy of a token goes ({SYSTEM_MACROS} macros, FLOW plan)",
                  fontsize=10)
     ctx.report.plot("system_energy", fig, "Energy per token by category, prefill and decode")
