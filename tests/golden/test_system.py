@@ -252,11 +252,12 @@ def test_seven_b_plan_under_one_second():
     shape = system.load_model_shape("llama-2-7b")
     plan = ["1:1", "2:4", "2:8", "4:8", "1:4", "1:8"] * 5  # 30 blocks onto 32
     system.projection_cost.cache_clear()
-    start = time.perf_counter()
+    # CPU time of this process: the evaluation's cost, not the other jobs of a busy machine.
+    start = time.process_time()
     result = system.compare(system.Accelerator(PRESETS["default"]), shape, plan, tokens=128,
                             kv_len=2048)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"7B plan took {elapsed:.2f} s"
+    elapsed = time.process_time() - start
+    assert elapsed < 1.0, f"7B plan took {elapsed:.2f} s of CPU time"
     decode = result["flexcim"]["decode"]
     assert decode["bound"] == "memory" and not decode["resident"]
     # The dense baseline moves every weight, 8 bits each, with K padded to whole passes of 72
