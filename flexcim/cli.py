@@ -24,6 +24,7 @@ log = logging.getLogger("flexcim")
 COMMAND_MODULES = (
     "flexcim.cli",
     "flexcim.demo",
+    "flexcim.system",
     "flexcim.hw.synth",
     "flexcim.hw.export",
     "flexcim.flow.cli",

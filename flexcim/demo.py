@@ -198,7 +198,135 @@ def _iso_accuracy(ctx: Context, points: list[dict]) -> None:
     ctx.report.plot("iso_accuracy", fig, "Perplexity vs prefill latency per macro and plan")
 
 
-# ----------------------------------------------------------------------------- FLOW on SmolLM2
+# ----------------------------------------------------------------------------- system
+SYSTEM_MODELS = ("smollm2-135m", "llama-2-7b")  # the demo's model and a 7B-class one
+SYSTEM_MACROS = 16
+DECODE_KV = 512  # KV cache length of the decode step
+ACCELERATORS = ("flexcim", "dense", "fixed24")  # golden.system.compare's keys
+
+
+def system_comparison(plan, *, models=SYSTEM_MODELS, macros: int = SYSTEM_MACROS,
+                      tokens: int = PREFILL_TOKENS, kv_len: int = DECODE_KV) -> dict:
+    """:func:`flexcim.golden.system.compare` of ``plan`` on ``macros`` `default` macros (and the
+    dense and fixed-2:4 baselines) for every model of ``models``."""
+    from flexcim.golden import system
+    from flexcim.hw.config import preset
+
+    acc = system.Accelerator(preset("default"), macros=macros)
+    return {m: system.compare(acc, system.load_model_shape(m), plan, tokens=tokens,
+                              kv_len=kv_len) for m in models}
+
+
+def system_iso_accuracy(points: list[dict], plans: dict, model: str, *,
+                        macros: int = SYSTEM_MACROS, tokens: int = PREFILL_TOKENS,
+                        kv_len: int = DECODE_KV) -> list[dict]:
+    """At equal accuracy on the accelerator: for every measured plan on FlexCiM's front (prefill
+    latency vs perplexity), fixed-2:4's fastest prefill and its most frugal decode among the
+    plans with perplexity <= that plan's (``plans``: name -> golden.energy plan).  Ratios are
+    fixed24 / FlexCiM (> 1: FlexCiM better)."""
+    from flexcim.golden import system
+    from flexcim.hw.config import preset
+
+    shape = system.load_model_shape(model)
+    flex = system.Accelerator(preset("default"), macros=macros)
+    accs = {"default": flex, "fixed24": flex.baseline(system.BASELINES["fixed24"])}
+    costs = {}
+    for p in points:
+        layers = system.map_plan(plans[p["name"]], shape)
+        costs[p["name"]] = {m: (system.step_cost(a, shape, layers, tokens, 0),
+                                system.step_cost(a, shape, layers, 1, kv_len))
+                            for m, a in accs.items()}
+    # The front on FlexCiM by the system's prefill latency (pareto_front reads "prefill").
+    sys_points = [{"name": p["name"], "ppl": p["ppl"], "prefill": {
+        m: {"cycles": costs[p["name"]][m][0].cycles} for m in accs}} for p in points]
+    rows = []
+    for p in pareto_front(sys_points, "default"):
+        mine = costs[p["name"]]["default"]
+        rivals = [q for q in points if q["ppl"] <= p["ppl"]]
+        fast = min(rivals, key=lambda q: (costs[q["name"]]["fixed24"][0].cycles, q["ppl"]))
+        frugal = min(rivals, key=lambda q: (costs[q["name"]]["fixed24"][1].pj_per_token,
+                                            q["ppl"]))
+        ref_fast = costs[fast["name"]]["fixed24"][0]
+        ref_frugal = costs[frugal["name"]]["fixed24"][1]
+        rows.append({
+            "plan": p["name"], "ppl": p["ppl"],
+            "prefill_s": mine[0].seconds, "decode_uj": mine[1].pj_per_token / 1e6,
+            "decode_bound": mine[1].bound,
+            "reference_fastest": fast["name"], "reference_prefill_s": ref_fast.seconds,
+            "prefill_ratio": ref_fast.seconds / mine[0].seconds,
+            "reference_frugal": frugal["name"],
+            "reference_decode_uj": ref_frugal.pj_per_token / 1e6,
+            "decode_energy_ratio": ref_frugal.pj_per_token / mine[1].pj_per_token,
+        })
+    return rows
+
+
+def stage_system(ctx: Context) -> None:
+    """Prefill and decode of the auto plan on an accelerator of many macros with DRAM."""
+    from flexcim.golden.system import CATEGORIES
+    from flexcim.system import table_rows
+
+    plt = pyplot()
+    result = system_comparison(ctx.results["energy_plan"])
+    iso = system_iso_accuracy(ctx.results["points"], ctx.results["energy_plans"],
+                              SYSTEM_MODELS[0])
+    ctx.report.record("system", {"macros": SYSTEM_MACROS, "prefill_tokens": PREFILL_TOKENS,
+                                 "decode_kv_len": DECODE_KV, "models": result,
+                                 "iso_accuracy": iso})
+    ctx.report.section(
+        "Prefill and decode on an accelerator",
+        f"The `auto` plan (50 %) on an accelerator of {SYSTEM_MACROS} macros (`default`, or the "
+        "`dense` and `fixed24` baselines with the same cells) sharing a 2 MiB weight buffer, 25.6 GB/s "
+        "of DRAM at 20.3 pJ/bit, a 256-MAC attention engine and a 500 MHz clock "
+        "(`flexcim.golden.system`; sources and assumptions in docs/architecture.md, section 8). "
+        f"Prefill: {PREFILL_TOKENS} tokens; decode: one token with a KV cache of {DECODE_KV}. "
+        "Weights stream from DRAM every step, compressed as the macro's weight beats carry "
+        "them (values + indices). The macros do not overlap weight loading with compute (today's "
+        "RTL). The 7B-class row applies the same per-block plan to Llama-2-7B's shapes by "
+        "relative depth (its perplexity there is not measured: no 7B weights offline). "
+        "`bound` names what limits most of the step's cycles; energy shares are "
+        f"{' / '.join(CATEGORIES)} in %.",
+    )
+    headers = ["model", "phase", "accelerator", "latency (ms)", "tokens/s", "energy/token (uJ)",
+               "latency vs FlexCiM", "energy vs FlexCiM", "bound", "energy shares (%)"]
+    rows = []
+    for model, r in result.items():
+        for phase in ("prefill", "decode"):
+            rows += [[model, phase, *row] for row in table_rows(r, phase)]
+    ctx.report.table(headers, rows)
+    ctx.report.text(
+        f"**At equal accuracy** ({SYSTEM_MODELS[0]}, measured perplexities of section 2): every "
+        "plan on FlexCiM's front (prefill latency vs perplexity on this accelerator), against "
+        "fixed-2:4's fastest prefill and most frugal decode among the plans at equal or lower "
+        "perplexity. Ratios are fixed24 / FlexCiM (> 1: FlexCiM better); the issue's goals are "
+        ">= 1.75x prefill latency and >= 1.5x decode energy.")
+    ctx.report.table(
+        ["plan on FlexCiM", "perplexity", "prefill (ms)", "decode (uJ/token)", "decode bound",
+         "fixed24's fastest", "prefill ratio", "fixed24's most frugal", "decode energy ratio"],
+        [[r["plan"], r["ppl"], r["prefill_s"] * 1e3, r["decode_uj"], r["decode_bound"],
+          r["reference_fastest"], r["prefill_ratio"], r["reference_frugal"],
+          r["decode_energy_ratio"]] for r in iso])
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    colors = ["tab:green", "tab:red", "tab:orange", "tab:purple", "tab:gray"]
+    for ax, (model, phase) in zip(axes, [(m, p) for m in result for p in ("prefill", "decode")],
+                                  strict=True):
+        bottom = np.zeros(len(ACCELERATORS))
+        for color, cat in zip(colors, CATEGORIES, strict=True):
+            uj = np.array([result[model][a][phase]["energy_pj"][cat]
+                           / result[model][a][phase]["tokens"] / 1e6 for a in ACCELERATORS])
+            ax.bar(ACCELERATORS, uj, bottom=bottom, color=color, label=cat)
+            bottom += uj
+        ax.set_title(f"{model}, {phase}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[0].set_ylabel("energy per token (uJ)")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(CATEGORIES),
+               fontsize=8, bbox_to_anchor=(0.5, -0.06))
+    fig.suptitle(f"Where the energy of a token goes ({SYSTEM_MACROS} macros, auto plan)",
+                 fontsize=10)
+    ctx.report.plot("system_energy", fig, "Energy per token by category, prefill and decode")
+
+
+# -------------------------------------------------------------------- N:M selection on SmolLM2
 DEMO_TARGETS = (0.25, 0.375, 0.5, 0.625, 0.75)  # mean weight sparsity targets of the sweep
 DEMO_TARGET = 0.5               # the plan that goes to the hardware
 UNIFORM = {0.25: "6:8", 0.375: "5:8", 0.5: "4:8", 0.625: "3:8", 0.75: "2:8"}  # any N, M = 8
@@ -342,6 +470,7 @@ def stage_flow(ctx: Context) -> None:
         return dense_act, pruned
 
     rows, sweep, kept = [], [], {"act_layers": tuple(act_config.targets(model))}
+    energy_plans = {}  # every measured plan in golden.energy form, for the system stage
     with torch.no_grad():
         dense = ppl()
         rows.append(["dense", 0.0, "-", dense[0], dense[1]])
@@ -356,6 +485,7 @@ def stage_flow(ctx: Context) -> None:
                 result = ppl(with_act=target == DEMO_TARGET)
                 rows.append([name, plan.achieved_sparsity,
                              " ".join(sorted(set(plan.layers.values()))), *result])
+                energy_plans[f"{name} ({plan.achieved_sparsity:.0%})"] = energy_plan
                 sweep.append({"name": f"{name} ({plan.achieved_sparsity:.0%})",
                               "method": series, "target": target,
                               "sparsity": plan.achieved_sparsity, "ppl": result[0],
@@ -367,10 +497,12 @@ def stage_flow(ctx: Context) -> None:
                     kept["weights"] = {n: lin.weight.detach().clone()
                                        for n, lin in linear_layers(model).items()}
                 restore()
+    energy_plans["dense"] = dense_energy_plan(kept["energy_plan"])
     dense_point = {"name": "dense", "method": "dense", "target": 0.0, "sparsity": 0.0,
                    "ppl": dense[0], "ppl_act": dense[1],
-                   "prefill": prefill_costs(dense_energy_plan(kept["energy_plan"]))}
-    ctx.results.update(session=session, windows=windows, points=[dense_point, *sweep], **kept)
+                   "prefill": prefill_costs(energy_plans["dense"])}
+    ctx.results.update(session=session, windows=windows, points=[dense_point, *sweep],
+                       energy_plans=energy_plans, **kept)
     ctx.report.record("perplexity", {"dense": dense, "runs": sweep,
                                      "eval_windows": args.eval_windows,
                                      "calib_windows": args.calib_windows,
@@ -553,6 +685,7 @@ STAGES: list[tuple[str, str, Callable[[Context], None], tuple[str, ...]]] = [
     ("flow", "auto, uniform, OWL and FLOW on SmolLM2 (perplexity)", stage_flow, ()),
     ("rtl", "one real layer through the RTL on Verilator", stage_rtl, ("flow",)),
     ("perf", "prefill latency and energy (auto plan)", stage_performance, ("flow",)),
+    ("system", "prefill and decode on an accelerator (auto plan)", stage_system, ("flow",)),
     ("area", "area table (make synth)", stage_area, ()),
 ]
 

@@ -27,7 +27,8 @@ is **gated** (operand isolation, no multiplier toggling), and so is its adder-tr
 cycle count does not change (no zero *skipping*: the bit-serial schedule is fixed).  So the
 ``act_density`` (fraction of non-zero activations) scales the cell-MAC and adder-tree energies,
 and nothing else: buffers, distribution and weights move the same data.  Leakage and clock-tree
-energy are not modelled.
+energy are not modelled here (:mod:`flexcim.golden.system` adds leakage, DRAM and buffer
+traffic for a whole accelerator).
 
 How well the global ``act_density`` estimates the gated cells is measured against the RTL: a
 macro generated with ``FlexCiM(cfg, counters=True)`` counts the cell-cycles whose weight and

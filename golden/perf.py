@@ -105,17 +105,28 @@ def bandwidth_bound(cfg: HwConfig, pattern, k: int) -> bool:
     return act_beats(cfg, k) > compute_cycles(cfg, pattern, k)
 
 
-def command_timing(cfg: HwConfig, cmd: Command) -> CommandTiming:
-    """Exact cycles of one command (see the module docstring for the rules)."""
+def command_timing(cfg: HwConfig, cmd: Command, *, weight_rows_per_cycle: int = 1
+                   ) -> CommandTiming:
+    """Exact cycles of one command (see the module docstring for the rules).
+
+    ``weight_rows_per_cycle`` is the width of the weight port in cell rows: 1 is today's RTL
+    (one row word per beat, exact); a wider port (a what-if of :mod:`flexcim.golden.system`,
+    not in the RTL) loads the ``Wb`` beats in ``ceil(Wb / weight_rows_per_cycle)`` cycles.
+    """
     cfg.check_command(cmd.pattern, cmd.k, cmd.tokens)
+    if isinstance(weight_rows_per_cycle, bool) or not isinstance(weight_rows_per_cycle, int) \
+            or weight_rows_per_cycle < 1:
+        raise FlexCimError(f"weight_rows_per_cycle must be a positive integer, not "
+                           f"{weight_rows_per_cycle!r}")
     wb = cfg.passes(cmd.pattern, cmd.k) * cfg.rows_total if cmd.load_weights else 0
+    load_cycles = -(-wb // weight_rows_per_cycle)
     load, comp = act_beats(cfg, cmd.k), compute_cycles(cfg, cmd.pattern, cmd.k)
     loaded = 0  # A_{i-1}: cycle the previous token's last beat was accepted
     ends = [0, 0]  # E_{i-2}, E_{i-1}: last compute cycles of the two previous tokens
     for _ in range(cmd.tokens):
         start = max(loaded + 1, ends[0] + 1)  # a free bank: token i-2 released it
         loaded = start + load - 1
-        begin = max(loaded + 1, ends[1] + 1, wb + 1)
+        begin = max(loaded + 1, ends[1] + 1, load_cycles + 1)
         ends = [ends[1], begin + comp - 1]
     return CommandTiming(
         busy=ends[1] + 1,

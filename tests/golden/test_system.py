@@ -1,0 +1,267 @@
+"""golden.system: a hand-computed toy accelerator, equality with golden.perf and the weight
+beats, plan mapping, model configs, bad input and the speed of a 7B-class plan."""
+
+import dataclasses
+import json
+import time
+
+import numpy as np
+import pytest
+from flexcim.golden import energy, host, perf, system
+from flexcim.golden.nm import NMPattern, NMTensor, nm_prune
+from flexcim.hw.config import PRESETS
+
+from flexcim.errors import FlexCimError
+
+TINY = PRESETS["tiny"]  # P=2, R=4 (8 rows), C=4, depth 4, b=2 (4 cycles/pass), 4 lanes, acc 20
+TOY = system.ModelShape(name="toy", hidden=16, intermediate=32, heads=2, kv_heads=1, head_dim=8,
+                        layers=1, vocab=8)
+# 1 GHz, 6.4 GB/s = 51.2 bits/cycle; round energies so the sums below are exact by hand.
+MEM = system.MemorySystem(clock_hz=1e9, dram_gb_per_s=6.4, dram_pj_per_bit=20.0,
+                          weight_buffer_bytes=1024, weight_buffer_pj_per_bit=1.5,
+                          act_sram_bytes=1024, act_sram_pj_per_bit=0.25, attn_macs_per_cycle=16,
+                          attn_pj_per_mac=0.3, kv_bits=8, leakage_nw_per_bit=1.0)
+
+
+def toy_acc(**changes) -> system.Accelerator:
+    return system.Accelerator(TINY, **{"macros": 2, "memory": MEM, **changes})
+
+
+def test_decode_step_hand_computed():
+    """One decode token (KV cache of 4) of a one-block toy model, every projection 2:4, on two
+    tiny macros; every figure below is worked out from the timing rules of golden.perf."""
+    step = system.step_cost(toy_acc(), TOY, "2:4", tokens=1, kv_len=4)
+    # 2:4 on tiny: pass width 8*4/2 = 16; K=16 -> 1 pass, 8 weight beats, 4 act beats, 4 compute
+    # cycles: act loaded at cycle 4, weights at 8, compute 9..12 -> busy 13 (9 without weights).
+    # K=32 (down): 2 passes, 16 beats, 8 act beats, 8 cycles: compute 17..24 -> busy 25 (17).
+    # lm_head dense (1:1, pass width 8): K=16 -> 2 passes, 16 beats, busy 25 (13).
+    # Column tiles of 4 dealt round-robin to 2 macros; macro cycles = busiest + 2 (result).
+    # Weight beat = 4 x 8 value bits + 4 x 4 index bits = 48 bits; DRAM 51.2 bits/cycle.
+    rows = {  # name: (tiles, busy per tile, beats per tile) -> macro cycles, DRAM cycles
+        "q": (4, 13, 8), "k": (2, 13, 8), "v": (2, 13, 8), "o": (4, 13, 8),
+        "gate": (8, 13, 8), "up": (8, 13, 8), "down": (4, 25, 16), "lm_head": (2, 25, 16)}
+    expected_cycles, memory, compute = 0, 0, 0
+    for tiles, busy, beats in rows.values():
+        macro = -(-tiles // 2) * busy + 2
+        dram = -(-tiles * beats * 48 * 10 // 512)  # ceil(bits / 51.2)
+        expected_cycles += max(macro, dram)
+        if dram > macro:
+            memory += dram
+        else:
+            compute += macro  # k, v: 15 cycles, of which 4 wait for weights (< 9 computing)
+    assert (memory, compute) == (270, 30)
+    # Attention: 2 x heads 2 x head_dim 8 x (4 cached + 1 new) = 160 MACs / 16 = 10 cycles;
+    # KV int8: 2 x 1 kv head x 8 x 8 = 128 bits a row, 5 read + 1 written = 768 bits = 15 cycles.
+    assert step.cycles == expected_cycles + 15 == 315
+    assert step.cycles_by_bound == {"compute": 30, "weight port": 0, "memory": 285,
+                                    "attention": 0}
+    assert step.bound == "memory"
+    weight_bits = 48 * (4 * 8 + 2 * 8 + 2 * 8 + 4 * 8 + 8 * 8 + 8 * 8 + 4 * 16 + 2 * 16)
+    assert weight_bits == 15360 and step.weight_bits == weight_bits and not step.resident
+    assert step.dram_bits == weight_bits + 768 + 16 * 8  # + the token's int8 embedding row
+    assert step.seconds == pytest.approx(315e-9)
+    e = step.energy_pj
+    # DRAM 20 + buffer write and read 2 x 1.5 + the macro's weight-word write 10/64 pJ per bit.
+    assert e["weight traffic"] == pytest.approx(15360 * (20 + 3 + 10 / 64))
+    # Activation beats 4 lanes x 8 bits: q 4 tiles x 4 beats, k, v 2 x 4, o 4 x 4, gate, up
+    # 8 x 4, down 4 x 8, lm_head 2 x 4 -> 152 beats = 4864 bits; 34 result beats of 4 x 20
+    # bits; queries + outputs 2 x 2 x 8 x 8 bits; all at 0.25 pJ; KV + embedding at 20 pJ.
+    assert e["activation traffic"] == pytest.approx((4864 + 34 * 80 + 256) * 0.25
+                                                    + (768 + 128) * 20)
+    assert e["attention"] == pytest.approx(160 * 0.3)
+    # Leakage: 2 macros x (32 cells x 4 words x 12 bits + 2 x 128 x 8) + 8 x (1024 + 1024).
+    assert e["static"] == pytest.approx((2 * (1536 + 2048) + 16384) * 1e-9 * 315e-9 * 1e12)
+    macro = sum(energy.layer_cost(TINY, p, 1, k, c).total_pj
+                - energy.layer_cost(TINY, p, 1, k, c).energy_pj["weight_write"]
+                for p, c, k in [("2:4", c, k) for c, k in TOY.linears().values()]
+                + [("1:1", 8, 16)])
+    assert e["compute"] == pytest.approx(macro)
+    assert step.tokens_per_s == pytest.approx(1 / 315e-9)
+
+
+def test_prefill_attention_is_causal_and_the_head_sees_one_token():
+    step = system.step_cost(toy_acc(), TOY, "2:4", tokens=3, kv_len=0)
+    # Pairs 1 + 2 + 3 = 6: 2 x 2 heads x 8 x 6 = 192 MACs (12 cycles); KV rows 3 read + 3
+    # written x 128 bits = 768 bits = 15 DRAM cycles: memory-bound.
+    assert step.energy_pj["attention"] == pytest.approx(192 * 0.3)
+    assert step.dram_bits == 15360 + 768 + 3 * 16 * 8
+    lm_head = system.projection_cost(toy_acc(), NMPattern(1, 1), 1, 8, 16)
+    q = system.projection_cost(toy_acc(), NMPattern(2, 4), 3, 16, 16)
+    assert lm_head.result_bits == 2 * 80 and q.result_bits == 4 * 3 * 80
+    assert step.tokens_per_s == pytest.approx(3 / step.seconds)
+    projections = sum(system.projection_cost(toy_acc(), NMPattern(2, 4), 3, c, k).cycles
+                      for c, k in TOY.linears().values())
+    assert step.cycles == projections + lm_head.cycles + 15
+
+
+def test_resident_weights_skip_dram():
+    # 15,360 weight bits = 1,920 bytes: they fit a 1,920-byte buffer and stay there.
+    acc = toy_acc(memory=dataclasses.replace(MEM, weight_buffer_bytes=1920))
+    step = system.step_cost(acc, TOY, "2:4", tokens=1, kv_len=4)
+    assert step.resident and step.dram_bits == 768 + 128
+    assert step.energy_pj["weight traffic"] == pytest.approx(15360 * (1.5 + 10 / 64))
+    # No DRAM wait: macro cycles of the projections (rows of the decode test) + attention 15.
+    assert step.cycles == 2 * 28 + 2 * 15 + 2 * 54 + 52 + 27 + 15
+
+
+def test_overlap_and_wider_port_what_ifs():
+    c, k = 16, 16  # q of the toy: 4 tiles of 8 beats, 9 cycles each without the load
+    serial = system.projection_cost(system.Accelerator(TINY, macros=1, memory=MEM),
+                                    NMPattern(2, 4), 1, c, k, True)
+    assert serial.macro_cycles == 4 * 13 + 2 and serial.port_cycles == 16
+    # Pipeline: loads end at 8, 16, 25, 34 (a buffer frees when tile i-2 is done), computes
+    # end at 17, 26, 35, 44.
+    over = system.projection_cost(system.Accelerator(TINY, macros=1, memory=MEM, overlap=True),
+                                  NMPattern(2, 4), 1, c, k, True)
+    assert over.macro_cycles == 44 + 2 and over.port_cycles == 32 and over.compute_cycles == 36
+    # A 4-row port loads 8 beats in 2 cycles: the token then waits only for its activations.
+    wide = system.projection_cost(
+        system.Accelerator(TINY, macros=1, memory=MEM, weight_port_rows=4), NMPattern(2, 4),
+        1, c, k, True)
+    assert wide.macro_cycles == 4 * 9 + 2
+    cmd = perf.Command(NMPattern(2, 4), k=16, tokens=1, load_weights=True)
+    with pytest.raises(FlexCimError, match="weight_rows_per_cycle must be a positive integer"):
+        perf.command_timing(TINY, cmd, weight_rows_per_cycle=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "default"])
+def test_one_macro_equals_golden_perf(preset):
+    cfg = PRESETS[preset]
+    acc = system.Accelerator(cfg, macros=1)
+    rng = np.random.default_rng(1)
+    for pattern in cfg.patterns:
+        m = pattern.m
+        for _ in range(3):
+            tokens = int(rng.integers(1, 40))
+            k = m * int(rng.integers(1, 2 * cfg.max_k_for(pattern) // m + 2))
+            c = int(rng.integers(1, 3 * cfg.cols + 1))
+            cost = system.projection_cost(acc, pattern, tokens, c, k, True)
+            cmds = perf.schedule(cfg, pattern, tokens, k, c)
+            assert cost.macro_cycles == perf.layer_cycles(cfg, cmds), (pattern, tokens, k, c)
+            ref = energy.layer_cost(cfg, pattern, tokens, k, c).energy_pj
+            assert cost.macro_pj == pytest.approx(ref)
+
+
+def test_more_macros_split_the_tiles():
+    cfg = PRESETS["default"]
+    one = system.projection_cost(system.Accelerator(cfg, macros=1), NMPattern(2, 8), 1, 576,
+                                 576, True)
+    four = system.projection_cost(system.Accelerator(cfg, macros=4), NMPattern(2, 8), 1, 576,
+                                  576, True)
+    # 36 column tiles, one K chunk: 9 per macro.
+    assert (one.macro_cycles - 2) == 4 * (four.macro_cycles - 2)
+    assert one.macro_pj == four.macro_pj and one.weight_bits == four.weight_bits
+
+
+@pytest.mark.parametrize(("preset", "pattern", "c", "k"), [
+    ("tiny", "2:8", 12, 96),      # no padding: 3 full column tiles, whole passes
+    ("tiny", "1:4", 10, 200),     # partial column tile, K in 4 chunks, partial last pass
+    ("default", "2:4", 40, 576),  # three column tiles, the last one partial
+    ("dense", "1:1", 16, 144),
+])
+def test_weight_bits_are_the_macro_weight_beats(preset, pattern, c, k):
+    cfg = PRESETS[preset]
+    rng = np.random.default_rng(7)
+    dense = nm_prune(rng.integers(-128, 128, size=(c, k), dtype=np.int8), pattern)
+    w = NMTensor.compress(dense, pattern)
+    x = rng.integers(-128, 128, size=(3, k), dtype=np.int8)
+    streams = host.layer_streams(cfg, x, w)
+    cost = system.projection_cost(system.Accelerator(cfg, macros=3), NMPattern.parse(pattern),
+                                  3, c, k)
+    beat = 8 * cfg.cols + cfg.index_bits * cfg.cols
+    assert cost.weight_bits == len(streams.weight_beats) * beat
+    compressed = w.values.size * 8 + w.indices.size * cfg.index_bits
+    if (preset, pattern) == ("tiny", "2:8"):  # no padding: exactly values + metadata
+        assert cost.weight_bits == compressed
+    else:
+        assert cost.weight_bits >= compressed
+
+
+def test_dense_blocks_carry_the_index_bits_on_a_flexible_macro():
+    # The weight beat has an index field whatever the pattern: a 1:1 block on `default`
+    # (3-bit indices) moves 11 bits per weight, on `fixed24` 10, on `dense` 8.
+    bits = {name: system.projection_cost(system.Accelerator(PRESETS[name]), NMPattern(1, 1), 1,
+                                         576, 576).weight_bits for name in ("default", "fixed24",
+                                                                            "dense")}
+    assert bits == {"default": 576 * 576 * 11, "fixed24": 576 * 576 * 10, "dense": 576 * 576 * 8}
+
+
+def test_map_plan_replicates_by_relative_depth():
+    shape = dataclasses.replace(TOY, layers=6)
+    layers = system.map_plan(["2:4", "1:8", "4:8"], shape)
+    assert [str(layer.pattern) for layer in layers] == ["2:4", "2:4", "1:8", "1:8", "4:8", "4:8"]
+    assert layers[3].name == "model.layers.3"
+    assert [n for n, _, _ in layers[0].linears][0] == "model.layers.0.self_attn.q_proj"
+    longer = system.map_plan({"patterns": ["2:4", "1:8", "4:8", "1:1"]},
+                             dataclasses.replace(TOY, layers=2))
+    assert [str(layer.pattern) for layer in longer] == ["2:4", "4:8"]
+
+
+def test_map_plan_reads_flow_and_energy_plans():
+    flow_plan = {"format": "flexcim-plan", "blocks": [
+        {"index": 0, "name": "model.layers.0", "pattern": "2:8"}],
+        "layers": {"model.layers.0.self_attn.q_proj": "2:8",
+                   "model.layers.0.mlp.down_proj": "4:8"}}
+    layers = system.map_plan(flow_plan, TOY)
+    assert {str(layer.pattern): len(layer.linears) for layer in layers} == {"2:8": 6, "4:8": 1}
+    energy_plan = {"layers": [{"name": "model.layers.0", "pattern": "4:8", "mask_24": True,
+                               "linears": {"model.layers.0.self_attn.q_proj": [16, 16]}}]}
+    (layer,) = system.map_plan(energy_plan, TOY)
+    assert layer.mask_24 and len(layer.linears) == 7
+    assert energy.pattern_on(PRESETS["fixed24"], layer) == NMPattern(2, 4)
+    with pytest.raises(FlexCimError, match="names projection 'model.layers.0.mlp.fc1'"):
+        system.map_plan({"layers": [{"name": "model.layers.0", "pattern": "2:4",
+                                     "linears": {"model.layers.0.mlp.fc1": [16, 16]}}]}, TOY)
+    with pytest.raises(FlexCimError, match="in_features=16 is not a multiple of M=32"):
+        system.map_plan("1:32", TOY)
+
+
+def test_shipped_model_configs():
+    assert system.known_models() == ["llama-2-7b", "llama-3.2-1b", "smollm2-135m",
+                                     "tinyllama-1.1b"]
+    smol = system.load_model_shape("smollm2-135m")
+    assert (smol.hidden, smol.intermediate, smol.heads, smol.kv_heads, smol.head_dim,
+            smol.layers, smol.vocab) == (576, 1536, 9, 3, 64, 30, 49152)
+    # SmolLM2-135M has 134,515,008 parameters: the blocks' projections, the tied embedding
+    # and 61 RMSNorm weight vectors of 576.
+    assert smol.block_params * smol.layers + smol.vocab * smol.hidden == 134_515_008 - 61 * 576
+    big = system.load_model_shape("llama-2-7b")
+    assert big.block_params * big.layers == 6_476_005_376  # + 2 x 131 M embeddings = 6.74 B
+    assert big.linears()["mlp.down_proj"] == (4096, 11008)
+
+
+def test_bad_input_is_one_line(tmp_path):
+    bert = tmp_path / "config.json"
+    bert.write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"],
+                                "hidden_size": 768, "intermediate_size": 3072,
+                                "num_attention_heads": 12, "num_hidden_layers": 12,
+                                "vocab_size": 30522}))
+    with pytest.raises(FlexCimError, match="model_type 'bert' .* is not a Llama-style decoder"):
+        system.load_model_shape(bert)
+    with pytest.raises(FlexCimError, match="neither a file nor one of llama-2-7b"):
+        system.load_model_shape("gpt-5")
+    with pytest.raises(FlexCimError, match="dram_gb_per_s must be a positive number, not 0"):
+        system.MemorySystem(dram_gb_per_s=0)
+    with pytest.raises(FlexCimError, match="macros must be a positive integer, not 0"):
+        system.Accelerator(TINY, macros=0)
+    with pytest.raises(FlexCimError, match="kv_len must be a non-negative integer, not -1"):
+        system.step_cost(toy_acc(), TOY, "2:4", tokens=1, kv_len=-1)
+
+
+def test_seven_b_plan_under_one_second():
+    shape = system.load_model_shape("llama-2-7b")
+    plan = ["1:1", "2:4", "2:8", "4:8", "1:4", "1:8"] * 5  # 30 blocks onto 32
+    system.projection_cost.cache_clear()
+    # CPU time of this process: the evaluation's cost, not the other jobs of a busy machine.
+    start = time.process_time()
+    result = system.compare(system.Accelerator(PRESETS["default"]), shape, plan, tokens=128,
+                            kv_len=2048)
+    elapsed = time.process_time() - start
+    assert elapsed < 1.0, f"7B plan took {elapsed:.2f} s of CPU time"
+    decode = result["flexcim"]["decode"]
+    assert decode["bound"] == "memory" and not decode["resident"]
+    # The dense baseline moves every weight, 8 bits each, with K padded to whole passes of 72
+    # rows per 576-channel chunk: K = 4096 -> 4104 rows, K = 11008 -> 11016.
+    padded = 32 * (4 * 4096 * 4104 + 2 * 11008 * 4104 + 4096 * 11016) + 32000 * 4104
+    assert result["dense"]["decode"]["weight_bits"] == 8 * padded
+    assert result["dense"]["decode"]["energy_vs_flexcim"] > 1

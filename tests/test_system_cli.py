@@ -1,0 +1,52 @@
+"""``flexcim system``: the table, the JSON output and one-line errors (exit 2)."""
+
+import json
+
+import pytest
+
+from flexcim.cli import main
+
+
+def test_system_prints_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "sys.json"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"patterns": ["2:8", "1:8"]}))
+    assert main(["system", "--model-config", "smollm2-135m", "--plan", str(plan),
+                 "--macros", "4", "--tokens", "16", "--kv-len", "64", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "prefill of 16 tokens" in text and "KV cache 64" in text
+    data = json.loads(out.read_text())
+    result = data["result"]
+    assert set(result) == {"flexcim", "dense", "fixed24"}
+    decode = result["flexcim"]["decode"]
+    assert decode["tokens"] == 1 and decode["kv_len"] == 64 and decode["bound"] == "memory"
+    # 2:8 and 1:8 blocks run as 2:4 on fixed24 and dense on the dense macro: more weight bits.
+    assert result["dense"]["decode"]["weight_bits"] > result["fixed24"]["decode"]["weight_bits"] \
+        > decode["weight_bits"]
+    assert result["fixed24"]["prefill"]["latency_vs_flexcim"] > 1
+    assert not list(tmp_path.glob(".tmp-*"))  # the temporary file was renamed into place
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--dram-gbps", "0"], "dram_gb_per_s must be a positive number, not 0.0"),
+    (["--macros", "0"], "macros must be a positive integer, not 0"),
+    (["--kv-len", "-3"], "kv_len must be a non-negative integer, not -3"),
+    (["--model-config", "bert"], "'bert' is neither a file nor one of"),
+])
+def test_system_bad_input_is_one_line(capsys, args, message):
+    base = ["system", "--model-config", "smollm2-135m", "--pattern", "2:4"]
+    assert main(base + args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_system_rejects_a_non_decoder_config_and_foreign_projections(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "t5", "is_encoder_decoder": True}))
+    assert main(["system", "--model-config", str(cfg), "--pattern", "2:4"]) == 2
+    assert "is not a Llama-style decoder LLM" in capsys.readouterr().err
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"layers": [{"name": "model.layers.0", "pattern": "2:4",
+                                            "linears": {"model.layers.0.fc1": [576, 576]}}]}))
+    assert main(["system", "--model-config", "smollm2-135m", "--plan", str(plan)]) == 2
+    assert "names projection 'model.layers.0.fc1'" in capsys.readouterr().err
