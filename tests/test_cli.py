@@ -188,3 +188,17 @@ def test_sigint_at_any_moment_leaves_old_or_new_result(tmp_path):
                 np.array_equal(y, old) or np.array_equal(y, expected))
         assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npy", "x.npy", "y.npy"]
     assert 130 in codes  # at least one run was interrupted
+
+
+def test_out_of_memory_is_one_line_exit_1(operands, capsys, monkeypatch):
+    """A result too large for the machine (65536 x 65536 took 6.5x its size): one line."""
+    from flexcim import golden
+
+    def too_big(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(golden, "sparse_matmul", too_big)
+    d, _, _ = operands
+    code, err = run(capsys, *_matmul(d))
+    assert code == 1 and err.count("\n") == 1 and "out of memory" in err
+    assert not (d / "y.npy").exists()

@@ -7,6 +7,7 @@ RuntimeError traceback) and a build killed mid-way left an empty object file tha
 run failed to link against.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from flexcim.sim import runner
 from flexcim import fileio
 
 pytestmark = pytest.mark.slow
+TIMEOUT_S = 1800  # a cold tiny build is about a minute on an idle machine, far more when loaded
 
 
 def _skip_unless_verilator():
@@ -49,6 +51,14 @@ def _start(folder: Path, seed: int) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
+def _terminate(procs: list[subprocess.Popen]) -> None:
+    """End runs still going after a failure (SIGTERM: the command stops its compilers)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(60)
+
+
 def _build_dirs(folder: Path) -> list[Path]:
     return sorted((folder / "build" / "sim").glob("flexcim-verilator-*"))
 
@@ -58,12 +68,16 @@ def test_concurrent_cold_runs_all_succeed_exactly(tmp_path, runs):
     _skip_unless_verilator()
     expected = [_operands(tmp_path, seed) for seed in range(runs)]
     procs = [_start(tmp_path, seed) for seed in range(runs)]
-    for seed, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=900)
+    try:
+        errors = [proc.communicate(timeout=TIMEOUT_S)[1] for proc in procs]
+    finally:
+        _terminate(procs)
+    for seed, (proc, err) in enumerate(zip(procs, errors, strict=True)):
         assert proc.returncode == 0, err
         assert "Traceback" not in err
         np.testing.assert_array_equal(np.load(tmp_path / f"y{seed}.npy"), expected[seed])
-        assert (tmp_path / f"s{seed}.json").is_file()
+        stats = json.loads((tmp_path / f"s{seed}.json").read_text())
+        assert stats["config"]["acc_bits"] == preset("tiny").acc_bits == 20  # was 32
     (build_dir,) = _build_dirs(tmp_path)
     assert len(list(build_dir.glob("obj-*"))) == 1  # built once, the others waited for it
     assert not [p for p in build_dir.iterdir() if fileio.TMP_MARK in p.name]
@@ -110,24 +124,46 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def test_a_build_killed_midway_is_rebuilt_by_the_next_run(tmp_path):
-    _skip_unless_verilator()
-    expected = _operands(tmp_path, 0)
-    proc = _start(tmp_path, 0)
-    deadline = time.monotonic() + 600
+def _start_and_wait_for_the_cxx_build(folder: Path) -> subprocess.Popen:
+    proc = _start(folder, 0)
+    deadline = time.monotonic() + TIMEOUT_S
     objects = []
     while not objects and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
-        objects = list((tmp_path / "build" / "sim").glob(
+        objects = list((folder / "build" / "sim").glob(
             f"flexcim-verilator-*/.obj-*{fileio.TMP_MARK}*/*.o"))
-    assert objects, "the build finished before it could be killed"
-    _kill_tree(proc.pid)  # during the C++ build
-    proc.wait()
+    if not objects:
+        _terminate([proc])
+    assert objects, "the build finished before it could be stopped"
+    return proc
+
+
+def test_a_build_stopped_or_killed_midway_is_rebuilt_by_the_next_run(tmp_path):
+    _skip_unless_verilator()
+    expected = _operands(tmp_path, 0)
+    # SIGTERM (or Ctrl-C) during the C++ build: exit 130, no compiler left running, no
+    # temporary folder left (was: cc1plus kept running)
+    proc = _start_and_wait_for_the_cxx_build(tmp_path)
+    children = _descendants(proc.pid)
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    time.sleep(0.5)
+    assert not [p for p in children if Path(f"/proc/{p}").exists()
+                and Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] != "Z"]
     (build_dir,) = _build_dirs(tmp_path)
+    assert not [p for p in build_dir.iterdir() if fileio.TMP_MARK in p.name]
+    # SIGKILL of everything during the C++ build, as a crash would
+    proc = _start_and_wait_for_the_cxx_build(tmp_path)
+    _kill_tree(proc.pid)
+    proc.wait()
     assert not list(build_dir.glob("obj-*"))  # nothing published: nothing to trust later
     assert [p for p in build_dir.iterdir() if fileio.TMP_MARK in p.name]  # the dead one's
     proc = _start(tmp_path, 0)
-    _, err = proc.communicate(timeout=900)
+    try:
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        _terminate([proc])
     assert proc.returncode == 0 and "Traceback" not in err, err
     np.testing.assert_array_equal(np.load(tmp_path / "y0.npy"), expected)
     assert not [p for p in build_dir.iterdir() if fileio.TMP_MARK in p.name]  # swept
