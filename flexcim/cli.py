@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 
 import numpy as np
 
 from flexcim import __version__
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_path, atomic_paths, check_output
 
 log = logging.getLogger("flexcim")
 
@@ -41,33 +45,49 @@ def load_npy(path: str, what: str) -> np.ndarray:
         raise FlexCimError(f"{what} file {path!r} is not a readable .npy array: {exc}") from None
 
 
-def save_npy(path: str, array: np.ndarray) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FlexCimError(f"output directory {directory!r} does not exist")
-    np.save(path, array)
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` atomically (the previous file survives any failure)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def _matmul(args: argparse.Namespace) -> int:
     from flexcim.golden import NMPattern, NMTensor, sparse_matmul
     from flexcim.golden.matmul import check_activations
 
+    inputs = (args.x, args.w)
+    output = check_output(args.output, "output (-o)", suffixes=(".npy",), inputs=inputs)
+    stats = None
+    if args.stats is not None:
+        if args.engine != "rtl":
+            raise FlexCimError("--stats needs --engine rtl (the golden engine measures nothing)")
+        stats = check_output(args.stats, "--stats", inputs=inputs)
+        if stats.absolute() == output.absolute():
+            raise FlexCimError(f"--stats and -o name the same file {args.stats!r}")
     pattern = NMPattern.parse(args.pattern)
     x = load_npy(args.x, "activation (--x)")
     w = load_npy(args.w, "weight (--w)")
-    if w.dtype != np.int8 or w.ndim != 2:
+    if w.dtype != np.int8 or w.ndim != 2 or 0 in w.shape:
         raise FlexCimError(
-            f"weight (--w) must be int8 [out_features, in_features], not {w.dtype} {w.shape}"
+            f"weight (--w) must be int8 [out_features, in_features], both at least 1, not "
+            f"{w.dtype} {w.shape}"
         )
     check_activations(x, w.shape[1])
     weight = NMTensor.compress(w, pattern)
+    record = None
     if args.engine == "golden":
-        y = sparse_matmul(x, weight, acc_bits=args.acc_bits)
+        y = sparse_matmul(x, weight, acc_bits=32 if args.acc_bits is None else args.acc_bits)
     else:
         from flexcim.sim.host import rtl_matmul  # added by sim/: same contract, on the RTL
 
-        y = rtl_matmul(x, weight, args)
-    save_npy(args.output, y)
+        run = rtl_matmul(x, weight, args)
+        y, record = run.y, run.stats
+    # Y and its stats appear together, or neither does (a failure keeps the previous files).
+    with atomic_paths([output, *([stats] if stats else [])]) as tmps:
+        with open(tmps[0], "wb") as f:
+            np.save(f, y, allow_pickle=False)
+        if stats:
+            tmps[1].write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     log.info(
         "wrote %s: %s %s = x[%d,%d] @ W.T[%d,%d], pattern %s (ideal speed-up %.2fx over dense)",
         args.output, y.dtype, list(y.shape), *x.shape, w.shape[1], w.shape[0], pattern,
@@ -97,7 +117,8 @@ def register(sub) -> None:
     p.add_argument("--stats", metavar="STATS.json",
                    help="--engine rtl: write measured cycles, the model's prediction and "
                    "utilization there")
-    p.add_argument("--acc-bits", type=int, default=32, help="accumulator width (default 32)")
+    p.add_argument("--acc-bits", type=int, metavar="BITS",
+                   help="accumulator width (default: 32 on golden, the preset's on rtl)")
     p.add_argument("-o", "--output", required=True, metavar="Y.npy", help="where to write Y")
     p.set_defaults(func=_matmul)
 
@@ -116,19 +137,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-        force=True,  # the CLI owns logging; also when main() runs in-process (tests)
-    )
+    """Run the command line; returns the exit status: 0 done, 1 the work failed, 2 bad usage
+    or input, 130 interrupted (Ctrl-C or SIGTERM)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.WARNING if args.quiet else logging.INFO,
+            format="%(message)s",
+            stream=sys.stderr,
+            force=True,  # the CLI owns logging; also when main() runs in-process (tests)
+        )
         return int(args.func(args) or 0)
     except FlexCimError as exc:
         print(f"flexcim: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("flexcim: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("flexcim: error: out of memory (the result or an operand is too large for this "
+              "machine)", file=sys.stderr)
+        return 1
+    except OSError as exc:  # outputs are checked up front; this is the machine, not the input
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"flexcim: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    # SIGTERM ends the command like Ctrl-C: child processes stop, temporary outputs are removed.
+    raise KeyboardInterrupt

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import time
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import check_output
 
 log = logging.getLogger("flexcim.flow")
 
@@ -17,6 +20,8 @@ METHODS = ("auto", "uniform", "owl", "flow")
 M_DIRECTIONS = ("figure", "code")
 NORMALISATIONS = ("minmax", "zscore", "rank")
 ACT_DEFAULT = ("q", "down")  # flexcim.flow.act.DEFAULT_PROJECTIONS
+PRUNE_RECORD = "flexcim-prune.json"
+"""What ``flow prune`` writes beside the weights; it marks a folder that a rerun may replace."""
 
 
 def _session(args):
@@ -63,7 +68,7 @@ def _select(args: argparse.Namespace) -> int:
         hw_config=_hw_config(args.hw_config), hw_weight=args.hw_weight,
         granularity=args.granularity, sens_windows=args.sens_windows,
     )
-    _check_output_dir(args.output)
+    check_output(args.output, "plan output (-o)", inputs=(args.model, args.text, args.hw_config))
     start = time.perf_counter()
     session = _session(args)
     # auto measures the loss on calibration text whatever the pruning metric
@@ -81,29 +86,30 @@ def _select(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from flexcim.flow import pipeline
-    from flexcim.flow.eval import write_json
     from flexcim.flow.select import Plan
 
+    _check_count(args.eval_windows, "--eval-windows", minimum=0)
+    check_output(args.output, "model output (-o)", folder=True, marker=PRUNE_RECORD,
+                 inputs=(args.model, args.text, args.plan))
     plan = Plan.load(args.plan)
     metric = args.metric or plan.settings.get("metric", "wanda")
-    parent = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(parent):
-        raise FlexCimError(f"output directory {parent!r} does not exist")
     start = time.perf_counter()
     session = _session(args)
     windows = None if metric == "magnitude" else _calib(session, args)
     pipeline.apply_plan(session.model, plan, windows, metric=metric)
     pipeline.check_plan(session.model, plan)
     seconds = time.perf_counter() - start
-    pipeline.save_model(session, args.output)
     record = {"plan": os.path.abspath(args.plan), "metric": metric, "prune_seconds": seconds,
               "achieved_sparsity": plan.achieved_sparsity, "model": session.lm.name}
     if args.eval_windows:
+        # before anything is written: a failure here leaves no model folder behind
         record["perplexity"] = pipeline.evaluate(session, count=args.eval_windows,
                                                  seq_len=args.seq_len)
         log.info("perplexity on %d held-out windows: %.3f", args.eval_windows,
                  record["perplexity"])
-    write_json(os.path.join(args.output, "flexcim-prune.json"), record)
+    record["written"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    pipeline.save_model(session, args.output,
+                        files={PRUNE_RECORD: json.dumps(record, indent=1) + "\n"})
     log.info("wrote %s: every pruned projection satisfies its pattern (%.1f s)", args.output,
              seconds)
     return 0
@@ -121,8 +127,12 @@ def _act_eval(args: argparse.Namespace) -> int:
     if not args.budget > 0:
         raise FlexCimError(f"--budget must be a positive fraction, not {args.budget!r}")
     plan = Plan.load(args.plan) if args.plan else None
+    _check_count(args.eval_windows, "--eval-windows", minimum=1)
+    if not 0 <= args.skip_budget < 1:
+        raise FlexCimError(f"--skip-budget must be a fraction in [0, 1), not {args.skip_budget!r}")
     if args.output:
-        _check_output_dir(args.output)
+        check_output(args.output, "result output (-o)",
+                     inputs=(args.model, args.text, args.plan))
     session = _session(args)
     record = {"model": session.lm.name, "pattern": args.pattern, "score": args.score,
               "eval_windows": args.eval_windows, "seq_len": args.seq_len}
@@ -180,7 +190,9 @@ def _export(args: argparse.Namespace) -> int:
         raise FlexCimError(f"plan {args.plan!r} has no layer {args.layer!r}")
     if args.act_pattern:
         NMPattern.parse(args.act_pattern)
-    _check_output_dir(args.output)
+    _check_count(args.act_tokens, "--act-tokens", minimum=1)
+    check_output(args.output, "layer output (-o)", suffixes=(".safetensors",),
+                 inputs=(args.model, args.text, args.plan))
     session = _session(args)
     pipeline.export_projection(
         session, plan, args.layer, args.output, calib=_calib(session, args),
@@ -190,10 +202,31 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_dir(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise FlexCimError(f"output directory {parent!r} does not exist")
+def _check_count(value: int, flag: str, *, minimum: int) -> None:
+    if value < minimum:
+        raise FlexCimError(f"{flag} must be an integer >= {minimum}, not {value!r}")
+
+
+def _check_common(args: argparse.Namespace) -> None:
+    """The options every step shares, checked before the model loads."""
+    _check_count(args.calib_windows, "--calib-windows", minimum=1)
+    _check_count(args.seq_len, "--seq-len", minimum=2)
+    _check_count(args.threads, "--threads", minimum=1)
+    for flag in ("hyper_m", "hw_weight", "target_sparsity", "budget", "skip_budget"):
+        value = getattr(args, flag, None)
+        if value is not None and not math.isfinite(value):
+            raise FlexCimError(f"--{flag.replace('_', '-')} must be a finite number, "
+                               f"not {value!r}")
+    if getattr(args, "hyper_m", None) is not None and not args.hyper_m > 0:
+        raise FlexCimError(f"--hyper-m must be positive, not {args.hyper_m!r}")
+
+
+def _checked(handler):
+    def run(args: argparse.Namespace) -> int:
+        _check_common(args)
+        return handler(args)
+
+    return run
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -254,7 +287,7 @@ def register(sub) -> None:
     p.add_argument("--sens-windows", type=int, default=8, metavar="N",
                    help="auto: calibration windows used to measure sensitivity (default 8)")
     p.add_argument("-o", "--output", required=True, metavar="PLAN.json")
-    p.set_defaults(func=_select)
+    p.set_defaults(func=_checked(_select))
 
     p = fsub.add_parser("prune", help="apply plan.json -> a sparsified model directory")
     _common(p)
@@ -263,7 +296,7 @@ def register(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=0, metavar="N",
                    help="also report perplexity on N held-out windows (default 0: skip)")
     p.add_argument("-o", "--output", required=True, metavar="DIR")
-    p.set_defaults(func=_prune)
+    p.set_defaults(func=_checked(_prune))
 
     p = fsub.add_parser("act-eval", help="perplexity with and without N:M activation pruning")
     _common(p)
@@ -285,7 +318,7 @@ def register(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=16, metavar="N",
                    help="held-out windows (default 16)")
     p.add_argument("-o", "--output", metavar="RESULT.json")
-    p.set_defaults(func=_act_eval)
+    p.set_defaults(func=_checked(_act_eval))
 
     p = fsub.add_parser("export", help="one sparsified projection -> golden layer file")
     _common(p)
@@ -298,4 +331,4 @@ def register(sub) -> None:
     p.add_argument("--act-pattern", metavar="N:M",
                    help="top-k the exported activations (e.g. 8:16)")
     p.add_argument("-o", "--output", required=True, metavar="LAYER.safetensors")
-    p.set_defaults(func=_export)
+    p.set_defaults(func=_checked(_export))

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_write, check_output
 
 log = logging.getLogger("flexcim.flow")
 
@@ -47,10 +48,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
 
 
 def write_json(path: str | os.PathLike, record: dict) -> None:
-    """Write ``record`` (plus a timestamp) as indented JSON; the directory must exist."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FlexCimError(f"output directory {directory!r} does not exist")
-    with open(path, "w") as f:
-        json.dump({**record, "written": time.strftime("%Y-%m-%dT%H:%M:%S")}, f, indent=1)
-        f.write("\n")
+    """Write ``record`` (plus a timestamp) as indented JSON, atomically; the directory must
+    exist."""
+    check_output(path, "JSON output")
+    atomic_write(path, json.dumps({**record, "written": time.strftime("%Y-%m-%dT%H:%M:%S")},
+                                  indent=1) + "\n")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_dir, file_lock
 
 log = logging.getLogger("flexcim.flow")
 
@@ -94,20 +95,17 @@ def _convert_gguf(gguf: pathlib.Path, out: pathlib.Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     except Exception as exc:  # the GGUF reader raises many types for truncated/corrupt files
         raise FlexCimError(f"cannot read GGUF model {str(gguf)!r}: {exc}") from None
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    # save_pretrained refuses GGUF-quantized models; the weights are already dequantized fp32,
-    # so a config without its quantization_config describes them exactly.
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    tokenizer.save_pretrained(str(tmp))
-    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    # Built under a temporary name and renamed as a whole (under the caller's lock): a killed
+    # conversion leaves no entry that a later run trusts.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out) as tmp:
+        # save_pretrained refuses GGUF-quantized models; the weights are already dequantized
+        # fp32, so a config without its quantization_config describes them exactly.
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
+        tokenizer.save_pretrained(str(tmp))
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
     log.info("converted in %.1f s", time.perf_counter() - start)
 
 
@@ -162,8 +160,13 @@ def load_model(source: str | os.PathLike | None = None) -> LoadedModel:
         if not gguf.is_file():
             raise FlexCimError(f"model file {str(gguf)!r} does not exist")
         cached = cache_dir() / "models" / f"{gguf.stem}-{_fingerprint(gguf)}"
-        if not (cached / "model.safetensors").is_file():
-            _convert_gguf(gguf, cached)
+        done = cached / "model.safetensors"
+        if not done.is_file():
+            # One converter per entry; the others wait and then find it (an entry only ever
+            # appears complete, by rename).
+            with file_lock(cached.with_name(cached.name + ".lock")):
+                if not done.is_file():
+                    _convert_gguf(gguf, cached)
         model, tokenizer = _from_directory(cached)
     model.eval()
     decoder_blocks(model)  # fail early, with a clear message, on unsupported architectures

@@ -28,6 +28,7 @@ from flexcim.golden.nm import NMPattern
 from torch import nn
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_dir
 
 log = logging.getLogger("flexcim.flow")
 
@@ -189,15 +190,22 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
                                f"{int(counts.max())} weights")
 
 
-def save_model(session_or_lm, directory: str | os.PathLike) -> pathlib.Path:
-    """Write a loadable Hugging Face directory (config, tokenizer, safetensors weights)."""
+def save_model(session_or_lm, directory: str | os.PathLike, *,
+               files: dict[str, str] | None = None) -> pathlib.Path:
+    """Write a loadable Hugging Face directory (config, tokenizer, safetensors weights) and
+    ``files`` (name to text) in it.  The folder is built under a temporary name and renamed
+    into place as a whole: it appears complete or not at all, and a failure keeps the
+    previous one."""
     lm = session_or_lm.lm if isinstance(session_or_lm, Session) else session_or_lm
     directory = pathlib.Path(directory)
     if not directory.parent.is_dir():
         raise FlexCimError(f"output directory {str(directory.parent)!r} does not exist")
-    lm.model.save_pretrained(str(directory))
-    if lm.tokenizer is not None and hasattr(lm.tokenizer, "save_pretrained"):
-        lm.tokenizer.save_pretrained(str(directory))
+    with atomic_dir(directory) as tmp:
+        lm.model.save_pretrained(str(tmp))
+        if lm.tokenizer is not None and hasattr(lm.tokenizer, "save_pretrained"):
+            lm.tokenizer.save_pretrained(str(tmp))
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     return directory
 
 

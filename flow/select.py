@@ -38,6 +38,7 @@ import torch
 from flexcim.golden.nm import NMPattern
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_write, check_output
 
 log = logging.getLogger("flexcim.flow")
 
@@ -242,12 +243,8 @@ class Plan:
         return {"format": PLAN_FORMAT, **dataclasses.asdict(self)}
 
     def save(self, path: str | os.PathLike) -> None:
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise FlexCimError(f"output directory {directory!r} does not exist")
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
+        check_output(path, "plan output")
+        atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
@@ -260,13 +257,62 @@ class Plan:
             raise FlexCimError(f"plan file {str(path)!r} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or data.pop("format", None) != PLAN_FORMAT:
             raise FlexCimError(f"{str(path)!r} is not a FlexCiM plan (format {PLAN_FORMAT!r})")
-        try:
-            plan = cls(**data)
-            for pattern in plan.layers.values():
-                NMPattern.parse(pattern)
-        except (TypeError, AttributeError) as exc:
-            raise FlexCimError(f"plan file {str(path)!r} is malformed: {exc}") from None
-        return plan
+        from flexcim.flow.prune import METRICS
+
+        def bad(field: str, expected: str, value) -> FlexCimError:
+            shown = repr(value)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            return FlexCimError(f"plan file {str(path)!r}: field {field!r} must be {expected}, "
+                                f"not {shown}")
+
+        def fraction(field: str, value) -> float:
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not 0 <= value <= 1:
+                raise bad(field, "a number from 0 to 1", value)
+            return float(value)
+
+        def pattern(field: str, value) -> str:
+            try:
+                return str(NMPattern.parse(value if isinstance(value, str) else None))
+            except FlexCimError:
+                raise bad(field, "an N:M pattern like '2:4'", value) from None
+
+        fields = {f.name for f in dataclasses.fields(cls)}
+        required = fields - {"settings"}
+        if unknown := sorted(data.keys() - fields):
+            raise FlexCimError(f"plan file {str(path)!r} has unknown field {unknown[0]!r}")
+        if missing := sorted(required - data.keys()):
+            raise FlexCimError(f"plan file {str(path)!r} lacks field {missing[0]!r}")
+        if data["method"] not in METHODS:
+            raise bad("method", f"one of {', '.join(METHODS)}", data["method"])
+        fraction("target_sparsity", data["target_sparsity"])
+        fraction("achieved_sparsity", data["achieved_sparsity"])
+        if not isinstance(data["exact"], bool):
+            raise bad("exact", "true or false", data["exact"])
+        if not isinstance(data["message"], str):
+            raise bad("message", "a string", data["message"])
+        if not isinstance(data["blocks"], list):
+            raise bad("blocks", "a list of objects", data["blocks"])
+        for i, block in enumerate(data["blocks"]):
+            where = f"blocks[{i}]"
+            if not isinstance(block, dict):
+                raise bad(where, "an object", block)
+            if isinstance(block.get("index"), bool) or not isinstance(block.get("index"), int) \
+                    or block["index"] < 0:
+                raise bad(f"{where}.index", "an integer >= 0", block.get("index"))
+            if not isinstance(block.get("name"), str):
+                raise bad(f"{where}.name", "a string", block.get("name"))
+            pattern(f"{where}.pattern", block.get("pattern"))
+        if not isinstance(data["layers"], dict) or not data["layers"]:
+            raise bad("layers", "a non-empty object of projection: pattern", data["layers"])
+        for name, value in data["layers"].items():
+            pattern(f"layers[{name!r}]", value)
+        settings = data.get("settings", {})
+        if not isinstance(settings, dict):
+            raise bad("settings", "an object", settings)
+        if "metric" in settings and settings["metric"] not in METRICS:
+            raise bad("settings.metric", f"one of {', '.join(METRICS)}", settings["metric"])
+        return cls(**data)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,7 @@ import torch
 from flexcim.flow.model import cache_dir
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_dir, file_lock
 
 log = logging.getLogger("flexcim.flow")
 
@@ -211,12 +212,14 @@ def _fetch_austen(target: pathlib.Path) -> None:
         subprocess.run(["dpkg-deb", "-x", str(debs[0]), f"{tmp}/x"], check=True)
         rdx = next(pathlib.Path(tmp, "x").rglob("janeaustenr/data/Rdata.rdx"))
         books = read_lazyload(rdx)
-    target.mkdir(parents=True, exist_ok=True)
-    for name in AUSTEN_BOOKS:
-        lines = books.get(name)
-        if not isinstance(lines, list):
-            raise FlexCimError(f"{AUSTEN_PACKAGE} has no character vector {name!r}")
-        (target / f"{name}.txt").write_text("\n".join(line or "" for line in lines) + "\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # All six books appear at once (the folder is renamed into place), or none do.
+    with atomic_dir(target) as tmp:
+        for name in AUSTEN_BOOKS:
+            lines = books.get(name)
+            if not isinstance(lines, list):
+                raise FlexCimError(f"{AUSTEN_PACKAGE} has no character vector {name!r}")
+            (tmp / f"{name}.txt").write_text("\n".join(line or "" for line in lines) + "\n")
 
 
 def austen(book: str) -> str:
@@ -225,8 +228,13 @@ def austen(book: str) -> str:
         raise FlexCimError(f"unknown Austen book {book!r}; expected one of {AUSTEN_BOOKS}")
     target = cache_dir() / "text" / "austen"
     path = target / f"{book}.txt"
-    if not path.is_file():
-        _fetch_austen(target)
+    def complete() -> bool:
+        return all((target / f"{name}.txt").is_file() for name in AUSTEN_BOOKS)
+
+    if not complete():
+        with file_lock(target.with_name(target.name + ".lock")):
+            if not complete():  # a concurrent run may have fetched it meanwhile
+                _fetch_austen(target)
     return path.read_text()
 
 

@@ -24,9 +24,10 @@ import json
 import os
 
 import numpy as np
-from flexcim.golden.nm import NMPattern, NMTensor
+from flexcim.golden.nm import NMPattern, NMTensor, satisfies
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_path
 
 FORMAT = "flexcim-layer"
 VERSION = "1"
@@ -66,32 +67,55 @@ class SparseLayer:
         if not isinstance(self.weight, NMTensor):
             kind = type(self.weight).__name__
             raise FlexCimError(f"layer weight must be an NMTensor, not {kind}")
-        scale = np.asarray(self.weight_scale, dtype=np.float32)
-        if scale.shape != (self.weight.out_features,):
+        scale = np.asarray(self.weight_scale)
+        if scale.dtype.kind != "f" or scale.shape != (self.weight.out_features,):
             raise FlexCimError(
-                f"weight scale shape {scale.shape} does not match "
-                f"out_features={self.weight.out_features}"
+                f"weight scale {scale.dtype} {scale.shape} does not match "
+                f"out_features={self.weight.out_features} (float [C])"
             )
+        scale = scale.astype(np.float32)
+        bad = np.flatnonzero(~(np.isfinite(scale) & (scale > 0)))
+        if bad.size:
+            raise FlexCimError(f"weight scale must be positive and finite; row {bad[0]} is "
+                               f"{scale[bad[0]]!r}")
         object.__setattr__(self, "weight_scale", scale)
+        if not isinstance(self.name, str):
+            raise FlexCimError(f"layer name must be a string, not {self.name!r}")
         if self.act is not None:
             act = np.asarray(self.act)
-            if act.dtype != np.int8 or act.ndim != 2 or act.shape[1] != self.weight.in_features:
+            if (act.dtype != np.int8 or act.ndim != 2 or act.shape[0] < 1
+                    or act.shape[1] != self.weight.in_features):
                 raise FlexCimError(
-                    f"layer activations must be int8 [T, {self.weight.in_features}], "
+                    f"layer activations must be int8 [T >= 1, {self.weight.in_features}], "
                     f"not {act.dtype} {act.shape}"
                 )
-            if self.act_scale is None or not float(self.act_scale) > 0:
+            try:
+                act_scale = float(self.act_scale)
+            except (TypeError, ValueError):
+                act_scale = float("nan")
+            if not (np.isfinite(act_scale) and act_scale > 0):
                 raise FlexCimError(
-                    f"layer activations need a positive act_scale, not {self.act_scale!r}"
+                    f"layer activations need a positive finite act_scale, not {self.act_scale!r}"
                 )
-            object.__setattr__(self, "act_scale", float(self.act_scale))
+            object.__setattr__(self, "act_scale", act_scale)
+        elif self.act_scale is not None:
+            raise FlexCimError("act_scale given without activations")
         if self.act_pattern is not None:
-            object.__setattr__(self, "act_pattern", NMPattern.parse(self.act_pattern))
+            pattern = NMPattern.parse(self.act_pattern)
+            object.__setattr__(self, "act_pattern", pattern)
+            if self.act is None:
+                raise FlexCimError("act_pattern given without activations")
+            if not satisfies(self.act, pattern):
+                raise FlexCimError(f"layer activations do not satisfy their act_pattern "
+                                   f"{pattern} (more than {pattern.n} non-zeros in a group)")
+        if not isinstance(self.extra, dict):
+            raise FlexCimError(f"layer extra metadata must be an object of strings, "
+                               f"not {type(self.extra).__name__}")
         object.__setattr__(self, "extra", {str(k): str(v) for k, v in self.extra.items()})
 
 
 def save_layer(path: str | os.PathLike, layer: SparseLayer) -> None:
-    """Write ``layer`` to a safetensors file."""
+    """Write ``layer`` to a safetensors file (atomically: a failure keeps the previous file)."""
     from safetensors.numpy import save_file
 
     tensors = {
@@ -113,7 +137,8 @@ def save_layer(path: str | os.PathLike, layer: SparseLayer) -> None:
         metadata["act_scale"] = repr(float(layer.act_scale))
         if layer.act_pattern is not None:
             metadata["act_pattern"] = str(layer.act_pattern)
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, os.fspath(tmp), metadata=metadata)
 
 
 def load_layer(path: str | os.PathLike) -> SparseLayer:
@@ -145,18 +170,28 @@ def load_layer(path: str | os.PathLike) -> SparseLayer:
         act_scale = float(metadata["act_scale"]) if "act.values" in tensors else None
     except (KeyError, ValueError) as exc:
         raise FlexCimError(f"{path!r} has malformed metadata: {exc}") from None
-    weight = NMTensor(
-        values=tensors["weight.values"],
-        indices=tensors["weight.indices"],
-        pattern=NMPattern.parse(metadata.get("pattern", "")),
-        shape=(c, k),
-    )
-    return SparseLayer(
-        weight=weight,
-        weight_scale=tensors["weight.scale"],
-        name=metadata.get("name", ""),
-        act=tensors.get("act.values"),
-        act_scale=act_scale,
-        act_pattern=metadata.get("act_pattern"),
-        extra=extra,
-    )
+    if c < 1 or k < 1:
+        raise FlexCimError(f"{path!r}: metadata field 'shape' must be two integers >= 1, "
+                           f"not {metadata['shape']!r}")
+    if not isinstance(extra, dict):
+        raise FlexCimError(f"{path!r}: metadata field 'extra' must be a JSON object, "
+                           f"not {metadata.get('extra')!r}")
+    # Every check below names this file: NMTensor and SparseLayer validate the values.
+    try:
+        weight = NMTensor(
+            values=tensors["weight.values"],
+            indices=tensors["weight.indices"],
+            pattern=NMPattern.parse(metadata.get("pattern", "")),
+            shape=(c, k),
+        )
+        return SparseLayer(
+            weight=weight,
+            weight_scale=tensors["weight.scale"],
+            name=metadata.get("name", ""),
+            act=tensors.get("act.values"),
+            act_scale=act_scale,
+            act_pattern=metadata.get("act_pattern"),
+            extra=extra,
+        )
+    except FlexCimError as exc:
+        raise FlexCimError(f"{path!r}: {exc}") from None

@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pathlib
 
 from flexcim.hw.config import HwConfig, preset
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_paths, check_output
 
 log = logging.getLogger("flexcim")
+
+VERILOG_SUFFIXES = (".v", ".sv")
+SIDECARS = (".json", ".core")
 
 
 def port_map(cfg: HwConfig, counters: bool = False) -> list[dict]:
@@ -83,17 +86,17 @@ def core_file(top: str, verilog_name: str, version: str) -> str:
 
 
 def export(cfg: HwConfig, out: str | os.PathLike, top: str = "flexcim", *,
-           counters: bool = False) -> dict:
+           counters: bool = False, inputs: tuple = ()) -> dict:
     """Write ``out`` (.v), its ``.json`` sidecar and ``.core``; returns the sidecar dict.
-    With ``counters``, the macro has its activity counters and the sidecar their fields."""
+    With ``counters``, the macro has its activity counters and the sidecar their fields.
+    ``inputs`` (e.g. the ``--config`` file) may not be overwritten by any of the three."""
     from flexcim import __version__
 
     if not top.isidentifier():
         raise FlexCimError(f"--top must be a Verilog identifier, not {top!r}")
-    out = pathlib.Path(out)
-    if not out.parent.is_dir():
-        raise FlexCimError(f"output directory {str(out.parent)!r} does not exist")
-    out.write_text(to_verilog(cfg, top, counters))
+    out = check_output(out, "Verilog output (-o)", suffixes=VERILOG_SUFFIXES,
+                       sidecars=SIDECARS, inputs=inputs)
+    verilog_text = to_verilog(cfg, top, counters)
     sidecar = {
         "top": top,
         "verilog": out.name,
@@ -105,18 +108,23 @@ def export(cfg: HwConfig, out: str | os.PathLike, top: str = "flexcim", *,
     }
     if counters:
         sidecar["counters"] = counter_fields()
-    out.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-    out.with_suffix(".core").write_text(core_file(top, out.name, __version__))
+    # The three files appear together or not at all; an existing set survives any failure.
+    with atomic_paths([out, *(out.with_suffix(s) for s in SIDECARS)]) as (v, js, core):
+        v.write_text(verilog_text)
+        js.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+        core.write_text(core_file(top, out.name, __version__))
     return sidecar
 
 
 def _verilog(args) -> int:
+    check_output(args.output, "Verilog output (-o)", suffixes=VERILOG_SUFFIXES, sidecars=SIDECARS,
+                 inputs=(args.config,))
     if args.config:
         cfg = HwConfig.load(args.config)
     else:
         cfg = preset(args.preset)
     cfg = cfg.with_overrides(args.set or [])
-    export(cfg, args.output, args.top, counters=args.counters)
+    export(cfg, args.output, args.top, counters=args.counters, inputs=(args.config,))
     log.info("wrote %s (+ .json sidecar, .core): %d cells, patterns %s", args.output, cfg.cells,
              ", ".join(str(p) for p in cfg.patterns))
     if args.lint:

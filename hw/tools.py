@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import subprocess
 
+from flexcim import process
 from flexcim.errors import FlexCimError
 
 
@@ -48,7 +48,7 @@ def lint(verilog_path, top: str) -> str:
     the file is not clean."""
     cmd = [str(verilator_bin()), "--lint-only", *LINT_WAIVERS, "--top-module", top,
            str(verilog_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=verilator_env())
+    proc = process.run(cmd, capture_output=True, text=True, env=verilator_env())
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         first = next((line for line in out.splitlines() if line.startswith("%")), out.strip())

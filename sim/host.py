@@ -12,10 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
+import shutil
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 from flexcim.golden.matmul import check_activations
@@ -30,7 +29,7 @@ from flexcim.sim.regress import (
     top_verilog,
 )
 
-from flexcim.errors import FlexCimError
+from flexcim.errors import FlexCimError, WorkError
 
 log = logging.getLogger("flexcim.sim")
 
@@ -91,10 +90,11 @@ def run_rtl(x: np.ndarray, w: NMTensor, cfg: HwConfig, *, sim: str = "verilator"
     job = build_dir / "host" / uuid.uuid4().hex[:12]
     job.mkdir(parents=True)
     data, out = job / "layer.npz", job / "out.json"
-    save_layer_data(data, x, w)
     t, k = x.shape
     c = w.out_features
+    keep = False  # this run's scratch folder goes, unless a failed simulation needs its log
     try:
+        save_layer_data(data, x, w)
         result = runner.run(
             sim, [source], TOPLEVEL, TB_MODULE, build_dir, testcase="full_rate", seed=seed,
             waves=waves, log_file=job / "sim.log",
@@ -105,10 +105,16 @@ def run_rtl(x: np.ndarray, w: NMTensor, cfg: HwConfig, *, sim: str = "verilator"
                 "FLEXCIM_TIMEOUT_NS": str(tb_timeout_ns(cfg, w.pattern, t, k, c)),
             },
         )
+        stats = json.loads(out.read_text())["full_rate"]
+        y = np.load(out.with_suffix(".npy"), allow_pickle=False)
+    except runner.BuildError:
+        raise  # nothing ran; the message names the build log
     except runner.SimulationError as exc:
-        raise FlexCimError(f"{exc} (log: {job / 'sim.log'})") from None
-    stats = json.loads(out.read_text())["full_rate"]
-    y = np.load(out.with_suffix(".npy"), allow_pickle=False)
+        keep = True
+        raise WorkError(f"{exc} (log: {job / 'sim.log'})") from None
+    finally:
+        if not keep:
+            shutil.rmtree(job, ignore_errors=True)
     sim_s = result.tests[0].wall_s
     stats.update(
         simulator=sim,
@@ -152,20 +158,12 @@ def layer_operands(layer, *, tokens: int | None = None, in_features: int | None 
     return np.ascontiguousarray(layer.act[:t, :k]), w
 
 
-def rtl_matmul(x: np.ndarray, weight: NMTensor, args) -> np.ndarray:
-    """The ``flexcim matmul --engine rtl`` handler: ``args`` carries ``preset``, ``sim``,
-    ``acc_bits`` and ``stats`` (a JSON path or None)."""
+def rtl_matmul(x: np.ndarray, weight: NMTensor, args) -> RtlRun:
+    """The ``flexcim matmul --engine rtl`` handler: ``args`` carries ``preset``, ``sim`` and
+    ``acc_bits`` (None: the preset's); the caller writes ``y`` and the stats."""
     cfg = preset(getattr(args, "preset", None) or "default")
-    acc_bits = getattr(args, "acc_bits", cfg.acc_bits)
-    if acc_bits != cfg.acc_bits:
+    acc_bits = getattr(args, "acc_bits", None)
+    if acc_bits is not None and acc_bits != cfg.acc_bits:
         log.info("generating the macro with acc_bits=%d (preset has %d)", acc_bits, cfg.acc_bits)
         cfg = cfg.replace(acc_bits=acc_bits)
-    stats_path = getattr(args, "stats", None)
-    if stats_path:
-        directory = os.path.dirname(os.path.abspath(stats_path))
-        if not os.path.isdir(directory):
-            raise FlexCimError(f"stats directory {directory!r} does not exist")
-    run = run_rtl(x, weight, cfg, sim=getattr(args, "sim", None) or "verilator")
-    if stats_path:
-        Path(stats_path).write_text(json.dumps(run.stats, indent=2, sort_keys=True))
-    return run.y
+    return run_rtl(x, weight, cfg, sim=getattr(args, "sim", None) or "verilator")

@@ -25,6 +25,7 @@ from flexcim.hw.config import PRESETS, HwConfig, preset
 from flexcim.sim import runner
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_write
 
 log = logging.getLogger("flexcim.sim")
 
@@ -364,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({parts / wall:.2f}x parallel speed-up on {args.jobs} jobs)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"records": records, "wall_s": wall}, indent=2,
-                                        default=str))
+        atomic_write(args.json, json.dumps({"records": records, "wall_s": wall}, indent=2,
+                                           default=str))
     return 0 if passed == len(records) else 1
 
 
@@ -374,4 +375,7 @@ if __name__ == "__main__":
         sys.exit(main())
     except FlexCimError as exc:
         print(f"regress: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("regress: interrupted", file=sys.stderr)
+        sys.exit(130)

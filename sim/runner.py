@@ -15,6 +15,15 @@ Environment handled here so that callers do not have to:
 * Amaranth writes no `` `timescale ``: ``("1ns", "1ps")`` for both simulators (Icarus would run
   at 1 s precision and reject a 10 ns clock);
 * ``WAVES=1`` records FST (Icarus) or VCD (Verilator, ``dump.vcd``) in the build directory.
+
+The simulator build is a cache entry safe by construction: it is compiled in a private
+temporary folder and renamed to ``<build_dir>/obj-<key>`` only when complete (``key``: the
+sources' contents, flags, simulator and cocotb versions), under a per-directory ``fcntl`` lock
+so that concurrent cold runs build it once and wait for it; an entry that exists is complete,
+so later runs start the simulation at once, and a killed build leaves only a temporary folder
+that the next build removes.  A failed build raises :class:`BuildError`: one line with the
+path of its log (``<build_dir>/build.log``).  Compilers and simulators run in their own process
+group, ended with the command (:mod:`flexcim.process`).
 """
 
 from __future__ import annotations
@@ -26,13 +35,16 @@ import logging
 import os
 import random
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from xml.etree import ElementTree
 
-from flexcim.errors import FlexCimError
+from flexcim import process
+from flexcim.errors import FlexCimError, WorkError
+from flexcim.fileio import atomic_dir, file_lock
 
 log = logging.getLogger("flexcim.sim")
 
@@ -64,8 +76,12 @@ equal to the register's initial value) on Icarus: the controller's pass width st
 BUILD_ROOT = Path("build") / "sim"
 
 
-class SimulationError(FlexCimError):
-    """A simulation did not run to completion or one of its cocotb tests failed."""
+class SimulationError(WorkError):
+    """A simulation did not run to completion or one of its cocotb tests failed (exit 1)."""
+
+
+class BuildError(SimulationError):
+    """The simulator build failed; the message names its log."""
 
 
 def check_simulator(sim: str) -> str:
@@ -239,8 +255,22 @@ def parse_results(path: Path) -> tuple[TestResult, ...]:
     return tuple(tests)
 
 
+class _GroupedCommands:
+    """Runs cocotb's build and simulator commands through :func:`flexcim.process.run`: each in
+    its own process group, ended with this process (cocotb's ``subprocess.run`` stops only
+    the direct child: Ctrl-C left ``cc1plus`` compiling)."""
+
+    def _execute_cmds(self, cmds, cwd, stdout=None) -> None:
+        for cmd in cmds:
+            stderr = None if stdout is None else subprocess.STDOUT
+            done = process.run(cmd, cwd=cwd, env=self.env, stdout=stdout, stderr=stderr)
+            if done.returncode != 0:
+                raise subprocess.CalledProcessError(done.returncode, cmd)
+
+
 def _runner(sim: str):
-    """cocotb's runner for ``sim``; Verilator's without ``--public-flat-rw``.
+    """cocotb's runner for ``sim`` with :class:`_GroupedCommands`; Verilator's without
+    ``--public-flat-rw``.
 
     cocotb passes ``--public-flat-rw`` so that every internal signal is reachable from Python;
     the testbenches here touch only top-level ports, and on the default preset (5 MB of
@@ -248,18 +278,80 @@ def _runner(sim: str):
     symbol-table entry, and blocks optimisation, for every net).  ``--public-depth 1`` (in
     :data:`VERILATOR_ARGS`) keeps the top level's ports and signals reachable.
     """
-    from cocotb_tools.runner import Verilator, get_runner
+    from cocotb_tools.runner import Icarus, Verilator
 
     if sim != "verilator":
-        return get_runner(sim)
+        return type("GroupedIcarus", (_GroupedCommands, Icarus), {})()
 
-    class PortsOnlyVerilator(Verilator):
+    class PortsOnlyVerilator(_GroupedCommands, Verilator):
         def _build_command(self):
             cmds = super()._build_command()
             cmds[0] = [a for a in cmds[0] if a != "--public-flat-rw"]
             return cmds
 
     return PortsOnlyVerilator()
+
+
+def build_key(sim: str, sources: Sequence[Path], toplevel: str, waves: bool) -> str:
+    """What a simulator build depends on: source contents, flags, tool versions."""
+    import cocotb
+
+    digest = hashlib.sha1()
+    key = {"sim": sim, "top": toplevel, "waves": waves, "args": build_args(sim),
+           "timescale": TIMESCALE, "cocotb": cocotb.__version__,
+           "verilator": verilator_version() if sim == "verilator" else None,
+           "sources": [Path(s).name for s in sources]}
+    digest.update(json.dumps(key, sort_keys=True).encode())
+    for source in sources:
+        digest.update(Path(source).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def build(sim: str, sources: Sequence[Path], toplevel: str, build_dir: Path, *,
+          waves: bool = False) -> tuple[Path, float]:
+    """The simulator build of ``sources`` in ``build_dir``: ``(obj_dir, seconds spent)``.
+
+    An existing ``obj-<key>`` folder is complete (it is published by rename) and used as is;
+    otherwise one process per ``build_dir`` builds it (others wait on the lock, then use it).
+
+    Raises
+    ------
+    BuildError
+        The build failed: one line with the path of its log.
+    """
+    build_dir = Path(build_dir).absolute()
+    obj = build_dir / f"obj-{build_key(sim, sources, toplevel, waves)}"
+    if obj.is_dir():
+        return obj, 0.0
+    build_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with file_lock(build_dir / ".build.lock"):
+        if obj.is_dir():  # built by another process while this one waited
+            return obj, time.perf_counter() - t0
+        for old in build_dir.glob("obj-*"):  # builds of earlier sources: never used again
+            shutil.rmtree(old, ignore_errors=True)
+        log_path = build_dir / "build.log"
+        log.info("building %s for %s in %s (log: %s)", toplevel, sim, obj, log_path)
+        runner = _runner(sim)
+        logging.getLogger(type(runner).__qualname__).setLevel(logging.WARNING)
+        try:
+            with atomic_dir(obj, replace=False) as tmp:
+                runner.build(
+                    sources=[Path(s).absolute() for s in sources],
+                    hdl_toplevel=toplevel,
+                    build_dir=tmp,
+                    build_args=list(build_args(sim)),
+                    timescale=TIMESCALE,
+                    waves=waves,
+                    log_file=log_path,
+                )
+        except (subprocess.CalledProcessError, RuntimeError, SystemExit) as exc:
+            code = getattr(exc, "returncode", None) or getattr(exc, "code", None)
+            code = code if isinstance(code, int) else None
+            raise BuildError(f"the {sim} build of {toplevel} failed"
+                             f"{f' (exit status {code})' if code else ''}; see {log_path}"
+                             ) from None
+    return obj, time.perf_counter() - t0
 
 
 def run(
@@ -307,21 +399,12 @@ def run(
     seed = resolve_seed(seed)
     build_dir = Path(build_dir).absolute()
     build_dir.mkdir(parents=True, exist_ok=True)
+    log.info("%s: %s on %s, seed %d (rerun with COCOTB_RANDOM_SEED=%d)%s",
+             toplevel, test_module, sim, seed, seed, ", waves on" if waves else "")
+    obj, build_s = build(sim, sources, toplevel, build_dir, waves=waves)
     runner = _runner(sim)
     # The runner chats through the root logger at INFO; keep our callers' output readable.
     logging.getLogger(type(runner).__qualname__).setLevel(logging.WARNING)
-    log.info("%s: %s on %s, seed %d (rerun with COCOTB_RANDOM_SEED=%d)%s",
-             toplevel, test_module, sim, seed, seed, ", waves on" if waves else "")
-    t0 = time.perf_counter()
-    runner.build(
-        sources=[Path(s).absolute() for s in sources],
-        hdl_toplevel=toplevel,
-        build_dir=build_dir,
-        build_args=list(build_args(sim)),
-        timescale=TIMESCALE,
-        waves=waves,
-        log_file=log_file,
-    )
     t1 = time.perf_counter()
     # One results file per process: cases of a parallel regression share the build directory,
     # and cocotb deletes its results file when a test starts (a shared name lost a case's
@@ -333,8 +416,12 @@ def run(
         runner.test(
             test_module=test_module,
             hdl_toplevel=toplevel,
-            build_dir=build_dir,
+            hdl_toplevel_lang="verilog",  # this runner did not build: it cannot tell
+            build_dir=obj,
             test_dir=build_dir,  # Verilator writes dump.vcd into the test directory
+            # Icarus's dump module was compiled in the temporary build folder: name the file.
+            plusargs=[f"+dumpfile_path={build_dir / f'{toplevel}.fst'}"]
+            if waves and sim == "icarus" else [],
             testcase=testcase,
             seed=seed,
             extra_env=env,
@@ -348,7 +435,7 @@ def run(
         pass
     t2 = time.perf_counter()
     result = SimResult(sim, seed, build_dir, results_xml, parse_results(results_xml),
-                       build_s=t1 - t0, test_s=t2 - t1)
+                       build_s=build_s, test_s=t2 - t1)
     if check and not result.passed:
         failed = [t for t in result.tests if not t.passed] or ["no test ran"]
         detail = "; ".join(

@@ -222,3 +222,110 @@ def test_export_round_trips_through_golden(workspace, capsys, tmp_path):
     code, err = _run(capsys, "flow", "export", *_common(d), "--plan", str(plan_path), "--layer",
                      "model.layers.1.mlp.nope", "-o", str(out))
     assert code == 2 and "has no layer" in err
+
+
+def _plan(tmp_path, **changes):
+    """A valid plan file with some fields changed (None: removed)."""
+    data = {"format": "flexcim-plan", "method": "uniform", "target_sparsity": 0.5,
+            "achieved_sparsity": 0.5, "exact": True, "message": "",
+            "blocks": [{"index": 0, "name": "model.layers.0", "pattern": "2:4"}],
+            "layers": {"model.layers.0.mlp.up_proj": "2:4"}, "settings": {"metric": "wanda"}}
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key)
+        else:
+            data[key] = value
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"settings": [1, 2]}, "field 'settings' must be an object, not [1, 2]"),  # was AttributeError
+    ({"settings": {"metric": "best"}}, "field 'settings.metric' must be one of"),
+    ({"method": "magic"}, "field 'method' must be one of uniform, owl, flow, not 'magic'"),
+    ({"achieved_sparsity": "half"}, "field 'achieved_sparsity' must be a number from 0 to 1"),
+    ({"target_sparsity": 1.5}, "field 'target_sparsity' must be a number from 0 to 1, not 1.5"),
+    ({"exact": "yes"}, "field 'exact' must be true or false"),
+    ({"blocks": {"a": 1}}, "field 'blocks' must be a list of objects"),
+    ({"blocks": [{"index": -1, "name": "b", "pattern": "2:4"}]}, "'blocks[0].index' must be"),
+    ({"blocks": [{"index": 0, "name": "b", "pattern": 7}]}, "'blocks[0].pattern' must be an N:M"),
+    ({"layers": {"a": "3:6"}}, "field \"layers['a']\" must be an N:M pattern"),
+    ({"layers": []}, "field 'layers' must be a non-empty object"),
+    ({"layers": None}, "lacks field 'layers'"),
+    ({"extra": 1}, "has unknown field 'extra'"),
+])
+def test_every_plan_field_is_checked(workspace, capsys, tmp_path, changes, message):
+    path = _plan(tmp_path, **changes)
+    code, err = _run(capsys, "flow", "prune", *_common(workspace), "--plan", str(path),
+                     "-o", str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and f"plan file {str(path)!r}" in err, err
+    assert message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_file_round_trips_through_the_checks(tmp_path):
+    plan = sel.Plan.load(_plan(tmp_path))
+    plan.save(tmp_path / "again.json")
+    assert sel.Plan.load(tmp_path / "again.json") == plan
+
+
+def test_prune_writes_its_folder_complete_or_not_at_all(workspace, capsys, tmp_path):
+    d = workspace
+    plan = tmp_path / "plan.json"
+    assert _run(capsys, "flow", "select", *_common(d), "--method", "uniform", "--pattern",
+                "2:4", "-o", str(plan))[0] == 0
+    out = tmp_path / "pruned"
+    # bad --eval-windows: refused before any work (was: exit 2 after the model was saved,
+    # leaving a folder without flexcim-prune.json)
+    code, err = _run(capsys, "flow", "prune", *_common(d), "--plan", str(plan),
+                     "--eval-windows", "-1", "-o", str(out))
+    assert code == 2 and "--eval-windows must be an integer >= 0, not -1" in err
+    code, err = _run(capsys, "flow", "prune", *_common(d), "--plan", str(plan),
+                     "--eval-windows", "100000", "-o", str(out))
+    assert code == 2 and "windows" in err and err.count("\n") == 1, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+    # over the input model: refused, the model untouched (was: overwritten, exit 0)
+    before = sorted(p.name for p in (d / "model").iterdir())
+    code, err = _run(capsys, "flow", "prune", *_common(d), "--plan", str(plan),
+                     "-o", str(d / "model"))
+    assert code == 2 and "would overwrite the input" in err
+    assert sorted(p.name for p in (d / "model").iterdir()) == before
+    # an unrelated non-empty folder is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    code, err = _run(capsys, "flow", "prune", *_common(d), "--plan", str(plan),
+                     "-o", str(tmp_path / "mine"))
+    assert code == 2 and "non-empty folder that is not a previous output" in err
+    # a previous prune output is replaced as a whole
+    assert _run(capsys, "flow", "prune", *_common(d), "--plan", str(plan), "-o", str(out))[0] == 0
+    (out / "stale.txt").write_text("from an older run")
+    assert _run(capsys, "flow", "prune", *_common(d), "--plan", str(plan), "-o", str(out))[0] == 0
+    assert (out / "flexcim-prune.json").is_file() and not (out / "stale.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("step, argv, message", [
+    ("export", ["--act-tokens", "-5"], "--act-tokens must be an integer >= 1, not -5"),
+    ("export", ["--act-tokens", "0"], "--act-tokens must be an integer >= 1, not 0"),
+    ("export", ["-o", "{t}/layer.npy"], "must end in .safetensors"),
+    ("select", ["--hyper-m", "nan"], "--hyper-m must be a finite number, not nan"),
+    ("select", ["--hyper-m", "0"], "--hyper-m must be positive, not 0.0"),
+    ("select", ["--calib-windows", "0"], "--calib-windows must be an integer >= 1, not 0"),
+    ("select", ["-o", "{t}"], "is a directory; expected a file name"),
+    ("select", ["-o", ""], "must be a file name, not ''"),
+    ("act-eval", ["--eval-windows", "0"], "--eval-windows must be an integer >= 1, not 0"),
+    ("act-eval", ["--skip-budget", "1"], "--skip-budget must be a fraction in [0, 1)"),
+    ("act-eval", ["-o", "{t}/plan.json"], "would overwrite the input"),
+])
+def test_flow_bad_arguments_are_one_line(workspace, capsys, tmp_path, step, argv, message):
+    plan = _plan(tmp_path)
+    extra = {"export": ["--plan", str(plan), "--layer", "model.layers.0.mlp.up_proj"],
+             "select": ["--method", "uniform", "--pattern", "2:4"],
+             "act-eval": ["--plan", str(plan)]}[step]
+    argv = [a.format(t=tmp_path) for a in argv]
+    if "-o" not in argv and step != "act-eval":
+        argv += ["-o", str(tmp_path / ("o.safetensors" if step == "export" else "o.json"))]
+    code, err = _run(capsys, "flow", step, *_common(workspace), *extra, *argv)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 from flexcim.golden.layer_io import SparseLayer, load_layer, save_layer
-from flexcim.golden.nm import NMPattern, compress, nm_prune
+from flexcim.golden.nm import NMPattern, act_topk, compress, nm_prune
 
 from flexcim.errors import FlexCimError
 
@@ -10,6 +10,7 @@ def make_layer(with_act=True):
     rng = np.random.default_rng(7)
     w = nm_prune(rng.integers(-127, 128, size=(6, 16), dtype=np.int8), "2:8")
     act = rng.integers(-127, 128, size=(3, 16), dtype=np.int8) if with_act else None
+    act = None if act is None else act_topk(act, "8:16")
     return SparseLayer(
         weight=compress(w, "2:8"),
         weight_scale=rng.random(6).astype(np.float32),
@@ -58,10 +59,70 @@ def test_truncated_and_foreign_files_give_one_line_errors(tmp_path):
 
 def test_layer_validation():
     layer = make_layer()
-    with pytest.raises(FlexCimError, match=r"weight scale shape \(5,\) does not match"):
+    with pytest.raises(FlexCimError, match=r"weight scale float64 \(5,\) does not match"):
         SparseLayer(weight=layer.weight, weight_scale=np.ones(5))
-    with pytest.raises(FlexCimError, match=r"activations must be int8 \[T, 16\]"):
+    with pytest.raises(FlexCimError, match=r"activations must be int8 \[T >= 1, 16\]"):
         SparseLayer(weight=layer.weight, weight_scale=np.ones(6), act=np.zeros((2, 8), np.int8),
                     act_scale=1.0)
-    with pytest.raises(FlexCimError, match="need a positive act_scale"):
+    with pytest.raises(FlexCimError, match="need a positive finite act_scale"):
         SparseLayer(weight=layer.weight, weight_scale=np.ones(6), act=np.zeros((2, 16), np.int8))
+
+
+def _write_raw(path, layer, **meta_changes):
+    """save_layer's file with metadata fields replaced (the writer refuses bad layers)."""
+    from safetensors.numpy import save_file
+
+    tensors = {"weight.values": layer.weight.values, "weight.indices": layer.weight.indices,
+               "weight.scale": layer.weight_scale, "act.values": layer.act}
+    metadata = {"format": "flexcim-layer", "version": "1", "pattern": "2:8", "shape": "6,16",
+                "name": layer.name, "extra": "{}", "act_scale": "0.05", "act_pattern": "8:16"}
+    for key, value in meta_changes.items():
+        if key.startswith("tensor:"):
+            tensors[key[7:]] = value
+        else:
+            metadata[key] = value
+    save_file(tensors, str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"extra": "[1,2]"}, "metadata field 'extra' must be a JSON object"),  # was AttributeError
+    ({"act_scale": "inf"}, "need a positive finite act_scale, not inf"),
+    ({"act_scale": "nan"}, "need a positive finite act_scale, not nan"),
+    ({"act_scale": "-1"}, "need a positive finite act_scale, not -1.0"),
+    ({"shape": "0,16"}, "metadata field 'shape' must be two integers >= 1"),
+    ({"pattern": "3:6"}, "M must be a power of two"),
+    ({"act_pattern": "1:16"}, "activations do not satisfy their act_pattern 1:16"),
+    ({"tensor:weight.scale": -np.ones(6, np.float32)}, "weight scale must be positive and finite"),
+    ({"tensor:weight.scale": np.full(6, np.nan, np.float32)}, "weight scale must be positive"),
+    ({"tensor:weight.scale": np.ones(6, np.int32)}, "weight scale int32 (6,) does not match"),
+    ({"tensor:act.values": np.zeros((0, 16), np.int8)}, "must be int8 [T >= 1, 16]"),
+])
+def test_every_layer_field_is_checked(tmp_path, changes, message):
+    path = tmp_path / "bad.safetensors"
+    _write_raw(path, make_layer(), **changes)
+    with pytest.raises(FlexCimError) as info:
+        load_layer(path)
+    text = str(info.value)
+    assert text.startswith(repr(str(path))) and message in text and "\n" not in text, text
+
+
+def test_raw_writer_makes_a_valid_file(tmp_path):
+    _write_raw(tmp_path / "ok.safetensors", make_layer())
+    assert load_layer(tmp_path / "ok.safetensors").act_pattern == NMPattern(8, 16)
+
+
+def test_save_layer_is_atomic(tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    path = tmp_path / "l.safetensors"
+    save_layer(path, make_layer())
+    good = path.read_bytes()
+
+    def half(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"\0" * 10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", half)
+    with pytest.raises(KeyboardInterrupt):
+        save_layer(path, make_layer(with_act=False))
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == [path.name]

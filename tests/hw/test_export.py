@@ -101,3 +101,46 @@ def test_counters_on_request_with_their_fields_in_the_sidecar(tiny_export, tmp_p
     assert [f["name"] for f in fields] == list(COUNTERS)
     assert [f["offset"] for f in fields] == [i * COUNTER_BITS for i in range(len(COUNTERS))]
     assert "selected activation slice" in fields[-1]["counts"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("x.json", "must end in .v or .sv"),   # was: exit 0, the sidecar in x.json, no Verilog
+    ("x.core", "must end in .v or .sv"),
+    ("", "must be a file name, not ''"),
+    ("d.v", "is a directory; expected a file name"),
+    ("ro.v", "is read-only"),
+    ("cfg.v", "would overwrite the input"),  # its sidecar cfg.json is the --config file
+])
+def test_verilog_bad_outputs_are_one_line_and_write_nothing(tmp_path, capsys, name, message):
+    (tmp_path / "d.v").mkdir()
+    (tmp_path / "ro.v").write_text("keep")
+    (tmp_path / "ro.v").chmod(0o444)
+    (tmp_path / "cfg.json").write_text(preset("tiny").to_json())
+    before = {p.name: p.is_dir() or p.read_text() for p in tmp_path.iterdir()}
+    out = str(tmp_path / name) if name else ""
+    code = main(["verilog", "--config", str(tmp_path / "cfg.json"), "-o", out])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert {p.name: p.is_dir() or p.read_text() for p in tmp_path.iterdir()} == before
+
+
+def test_interrupted_verilog_leaves_the_previous_three_files(tiny_export, tmp_path,
+                                                             monkeypatch):
+    """.v, .json and .core appear as a unit: an interrupt while writing the last one leaves
+    the previous set, not a new .v beside an old (or no) sidecar."""
+    from flexcim.hw import export as export_mod
+
+    out = tmp_path / "m.v"
+    for suffix in (".v", ".json", ".core"):
+        out.with_suffix(suffix).write_text(tiny_export.with_suffix(suffix).read_text())
+    before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # the write phase only: a stand-in netlist, then Ctrl-C while the .core is written
+    monkeypatch.setattr(export_mod, "to_verilog", lambda *a, **k: "module flexcim; endmodule\n")
+    monkeypatch.setattr(export_mod, "port_map", lambda *a, **k: [])
+    monkeypatch.setattr(export_mod, "core_file", interrupted)
+    assert main(["verilog", "--preset", "tiny", "--set", "cols=8", "-o", str(out)]) == 130
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
