@@ -276,8 +276,8 @@ def stage_system(ctx: Context) -> None:
     ctx.report.section(
         "Prefill and decode on an accelerator",
         f"The `auto` plan (50 %) on an accelerator of {SYSTEM_MACROS} macros (`default`, or the "
-        "`dense` and `fixed24` baselines with the same cells) sharing a 2 MiB weight buffer, 25.6 GB/s "
-        "of DRAM at 20.3 pJ/bit, a 256-MAC attention engine and a 500 MHz clock "
+        "`dense` and `fixed24` baselines with the same cells) sharing a 2 MiB weight buffer, "
+        "25.6 GB/s of DRAM at 20.3 pJ/bit, a 256-MAC attention engine and a 500 MHz clock "
         "(`flexcim.golden.system`; sources and assumptions in docs/architecture.md, section 8). "
         f"Prefill: {PREFILL_TOKENS} tokens; decode: one token with a KV cache of {DECODE_KV}. "
         "Weights stream from DRAM every step, compressed as the macro's weight beats carry "
