@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "flexcim.demo",
     "flexcim.hw.synth",
     "flexcim.hw.export",
+    "flexcim.hw.formal",
     "flexcim.flow.cli",
 )
 
