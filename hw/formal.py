@@ -49,6 +49,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import logging
@@ -90,6 +91,7 @@ LIMITS = {"cells": 64, "max_k": 128, "depth": 8}
 #: activations are proven per cell (``cell``) and per slice weight (``merging``).
 DOT_ACT_RANGE = (-1, 1)
 DOT_WEIGHT_RANGE = None
+DOT_TOKENS = 2
 
 #: Tokens of the ``liveness`` command: more than the result FIFO holds (4), so a lost credit
 #: stalls the macro inside the bound.
@@ -408,6 +410,7 @@ class StreamsHarness(Harness):
         ]
 
 
+@functools.lru_cache(maxsize=16)
 def _liveness_table(cfg: HwConfig, k_cap: int, t_cap: int) -> dict:
     """``(code, k, tokens, load_weights) -> CommandTiming`` of every command of the job."""
     table = {}
@@ -478,74 +481,68 @@ class LivenessHarness(Harness):
 
 
 class DotHarness(Harness):
-    """``dot``: end-to-end results equal the wrapped dot products, for symbolic data."""
+    """``dot``: end-to-end results equal the wrapped dot products, for symbolic data.
+
+    One command per job: ``pattern``, ``k`` input channels (default: the longest whole-group
+    reduction the macro holds), ``tokens`` tokens, weights loaded; free stalls on every
+    stream."""
 
     name = "dot"
 
-    def __init__(self, cfg: HwConfig, *, substitutes: dict | None = None, tokens: int = 2,
+    def __init__(self, cfg: HwConfig, *, pattern=None, k: int | None = None,
+                 tokens: int = DOT_TOKENS,
+                 substitutes: dict | None = None,
                  act_range: tuple[int, int] | None = DOT_ACT_RANGE,
                  weight_range: tuple[int, int] | None = DOT_WEIGHT_RANGE):
         super().__init__(cfg, substitutes=substitutes)
+        self._pattern = NMPattern.parse(pattern) if pattern is not None else cfg.patterns[-1]
+        self._k = k if k is not None else perf.k_chunk(cfg, self._pattern)
+        cfg.check_command(self._pattern, self._k, tokens)
         self._tokens = tokens
         self._act_range = act_range
         self._weight_range = weight_range
 
     def build(self, m, platform):
+        from flexcim.hw.layouts import pack_cmd
+
         hdl, _, _ = _amaranth()
-        cfg = self._cfg
+        cfg, p, k, tokens = self._cfg, self._pattern, self._k, self._tokens
         dut, frag, _ = _elaborate_top(cfg, platform, self._subs)
         m.submodules.dut = frag
-        rows, cols, t_max = cfg.rows_total, cfg.cols, self._tokens
-        q_max = cfg.depth * rows
-        values = [[self.free(m, hdl.signed(WEIGHT_BITS), f"w{q}_{c}", const=True)
-                   for c in range(cols)] for q in range(q_max)]
+        cols = cfg.cols
+        w_beats = cfg.passes(p, k) * cfg.rows_total
+        kept = k * p.n // p.m
+
+        def bounded(sig, bounds):
+            if bounds is not None:
+                m.d.comb += hdl.Assume((sig >= bounds[0]) & (sig <= bounds[1]))
+            return sig
+
+        # Symbolic data under the host's contract (layouts.weight_rows, pack_act, NMTensor):
+        # indices below M, zero weights past the kept ones, zero activations past k.
+        values = [[bounded(self.free(m, hdl.signed(WEIGHT_BITS), f"w{q}_{c}", const=True),
+                           self._weight_range) if q < kept else hdl.Const(0, WEIGHT_BITS)
+                   for c in range(cols)] for q in range(w_beats)]
         indices = [[self.free(m, max(1, cfg.index_bits), f"i{q}_{c}", const=True)
-                    for c in range(cols)] for q in range(q_max)]
-        x = [[self.free(m, hdl.signed(ACT_BITS), f"x{t}_{j}", const=True)
-              for j in range(cfg.max_k)] for t in range(t_max)]
+                    for c in range(cols)] for q in range(w_beats)]
+        m.d.comb += [hdl.Assume(i < p.m) for row in indices for i in row]
+        a_beats = perf.act_beats(cfg, k)
+        x = [[bounded(self.free(m, hdl.signed(ACT_BITS), f"x{t}_{j}", const=True),
+                      self._act_range) if j < k else hdl.Const(0, ACT_BITS)
+              for j in range(a_beats * cfg.in_lanes)] for t in range(tokens)]
 
-        # One command: any supported pattern, k a whole number of groups, 1..t_max tokens.
         cmd = dut.cmd
-        fields = self.free(m, cmd.payload.shape(), "command", const=True)
-        code = _code(cfg, fields)
-        k = fields.k
-        m.d.comb += [hdl.Assume(_command_ok(m, cfg, fields)), hdl.Assume(fields.load_weights),
-                     hdl.Assume(fields.tokens <= t_max)]
-        w_beats = hdl.Signal(range(q_max + 1), name="w_beats")
-        for c, p in enumerate(cfg.patterns):
-            with m.If(code == c):
-                m.d.comb += [hdl.Assume(k % p.m == 0),
-                             w_beats.eq((k + cfg.pass_width(p) - 1) // cfg.pass_width(p) * rows)]
-                # The host's contract (layouts.weight_rows, pack_act, NMTensor): indices below
-                # M, zero weights past the kept ones, zero activations past k.
-                kept = k * p.n // p.m
-                for q in range(q_max):
-                    for col in range(cols):
-                        m.d.comb += hdl.Assume(indices[q][col] < p.m)
-                        if self._weight_range is not None:
-                            lo, hi = self._weight_range
-                            m.d.comb += hdl.Assume((values[q][col] >= lo)
-                                                   & (values[q][col] <= hi))
-                        with m.If(q >= kept):
-                            m.d.comb += hdl.Assume(values[q][col] == 0)
-        for t in range(t_max):
-            for j in range(cfg.max_k):
-                with m.If(j >= k):
-                    m.d.comb += hdl.Assume(x[t][j] == 0)
-                if self._act_range is not None:
-                    lo, hi = self._act_range
-                    m.d.comb += hdl.Assume((x[t][j] >= lo) & (x[t][j] <= hi))
-
         sent = hdl.Signal(name="sent")
-        m.d.comb += [cmd.payload.eq(fields), cmd.valid.eq(~sent)]
+        m.d.comb += [cmd.payload.as_value().eq(pack_cmd(cfg, p, k, tokens, True)),
+                     cmd.valid.eq(~sent)]
         with m.If(cmd.valid & cmd.ready):
             m.d.sync += sent.eq(1)
 
         # Weight and activation producers with free stalls; payloads indexed by beat counters.
-        wq = hdl.Signal(range(q_max + 1), name="wq")
+        wq = hdl.Signal(range(w_beats + 1), name="wq")
         self._produce(m, dut.weights, sent & (wq < w_beats), "w")
         with m.Switch(wq):
-            for q in range(q_max):
+            for q in range(w_beats):
                 with m.Case(q):
                     m.d.comb += [dut.weights.payload.values[c].eq(values[q][c])
                                  for c in range(cols)]
@@ -555,47 +552,38 @@ class DotHarness(Harness):
         with m.If(dut.weights.valid & dut.weights.ready):
             m.d.sync += wq.eq(wq + 1)
         lanes = cfg.in_lanes
-        beats = cfg.max_k // lanes
-        at, ab = hdl.Signal(range(t_max + 1), name="at"), hdl.Signal(range(beats + 1), name="ab")
-        a_beats = hdl.Signal(range(beats + 1), name="a_beats")
-        m.d.comb += a_beats.eq((k + lanes - 1) // lanes)
-        self._produce(m, dut.act, sent & (at < fields.tokens), "a")
-        for t in range(t_max):
-            for bb in range(beats):
-                with m.If((at == t) & (ab == bb)):
+        ab = hdl.Signal(range(tokens * a_beats + 1), name="ab")
+        self._produce(m, dut.act, sent & (ab < tokens * a_beats), "a")
+        with m.Switch(ab):
+            for beat in range(tokens * a_beats):
+                t, bb = divmod(beat, a_beats)
+                with m.Case(beat):
                     m.d.comb += [dut.act.payload[i].eq(x[t][bb * lanes + i])
                                  for i in range(lanes)]
         with m.If(dut.act.valid & dut.act.ready):
-            with m.If(ab + 1 == a_beats):
-                m.d.sync += [ab.eq(0), at.eq(at + 1)]
-            with m.Else():
-                m.d.sync += ab.eq(ab + 1)
+            m.d.sync += ab.eq(ab + 1)
 
         # Expected results: sum over kept weights of value * x[group * M + index], wrapped.
         expected = [[hdl.Signal(hdl.signed(cfg.acc_bits), name=f"y{t}_{c}") for c in range(cols)]
-                    for t in range(t_max)]
-        for cc, p in enumerate(cfg.patterns):
-            with m.If(code == cc):
-                for t in range(t_max):
-                    for col in range(cols):
-                        terms = []
-                        for q in range(q_max):
-                            base = (q // p.n) * p.m
-                            act = sum(hdl.Mux(indices[q][col] == i, x[t][base + i], 0)
-                                      for i in range(p.m) if base + i < cfg.max_k)
-                            terms.append(values[q][col] * act)
-                        m.d.comb += expected[t][col].eq(sum(terms))
-        ready = self.free(m, 1, "result_ready")
-        m.d.comb += dut.result.ready.eq(ready)
-        got = hdl.Signal(range(t_max + 1), name="got")
+                    for t in range(tokens)]
+        for t in range(tokens):
+            for col in range(cols):
+                terms = []
+                for q in range(kept):
+                    base = (q // p.n) * p.m
+                    act = sum(hdl.Mux(indices[q][col] == i, x[t][base + i], 0)
+                              for i in range(p.m))
+                    terms.append(values[q][col] * act)
+                m.d.comb += expected[t][col].eq(sum(terms))
+        m.d.comb += dut.result.ready.eq(self.free(m, 1, "result_ready"))
+        got = hdl.Signal(range(tokens + 1), name="got")
         with m.If(dut.result.valid & dut.result.ready):
             m.d.sync += got.eq(got + 1)
-            for t in range(t_max):
+            for t in range(tokens):
                 with m.If(got == t):
                     m.d.comb += [hdl.Assert(dut.result.payload[c] == expected[t][c])
                                  for c in range(cols)]
-        m.d.comb += [hdl.Assert(~dut.result.valid | (got < fields.tokens)),
-                     hdl.Assert(~dut.error)]
+        m.d.comb += [hdl.Assert(~dut.result.valid | (got < tokens)), hdl.Assert(~dut.error)]
 
     def _produce(self, m, port, want, name: str) -> None:
         """Drive ``port.valid`` by the stream rule: offered when ``want`` and a free choice
@@ -607,16 +595,18 @@ class DotHarness(Harness):
         m.d.sync += held.eq(port.valid & ~port.ready)
 
 
-def dot_depth(cfg: HwConfig, tokens: int = 2) -> int:
-    """Depth of the ``dot`` job: the slowest command with ideal streams plus a few stalls."""
-    worst = 0
-    for p in cfg.patterns:
-        k = cfg.max_k_for(p) // p.m * p.m
-        if k:
-            cmd = perf.Command(pattern=p, k=k, tokens=min(tokens, cfg.max_tokens),
-                               load_weights=True)
-            worst = max(worst, perf.command_timing(cfg, cmd).last_result)
-    return worst + 4
+DOT_SLACK = 3
+"""Cycles of the ``dot`` bound past the last result of the unstalled command: traces with up
+to this many stall cycles in total reach every result inside the bound."""
+
+
+def dot_depth(cfg: HwConfig, pattern) -> int:
+    """Depth of the ``dot`` job of ``pattern``: its last result with ideal streams, plus
+    :data:`DOT_SLACK`, plus 1 (the cycle of the handshake is step ``last_result``)."""
+    pattern = NMPattern.parse(pattern)
+    cmd = perf.Command(pattern=pattern, k=perf.k_chunk(cfg, pattern),
+                       tokens=min(DOT_TOKENS, cfg.max_tokens), load_weights=True)
+    return perf.command_timing(cfg, cmd).last_result + 1 + DOT_SLACK
 
 
 # =========================================================================== mutants
@@ -785,23 +775,31 @@ def jobs_for(cfg: HwConfig, label: str, *, props=PROPERTIES,
             return "bmc", bounded(streams_depth)
         if prop == "liveness":
             return "bmc", bounded(liveness_depth(cfg))
-        if prop == "dot":
-            return "bmc", bounded(dot_depth(cfg))
+        if prop.startswith("dot"):
+            return "bmc", bounded(dot_depth(cfg, prop[4:-1]))
         raise FlexCimError(f"unknown property {prop!r}; expected one of {', '.join(HARNESSES)}")
 
+    # One end-to-end job per pattern: its command is fixed, so the solver sees constants.
+    props = [q for prop in props
+             for q in ([f"dot[{p}]" for p in cfg.patterns] if prop == "dot" else [prop])]
     out = []
     for prop in props:
         mode, d = plan(prop)
-        out.append(Job(label, prop, mode, d, "PASS",
-                       make=lambda prop=prop: HARNESSES[prop](cfg)))
+        if prop.startswith("dot"):
+            make = lambda p=prop[4:-1]: DotHarness(cfg, pattern=p)  # noqa: E731
+        else:
+            make = lambda prop=prop: HARNESSES[prop](cfg)  # noqa: E731
+        out.append(Job(label, prop, mode, d, "PASS", make=make))
     table = None
     for name in mutants:
         if name not in MUTANTS:
             raise FlexCimError(f"unknown mutant {name!r}; expected one of {', '.join(MUTANTS)}")
         table = table or _mutants()
         prop, subs = table[name]
+        if prop == "dot":  # the first pattern (1:1): the shortest end-to-end job
+            prop, subs = f"dot[{cfg.patterns[0]}]", {**subs, "pattern": cfg.patterns[0]}
         mode, d = plan(prop)
-        make = lambda prop=prop, subs=subs: HARNESSES[prop](cfg, **subs)  # noqa: E731
+        make = lambda prop=prop, subs=subs: HARNESSES[prop.split("[")[0]](cfg, **subs)  # noqa: E731
         out.append(Job(label, f"{prop}!{name}", "bmc" if mode == "prove" else mode, d, "FAIL",
                        make=make))
     return out
@@ -888,6 +886,35 @@ def sby_text(job: Job) -> str:
 _STATUS_RE = re.compile(r"DONE \((PASS|FAIL|UNKNOWN|ERROR|TIMEOUT)")
 
 
+def _descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (children first), from /proc: sby starts its engines in
+    process groups of their own, so ending sby's group leaves the solver running."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def end_tree(proc: subprocess.Popen) -> None:
+    """End ``proc`` and every process it started (TERM, then KILL after 5 s)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in [*_descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_job(job: Job, rtlil_text: str, workdir: Path, bin_dir: Path, timeout: float,
             running: set | None = None) -> Outcome:
     """Run one job in ``workdir`` (created); its own process group, ended on timeout.
@@ -909,13 +936,11 @@ def run_job(job: Job, rtlil_text: str, workdir: Path, bin_dir: Path, timeout: fl
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
+            end_tree(proc)
             return Outcome(job, "TIMEOUT", time.monotonic() - start,
                            detail=f"over {timeout:.0f} s")
         except BaseException:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
+            end_tree(proc)
             raise
         finally:
             if running is not None:
@@ -977,8 +1002,7 @@ def run_jobs(jobs: list[Job], out: Path | None = None, *, parallel: int = 2,
                 for future in futures:
                     future.cancel()
                 for proc in list(running):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGTERM)
+                    end_tree(proc)
                 raise
         if final is not None:
             shutil.rmtree(bin_dir)

@@ -70,10 +70,17 @@ def test_jobs_plan_modes_and_depths():
                            mutants=formal.MUTANTS)
     by = {j.prop: j for j in jobs}
     assert by["distribution"].mode == "prove"
-    assert all(j.mode == "bmc" and j.depth >= 3 for j in jobs if j.prop != "distribution")
+    assert all(j.mode == "bmc" and j.depth >= 3 for j in jobs
+               if not j.prop.startswith("distribution"))
+    assert by["distribution!lane-off-by-one"].mode == "bmc"  # a refutation needs a trace
     assert {j.expect for j in jobs if "!" in j.prop} == {"FAIL"}
-    assert {j.prop.split("!")[0] for j in jobs if "!" in j.prop} == {
+    assert {j.prop.split("!")[0].split("[")[0] for j in jobs if "!" in j.prop} == {
         "distribution", "cell", "merging", "streams", "liveness", "dot"}
+    # One end-to-end job per pattern, bounded past the unstalled command's last result.
+    assert [j.prop for j in jobs if j.prop.startswith("dot") and "!" not in j.prop] == [
+        "dot[1:1]", "dot[1:2]", "dot[2:4]"]
+    # k=8, 2 tokens: weights in cycles 1-4, token 1 computes in cycles 9-12, result at 14.
+    assert by["dot[2:4]"].depth == 14 + 1 + formal.DOT_SLACK
     # The liveness bound is the performance model's slowest command of the job, plus 2.
     assert by["liveness"].depth == formal.liveness_depth(formal.SMALLEST)
     assert formal.jobs_for(formal.SMALLEST, "s", props=("cell",), depth=7)[0].depth == 7
@@ -86,8 +93,8 @@ FAST = [
     ("smallest", formal.SMALLEST, "distribution", "lane-off-by-one", None),
     ("smallest", formal.SMALLEST, "cell", None, None),
     ("smallest", formal.SMALLEST, "cell", "unsigned-top-slice", None),
+    ("smallest", formal.SMALLEST, "merging", "slice-off-by-one", None),
     ("smallest", formal.SMALLEST, "streams", None, 8),
-    ("smallest", formal.SMALLEST, "streams", "extra-credit", 8),
 ]
 
 
