@@ -14,7 +14,7 @@ export PATH := $(BIN):$(PATH)
 PIP = $(BIN)/pip install --quiet --disable-pip-version-check
 QUIET_PIP = 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: help setup test demo lint bench clean synth verilog
+.PHONY: help setup test demo lint bench clean synth verilog formal
 
 help:
 	@echo "make demo   - run the FlexCiM demonstration (sets everything up first)"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench  - benchmarks (golden model speed; hw speed-up per pattern, generator time; RTL simulation speed; energy-model activity vs RTL counters)"
 	@echo "make bench-flow - auto vs uniform/OWL/FLOW, FLOW variants, activation pruning on SmolLM2 (30-60 min on 2 cores)"
 	@echo "make verilog - Verilog + sidecar + FuseSoC core of every preset, linted (PRESET=NAME for one)"
+	@echo "make formal - formal proofs with SymbiYosys (YoWASP, PyPI) on tiny + small configs, mutants refuted (writes out/formal/)"
 	@echo "make synth  - area of dense vs fixed24 vs FlexCiM with Yosys (writes out/synth/)"
 	@echo "make clean  - remove build outputs (keeps $(VENV))"
 
@@ -71,6 +72,10 @@ bench-flow: $(STAMP)
 
 synth: $(STAMP)
 	$(BIN)/python -m flexcim.hw.area --presets dense,fixed24,default --out out/synth
+
+# Every property on tiny, the smallest config and three random small ones; every mutant refuted.
+formal: $(STAMP)
+	$(BIN)/flexcim formal --out out/formal
 
 clean:
 	rm -rf build out .pytest_cache .hypothesis

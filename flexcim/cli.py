@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "flexcim.system",
     "flexcim.hw.synth",
     "flexcim.hw.export",
+    "flexcim.hw.formal",
     "flexcim.flow.cli",
 )
 
