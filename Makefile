@@ -21,7 +21,7 @@ help:
 	@echo "make test   - run the test suite (sets everything up first)"
 	@echo "make setup  - create $(VENV), install flexcim and its pinned dependencies, iverilog"
 	@echo "make lint   - ruff"
-	@echo "make bench  - benchmarks (golden model speed; hw speed-up per pattern, generator time; RTL simulation speed; energy-model activity vs RTL counters)"
+	@echo "make bench  - benchmarks (golden model speed; hw speed-up per pattern, generator time; RTL simulation speed; energy-model activity vs RTL counters; energy of flexibility vs fixed24/dense)"
 	@echo "make bench-flow - FLOW/OWL/uniform and activation pruning on SmolLM2 (10-30 min on 2 cores)"
 	@echo "make verilog - Verilog + sidecar + FuseSoC core of every preset, linted (PRESET=NAME for one)"
 	@echo "make synth  - area of dense vs fixed24 vs FlexCiM with Yosys (writes out/synth/)"
@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/hw_bench.py
 	$(BIN)/python bench/sim_bench.py
 	$(BIN)/python -m flexcim.sim.activity --json out/bench/activity.json
+	$(BIN)/python bench/energy_bench.py --json out/bench/energy.json
 
 .PHONY: bench-flow
 bench-flow: $(STAMP)
