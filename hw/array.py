@@ -152,7 +152,9 @@ class CellRow(wiring.Component):
     we, waddr, wdata : In
         Write word ``wdata`` (:func:`~flexcim.hw.layouts.word_layout`) at ``waddr``.
     raddr : In
-        Word of the current pass (asynchronous read: the products follow in the same cycle).
+        Word of the *next* cycle's pass: the words are read synchronously (an SRAM or block-RAM
+        read port with its output register), so the word addressed in cycle ``t`` multiplies
+        the lanes of cycle ``t + 1``; a word written in cycle ``t`` is read through (transparent).
     lanes : In, ``2**index_bits`` x unsigned ``slice_bits``
         The activation bit-slices of the row's group, from the distribution unit.
     tap : In, one-hot over ``taps`` (only with more than one tap)
@@ -160,7 +162,8 @@ class CellRow(wiring.Component):
     top : In
         The slices are the most significant ones of their activations: signed.
     products : Out, ``cols`` x signed ``product_bits(slice_bits)``
-        Combinational; latency 0, one set of products per cycle.
+        Combinational from ``lanes`` (latency 0) and from the word addressed in the previous
+        cycle (latency 1 from ``raddr``); one set of products per cycle.
     active : Out, ``cols`` bits (only with ``activity``)
         Bit ``c``: cell ``c``'s weight and its selected activation slice are both non-zero:
         its multiplier and adder-tree input are not isolated (combinational).
@@ -214,8 +217,9 @@ class CellRow(wiring.Component):
         else:
             m.submodules.words = words = Memory(shape=self._word, depth=self._depth, init=[])
             write = words.write_port()
-            # Asynchronous read: the cell holds its word; the pass counter selects it.
-            read = words.read_port(domain="comb")
+            # Synchronous read, as an SRAM macro or FPGA block RAM has it: the controller
+            # addresses the next cycle's word (Controller.r_pass_next), so no cycle is added.
+            read = words.read_port(domain="sync", transparent_for=(write,))
             m.d.comb += [
                 write.en.eq(self.we),
                 write.addr.eq(self.waddr),

@@ -158,7 +158,7 @@ class FlexCiM(wiring.Component):
                 sub.wrow.eq(ctrl.w_row),
                 sub.waddr.eq(ctrl.w_word),
                 sub.wdata.eq(wdata),
-                sub.raddr.eq(ctrl.r_pass),
+                sub.raddr.eq(ctrl.r_pass_next),
                 sub.top.eq(ctrl.top),
             ]
             m.d.comb += [sub.lanes[r].eq(dist.lanes[p * cfg.rows + r]) for r in range(cfg.rows)]

@@ -51,6 +51,8 @@ def test_cell_row_selects_by_index_and_multiplies_signed_slices(b):
             lanes = rng.integers(0, 1 << b, size=8)
             top = int(rng.integers(2)) if b < 8 else 1
             ctx.set(dut.raddr, w)
+            await ctx.tick()  # synchronous read: the word is there the next cycle
+            ctx.set(dut.raddr, int(rng.integers(depth)))  # the next address changes nothing yet
             ctx.set(dut.lanes, lanes.tolist())
             ctx.set(dut.top, top)
             for c in range(cols):
@@ -59,6 +61,25 @@ def test_cell_row_selects_by_index_and_multiplies_signed_slices(b):
                     a -= 1 << b
                 assert ctx.get(dut.products[c]) == values[w, c] * a
             await ctx.tick()
+
+    run(dut, bench)
+
+
+def test_cell_row_reads_a_word_written_in_the_same_cycle():
+    """The read port is transparent for the write port: the controller may start a pass the
+    cycle after the last weight beat, whose word is being written while it is addressed."""
+    dut = CellRow(cols=2, depth=4, index_bits=1, slice_bits=8)
+
+    async def bench(ctx):
+        ctx.set(dut.lanes, [3, 5])
+        ctx.set(dut.top, 0)
+        for value, index in ((7, 0), (-2, 1)):
+            ctx.set(dut.we, 1)
+            ctx.set(dut.waddr, 2)
+            ctx.set(dut.raddr, 2)
+            ctx.set(dut.wdata, {"values": [value, 1], "indices": [index, 0]})
+            await ctx.tick()
+            assert ctx.get(dut.products[0]) == value * [3, 5][index]
 
     run(dut, bench)
 
@@ -88,6 +109,7 @@ def test_cell_row_taps_its_tree_at_the_commands_m_and_isolates_zero_operands(b):
                 await ctx.tick()
                 ctx.set(dut.we, 0)
                 ctx.set(dut.raddr, 1)
+                await ctx.tick()
                 ctx.set(dut.tap, tap)
                 ctx.set(dut.top, 0)
                 for _ in range(12):
@@ -156,6 +178,7 @@ def test_sub_macro_registers_column_sums():
             await ctx.tick()
         ctx.set(dut.we, 0)
         ctx.set(dut.raddr, 1)
+        await ctx.tick()  # synchronous read of word 1
         lanes = rng.integers(0, 4, size=(rows, 2))
         ctx.set(dut.lanes, lanes.tolist())
         ctx.set(dut.top, 0)
