@@ -21,7 +21,7 @@ help:
 	@echo "make test   - run the test suite (sets everything up first)"
 	@echo "make setup  - create $(VENV), install flexcim and its pinned dependencies, iverilog"
 	@echo "make lint   - ruff"
-	@echo "make bench  - benchmarks (golden model speed; hw speed-up per pattern, generator time; RTL simulation speed; energy-model activity vs RTL counters)"
+	@echo "make bench  - benchmarks (golden model speed; hw speed-up per pattern, generator time; RTL simulation speed; energy-model activity vs RTL counters; energy of flexibility vs fixed24/dense)"
 	@echo "make bench-flow - auto vs uniform/OWL/FLOW, FLOW variants, activation pruning on SmolLM2 (30-60 min on 2 cores)"
 	@echo "make verilog - Verilog + sidecar + FuseSoC core of every preset, linted (PRESET=NAME for one)"
 	@echo "make formal - formal proofs with SymbiYosys (YoWASP, PyPI) on tiny + small configs, mutants refuted (writes out/formal/)"
@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/hw_bench.py
 	$(BIN)/python bench/sim_bench.py
 	$(BIN)/python -m flexcim.sim.activity --json out/bench/activity.json
+	$(BIN)/python bench/energy_bench.py --json out/bench/energy.json
 
 .PHONY: bench-flow
 bench-flow: $(STAMP)

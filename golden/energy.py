@@ -18,17 +18,31 @@ problem (and what we can do about it)", ISSCC 2014, Fig. 1.1.9):
   equal to reads (assumption), for the buffer and for the cells' weight words.
 * Multiplexers have no entry in Horowitz's table.  A 2:1 mux bit is charged one adder bit,
   0.003125 pJ (assumption: an upper bound, a full adder has more switching nodes than a mux).
-  The distribution unit routes ``M_max`` lanes of ``b`` bits to every cell row through
-  ``ceil(log2(#patterns))`` mux levels; every cell picks one of ``M_max`` lanes with
-  ``M_max - 1`` 2:1 muxes per bit.  A dense-only macro has neither.
+  What switches is what the RTL lets switch (hw/distribution.py, hw/array.py), with the
+  pattern code and the stored indices static during a pass, so a multiplexer switches when
+  its *selected* input toggles (an unselected input's toggle costs only its input
+  capacitance, not modelled):
 
-Zero activations (activation pruning, e.g. 8:16 top-k): a cell whose selected activation is zero
-is **gated** (operand isolation, no multiplier toggling), and so is its adder-tree input; the
-cycle count does not change (no zero *skipping*: the bit-serial schedule is fixed).  So the
-``act_density`` (fraction of non-zero activations) scales the cell-MAC and adder-tree energies,
-and nothing else: buffers, distribution and weights move the same data.  Leakage and clock-tree
-energy are not modelled here (:mod:`flexcim.golden.system` adds leakage, DRAM and buffer
-traffic for a whole accelerator).
+  - distribution unit: every row lane is a one-hot AND-OR multiplexer over the distinct
+    values the patterns route to it; the ``M`` lanes of the command's pattern switch
+    ``ceil(log2(alternatives))`` two-input stages each (``HwConfig.route_alternatives``), the
+    lanes past ``M`` are tied to 0 and do not switch;
+  - cell selection: a balanced ``M_max``:1 tree per cell, tapped at the level of the
+    command's M; the stages above the tap select lanes tied to 0 (the index bits above
+    ``log2 M`` are set on write), so the ``M - 1`` multiplexers of the M-lane subtree switch,
+    and none in 1:1 (lane 0 bypasses the tree).  The one-hot tap and the operand isolation are
+    one AND-OR gate at the multiplier's input, counted with the cell's multiplication.
+
+  A dense-only macro has neither.  The RTL counts both (activity counters ``route_bits`` and
+  ``select_muxes``) and checks that the stages charged nothing are quiet (``quiet_faults``).
+
+Zero operands: a cell whose weight or selected activation slice is zero is **gated** (operand
+isolation in hw/array.py: its multiplier's activation input and its adder-tree input stay 0),
+the cycle count does not change (no zero *skipping*: the bit-serial schedule is fixed).  So the
+gated fraction ``act_density`` scales the cell-MAC and adder-tree energies, and nothing else:
+buffers, distribution and weights move the same data.  Leakage and clock-tree energy are not
+modelled here (:mod:`flexcim.golden.system` adds leakage, DRAM and buffer traffic for a whole
+accelerator).
 
 How well the global ``act_density`` estimates the gated cells is measured against the RTL: a
 macro generated with ``FlexCiM(cfg, counters=True)`` counts the cell-cycles whose weight and
@@ -43,6 +57,7 @@ is the exact fraction, and ``layer_cost(..., operands=(x, w))`` uses it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -114,20 +129,36 @@ class Activity:
         return {name: self.counts[name] * per[name] for name in ACTIONS}
 
 
-EVENTS = ("compute_cycles", "passes", "act_beats", "weight_beats")
+EVENTS = ("compute_cycles", "passes", "act_beats", "weight_beats", "route_bits", "select_muxes",
+          "quiet_faults")
 """The events the model multiplies by per-event bits; the RTL counters count the same ones
 (:data:`flexcim.hw.layouts.COUNTERS`)."""
 
 
+@functools.lru_cache(maxsize=64)
+def route_stages(cfg: HwConfig, pattern) -> int:
+    """Two-input stages that switch per compute cycle and slice bit in the distribution unit
+    for ``pattern``: over the ``M`` driven lanes of every row, ``ceil(log2(alternatives))``."""
+    pattern = NMPattern.parse(pattern)
+    return sum(_log2_ceil(cfg.route_alternatives(r, i))
+               for r in range(cfg.rows_total) for i in range(pattern.m))
+
+
 def command_events(cfg: HwConfig, cmd: perf.Command) -> dict[str, int]:
     """Event counts of one command: compute cycles, passes (buffer window reads of one pass
-    width), activation beats (buffer writes) and weight beats (cell-row word writes)."""
+    width), activation beats (buffer writes), weight beats (cell-row word writes), the
+    switching distribution stages (``route_bits``) and cell selection multiplexers
+    (``select_muxes``) over its compute cycles, and ``quiet_faults`` (always 0)."""
     passes = cfg.passes(cmd.pattern, cmd.k)
+    cycles = cmd.tokens * passes * cfg.cycles_per_pass
     return {
-        "compute_cycles": cmd.tokens * passes * cfg.cycles_per_pass,
+        "compute_cycles": cycles,
         "passes": cmd.tokens * passes,
         "act_beats": cmd.tokens * perf.act_beats(cfg, cmd.k),
         "weight_beats": passes * cfg.rows_total if cmd.load_weights else 0,
+        "route_bits": cycles * route_stages(cfg, cmd.pattern),
+        "select_muxes": cycles * cfg.cells * (cmd.pattern.m - 1),
+        "quiet_faults": 0,
     }
 
 
@@ -193,9 +224,11 @@ def gated_density(cfg: HwConfig, x: np.ndarray, w) -> float:
 def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0) -> Activity:
     """Action counts of one command.
 
-    Counted per compute cycle (``tokens * passes * cycles_per_pass`` of them), every cell of
-    the macro is active: padding rows and unused columns hold zero weights but are not gated
-    (only zero *activations* are, via ``act_density``).
+    Counted per compute cycle (``tokens * passes * cycles_per_pass`` of them); the cells and
+    their adder-tree inputs are charged for the gated fraction ``act_density`` of the cell-cycles
+    (operand isolation: a zero weight or selected slice holds them).  Without operands the
+    caller's estimate counts every zero weight (padding rows, unused columns) as active: an
+    upper bound; :func:`layer_cost` with operands uses the exact :func:`gated_density`.
 
     ==================  ==============================================================  =======
     action              count                                                           unit
@@ -205,8 +238,7 @@ def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0)
     merge_accumulate    cycles x cols x ((P-1) x (w_tree + log2 P) + acc_bits)          adder bit
     buffer_write        tokens x ceil(k/in_lanes) x in_lanes x 8                        bit
     buffer_read         tokens x passes x pass_width x 8                                bit
-    distribution        cycles x rows_total x M_max x b x ceil(log2 #patterns)          mux bit
-                        + cycles x cells x (M_max - 1) x b (lane selection)
+    distribution        (route_bits + select_muxes) x b (:func:`command_events`)        mux bit
     weight_write        weight beats x cols x (8 + index_bits)                          bit
     ==================  ==============================================================  =======
     """
@@ -217,9 +249,6 @@ def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0)
     cycles = events["compute_cycles"]
     tree_width = WEIGHT_BITS + b + _log2_ceil(cfg.rows)
     merge = (cfg.sub_macros - 1) * (tree_width + _log2_ceil(cfg.sub_macros)) + cfg.acc_bits
-    flexible = cfg.index_bits > 0
-    routing = cfg.rows_total * cfg.m_max * b * _log2_ceil(len(cfg.patterns)) if flexible else 0
-    selection = cfg.cells * (cfg.m_max - 1) * b if flexible else 0
     counts = {
         "cell_mac": cycles * cfg.cells * b * act_density,
         "adder_tree": cycles * cfg.sub_macros * cfg.cols * (cfg.rows - 1) * tree_width
@@ -227,7 +256,7 @@ def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0)
         "merge_accumulate": cycles * cfg.cols * merge,
         "buffer_write": events["act_beats"] * cfg.in_lanes * ACT_BITS,
         "buffer_read": events["passes"] * cfg.pass_width(cmd.pattern) * ACT_BITS,
-        "distribution": cycles * (routing + selection),
+        "distribution": (events["route_bits"] + events["select_muxes"]) * b,
         "weight_write": events["weight_beats"] * cfg.cols * (WEIGHT_BITS + cfg.index_bits),
     }
     return Activity({k: float(v) for k, v in counts.items()})

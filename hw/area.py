@@ -13,6 +13,14 @@ Two totals are given for every preset:
   (:data:`flexcim.hw.synth.SRAM_6T_UM2`).  The read muxes stay in the logic, standing in for the
   SRAM periphery.  This is the figure closer to a real CiM macro, where weights sit in bit cells.
 
+The cell rows' memories read synchronously (an SRAM macro's or block RAM's read port), so each
+row also has a read-data register of one word: it stays priced as flip-flops in every total
+(a stand-in for the sense amplifiers and output latches of an SRAM macro).  The activation
+buffer is a shifting register bank with no RTL memory (docs/architecture.md, section 2), so it
+is priced as built, flip-flops and shift/load multiplexers, in every total.  Issue 14's goal is
+judged on the compute core *with* the activation buffer, cell storage priced as SRAM:
+:data:`GOAL_PCT`.
+
 Run: ``python -m flexcim.hw.area [--presets dense,fixed24,default] [--out out/synth]``.
 """
 
@@ -54,6 +62,10 @@ PARTS = (
 #: activation buffer, controller and result FIFO that every preset shares unchanged.
 CORE = ("cell rows: weight+index storage (FFs)", "cell rows: select + multiply + read mux",
         "adder trees", "sub-macro glue", "distribution unit", "merging unit")
+
+
+GOAL_PCT = 15.0
+"""Issue 14: compute core incl. the activation buffer, SRAM-adjusted, at most 15 % over dense."""
 
 
 def _matches(kind: str, prefix: str) -> bool:
@@ -113,9 +125,11 @@ def compare(reports: dict[str, dict], configs: dict[str, HwConfig], base: str = 
             )
         parts = part_areas(report)
         core = sum(parts[label] for label in CORE)
+        buffer = parts["activation buffer"]
         rows[name] = {
             "parts": parts,
             "core": core,
+            "core_buffer": core + buffer,
             # Only the cell rows' memories are in the core; price them as 6T bit cells.
             "core_sram_adjusted": core - measured * (
                 synth.nand2_eq("$_DFFE_PP_") - synth.sram_bit_nand2()),
@@ -127,6 +141,7 @@ def compare(reports: dict[str, dict], configs: dict[str, HwConfig], base: str = 
             "index_storage_nand2_ff": bits["index_bits"] * synth.nand2_eq("$_DFFE_PP_"),
             "index_storage_nand2_sram": bits["index_bits"] * synth.sram_bit_nand2(),
         }
+        rows[name]["core_buffer_sram_adjusted"] = rows[name]["core_sram_adjusted"] + buffer
     ref = rows[base]
     for row in rows.values():
         row["overhead_pct"] = 100 * (row["total"] / ref["total"] - 1)
@@ -134,13 +149,17 @@ def compare(reports: dict[str, dict], configs: dict[str, HwConfig], base: str = 
         row["core_overhead_pct"] = 100 * (row["core"] / ref["core"] - 1)
         row["core_overhead_sram_pct"] = 100 * (
             row["core_sram_adjusted"] / ref["core_sram_adjusted"] - 1)
+        row["core_buffer_overhead_pct"] = 100 * (row["core_buffer"] / ref["core_buffer"] - 1)
+        row["core_buffer_overhead_sram_pct"] = 100 * (
+            row["core_buffer_sram_adjusted"] / ref["core_buffer_sram_adjusted"] - 1)
         row["part_delta_pct"] = {
             label: 100 * (area - ref["parts"][label]) / ref["total"]
             for label, area in row["parts"].items()
         }
     return {"base": base, "geometry": geometry, "same_cells": same_cells, "presets": rows,
             "weights_source": synth.AREA_SOURCE, "sram_source": synth.SRAM_SOURCE,
-            "goal": "FlexCiM within 20% of the dense macro's area"}
+            "goal": f"compute core incl. the activation buffer, SRAM-adjusted, within "
+                    f"{GOAL_PCT:g}% of the dense macro's"}
 
 
 def markdown(result: dict, names: list[str]) -> str:
@@ -169,6 +188,10 @@ def markdown(result: dict, names: list[str]) -> str:
                            "core_overhead_pct"))
     lines.append(total_row("compute core, SRAM-adjusted", "core_sram_adjusted",
                            "core_overhead_sram_pct"))
+    lines.append(total_row("compute core + activation buffer", "core_buffer",
+                           "core_buffer_overhead_pct"))
+    lines.append(total_row("compute core + activation buffer, SRAM-adjusted",
+                           "core_buffer_sram_adjusted", "core_buffer_overhead_sram_pct"))
     lines.append("")
     lines.append("| preset | weight bits | index bits | memory bits (all) | FF bits |")
     lines.append("|---|---|---|---|---|")
@@ -222,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         note + "; NAND2-equivalents from Yosys `abc -g` gates, " + synth.AREA_SOURCE + ".",
         f"SRAM-adjusted: every RTL memory bit priced as a 6T bit cell ({synth.SRAM_SOURCE}) "
         f"= {synth.sram_bit_nand2():.3f} NAND2-eq instead of "
-        f"{synth.nand2_eq('$_DFFE_PP_'):.2f} (DFF + hold mux).",
+        f"{synth.nand2_eq('$_DFFE_PP_'):.2f} (DFF + hold mux).  The cell rows' read-data "
+        "registers (synchronous read ports) stay flip-flops, standing in for an SRAM macro's "
+        "sense amplifiers and output latches; the activation buffer has no RTL memory (a "
+        "shifting register bank) and is priced as built in every total.",
         "",
         markdown(result, names),
         "",
@@ -233,11 +259,14 @@ def main(argv: list[str] | None = None) -> int:
     flex = [n for n in names if n != names[0]]
     for n in flex:
         r = result["presets"][n]
-        for what, key in (("whole macro", "overhead"), ("compute core", "core_overhead")):
+        for what, key in (("whole macro", "overhead"), ("compute core", "core_overhead"),
+                          ("compute core + activation buffer", "core_buffer_overhead")):
             ff, sram = r[f"{key}_pct"], r[f"{key}_sram_pct"]
-            print(f"{n} {what}: {ff:+.1f}% vs {names[0]} with flip-flop storage "
-                  f"({'met' if ff <= 20 else 'NOT met'}), {sram:+.1f}% SRAM-adjusted "
-                  f"({'met' if sram <= 20 else 'NOT met'}); goal within +20%")
+            print(f"{n} {what}: {ff:+.1f}% vs {names[0]} with flip-flop storage, "
+                  f"{sram:+.1f}% SRAM-adjusted")
+        sram = r["core_buffer_overhead_sram_pct"]
+        print(f"{n}: issue 14's goal ({result['goal']}): "
+              f"{'met' if sram <= GOAL_PCT else 'NOT met'} ({sram:+.1f}%)")
     print(f"wrote {out / 'area.md'} and {out / 'area.json'}")
     return 0
 

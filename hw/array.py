@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import operator
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -36,6 +36,21 @@ def balanced_sum(values):
         pairs = [level[i] + level[i + 1] for i in range(0, len(level) - 1, 2)]
         level = pairs + ([level[-1]] if len(level) % 2 else [])
     return level[0]
+
+
+def or_tree(values):
+    """Bitwise OR of ``values`` (a balanced tree)."""
+    level = list(values)
+    while len(level) > 1:
+        level = [level[i] | level[i + 1] for i in range(0, len(level) - 1, 2)] + (
+            [level[-1]] if len(level) % 2 else [])
+    return level[0]
+
+
+def _any(conditions):
+    """One-bit OR of ``conditions`` (0 for none)."""
+    conditions = list(conditions)
+    return or_tree(conditions) if conditions else Const(0, 1)
 
 
 @contextlib.contextmanager
@@ -66,8 +81,56 @@ def _positive(name: str, value) -> int:
     return value
 
 
+def _subtree(lanes: list, index):
+    """The balanced multiplexer tree selecting ``lanes[index]`` (``len(lanes)`` a power of 2;
+    level ``L`` of the tree switches on bit ``L - 1`` of ``index``)."""
+    if len(lanes) == 1:
+        return lanes[0]
+    half = len(lanes) // 2
+    return Mux(index[half.bit_length() - 1], _subtree(lanes[half:], index),
+               _subtree(lanes[:half], index))
+
+
+def tap_level(m: int) -> int:
+    """Level of a cell's selection tree that selects among ``m`` lanes: ``ceil(log2(m))``
+    (level 0 is lane 0 itself: the 1:1 bypass)."""
+    return (m - 1).bit_length()
+
+
+def tree_taps(patterns) -> tuple[int, ...]:
+    """Levels of a cell's selection tree that the ``patterns`` use (:func:`tap_level` of every
+    distinct M)."""
+    return tuple(sorted({tap_level(p.m) for p in patterns}))
+
+
+def forced_index_bits(m: int, index_bits: int) -> int:
+    """Index bits the weight port sets on every word written for a pattern of group size
+    ``m``: the tree levels above ``log2(m)`` then select their upper halves, whose lanes (at
+    positions ``>= m``) the distribution unit ties to 0, so those stages never switch."""
+    return ((1 << index_bits) - 1) & ~(m - 1)
+
+
+def _taps(taps, index_bits: int) -> tuple[int, ...]:
+    """Normalised tap levels (default: the full tree); ``ValueError`` for a level outside it."""
+    levels = (index_bits,) if taps is None else taps
+    normal = tuple(sorted({operator.index(t) for t in levels}))
+    if not normal or not all(0 <= t <= index_bits for t in normal):
+        raise ValueError(f"taps must be tree levels from 0 to {index_bits}, not {taps!r}")
+    return normal
+
+
 class CellRow(wiring.Component):
     """The ``cols`` cells of one row: weight storage, lane selection and multiplication.
+
+    Every cell selects its activation slice with a balanced ``2**index_bits``:1 multiplexer
+    tree on its stored index and taps the tree at the level of the command's M (``tap``): at
+    level 0 (1:1) the slice is lane 0 itself, bypassing the tree.  Words written for a group
+    size M have their index bits above ``log2(M)`` set (:func:`forced_index_bits`), so the
+    stages above the tap select lanes the distribution unit ties to 0: per cycle, only the
+    ``M - 1`` multiplexers of the lanes of the command's M can switch.  Operand isolation: a
+    cell whose weight is zero holds its multiplier's activation input at 0, so a cell whose
+    weight or selected slice is zero feeds 0 to its multiplier and its adder-tree input.
+    The tap and the isolation are one AND-OR gate per slice bit.
 
     Parameters
     ----------
@@ -79,28 +142,38 @@ class CellRow(wiring.Component):
         Bits of the in-group index per weight (0: dense only, one lane, no selection).
     slice_bits : int
         Activation bits per cycle (1, 2, 4 or 8).
+    taps : sequence of int
+        Tree levels the supported patterns use (:func:`tree_taps`); default: the full tree.
     activity : bool
-        Add the ``active`` output (an activity counter's input; default off: no logic).
+        Add the ``active`` and ``faults`` outputs (activity counters' inputs; default off).
 
     Members
     -------
     we, waddr, wdata : In
         Write word ``wdata`` (:func:`~flexcim.hw.layouts.word_layout`) at ``waddr``.
     raddr : In
-        Word of the current pass (asynchronous read: the products follow in the same cycle).
+        Word of the *next* cycle's pass: the words are read synchronously (an SRAM or block-RAM
+        read port with its output register), so the word addressed in cycle ``t`` multiplies
+        the lanes of cycle ``t + 1``; a word written in cycle ``t`` is read through (transparent).
     lanes : In, ``2**index_bits`` x unsigned ``slice_bits``
         The activation bit-slices of the row's group, from the distribution unit.
+    tap : In, one-hot over ``taps`` (only with more than one tap)
+        The tree level of the command's M.
     top : In
         The slices are the most significant ones of their activations: signed.
     products : Out, ``cols`` x signed ``product_bits(slice_bits)``
-        Combinational; latency 0, one set of products per cycle.
+        Combinational from ``lanes`` (latency 0) and from the word addressed in the previous
+        cycle (latency 1 from ``raddr``); one set of products per cycle.
     active : Out, ``cols`` bits (only with ``activity``)
-        Bit ``c``: cell ``c``'s weight and its selected activation slice are both non-zero,
-        i.e. the multiplier of a cell gated on zero operands would switch (combinational).
+        Bit ``c``: cell ``c``'s weight and its selected activation slice are both non-zero:
+        its multiplier and adder-tree input are not isolated (combinational).
+    faults : Out, ``cols`` bits (only with ``activity``)
+        Bit ``c``: a selection stage that should be quiet carries a non-zero value (a tree node
+        above the tap, or a lane at or past the tapped M): always 0 in a correct macro.
     """
 
     def __init__(self, *, cols: int, depth: int, index_bits: int, slice_bits: int,
-                 activity: bool = False):
+                 taps=None, activity: bool = False):
         with validating(self):
             self._cols = _positive("cols", cols)
             self._depth = _positive("depth", depth)
@@ -110,6 +183,7 @@ class CellRow(wiring.Component):
             self._slice_bits = operator.index(slice_bits)
             if self._slice_bits not in (1, 2, 4, 8):
                 raise ValueError(f"slice_bits must be 1, 2, 4 or 8, not {slice_bits!r}")
+            self._taps = _taps(taps, self._index_bits)
         self._word = word_layout(cols=self._cols, index_bits=self._index_bits)
         self._activity = bool(activity)
         super().__init__({
@@ -118,14 +192,20 @@ class CellRow(wiring.Component):
             "wdata": In(self._word),
             "raddr": In(index_shape(self._depth)),
             "lanes": In(data.ArrayLayout(unsigned(self._slice_bits), 1 << self._index_bits)),
+            **({"tap": In(len(self._taps))} if len(self._taps) > 1 else {}),
             "top": In(1),
             "products": Out(data.ArrayLayout(signed(product_bits(self._slice_bits)), self._cols)),
-            **({"active": Out(self._cols)} if self._activity else {}),
+            **({"active": Out(self._cols), "faults": Out(self._cols)} if self._activity
+               else {}),
         })
 
     @property
     def cols(self) -> int:
         return self._cols
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        return self._taps
 
     def elaborate(self, platform):
         m = Module()
@@ -137,8 +217,9 @@ class CellRow(wiring.Component):
         else:
             m.submodules.words = words = Memory(shape=self._word, depth=self._depth, init=[])
             write = words.write_port()
-            # Asynchronous read: the cell holds its word; the pass counter selects it.
-            read = words.read_port(domain="comb")
+            # Synchronous read, as an SRAM macro or FPGA block RAM has it: the controller
+            # addresses the next cycle's word (Controller.r_pass_next), so no cycle is added.
+            read = words.read_port(domain="sync", transparent_for=(write,))
             m.d.comb += [
                 write.en.eq(self.we),
                 write.addr.eq(self.waddr),
@@ -146,17 +227,35 @@ class CellRow(wiring.Component):
                 read.addr.eq(self.raddr),
             ]
             word = read.data
+        lanes = [self.lanes[i] for i in range(1 << self._index_bits)]
+        tap = self.tap if len(self._taps) > 1 else Const(1, 1)
+        if self._activity:
+            # A lane at or past the tapped M must be tied low by the distribution unit.
+            loud = Signal(name="loud_lane")
+            m.d.comb += loud.eq(_any(
+                tap[t] & _any(lanes[i] != 0 for i in range(1 << level, len(lanes)))
+                for t, level in enumerate(self._taps)))
         for c in range(self._cols):
-            if self._index_bits:
-                act = self.lanes[word.indices[c]]
-            else:
-                act = self.lanes[0]
+            index = word.indices[c] if self._index_bits else None
+            nodes = [lanes[0]]  # nodes[L]: the tree over lanes 0 .. 2**L - 1
+            for level in range(1, self._index_bits + 1):
+                upper = _subtree(lanes[1 << (level - 1):1 << level], index)
+                nodes.append(Mux(index[level - 1], upper, nodes[-1]))
+            value = word.values[c]
+            nonzero = Signal(name=f"wnz{c}")
+            m.d.comb += nonzero.eq(value != 0)
+            # The tap and the operand isolation: one AND-OR gate per slice bit.
+            act = Signal(unsigned(self._slice_bits), name=f"act{c}")
+            m.d.comb += act.eq(or_tree(Mux(tap[t] & nonzero, nodes[level], 0)
+                                   for t, level in enumerate(self._taps)))
             # Lower slices are unsigned digits; the top slice carries the two's-complement sign.
             digit = Signal(signed(self._slice_bits + 1), name=f"digit{c}")
             m.d.comb += digit.eq(Mux(self.top, act.as_signed(), act))
-            m.d.comb += self.products[c].eq(word.values[c] * digit)
+            m.d.comb += self.products[c].eq(value * digit)
             if self._activity:
-                m.d.comb += self.active[c].eq((word.values[c] != 0) & (act != 0))
+                above = _any(tap[t] & _any(nodes[L] != 0 for L in range(level + 1, len(nodes)))
+                             for t, level in enumerate(self._taps))
+                m.d.comb += [self.active[c].eq(act != 0), self.faults[c].eq(above | loud)]
         return m
 
 
@@ -198,30 +297,35 @@ class SubMacro(wiring.Component):
     ----------
     rows, cols, depth, index_bits, slice_bits : int
         As :class:`CellRow`; ``rows`` is the number of rows of this sub-macro.
+    taps : sequence of int
+        As :class:`CellRow`.
     activity : bool
-        Add the ``active`` output (default off: no logic).
+        Add the ``active`` and ``faults`` outputs (default off: no logic).
 
     Members
     -------
     we, wrow, waddr, wdata : In
         Write ``wdata`` into word ``waddr`` of row ``wrow``.
-    raddr, top : In
-        As :class:`CellRow`, shared by all rows.
+    raddr, tap, top : In
+        As :class:`CellRow`, shared by all rows (``tap`` only with more than one tap).
     lanes : In, ``rows`` x ``2**index_bits`` x unsigned ``slice_bits``
     psums : Out, ``cols`` x signed ``psum_bits``
         Column sums of the products, registered: latency 1, throughput 1 per cycle.
     active : Out, ``range(rows * cols + 1)`` (only with ``activity``)
         How many cells are active (:class:`CellRow`) in this cycle; combinational.
+    faults : Out, ``range(rows * cols + 1)`` (only with ``activity``)
+        How many cells have a selection fault (:class:`CellRow`) in this cycle.
     """
 
     def __init__(self, *, rows: int, cols: int, depth: int, index_bits: int, slice_bits: int,
-                 activity: bool = False):
+                 taps=None, activity: bool = False):
         with validating(self):
             self._rows = _positive("rows", rows)
             self._cols = _positive("cols", cols)
+            self._taps = _taps(taps, operator.index(index_bits))
         self._activity = bool(activity)
         self._row_args = dict(cols=cols, depth=depth, index_bits=index_bits,
-                              slice_bits=slice_bits, activity=self._activity)
+                              slice_bits=slice_bits, taps=taps, activity=self._activity)
         self._tree_width = product_bits(slice_bits)
         lane = data.ArrayLayout(unsigned(slice_bits), 1 << index_bits)
         super().__init__({
@@ -231,9 +335,11 @@ class SubMacro(wiring.Component):
             "wdata": In(word_layout(cols=self._cols, index_bits=index_bits)),
             "raddr": In(index_shape(depth)),
             "lanes": In(data.ArrayLayout(lane, self._rows)),
+            **({"tap": In(len(self._taps))} if len(self._taps) > 1 else {}),
             "top": In(1),
             "psums": Out(data.ArrayLayout(signed(self.psum_bits), self._cols)),
-            **({"active": Out(range(self._rows * self._cols + 1))} if self._activity else {}),
+            **({"active": Out(range(self._rows * self._cols + 1)),
+                "faults": Out(range(self._rows * self._cols + 1))} if self._activity else {}),
         })
 
     @property
@@ -254,6 +360,8 @@ class SubMacro(wiring.Component):
                 row.lanes.eq(self.lanes[r]),
                 row.top.eq(self.top),
             ]
+            if len(self._taps) > 1:
+                m.d.comb += row.tap.eq(self.tap)
             rows.append(row)
         for c in range(self._cols):
             tree = AdderTree(inputs=self._rows, width=self._tree_width)
@@ -261,10 +369,12 @@ class SubMacro(wiring.Component):
             m.d.comb += [tree.addends[r].eq(rows[r].products[c]) for r in range(self._rows)]
             m.d.sync += self.psums[c].eq(tree.sum)
         if self._activity:
-            m.d.comb += self.active.eq(balanced_sum(row.active[c] for row in rows
-                                                    for c in range(self._cols)))
+            for name in ("active", "faults"):
+                m.d.comb += getattr(self, name).eq(balanced_sum(
+                    getattr(row, name)[c] for row in rows for c in range(self._cols)))
         return m
 
 
-__all__ = ["AdderTree", "CellRow", "SubMacro", "balanced_sum", "ceil_log2", "index_shape",
-           "product_bits"]
+__all__ = ["AdderTree", "CellRow", "SubMacro", "balanced_sum", "ceil_log2", "forced_index_bits",
+           "index_shape", "or_tree", "product_bits", "tap_level",
+           "tree_taps"]

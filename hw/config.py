@@ -41,6 +41,13 @@ def _patterns(value) -> tuple[NMPattern, ...]:
     return patterns
 
 
+def route(pattern: NMPattern, row: int, lane: int) -> int | None:
+    """Window lane that the distribution unit routes to lane ``lane`` of cell row ``row``
+    under ``pattern``: ``(row div N) * M + lane``, or ``None`` (tied to 0) when ``lane >= M``
+    (docs/architecture.md, section 2)."""
+    return (row // pattern.n) * pattern.m + lane if lane < pattern.m else None
+
+
 @dataclasses.dataclass(frozen=True)
 class HwConfig:
     """A FlexCiM macro configuration.
@@ -193,6 +200,12 @@ class HwConfig:
     def passes(self, pattern, k: int) -> int:
         """Passes per token for a reduction of ``k`` input channels."""
         return math.ceil(k / self.pass_width(pattern))
+
+    def route_alternatives(self, row: int, lane: int) -> int:
+        """Distinct values (window lanes, and 0 if some pattern ties the lane low) that the
+        patterns route to lane ``lane`` of row ``row``: the inputs of its one-hot multiplexer,
+        whose selected path is ``ceil(log2(alternatives))`` two-input stages deep."""
+        return len({route(p, row, lane) for p in self.patterns})
 
     def max_k_for(self, pattern) -> int:
         """Longest reduction one command can run with ``pattern`` (buffer and weight depth)."""

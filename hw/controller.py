@@ -61,6 +61,9 @@ class Controller(wiring.Component):
         The compute cycle (combinational): bank, pass (weight word), slice and its flags;
         ``shift`` at the last slice of a pass.  ``code`` (the latched pattern code) exists only
         when more than one pattern is configured.
+    r_pass_next : Out
+        ``r_pass`` of the next cycle (combinational): the address of the cells' synchronous
+        read ports, so the word of a pass is there in its first cycle (no added latency).
     result_taken : In
         A result left the result stream (returns a FIFO credit).
     error : Out
@@ -82,7 +85,7 @@ class Controller(wiring.Component):
             "a_valid": In(1), "a_ready": Out(1), "a_we": Out(1),
             "a_bank": Out(1), "a_beat": Out(index_shape(beats)),
             "issue": Out(1), **code, "r_bank": Out(1),
-            "r_pass": Out(index_shape(cfg.depth)),
+            "r_pass": Out(index_shape(cfg.depth)), "r_pass_next": Out(index_shape(cfg.depth)),
             "r_slice": Out(index_shape(cfg.cycles_per_pass)),
             "top": Out(1), "first": Out(1), "last": Out(1), "shift": Out(1),
             "result_taken": In(1),
@@ -195,18 +198,20 @@ class Controller(wiring.Component):
             self.last.eq(self.issue & last_slice & (c_pos + pw >= k)),
         ]
         m.d.sync += credits.eq(credits - start + self.result_taken)
+        # The pass register's next value, computed combinationally for the read ports.
+        m.d.comb += self.r_pass_next.eq(self.r_pass)
+        m.d.sync += self.r_pass.eq(self.r_pass_next)
         with m.If(self.issue):
             m.d.sync += running.eq(1)
             with m.If(last_slice):
-                m.d.sync += [self.r_slice.eq(0), self.r_pass.eq(self.r_pass + 1),
-                             c_pos.eq(c_pos + pw)]
+                m.d.comb += self.r_pass_next.eq(self.r_pass + 1)
+                m.d.sync += [self.r_slice.eq(0), c_pos.eq(c_pos + pw)]
             with m.Else():
                 m.d.sync += self.r_slice.eq(self.r_slice + 1)
         with m.If(self.last):
-            m.d.comb += clear_full.bit_select(self.r_bank, 1).eq(1)
+            m.d.comb += [clear_full.bit_select(self.r_bank, 1).eq(1), self.r_pass_next.eq(0)]
             m.d.sync += [
                 running.eq(0),
-                self.r_pass.eq(0),
                 c_pos.eq(0),
                 self.r_bank.eq(~self.r_bank),
                 c_tokens.eq(c_tokens + 1),

@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import operator
 
-from amaranth.hdl import Module, unsigned
+from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from flexcim.golden.nm import NMPattern
-from flexcim.hw.array import validating
+from flexcim.hw.array import or_tree, validating
+from flexcim.hw.config import route
 
 
 class Distribution(wiring.Component):
     """Pattern-selected routing of window lanes to row lanes (combinational, latency 0).
+
+    Every row lane is a one-hot AND-OR multiplexer over the distinct window lanes the patterns
+    route to it (:func:`~flexcim.hw.config.route`), selected by the decoded pattern code: with
+    the code fixed for a command, only the selected input's path switches, and a lane past the
+    command's M has no selected input, so it stays 0 (the cells' selection relies on that).
 
     Parameters
     ----------
@@ -31,6 +37,8 @@ class Distribution(wiring.Component):
         ``rows``.
     slice_bits : int
         Bits per lane (the activation bit-slice of the cycle).
+    activity : bool
+        Add the ``driven`` output (an activity counter's input; default off: no logic).
 
     Members
     -------
@@ -40,9 +48,11 @@ class Distribution(wiring.Component):
         The pass window; ``window_lanes = rows * max(M/N)``.
     lanes : Out, ``rows`` x ``max M`` x unsigned ``slice_bits``
         Row ``r``'s lane ``i``; lanes ``i >= M`` of the selected pattern are 0.
+    driven : Out, ``rows`` x ``max M`` bits (only with ``activity``)
+        Bit ``i`` of row ``r``: lane ``i`` carries a window lane (``i < M``).
     """
 
-    def __init__(self, *, rows: int, patterns, slice_bits: int):
+    def __init__(self, *, rows: int, patterns, slice_bits: int, activity: bool = False):
         with validating(self):
             self._rows = operator.index(rows)
             self._patterns = tuple(NMPattern.parse(p) for p in patterns)
@@ -55,6 +65,7 @@ class Distribution(wiring.Component):
                 if self._rows % p.n:
                     raise ValueError(f"pattern {p}: N={p.n} must divide rows={self._rows}")
         self._m_max = max(p.m for p in self._patterns)
+        self._activity = bool(activity)
         lane = unsigned(self._slice_bits)
         ports = {
             "window": In(data.ArrayLayout(lane, self.window_lanes)),
@@ -62,30 +73,41 @@ class Distribution(wiring.Component):
         }
         if len(self._patterns) > 1:
             ports["code"] = In(range(len(self._patterns)))
+        if self._activity:
+            ports["driven"] = Out(data.ArrayLayout(unsigned(self._m_max), self._rows))
         super().__init__(ports)
 
     @property
     def window_lanes(self) -> int:
         return self._rows * max(p.m // p.n for p in self._patterns)
 
-    def _route(self, m, pattern: NMPattern):
-        for r in range(self._rows):
-            base = (r // pattern.n) * pattern.m
-            for i in range(self._m_max):
-                source = self.window[base + i] if i < pattern.m else 0
-                m.d.comb += self.lanes[r][i].eq(source)
-
     def elaborate(self, platform):
         m = Module()
-        if len(self._patterns) == 1:
-            self._route(m, self._patterns[0])
-            return m
-        # The last pattern is the default branch: the code is always a configured one, and a
-        # complete case statement keeps Verilator's CASEINCOMPLETE lint quiet.
-        with m.Switch(self.code):
-            for code, pattern in enumerate(self._patterns[:-1]):
-                with m.Case(code):
-                    self._route(m, pattern)
-            with m.Default():
-                self._route(m, self._patterns[-1])
+        picks = []  # picks[k]: pattern k is the command's (one-hot)
+        for k in range(len(self._patterns)):
+            pick = Signal(name=f"pick{k}")
+            m.d.comb += pick.eq(self.code == k if len(self._patterns) > 1 else 1)
+            picks.append(pick)
+        for r in range(self._rows):
+            for i in range(self._m_max):
+                sources: dict[int, list[int]] = {}
+                for k, p in enumerate(self._patterns):
+                    s = route(p, r, i)
+                    if s is not None:
+                        sources.setdefault(s, []).append(k)
+                terms, enables = [], []
+                if len(sources) == 1 and all(route(p, r, i) is not None for p in self._patterns):
+                    # Every pattern routes the same window lane here: a wire, always driven.
+                    (s,) = sources
+                    m.d.comb += self.lanes[r][i].eq(self.window[s])
+                    if self._activity:
+                        m.d.comb += self.driven[r][i].eq(1)
+                    continue
+                for s, codes in sources.items():
+                    enable = or_tree(picks[k] for k in codes)
+                    terms.append(Mux(enable, self.window[s], 0))
+                    enables.append(enable)
+                m.d.comb += self.lanes[r][i].eq(or_tree(terms) if terms else 0)
+                if self._activity:
+                    m.d.comb += self.driven[r][i].eq(or_tree(enables) if enables else 0)
         return m

@@ -78,7 +78,14 @@ COUNTERS = {
     "compute_cycles": "cycles in which the cell array computed a bit-slice",
     "passes": "passes computed: buffer window reads of one pass width, one per token per pass",
     "mac_cycles": "cell-cycles with a non-zero weight and a non-zero selected activation slice "
-                  "(the multiplications a zero-gated cell performs)",
+                  "(the cells whose multiplier and adder-tree input operand isolation lets "
+                  "switch)",
+    "route_bits": "two-input stages on the selected paths of the distribution unit's driven "
+                  "row lanes, summed over compute cycles (per slice bit)",
+    "select_muxes": "cells' selection multiplexers that can switch, summed over compute cycles "
+                    "(per slice bit): M - 1 per cell, 0 for 1:1 (the bypass)",
+    "quiet_faults": "cell-cycles in which a selection stage that should be quiet (above the "
+                    "tap, or a row lane past M) carried a non-zero value: 0 in a correct macro",
 }
 """The counters, in bit order (first in the low bits), with what each counts since reset."""
 

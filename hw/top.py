@@ -13,7 +13,15 @@ from __future__ import annotations
 from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
-from flexcim.hw.array import SubMacro, balanced_sum, validating
+from flexcim.hw.array import (
+    SubMacro,
+    balanced_sum,
+    ceil_log2,
+    forced_index_bits,
+    tap_level,
+    tree_taps,
+    validating,
+)
 from flexcim.hw.buffer import ActivationBuffer
 from flexcim.hw.config import HwConfig
 from flexcim.hw.controller import Controller, lookup
@@ -24,6 +32,7 @@ from flexcim.hw.layouts import (
     counters_layout,
     result_layout,
     weight_layout,
+    word_layout,
 )
 from flexcim.hw.merging import Merging
 
@@ -97,7 +106,8 @@ class FlexCiM(wiring.Component):
             self.error.eq(ctrl.error),
         ]
 
-        dist = Distribution(rows=cfg.rows_total, patterns=cfg.patterns, slice_bits=b)
+        dist = Distribution(rows=cfg.rows_total, patterns=cfg.patterns, slice_bits=b,
+                            activity=self._counters)
         m.submodules.distribution = dist
         shifts = sorted({cfg.pass_width(p) for p in cfg.patterns})
         m.submodules.buffer = buf = ActivationBuffer(
@@ -120,17 +130,35 @@ class FlexCiM(wiring.Component):
         if len(cfg.patterns) > 1:
             m.d.comb += dist.code.eq(ctrl.code)
 
+        # The cells' selection: the tree level of the command's M (one-hot), and the index bits
+        # above it set on every word written, so those stages stay quiet (hw/array.py).
+        taps = tree_taps(cfg.patterns)
+        tap = Signal(len(taps))
+        lookup(m, ctrl.code if len(cfg.patterns) > 1 else 0,
+               [1 << taps.index(tap_level(p.m)) for p in cfg.patterns], tap)
+        wdata = Signal(word_layout(cols=cfg.cols, index_bits=cfg.index_bits))
+        m.d.comb += wdata.values.eq(self.weights.payload.values)
+        if cfg.index_bits:
+            forced = Signal(cfg.index_bits)
+            lookup(m, ctrl.code if len(cfg.patterns) > 1 else 0,
+                   [forced_index_bits(p.m, cfg.index_bits) for p in cfg.patterns], forced)
+            m.d.comb += [wdata.indices[c].eq(self.weights.payload.indices[c] | forced)
+                         for c in range(cfg.cols)]
+
         subs = []
         for p in range(cfg.sub_macros):
             sub = SubMacro(rows=cfg.rows, cols=cfg.cols, depth=cfg.depth,
-                           index_bits=cfg.index_bits, slice_bits=b, activity=self._counters)
+                           index_bits=cfg.index_bits, slice_bits=b, taps=taps,
+                           activity=self._counters)
             m.submodules[f"sub{p}"] = sub
+            if len(taps) > 1:
+                m.d.comb += sub.tap.eq(tap)
             m.d.comb += [
                 sub.we.eq(ctrl.w_we & (ctrl.w_sub == p)),
                 sub.wrow.eq(ctrl.w_row),
                 sub.waddr.eq(ctrl.w_word),
-                sub.wdata.eq(self.weights.payload),
-                sub.raddr.eq(ctrl.r_pass),
+                sub.wdata.eq(wdata),
+                sub.raddr.eq(ctrl.r_pass_next),
                 sub.top.eq(ctrl.top),
             ]
             m.d.comb += [sub.lanes[r].eq(dist.lanes[p * cfg.rows + r]) for r in range(cfg.rows)]
@@ -160,20 +188,39 @@ class FlexCiM(wiring.Component):
             ctrl.result_taken.eq(self.result.valid & self.result.ready),
         ]
         if self._counters:
-            self._count(m, ctrl, subs)
+            self._count(m, ctrl, subs, dist)
         return m
 
-    def _count(self, m: Module, ctrl: Controller, subs: list[SubMacro]) -> None:
+    def _count(self, m: Module, ctrl: Controller, subs: list[SubMacro],
+               dist: Distribution) -> None:
         """The activity counters: one increment per event, from the controller's handshakes and
-        compute flags (the same signals that move the data, so they cannot disagree)."""
-        active = Signal(range(self._cfg.cells + 1))
-        m.d.comb += active.eq(balanced_sum(sub.active for sub in subs))
+        compute flags, the cells' isolation enables and the distribution unit's lane enables
+        (the same signals that move the data, so they cannot disagree)."""
+        cfg = self._cfg
+        active = Signal(range(cfg.cells + 1))
+        faults = Signal(range(cfg.cells + 1))
+        m.d.comb += [active.eq(balanced_sum(sub.active for sub in subs)),
+                     faults.eq(balanced_sum(sub.faults for sub in subs))]
+        # Per cycle: the two-input stages on the selected paths of the driven row lanes, and
+        # the switching multiplexers of every cell's tree (one fewer than its row's lanes).
+        route_bits = Signal(range(cfg.rows_total * cfg.m_max * 8 + 1))
+        select = Signal(range(cfg.cells * cfg.m_max + 1))
+        m.d.comb += route_bits.eq(balanced_sum(
+            dist.driven[r][i] * ceil_log2(cfg.route_alternatives(r, i))
+            for r in range(cfg.rows_total) for i in range(cfg.m_max)))
+        per_row = [balanced_sum(dist.driven[r][i] for i in range(cfg.m_max))
+                   for r in range(cfg.rows_total)]
+        m.d.comb += select.eq(cfg.cols * balanced_sum(
+            Mux(lanes != 0, lanes - 1, 0) for lanes in per_row))
         events = {
             "weight_beats": ctrl.w_we,
             "act_beats": ctrl.a_we,
             "compute_cycles": ctrl.issue,
             "passes": ctrl.shift,
             "mac_cycles": Mux(ctrl.issue, active, 0),
+            "route_bits": Mux(ctrl.issue, route_bits, 0),
+            "select_muxes": Mux(ctrl.issue, select, 0),
+            "quiet_faults": Mux(ctrl.issue, faults, 0),
         }
         for name, increment in events.items():
             counter = self.counters[name]

@@ -23,13 +23,38 @@ def test_command_activity_hand_computed():
         "merge_accumulate": 12 * 4 * (1 * (12 + 1) + 20),  # (P-1)(w+1) + acc_bits
         "buffer_write": 3 * 4 * 4 * 8,  # tokens x beats x lanes x 8
         "buffer_read": 3 * 1 * 16 * 8,  # tokens x passes x pass width x 8
-        "distribution": 12 * (8 * 16 * 2 * 3 + 32 * 15 * 2),  # routing + lane selection
+        "distribution": 12 * (ROUTE_24 + 32 * 3) * 2,  # (routing + M-1 muxes per cell) x b
         "weight_write": 8 * 4 * (8 + 4),  # one pass of 8 rows x cols x (value + index)
     }
     pj = energy.Activity(counts).energy_pj()
     assert pj["cell_mac"] == pytest.approx(768 * 0.025)
     assert pj["buffer_read"] == pytest.approx(384 * 10 / 64)
-    assert pj["distribution"] == pytest.approx(20736 * 0.1 / 32)
+    assert pj["distribution"] == pytest.approx(counts["distribution"] * 0.1 / 32)
+
+
+# The distribution stages of tiny's 2:4 by a naive loop over the spec's routing rule: row r,
+# lane i < M of pattern N:M takes window lane (r div N)*M + i; a lane past M is tied to 0.
+ROUTE_24 = sum(
+    (len({(r // p.n) * p.m + i if i < p.m else None for p in TINY.patterns}) - 1).bit_length()
+    for r in range(8) for i in range(4))
+
+
+def test_only_the_lanes_of_the_commands_m_switch():
+    """Two patterns by hand: row r's lane 0 is window lane r (1:1) or (r div 2)*4 (2:4): two
+    alternatives (one stage) except row 0; lanes 1..3 are 2:4's or tied low (one stage)."""
+    cfg = TINY.replace(patterns=("1:1", "2:4"))
+    assert energy.route_stages(cfg, "2:4") == 7 + 8 * 3
+    assert energy.route_stages(cfg, "1:1") == 7
+    dense_cmd = perf.Command(NMPattern(1, 1), k=8, tokens=1, load_weights=False, c=4)
+    sparse_cmd = perf.Command(NMPattern(2, 4), k=16, tokens=3, load_weights=False, c=4)
+    # 1:1 bypasses the cells' trees: only the distribution's 7 stages per cycle and bit.
+    assert energy.command_events(cfg, dense_cmd)["select_muxes"] == 0
+    assert energy.command_activity(cfg, dense_cmd).counts["distribution"] == 4 * 7 * 2
+    # 2:4: 3 of the cells' multiplexers switch (a 4-lane subtree), as on a fixed-2:4 macro.
+    assert energy.command_events(cfg, sparse_cmd)["select_muxes"] == 12 * 32 * 3
+    assert energy.command_activity(cfg, sparse_cmd).counts["distribution"] == 12 * (31 + 96) * 2
+    # On tiny (M up to 16) 2:4 switches the same cell multiplexers: the unused M are free.
+    assert energy.command_events(TINY, sparse_cmd)["select_muxes"] == 12 * 32 * 3
 
 
 def test_zero_activations_gate_only_the_cells_and_adder_trees():
@@ -237,6 +262,9 @@ def test_layer_events_count_what_the_model_multiplies():
         "passes": sum(c.tokens * TINY.passes("1:4", c.k) for c in cmds),
         "act_beats": sum(c.tokens * -(-c.k // TINY.in_lanes) for c in cmds),
         "weight_beats": sum(TINY.passes("1:4", c.k) * 8 for c in cmds if c.load_weights),
+        "route_bits": perf.ideal_cycles(TINY, cmds) * energy.route_stages(TINY, "1:4"),
+        "select_muxes": perf.ideal_cycles(TINY, cmds) * TINY.cells * 3,
+        "quiet_faults": 0,
     }
     total = dict.fromkeys(energy.ACTIONS, 0.0)
     for cmd in cmds:
@@ -244,3 +272,4 @@ def test_layer_events_count_what_the_model_multiplies():
             total[name] += v
     assert total["buffer_write"] == events["act_beats"] * TINY.in_lanes * 8
     assert total["weight_write"] == events["weight_beats"] * TINY.cols * (8 + 4)
+    assert total["distribution"] == (events["route_bits"] + events["select_muxes"]) * 2

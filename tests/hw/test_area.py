@@ -61,6 +61,12 @@ def test_compare_overheads_and_sram_adjustment():
     assert d["sram_adjusted"] == pytest.approx(64 * synth.sram_bit_nand2() + 50 + 200)
     assert f["core"] == pytest.approx(72 * per_bit + 80 + 30)  # the buffer is not core
     assert f["core_sram_adjusted"] == pytest.approx(72 * synth.sram_bit_nand2() + 110)
+    # Issue 14's scope adds the activation buffer, priced as built (it has no RTL memory).
+    assert f["core_buffer_sram_adjusted"] == pytest.approx(72 * synth.sram_bit_nand2() + 310)
+    assert f["core_buffer_overhead_sram_pct"] == pytest.approx(
+        100 * ((72 * synth.sram_bit_nand2() + 310) / (64 * synth.sram_bit_nand2() + 250) - 1))
+    assert "| compute core + activation buffer, SRAM-adjusted |" in area.markdown(
+        result, ["dense", "flex"])
     assert f["part_delta_pct"]["distribution unit"] == pytest.approx(
         100 * 30 / dense["total"]["nand2"])
     assert f["index_storage_nand2_ff"] == pytest.approx(8 * per_bit)

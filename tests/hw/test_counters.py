@@ -71,6 +71,21 @@ def test_stalls_change_no_count():
     assert counters == expected
 
 
+def test_quiet_faults_catch_a_selection_that_switches(monkeypatch):
+    """Without the index bits forced on write, a tree stage above the tap passes the tapped
+    subtree's value: the results stay exact but ``quiet_faults`` counts those cell-cycles, so
+    the counters prove the gating the energy model credits."""
+    import flexcim.hw.top
+
+    monkeypatch.setattr(flexcim.hw.top, "forced_index_bits", lambda m, bits: 0)
+    data = layers(TINY, np.random.default_rng(6))[:3]  # 1:1, 1:2, 2:4
+    counters, expected = run(TINY, data)
+    assert expected["quiet_faults"] == 0
+    assert counters["quiet_faults"] > 0
+    assert {k: v for k, v in counters.items() if k != "quiet_faults"} == {
+        k: v for k, v in expected.items() if k != "quiet_faults"}
+
+
 def test_the_counter_sees_one_wrong_weight():
     """A single weight zeroed behind the reference's back changes mac_cycles: the comparison
     is sharp enough to catch a miscounted cell."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 from flexcim.golden.nm import NMPattern
-from flexcim.hw.array import AdderTree, CellRow, SubMacro
+from flexcim.hw.array import AdderTree, CellRow, SubMacro, forced_index_bits
 from flexcim.hw.buffer import ActivationBuffer
 from flexcim.hw.config import preset
 from flexcim.hw.distribution import Distribution
@@ -51,6 +51,8 @@ def test_cell_row_selects_by_index_and_multiplies_signed_slices(b):
             lanes = rng.integers(0, 1 << b, size=8)
             top = int(rng.integers(2)) if b < 8 else 1
             ctx.set(dut.raddr, w)
+            await ctx.tick()  # synchronous read: the word is there the next cycle
+            ctx.set(dut.raddr, int(rng.integers(depth)))  # the next address changes nothing yet
             ctx.set(dut.lanes, lanes.tolist())
             ctx.set(dut.top, top)
             for c in range(cols):
@@ -59,6 +61,75 @@ def test_cell_row_selects_by_index_and_multiplies_signed_slices(b):
                     a -= 1 << b
                 assert ctx.get(dut.products[c]) == values[w, c] * a
             await ctx.tick()
+
+    run(dut, bench)
+
+
+def test_cell_row_reads_a_word_written_in_the_same_cycle():
+    """The read port is transparent for the write port: the controller may start a pass the
+    cycle after the last weight beat, whose word is being written while it is addressed."""
+    dut = CellRow(cols=2, depth=4, index_bits=1, slice_bits=8)
+
+    async def bench(ctx):
+        ctx.set(dut.lanes, [3, 5])
+        ctx.set(dut.top, 0)
+        for value, index in ((7, 0), (-2, 1)):
+            ctx.set(dut.we, 1)
+            ctx.set(dut.waddr, 2)
+            ctx.set(dut.raddr, 2)
+            ctx.set(dut.wdata, {"values": [value, 1], "indices": [index, 0]})
+            await ctx.tick()
+            assert ctx.get(dut.products[0]) == value * [3, 5][index]
+
+    run(dut, bench)
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_cell_row_taps_its_tree_at_the_commands_m_and_isolates_zero_operands(b):
+    """Taps at M = 1 (the bypass), 4 and 8: the product is the weight times the lane the
+    index selects among the first M (lane 0 for 1:1, whatever the index); ``active`` is the
+    isolation enable (weight and selected slice non-zero); ``faults`` flags a stage above the
+    tap or a lane past M carrying a value, which forced index bits and zero lanes prevent."""
+    rng = np.random.default_rng(10 + b)
+    cols = 4
+    dut = CellRow(cols=cols, depth=2, index_bits=3, slice_bits=b, taps=(0, 2, 3),
+                  activity=True)
+    assert dut.taps == (0, 2, 3)
+
+    async def bench(ctx):
+        for m, tap in ((1, 0b001), (4, 0b010), (8, 0b100)):
+            values = rng.integers(-128, 128, size=cols)
+            values[1] = 0  # isolated whatever its slice
+            indices = rng.integers(0, m, size=cols)
+            for forced in (True, False):
+                stored = indices | (forced_index_bits(m, 3) if forced else 0)
+                ctx.set(dut.we, 1)
+                ctx.set(dut.waddr, 1)
+                ctx.set(dut.wdata, {"values": values.tolist(), "indices": stored.tolist()})
+                await ctx.tick()
+                ctx.set(dut.we, 0)
+                ctx.set(dut.raddr, 1)
+                await ctx.tick()
+                ctx.set(dut.tap, tap)
+                ctx.set(dut.top, 0)
+                for _ in range(12):
+                    lanes = rng.integers(0, 1 << b, size=8)
+                    lanes[m:] = 0  # the distribution unit ties the lanes past M low
+                    lanes[rng.integers(m)] = 0  # and some selected slices are zero
+                    ctx.set(dut.lanes, lanes.tolist())
+                    for c in range(cols):
+                        a = int(lanes[0] if m == 1 else lanes[indices[c]])
+                        assert ctx.get(dut.products[c]) == values[c] * a
+                        assert ctx.get(dut.active[c]) == int(values[c] != 0 and a != 0)
+                        # Unforced indices (bit 2 clear) leave the top stage passing the
+                        # tapped subtree's value: a fault whenever that value is non-zero.
+                        fault = not forced and m < 8 and lanes[indices[c]] != 0
+                        assert ctx.get(dut.faults[c]) == int(fault), (m, forced, c)
+                lanes = np.zeros(8, dtype=int)
+                lanes[7] = 1  # a lane past M that is not tied low
+                ctx.set(dut.lanes, lanes.tolist())
+                if m < 8:
+                    assert [ctx.get(dut.faults[c]) for c in range(cols)] == [1] * cols
 
     run(dut, bench)
 
@@ -107,6 +178,7 @@ def test_sub_macro_registers_column_sums():
             await ctx.tick()
         ctx.set(dut.we, 0)
         ctx.set(dut.raddr, 1)
+        await ctx.tick()  # synchronous read of word 1
         lanes = rng.integers(0, 4, size=(rows, 2))
         ctx.set(dut.lanes, lanes.tolist())
         ctx.set(dut.top, 0)
@@ -132,6 +204,22 @@ def test_distribution_routes_every_tiny_pattern_like_the_spec():
                 for i in range(cfg.m_max):
                     expect = window[(r // p.n) * p.m + i] if i < p.m else 0
                     assert ctx.get(dut.lanes[r][i]) == expect, (p, r, i)
+
+    run(dut, bench, clock=False)
+
+
+def test_distribution_drives_only_the_lanes_of_the_commands_m():
+    cfg = preset("tiny")
+    dut = Distribution(rows=cfg.rows_total, patterns=cfg.patterns, slice_bits=2, activity=True)
+    window = np.random.default_rng(4).integers(1, 4, size=dut.window_lanes)  # no zero lane
+
+    async def bench(ctx):
+        ctx.set(dut.window, window.tolist())
+        for code, p in enumerate(cfg.patterns):
+            ctx.set(dut.code, code)
+            for r in range(cfg.rows_total):
+                assert ctx.get(dut.driven[r]) == (1 << p.m) - 1, (p, r)
+                assert all(ctx.get(dut.lanes[r][i]) == 0 for i in range(p.m, cfg.m_max))
 
     run(dut, bench, clock=False)
 
