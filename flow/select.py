@@ -236,9 +236,6 @@ class Plan:
     layers: dict[str, str]
     settings: dict = dataclasses.field(default_factory=dict)
 
-    def patterns(self) -> list[NMPattern]:
-        return [NMPattern.parse(b["pattern"]) for b in self.blocks]
-
     def to_dict(self) -> dict:
         return {"format": PLAN_FORMAT, **dataclasses.asdict(self)}
 
@@ -302,7 +299,17 @@ class Plan:
                 raise bad(f"{where}.index", "an integer >= 0", block.get("index"))
             if not isinstance(block.get("name"), str):
                 raise bad(f"{where}.name", "a string", block.get("name"))
-            pattern(f"{where}.pattern", block.get("pattern"))
+            if block.get("pattern") != "mixed":  # an auto block whose projections differ
+                pattern(f"{where}.pattern", block.get("pattern"))
+            if "patterns" in block:  # auto: the pattern of every projection kind
+                if not isinstance(block["patterns"], dict):
+                    raise bad(f"{where}.patterns", "an object of kind: pattern",
+                              block["patterns"])
+                for kind, value in block["patterns"].items():
+                    pattern(f"{where}.patterns[{kind!r}]", value)
+            elif block.get("pattern") == "mixed":
+                raise bad(f"{where}.pattern", "an N:M pattern like '2:4' (or 'mixed' with "
+                          "'patterns')", "mixed")
         if not isinstance(data["layers"], dict) or not data["layers"]:
             raise bad("layers", "a non-empty object of projection: pattern", data["layers"])
         for name, value in data["layers"].items():

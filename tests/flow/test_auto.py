@@ -260,3 +260,20 @@ def test_best_granularity_keeps_the_candidate_with_the_lowest_calibration_loss(t
     plan = pipeline.make_plan(tiny, tiny_windows, dataclasses.replace(config, target=0.375),
                               progress=False)
     assert set(plan.settings["candidate_losses"]) == {"projection", "block"}
+
+
+def test_an_auto_plan_round_trips_and_a_bare_mixed_block_is_refused(tiny, tiny_windows,
+                                                                    tmp_path):
+    from flexcim.flow.select import Plan
+
+    plan = pipeline.make_plan(tiny, tiny_windows, SelectConfig(
+        method="auto", target=0.375, sens_windows=2, granularity="projection"), progress=False)
+    plan.blocks[1]["pattern"] = "mixed"  # as a block whose projections differ is written
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    assert Plan.load(path).layers == plan.layers
+    data = plan.to_dict()
+    del data["blocks"][1]["patterns"]
+    path.write_text(__import__("json").dumps(data))
+    with pytest.raises(FlexCimError, match=r"blocks\[1\]\.pattern"):
+        Plan.load(path)
