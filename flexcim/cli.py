@@ -23,6 +23,7 @@ log = logging.getLogger("flexcim")
 
 COMMAND_MODULES = (
     "flexcim.cli",
+    "flexcim.golden.energy",
     "flexcim.demo",
     "flexcim.hw.synth",
     "flexcim.hw.export",
