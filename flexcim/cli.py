@@ -27,6 +27,7 @@ log = logging.getLogger("flexcim")
 
 COMMAND_MODULES = (
     "flexcim.cli",
+    "flexcim.golden.energy",
     "flexcim.demo",
     "flexcim.system",
     "flexcim.hw.synth",

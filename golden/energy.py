@@ -491,3 +491,91 @@ def compare(plan, tokens: int, configs: Mapping[str, HwConfig], *,
         }
         for name, cost in costs.items()
     }
+
+
+# ----------------------------------------------------------------------------- pattern table
+
+
+def pattern_energies(configs: Mapping[str, HwConfig], tokens: int = 128, k: int = 576,
+                     c: int = 576) -> list[dict]:
+    """Cycles and energy of one ``[tokens, k] x [c, k]`` layer for every pattern of every
+    macro in ``configs`` (dense activations), to price a pattern set: a richer set costs every
+    pattern more (wider lane selection, more mux levels, more index bits per weight).
+
+    Returns JSON-ready rows ``{"preset", "pattern", "sparsity", "cycles", "energy_pj",
+    "energy_by_action_pj"}``, in the order of ``configs`` and of each macro's patterns.
+    """
+    rows = []
+    for name, cfg in configs.items():
+        for pattern in cfg.patterns:
+            if k % pattern.m:
+                continue
+            cost = layer_cost(cfg, pattern, tokens, k, c)
+            rows.append({"preset": name, "pattern": str(pattern), "sparsity": pattern.sparsity,
+                         "cycles": cost.cycles, "energy_pj": cost.total_pj,
+                         "energy_by_action_pj": cost.energy_pj})
+    return rows
+
+
+def format_pattern_energies(rows: list[dict], reference: str | None = None) -> str:
+    """A Markdown table of :func:`pattern_energies`: one line per pattern (by sparsity), the
+    layer's cycles and its energy in nJ on every preset (``-``: not supported), and, with
+    ``reference`` (another preset), the last preset's energy over the reference's for the same
+    pattern."""
+    presets = list(dict.fromkeys(r["preset"] for r in rows))
+    by = {(r["preset"], r["pattern"]): r for r in rows}
+    patterns = sorted({NMPattern.parse(r["pattern"]) for r in rows},
+                      key=lambda p: (p.sparsity, p.m))
+    if reference == presets[-1]:
+        reference = None
+    head = ["pattern", "sparsity", "cycles", *(f"{p} nJ" for p in presets)]
+    if reference:
+        head.append(f"{presets[-1]} / {reference}")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in patterns:
+        cells = [by.get((name, str(p))) for name in presets]
+        cycles = sorted({r["cycles"] for r in cells if r})
+        line = [str(p), f"{100 * p.sparsity:.1f} %", "/".join(str(v) for v in cycles)]
+        line += [f"{r['energy_pj'] / 1e3:.1f}" if r else "-" for r in cells]
+        if reference:
+            ref, last = by.get((reference, str(p))), cells[-1]
+            line.append(f"{last['energy_pj'] / ref['energy_pj']:.3f}" if ref and last else "-")
+        lines.append("| " + " | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def _energy_cmd(args) -> int:
+    from flexcim.hw.config import preset
+
+    names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    if args.reference and args.reference not in names:
+        raise FlexCimError(f"--reference {args.reference!r} is not one of --presets {names}")
+    rows = pattern_energies({n: preset(n) for n in names}, args.tokens, args.k, args.c)
+    print(f"[{args.tokens} x {args.k}] x [{args.c} x {args.k}] layer, dense activations "
+          f"({ENERGY_45NM.source})\n")
+    print(format_pattern_energies(rows, args.reference or None))
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "energy",
+        help="energy model: cycles and energy of one layer for every pattern of some presets",
+        description="Cycles (golden.perf) and energy (golden.energy, 45 nm) of one "
+        "[tokens x k] x [c x k] layer with dense activations, for every pattern of every "
+        "preset: what a richer pattern set costs each pattern.",
+    )
+    p.add_argument("--presets", default="dense,fixed24,default,flex16",
+                   help="comma-separated presets (default: %(default)s)")
+    p.add_argument("--reference", default="default",
+                   help="preset the last one is compared with per pattern ('' for none)")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--k", type=int, default=576, help="in_features")
+    p.add_argument("--c", type=int, default=576, help="out_features")
+    p.add_argument("--json", metavar="FILE", help="also write the rows there")
+    p.set_defaults(func=_energy_cmd)

@@ -7,7 +7,8 @@ and the golden model.  Pure Python: importing it does not import Amaranth.
 
 Geometry (docs/architecture.md): ``sub_macros`` x ``rows`` cell rows by ``cols`` columns; every
 cell stores ``depth`` (weight, index) words.  One *pass* multiplies one word of every cell with
-one window of activations: pattern N:M covers ``rows_total * M / N`` input channels per pass, so
+one window of activations: pattern N:M covers ``rows_total * M / N`` input channels per pass (an
+integer: N must divide ``rows_total``, so N need not be a power of two), so
 a layer of ``K`` input channels takes ``ceil(K / pass_width)`` passes per token, each lasting
 ``8 / act_bits_per_cycle`` cycles (bit-serial activations).
 """
@@ -65,9 +66,10 @@ class HwConfig:
         Weight words per cell: passes whose weights stay resident, i.e. the longest reduction
         one command can run is ``depth * pass_width(pattern)`` input channels.
     patterns : tuple of NMPattern
-        Patterns the distribution unit supports; must include 1:1 (dense); N and M powers of
-        two, N dividing ``sub_macros * rows``.  Stored sorted by (M, N); the position in this
-        tuple is the pattern code of the command stream.
+        Patterns the distribution unit supports; must include 1:1 (dense); M a power of two,
+        N any divisor of ``sub_macros * rows`` (3:8 on 72 rows passes 72 / 3 groups of 8 = 192
+        input channels).  Stored sorted by (M, N); the position in this tuple is the pattern
+        code of the command stream.
     act_bits_per_cycle : int
         Activation bits fed per cycle, 1, 2, 4 or 8 (1 = bit-serial, 8 = bit-parallel).
     in_lanes : int
@@ -129,8 +131,6 @@ class HwConfig:
         for p in self.patterns:
             if p.is_dense and p.m != 1:
                 raise FlexCimError(f"pattern {p} is dense: list it as 1:1")
-            if not _pow2(p.n):
-                raise FlexCimError(f"pattern {p}: N must be a power of 2 in hardware, not {p.n}")
             if self.rows_total % p.n:
                 raise FlexCimError(
                     f"pattern {p}: N={p.n} must divide the {self.rows_total} cell rows "
@@ -153,9 +153,17 @@ class HwConfig:
         return max(p.m for p in self.patterns)
 
     @property
-    def ratio_max(self) -> int:
-        """Largest ``M / N`` of the supported patterns (ideal speed-up over dense)."""
-        return max(p.m // p.n for p in self.patterns)
+    def ratio_max(self) -> float:
+        """Largest ``M / N`` of the supported patterns (ideal speed-up over dense); not an
+        integer when N is not a power of two (3:8: 8/3)."""
+        return max(p.ideal_speedup for p in self.patterns)
+
+    @property
+    def window_lanes(self) -> int:
+        """Activation lanes of the compute window: the widest pass, ``max(rows_total * M / N)``
+        (``rows_total * ratio_max``; never ``rows_total * max(M // N)``, which is short for 3:8).
+        """
+        return max(self.pass_width(p) for p in self.patterns)
 
     @property
     def index_bits(self) -> int:
@@ -193,9 +201,14 @@ class HwConfig:
         return self.patterns.index(pattern)
 
     def pass_width(self, pattern) -> int:
-        """Input channels covered by one pass: ``rows_total * M / N``."""
+        """Input channels covered by one pass: ``rows_total * M / N``, exact because N divides
+        ``rows_total`` (``rows_total / N`` groups of M channels)."""
         pattern = NMPattern.parse(pattern)
-        return self.rows_total * pattern.m // pattern.n
+        if self.rows_total % pattern.n:
+            raise FlexCimError(
+                f"pattern {pattern}: N={pattern.n} does not divide the {self.rows_total} cell rows"
+            )
+        return self.rows_total // pattern.n * pattern.m
 
     def passes(self, pattern, k: int) -> int:
         """Passes per token for a reduction of ``k`` input channels."""
@@ -297,26 +310,39 @@ lanes load a token of K = 576 (1536) in 6 (16) beats, no more than the 8 (24) co
 1:8, so every pattern stays compute-bound on SmolLM2's projections (64 lanes made 1:8 on K = 576
 input-bound: 9 beats for 8 cycles)."""
 
+# Small enough for amaranth.sim and cocotb in seconds; every M up to 16, 4-bit indices,
+# 2-bit-serial activations, and a 20-bit accumulator so extreme data exercises the wrap.
+_TINY = HwConfig(
+    sub_macros=2,
+    rows=4,
+    cols=4,
+    depth=4,
+    patterns=("1:1", "1:2", "2:4", "1:4", "4:8", "2:8", "1:8", "8:16"),
+    act_bits_per_cycle=2,
+    in_lanes=4,
+    acc_bits=20,
+    max_k=128,
+    max_tokens=255,
+)
+
 PRESETS: dict[str, HwConfig] = {
-    # Small enough for amaranth.sim and cocotb in seconds; every M up to 16, 4-bit indices,
-    # 2-bit-serial activations, and a 20-bit accumulator so extreme data exercises the wrap.
-    "tiny": HwConfig(
-        sub_macros=2,
-        rows=4,
-        cols=4,
-        depth=4,
-        patterns=("1:1", "1:2", "2:4", "1:4", "4:8", "2:8", "1:8", "8:16"),
-        act_bits_per_cycle=2,
-        in_lanes=4,
-        acc_bits=20,
-        max_k=128,
-        max_tokens=255,
-    ),
+    "tiny": _TINY,
     "default": DEFAULT,
     # Baselines built by the same generator with the same cells: a dense DCiM macro (no index
     # storage, no distribution network) and a fixed-2:4 sparse macro.
     "dense": DEFAULT.replace(patterns=("1:1",)),
     "fixed24": DEFAULT.replace(patterns=("1:1", "2:4")),
+    # The default macro with M = 16 (4-bit indices): per-unit sparsity 0, 25, 50, 62.5, 75 and
+    # 87.5 % (12:16, 6:16 need N = 12, 6, which divide the 72 rows).  The largest M/N stays 8,
+    # so the activation window stays 576 lanes; every pass width (72, 96, 144, 192, 288, 576)
+    # divides SmolLM2's 576.  Issue 11: at equal sparsity a larger M prunes more accurately.
+    "flex16": DEFAULT.replace(patterns=("1:1", "2:4", "4:8", "2:8", "1:8", "12:16", "8:16",
+                                        "6:16", "4:16", "2:16")),
+    # tiny with 12 cell rows, so N = 3, 6 and 12 divide them: patterns with N not a power of
+    # two, pass widths 12, 16, 24, 32 and 64 (not all multiples of each other).
+    "tiny3": _TINY.replace(
+        rows=6, patterns=("1:1", "3:4", "2:4", "6:8", "3:8", "12:16", "6:16", "3:16")
+    ),
 }
 
 

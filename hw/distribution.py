@@ -34,7 +34,7 @@ class Distribution(wiring.Component):
         Cell rows fed (all sub-macros together).
     patterns : sequence of NMPattern or str
         Supported patterns; pattern code ``i`` selects ``patterns[i]``.  N must divide
-        ``rows``.
+        ``rows`` (any N, not only powers of two: 3:8 on 12 rows is 4 groups of 8 lanes).
     slice_bits : int
         Bits per lane (the activation bit-slice of the cycle).
     activity : bool
@@ -45,7 +45,7 @@ class Distribution(wiring.Component):
     code : In
         Pattern code (absent with a single pattern: no mux at all).
     window : In, ``window_lanes`` x unsigned ``slice_bits``
-        The pass window; ``window_lanes = rows * max(M/N)``.
+        The pass window; ``window_lanes`` is the widest pass, ``max(rows * M / N)``.
     lanes : Out, ``rows`` x ``max M`` x unsigned ``slice_bits``
         Row ``r``'s lane ``i``; lanes ``i >= M`` of the selected pattern are 0.
     driven : Out, ``rows`` x ``max M`` bits (only with ``activity``)
@@ -79,7 +79,9 @@ class Distribution(wiring.Component):
 
     @property
     def window_lanes(self) -> int:
-        return self._rows * max(p.m // p.n for p in self._patterns)
+        """The widest pass: ``rows / N`` groups of M lanes (exact: N divides ``rows``), not
+        ``rows * (M // N)``, which is short when N is not a power of two."""
+        return max(self._rows // p.n * p.m for p in self._patterns)
 
     def elaborate(self, platform):
         m = Module()

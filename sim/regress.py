@@ -187,12 +187,18 @@ def run_case(case: Case, *, seed: int | None = None, testcase: str | None = None
 SWEEP_PRESETS = {
     # The tiny preset with every pattern family (M up to 16, bandwidth-bound dense, wraps).
     "tiny": ["1:1", "1:2", "2:4", "1:4", "4:8", "2:8", "1:8", "8:16"],
+    # 12 cell rows: N = 3, 6 and 12 (not powers of two), pass widths 12..64.
+    "tiny3": ["1:1", "3:4", "2:4", "6:8", "3:8", "12:16", "6:16", "3:16"],
     # The SmolLM2-sized default with the patterns FLOW chooses between.
     "default": ["1:1", "2:4", "1:4", "4:8", "2:8", "1:8"],
+    # default with M = 16 (4-bit indices, 10 pattern codes).
+    "flex16": ["1:1", "2:4", "4:8", "2:8", "1:8", "12:16", "8:16", "6:16", "4:16", "2:16"],
 }
 
+SWEEP_ACT = {"tiny": ("2:4", "8:16"), "tiny3": ("3:8", "8:16")}
+"""Per preset, one (weight pattern, activation pattern) case with pruned activations."""
 
-SWEEP_SIMULATORS = {"default": ("verilator",)}
+SWEEP_SIMULATORS = {"default": ("verilator",), "flex16": ("verilator",)}
 """Presets not swept on every simulator.  Icarus runs the default preset (5 MB of Verilog, 3072
 activation-buffer registers evaluated event by event) at a few cycles per second: its first
 sweep case (1:1, 3 x 288 x 24, 772 cycles unstalled) had not finished its two tests after 7.5
@@ -203,7 +209,7 @@ def sweep(sims=runner.SIMULATORS, presets=SWEEP_PRESETS) -> list[Case]:
     """The ``make regress`` sweep: presets x patterns x simulators (:data:`SWEEP_SIMULATORS`
     limits some presets), with K spanning several passes and, where the preset's depth allows,
     several commands (K chunks and column tiles), plus 8:16 activation pruning on one pattern
-    per preset."""
+    per tiny preset (:data:`SWEEP_ACT`)."""
     cases = []
     for name, patterns in presets.items():
         cfg = preset(name)
@@ -212,14 +218,14 @@ def sweep(sims=runner.SIMULATORS, presets=SWEEP_PRESETS) -> list[Case]:
             p = NMPattern.parse(pattern)
             k = min(2 * cfg.max_k_for(p), 4 * cfg.pass_width(p))
             k = max(p.m, k // p.m * p.m)
-            tokens = 5 if name == "tiny" else 3
+            tokens = 5 if name.startswith("tiny") else 3
             for sim in preset_sims:
                 cases.append(Case(sim, name, pattern, tokens, k, cfg.cols + cfg.cols // 2))
-        act = "8:16" if name == "tiny" else None
-        if act:
+        if name in SWEEP_ACT:
+            pattern, act = SWEEP_ACT[name]
             for sim in preset_sims:
-                cases.append(Case(sim, name, patterns[2], 4, 4 * cfg.pass_width(patterns[2]),
-                                  cfg.cols, act_pattern=act))
+                cases.append(Case(sim, name, pattern, 4, 4 * cfg.pass_width(pattern), cfg.cols,
+                                  act_pattern=act))
     return cases
 
 

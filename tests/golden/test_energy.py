@@ -273,3 +273,43 @@ def test_layer_events_count_what_the_model_multiplies():
     assert total["buffer_write"] == events["act_beats"] * TINY.in_lanes * 8
     assert total["weight_write"] == events["weight_beats"] * TINY.cols * (8 + 4)
     assert total["distribution"] == (events["route_bits"] + events["select_muxes"]) * 2
+
+
+def test_pattern_energies_price_the_pattern_set():
+    configs = {name: PRESETS[name] for name in ("default", "flex16")}
+    rows = energy.pattern_energies(configs, tokens=4, k=576, c=32)
+    assert [(r["preset"], r["pattern"]) for r in rows] == [
+        (name, str(p)) for name, cfg in configs.items() for p in cfg.patterns]
+    by = {(r["preset"], r["pattern"]): r for r in rows}
+    for (name, pattern), row in by.items():
+        cost = energy.layer_cost(configs[name], pattern, 4, 576, 32)
+        assert row["cycles"] == cost.cycles and row["energy_pj"] == pytest.approx(cost.total_pj)
+    for pattern in ("1:1", "2:4", "1:8"):
+        d, f = by["default", pattern], by["flex16", pattern]
+        # Same geometry, same cycles; the M = 16 set pays a 16:1 lane selection instead of 8:1,
+        # 4 mux levels instead of 3 (10 codes) and a 4-bit index per weight instead of 3.
+        assert f["cycles"] == d["cycles"]
+        for action in ("cell_mac", "adder_tree", "buffer_read", "buffer_write"):
+            assert f["energy_by_action_pj"][action] == d["energy_by_action_pj"][action]
+        fd, dd = f["energy_by_action_pj"], d["energy_by_action_pj"]
+        assert fd["distribution"] >= dd["distribution"]  # deeper one-hot routing, 16:1 taps
+        assert fd["weight_write"] / dd["weight_write"] == pytest.approx(12 / 11)
+    # 12:16 (25 %) on flex16: 6 passes of 96 channels per token instead of 8 of 72.
+    assert by["flex16", "12:16"]["cycles"] < by["flex16", "1:1"]["cycles"]
+    table = energy.format_pattern_energies(rows, "default")
+    assert "| 12:16 | 25.0 % |" in table and table.count("\n") == 1 + 11
+
+
+def test_pattern_energies_cli(capsys, tmp_path):
+    from flexcim.cli import main
+
+    out = tmp_path / "rows.json"
+    assert main(["energy", "--presets", "fixed24,default", "--tokens", "2", "--c", "16",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| 1:8 | 87.5 % |" in text and "| default / default |" not in text
+    assert len(json.loads(out.read_text())) == 2 + 6
+    assert main(["energy", "--presets", "dense"]) == 2
+    assert "--reference 'default' is not one of --presets ['dense']" in capsys.readouterr().err
+    assert main(["energy", "--tokens", "0"]) == 2
+    assert "tokens must be a positive integer, not 0" in capsys.readouterr().err

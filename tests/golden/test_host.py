@@ -19,9 +19,10 @@ def random_layer(rng, pattern, t, k, c, extreme=False):
     return x, NMTensor.compress(nm_prune(w, pattern), pattern)
 
 
-@pytest.mark.parametrize("pattern", [str(p) for p in preset("tiny").patterns])
-def test_model_and_host_match_sparse_matmul_on_every_tiny_pattern(pattern):
-    cfg = preset("tiny").replace(max_tokens=3)
+@pytest.mark.parametrize("name, pattern", [(name, str(p)) for name in ("tiny", "tiny3")
+                                           for p in preset(name).patterns])
+def test_model_and_host_match_sparse_matmul_on_every_tiny_pattern(name, pattern):
+    cfg = preset(name).replace(max_tokens=3)
     rng = np.random.default_rng(abs(hash(pattern)) % 2**32)
     m = int(pattern.split(":")[1])
     # K spans several chunks (max_k_for of 1:1 is 32), C several column tiles, T several blocks.

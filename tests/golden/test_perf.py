@@ -61,6 +61,12 @@ def tick_model(cfg, cmd):
             ["tiny"], [1, 2, 8], [("1:1", 32), ("1:8", 64), ("8:16", 20 * 16 // 10)],
             [1, 2, 5], [True, False],
         )
+    ] + [
+        # N not a power of two: pass widths 32, 16 and 32 on 12 rows (K over 2-4 passes)
+        ("tiny3", b, p, k, t, True)
+        for b, (p, k), t in itertools.product(
+            [1, 8], [("3:8", 80), ("12:16", 64), ("6:16", 64)], [1, 3],
+        )
     ],
 )
 def test_command_timing_matches_a_cycle_by_cycle_walk(name, act_bits, pattern, k, tokens, load):

@@ -23,6 +23,37 @@ def test_default_geometry_fits_smollm2_hidden_width():
     assert DEFAULT.passes("2:4", 576) == 4 and DEFAULT.passes("1:4", 577) == 3
 
 
+def test_n_need_not_be_a_power_of_two_and_pass_widths_are_exact():
+    cfg = DEFAULT.replace(patterns=("1:1", "3:4", "6:8", "3:8", "12:16", "9:16"))
+    # rows_total * M / N, written out: 72 rows are 24 groups of 3 (3:4, 3:8) etc.
+    widths = {"1:1": 72, "3:4": 96, "6:8": 96, "3:8": 192, "12:16": 96, "9:16": 128}
+    assert {str(p): cfg.pass_width(p) for p in cfg.patterns} == widths
+    # The window spans the widest pass: 192, where rows * max(M // N) would give 72 * 2 = 144.
+    assert cfg.window_lanes == 192 and cfg.ratio_max == pytest.approx(8 / 3)
+    assert cfg.passes("3:8", 576) == 3 and cfg.passes("9:16", 576) == 5  # 4.5 passes round up
+    assert cfg.max_k_for("3:8") == min(cfg.max_k, 8 * 192) and cfg.index_bits == 4
+    with pytest.raises(FlexCimError, match="pattern 5:8: N=5 does not divide the 72 cell rows"):
+        cfg.pass_width("5:8")
+
+
+def test_flex16_is_default_with_m16_and_the_same_window():
+    flex = preset("flex16")
+    assert flex.replace(patterns=DEFAULT.patterns) == DEFAULT
+    assert sorted(round(p.sparsity, 4) for p in flex.patterns if p.m == 16) == [
+        0.25, 0.5, 0.625, 0.75, 0.875]
+    assert flex.index_bits == 4 and flex.pattern_bits == 4
+    assert flex.window_lanes == DEFAULT.window_lanes == 576 and flex.ratio_max == 8
+    for p in flex.patterns:
+        assert 576 % flex.pass_width(p) == 0, p  # no partial passes on SmolLM2's K = 576
+
+
+def test_tiny3_has_patterns_with_n_not_a_power_of_two():
+    cfg = preset("tiny3")
+    assert cfg.rows_total == 12
+    assert {p.n for p in cfg.patterns} >= {3, 6, 12}
+    assert cfg.window_lanes == 64 and cfg.pass_width("3:8") == 32 and cfg.pass_width("3:4") == 16
+
+
 def test_baselines_share_the_cells_of_default():
     dense, fixed = preset("dense"), preset("fixed24")
     assert dense.cells == fixed.cells == DEFAULT.cells
@@ -49,7 +80,8 @@ def test_patterns_are_canonically_ordered_and_coded():
         ({"max_k": 100}, "max_k must be a positive multiple of in_lanes=96, not 100"),
         ({"patterns": ("2:4",)}, "patterns must include 1:1"),
         ({"patterns": ("1:1", "4:4")}, "pattern 4:4 is dense: list it as 1:1"),
-        ({"patterns": ("1:1", "3:4")}, "N must be a power of 2 in hardware, not 3"),
+        ({"patterns": ("1:1", "5:8")}, "pattern 5:8: N=5 must divide the 72 cell rows"),
+        ({"patterns": ("1:1", "3:6")}, "N:M pattern M must be a power of two from 1 to 32, not 6"),
         ({"rows": 3, "sub_macros": 1}, "pattern 2:4: N=2 must divide the 3 cell rows"),
         ({"cols": "8"}, "HwConfig cols must be an integer, not '8'"),
     ],

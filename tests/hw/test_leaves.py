@@ -190,9 +190,11 @@ def test_sub_macro_registers_column_sums():
     run(dut, bench)
 
 
-def test_distribution_routes_every_tiny_pattern_like_the_spec():
-    cfg = preset("tiny")
+@pytest.mark.parametrize("name", ["tiny", "tiny3"])
+def test_distribution_routes_every_tiny_pattern_like_the_spec(name):
+    cfg = preset(name)  # tiny3: N = 3, 6, 12 on 12 rows
     dut = Distribution(rows=cfg.rows_total, patterns=cfg.patterns, slice_bits=2)
+    assert dut.window_lanes == max(cfg.rows_total * p.m // p.n for p in cfg.patterns)
     rng = np.random.default_rng(3)
     window = rng.integers(0, 4, size=dut.window_lanes)
 

@@ -29,6 +29,10 @@ CASES = [
     # compiled as SystemVerilog (see tests/sim/test_runner.py).
     Case("icarus", "tiny", "1:1", 5, 32, 5),
     Case("icarus", "tiny", "4:8", 3, 48, 4),
+    # N not a power of two (12 cell rows): 3:8 over 3 passes of 32 and two column tiles;
+    # 12:16 over two K chunks (max_k_for = 4 words x 16).
+    Case("verilator", "tiny3", "3:8", 4, 96, 6),
+    Case("icarus", "tiny3", "12:16", 3, 80, 4),
 ]
 
 
@@ -152,9 +156,14 @@ def test_sweep_every_tiny_pattern_on_both_simulators_default_on_verilator():
     from flexcim.sim.regress import SWEEP_PRESETS, sweep
 
     cases = sweep()
-    tiny = {(c.sim, c.pattern) for c in cases if c.preset == "tiny"}
-    assert tiny == {(s, p) for s in runner.SIMULATORS for p in SWEEP_PRESETS["tiny"]}
-    assert {c.sim for c in cases if c.preset == "default"} == {"verilator"}
+    for name in ("tiny", "tiny3"):
+        tiny = {(c.sim, c.pattern) for c in cases if c.preset == name}
+        assert tiny == {(s, p) for s in runner.SIMULATORS for p in SWEEP_PRESETS[name]}
+        assert set(SWEEP_PRESETS[name]) == {str(p) for p in preset(name).patterns}
+    for name in ("default", "flex16"):
+        assert {c.sim for c in cases if c.preset == name} == {"verilator"}
+        assert {c.pattern for c in cases if c.preset == name} == {
+            str(p) for p in preset(name).patterns}
     assert len({c.name for c in cases}) == len(cases)
 
 
