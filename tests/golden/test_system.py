@@ -265,3 +265,36 @@ def test_seven_b_plan_under_one_second():
     padded = 32 * (4 * 4096 * 4104 + 2 * 11008 * 4104 + 4096 * 11016) + 32000 * 4104
     assert result["dense"]["decode"]["weight_bits"] == 8 * padded
     assert result["dense"]["decode"]["energy_vs_flexcim"] > 1
+
+
+def test_map_plan_reads_an_auto_plan_with_mixed_blocks():
+    """An auto plan gives a block's projections different patterns: its flow form says
+    "mixed", its energy form has one entry per pattern group of the block."""
+    q, down = "model.layers.{}.self_attn.q_proj", "model.layers.{}.mlp.down_proj"
+    shape = dataclasses.replace(TOY, layers=2)
+    flow_plan = {"format": "flexcim-plan", "blocks": [
+        {"index": i, "name": f"model.layers.{i}", "pattern": "mixed"} for i in range(2)],
+        "layers": {n.format(i): p for i in range(2) for n, p in ((q, "4:8"), (down, "1:1"))}}
+    with pytest.raises(FlexCimError, match="no pattern for the self_attn.k_proj"):
+        system.map_plan(flow_plan, shape)  # a mixed block must name every projection
+    kinds = [k for k in shape.linears()]
+    flow_plan["layers"] = {f"model.layers.{i}.{k}": ("4:8" if k == "self_attn.q_proj" else "2:8")
+                           for i in range(2) for k in kinds}
+    layers = system.map_plan(flow_plan, shape)
+    assert sorted((lay.name, str(lay.pattern), len(lay.linears)) for lay in layers) == [
+        ("model.layers.0", "2:8", 6), ("model.layers.0", "4:8", 1),
+        ("model.layers.1", "2:8", 6), ("model.layers.1", "4:8", 1)]
+    # energy form: two entries for block 0 (merged into one block), one for block 1
+    energy_plan = {"layers": [
+        {"name": "model.layers.0[q_proj]", "pattern": "2:4", "mask_24": True,
+         "linears": {q.format(0): [16, 16]}},
+        {"name": "model.layers.0[down_proj]", "pattern": "1:1", "mask_24": False,
+         "linears": {down.format(0): [16, 16]}},
+        {"name": "model.layers.1", "pattern": "1:8", "mask_24": False,
+         "linears": {q.format(1): [16, 16]}}]}
+    layers = system.map_plan(energy_plan, shape)
+    by = {(lay.name, str(lay.pattern)): lay for lay in layers}
+    assert set(by) == {("model.layers.0", "2:4"), ("model.layers.0", "1:1"),
+                       ("model.layers.1", "1:8")}
+    assert [n for n, _, _ in by["model.layers.0", "1:1"].linears] == [down.format(0)]
+    assert by["model.layers.0", "2:4"].mask_24 and not by["model.layers.0", "1:1"].mask_24
