@@ -286,24 +286,39 @@ class CellHarness(Harness):
         m.d.comb += [hdl.Assume(dut.waddr < cfg.depth), hdl.Assume(dut.raddr < cfg.depth)]
         addr = self.free(m, dut.waddr.shape(), "addr", const=True)
         m.d.comb += hdl.Assume(addr < cfg.depth)
-        word = hdl.Signal(word_layout(cols=cfg.cols, index_bits=cfg.index_bits), name="shadow")
+        layout = word_layout(cols=cfg.cols, index_bits=cfg.index_bits)
+        word = hdl.Signal(layout, name="shadow")
         known = hdl.Signal(name="known")
-        with m.If(dut.we & (dut.waddr == addr)):
+        writing = dut.we & (dut.waddr == addr)
+        with m.If(writing):
             m.d.sync += [word.eq(dut.wdata), known.eq(1)]
-        lanes = 1 << cfg.index_bits
-        with m.If(known & (dut.raddr == addr)):
+        # Synchronous read: the word addressed in cycle t (read through a write of the same
+        # cycle) multiplies the lanes of cycle t + 1.
+        hit = hdl.Signal(name="hit")
+        read = hdl.Signal(layout, name="read")
+        m.d.sync += [hit.eq((known | writing) & (dut.raddr == addr)),
+                     read.eq(hdl.Mux(writing, dut.wdata, word))]
+        # The tap: one-hot over the tree levels the patterns use; level L selects lane
+        # index mod 2**L (level 0, 1:1: lane 0, the bypass).
+        taps = dut.taps if hasattr(dut, "taps") else (cfg.index_bits,)
+        tap = dut.tap if len(taps) > 1 else None
+        if tap is not None:
+            m.d.comb += tap.eq(self.free(m, tap.shape(), "tap"))
+            m.d.comb += hdl.Assume((tap != 0) & ((tap & (tap - 1)) == 0))
+        with m.If(hit):
             for c in range(cfg.cols):
                 picked = hdl.Signal(b, name=f"picked{c}")
-                if cfg.index_bits:
-                    m.d.comb += picked.eq(sum(hdl.Mux(word.indices[c] == j, dut.lanes[j], 0)
-                                              for j in range(lanes)))
-                else:
-                    m.d.comb += picked.eq(dut.lanes[0])
+                choices = []
+                for t, level in enumerate(taps):
+                    lane = sum(hdl.Mux(read.indices[c][:level] == j, dut.lanes[j], 0)
+                               for j in range(1 << level)) if level else dut.lanes[0]
+                    choices.append(hdl.Mux(tap[t] if tap is not None else 1, lane, 0))
+                m.d.comb += picked.eq(sum(choices))
                 # The top slice is two's complement: subtract 2**b when its sign bit is set.
                 digit = hdl.Signal(hdl.signed(b + 2), name=f"digit{c}")
                 m.d.comb += digit.eq(picked - hdl.Mux(dut.top & picked[b - 1], 1 << b, 0))
                 want = hdl.Signal(hdl.signed(WEIGHT_BITS + b + 2), name=f"want{c}")
-                m.d.comb += want.eq(word.values[c] * digit)
+                m.d.comb += want.eq(read.values[c] * digit)
                 m.d.comb += hdl.Assert(dut.products[c] == want)
 
 

@@ -243,7 +243,7 @@ def _plan(tmp_path, **changes):
 @pytest.mark.parametrize("changes, message", [
     ({"settings": [1, 2]}, "field 'settings' must be an object, not [1, 2]"),  # was AttributeError
     ({"settings": {"metric": "best"}}, "field 'settings.metric' must be one of"),
-    ({"method": "magic"}, "field 'method' must be one of uniform, owl, flow, not 'magic'"),
+    ({"method": "magic"}, "field 'method' must be one of auto, uniform, owl, flow, not 'magic'"),
     ({"achieved_sparsity": "half"}, "field 'achieved_sparsity' must be a number from 0 to 1"),
     ({"target_sparsity": 1.5}, "field 'target_sparsity' must be a number from 0 to 1, not 1.5"),
     ({"exact": "yes"}, "field 'exact' must be true or false"),
