@@ -2,7 +2,7 @@ import json
 
 import pytest
 from flexcim.hw import tools
-from flexcim.hw.config import HwConfig, preset
+from flexcim.hw.config import PRESETS, HwConfig, preset
 from flexcim.hw.export import export
 
 from flexcim.cli import main
@@ -56,7 +56,7 @@ def test_config_file_overrides_and_top_name(tmp_path, capsys):
     assert main(["verilog", "--preset", "tiny", "--top", "9x", "-o", str(out)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-3:] == [
-        "flexcim: error: unknown preset 'huge'; expected one of tiny, default, dense, fixed24",
+        f"flexcim: error: unknown preset 'huge'; expected one of {', '.join(PRESETS)}",
         f"flexcim: error: output directory {str(tmp_path / 'no')!r} does not exist",
         "flexcim: error: --top must be a Verilog identifier, not '9x'",
     ]
