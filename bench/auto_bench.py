@@ -4,8 +4,9 @@ Everything is measured in this run on the bundled SmolLM2-135M and written to
 ``out/bench/auto/auto_bench.json`` with a plot (``auto_vs_baselines.png``):
 
 1. **Sensitivity** (:func:`flexcim.flow.auto.measure_sensitivity`) on the first
-   ``--sens-windows`` calibration windows, once, for the patterns of the ``default`` macro and of
-   the fixed-2:4 macro (2:4, 4:8, 2:8, 1:8); every plan below reuses it.
+   ``--sens-windows`` calibration windows, once, for the levels of the ``default`` macro and of
+   the fixed-2:4 macro (2:4, 4:8, 2:8, 1:8; ``--extra-macros flex16`` adds its M = 16 levels);
+   every plan below reuses it.
 2. **Validation** (*Emma*): every ``auto`` variant (granularity ``best``, ``projection``,
    ``block``) and every baseline variant at
    every target, Wanda one-shot from the dense statistics; the variant of each method with the
@@ -39,8 +40,8 @@ from flexcim.report import pyplot
 log = logging.getLogger("flexcim.bench")
 
 TARGETS = (0.25, 0.375, 0.5, 0.625, 0.75)
-MEASURED = ("1:1", "2:4", "4:8", "2:8", "1:8")
-"""Patterns whose sensitivity is measured: the ``default`` macro's levels and ``fixed24``'s."""
+MACROS = ("default", "fixed24")
+"""Macros whose ``auto`` plans are tested (``--extra-macros flex16`` adds the M = 16 set)."""
 
 
 def _geomean(values) -> float:
@@ -71,6 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--val-windows", type=int, default=8)
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
     parser.add_argument("--skip-sparsegpt", action="store_true")
+    parser.add_argument("--extra-macros", default="", metavar="P,P",
+                        help="presets whose auto plans are also tested, e.g. flex16 (their "
+                             "levels are added to the sensitivity measurement)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(2)
@@ -83,7 +87,6 @@ def main(argv=None) -> int:
     from flexcim.flow.model import linear_layers
     from flexcim.flow.select import SelectConfig
     from flexcim.flow.text import token_windows
-    from flexcim.golden.nm import NMPattern
     from flexcim.hw.config import PRESETS
 
     started = time.perf_counter()
@@ -118,8 +121,16 @@ def main(argv=None) -> int:
                             keep_hessians=not args.skip_sparsegpt)
     result["dense"] = {key: perplexity(model, w, progress=False) for key, w in windows.items()}
     log.info("dense perplexity %s", result["dense"])
-    sens = auto.measure_sensitivity(model, cw[: args.sens_windows],
-                                    tuple(NMPattern.parse(p) for p in MEASURED))
+    macros = [*MACROS, *(p for p in args.extra_macros.split(",") if p.strip())]
+    unknown = [p for p in macros if p not in PRESETS]
+    if unknown:
+        raise FlexCimError(f"--extra-macros: unknown preset {unknown[0]!r}; expected some of "
+                           f"{', '.join(PRESETS)}")
+    widths = sorted({m.in_features for m in layers.values()})
+    measured = sorted({p for name in macros for p in auto.levels_of(PRESETS[name].patterns,
+                                                                      widths)},
+                      key=lambda p: (p.sparsity, p.m))
+    sens = auto.measure_sensitivity(model, cw[: args.sens_windows], tuple(measured))
     result["sensitivity"] = sens.to_dict()
     save()
 
@@ -188,7 +199,7 @@ def main(argv=None) -> int:
     tests = []
     metrics = ["wanda"] + ([] if args.skip_sparsegpt else ["sparsegpt"])
     for t in targets:
-        plans = [("auto", chosen["auto"], "default"), ("auto", chosen["auto"], "fixed24"),
+        plans = [*(("auto", chosen["auto"], name) for name in macros),
                  ("uniform", chosen["uniform"][str(t)], "default"),
                  ("owl", chosen["owl"], "default"), ("flow", chosen["flow"], "default")]
         for method, v, macro in plans:
@@ -242,7 +253,7 @@ def _plot(result: dict, out: pathlib.Path) -> None:
         series: dict = {}
         for r in result["test"]:
             if r["metric"] == metric:
-                label = r["method"] if r["macro"] == "default" else f"{r['method']} on {{1:1, 2:4}}"
+                label = r["method"] if r["macro"] == "default" else f"{r['method']} on {r['macro']}"
                 series.setdefault(label, []).append((r["achieved"], r["ppl_test"]))
         for label, pts in series.items():
             ax.plot(*zip(*sorted(pts), strict=True), marker="o", label=label)
