@@ -184,7 +184,9 @@ def test_sigint_at_any_moment_leaves_old_or_new_result(tmp_path):
         if proc.returncode == 0:
             assert np.array_equal(y, expected)
         else:
-            assert proc.returncode == 130 and (
+            # 130: the command caught it; -SIGINT: it arrived after main() had restored the
+            # default handler on its way out (seen once in CI), the result already complete
+            assert proc.returncode in (130, -signal.SIGINT) and (
                 np.array_equal(y, old) or np.array_equal(y, expected))
         assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npy", "x.npy", "y.npy"]
     assert 130 in codes  # at least one run was interrupted
