@@ -35,6 +35,7 @@ import time
 import torch
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_path, atomic_write
 from flexcim.report import pyplot
 
 log = logging.getLogger("flexcim.bench")
@@ -109,9 +110,7 @@ def main(argv=None) -> int:
     dense_weights = {n: m.weight.detach().clone() for n, m in layers.items()}
 
     def save() -> None:
-        tmp = out / "auto_bench.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, out / "auto_bench.json")
+        atomic_write(out / "auto_bench.json", json.dumps(result, indent=1) + "\n")
 
     def restore() -> None:
         for n, m in layers.items():
@@ -263,7 +262,8 @@ def _plot(result: dict, out: pathlib.Path) -> None:
         ax.set_title(f"{metric}, {result['text']}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "auto_vs_baselines.png", dpi=120)
+    with atomic_path(out / "auto_vs_baselines.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 if __name__ == "__main__":

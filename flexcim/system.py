@@ -7,9 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_write, check_output
 
 
 def read_plan(path: str):
@@ -24,19 +24,8 @@ def read_plan(path: str):
 
 
 def write_json(path: str, data) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise FlexCimError(f"output directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write ``data`` as JSON to ``path`` atomically (:func:`flexcim.fileio.atomic_write`)."""
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def table_rows(result: dict, phase: str) -> list[list]:
@@ -59,6 +48,8 @@ def _system(args: argparse.Namespace) -> int:
     from flexcim.hw.config import HwConfig, preset
     from flexcim.report import markdown_table
 
+    if args.json:
+        check_output(args.json, "--json", inputs=[args.plan])
     shape = system.load_model_shape(args.model_config)
     plan = read_plan(args.plan) if args.plan else args.pattern
     cfg = HwConfig.load(args.config) if args.config else preset(args.preset)

@@ -547,18 +547,19 @@ def format_pattern_energies(rows: list[dict], reference: str | None = None) -> s
 def _energy_cmd(args) -> int:
     from flexcim.hw.config import preset
 
+    from flexcim.fileio import atomic_write, check_output
+
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
     if args.reference and args.reference not in names:
         raise FlexCimError(f"--reference {args.reference!r} is not one of --presets {names}")
+    if args.json:
+        check_output(args.json, "--json")
     rows = pattern_energies({n: preset(n) for n in names}, args.tokens, args.k, args.c)
     print(f"[{args.tokens} x {args.k}] x [{args.c} x {args.k}] layer, dense activations "
           f"({ENERGY_45NM.source})\n")
     print(format_pattern_energies(rows, args.reference or None))
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(rows, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write(args.json, json.dumps(rows, indent=2))
     return 0
 
 

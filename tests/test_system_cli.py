@@ -24,7 +24,17 @@ def test_system_prints_and_writes_json(tmp_path, capsys):
     assert result["dense"]["decode"]["weight_bits"] > result["fixed24"]["decode"]["weight_bits"] \
         > decode["weight_bits"]
     assert result["fixed24"]["prefill"]["latency_vs_flexcim"] > 1
-    assert not list(tmp_path.glob(".tmp-*"))  # the temporary file was renamed into place
+    # the temporary file was renamed into place: only the plan and the result are left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "sys.json"]
+
+
+def test_system_json_output_is_checked_before_any_work(tmp_path, capsys):
+    out = tmp_path / "missing" / "sys.json"
+    assert main(["system", "--model-config", "smollm2-135m", "--pattern", "2:4",
+                 "--json", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert f"output directory {str(out.parent)!r} does not exist" in captured.err
+    assert captured.out == ""  # refused before the model ran
 
 
 @pytest.mark.parametrize(("args", "message"), [

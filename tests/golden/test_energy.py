@@ -313,3 +313,8 @@ def test_pattern_energies_cli(capsys, tmp_path):
     assert "--reference 'default' is not one of --presets ['dense']" in capsys.readouterr().err
     assert main(["energy", "--tokens", "0"]) == 2
     assert "tokens must be a positive integer, not 0" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]  # no temporary left
+    assert main(["energy", "--presets", "dense", "--reference", "",
+                 "--json", str(tmp_path / "no" / "rows.json")]) == 2
+    captured = capsys.readouterr()
+    assert "output directory" in captured.err and captured.out == ""  # before any work
