@@ -437,19 +437,17 @@ def stage_flow(ctx: Context) -> None:
     activations."""
     import torch
 
-    from flexcim.flow import calib
+    from flexcim.flow import auto, calib
     from flexcim.flow import pipeline as fp
     from flexcim.flow.act import ActConfig, activation_pruning, pruned_mac_share
     from flexcim.flow.model import linear_layers
+    from flexcim.golden.nm import NMPattern
 
     args = ctx.args
     session = fp.load()
     model = session.model
     windows = fp.calibration_windows(session, count=args.calib_windows, seed=args.seed)
     stats = calib.calibrate(model, windows, progress=True)
-    from flexcim.flow import auto
-    from flexcim.golden.nm import NMPattern
-
     log.info("auto: measuring the sensitivity of every block and projection kind")
     sensitivity = auto.measure_sensitivity(model, windows[:SENS_WINDOWS],
                                            tuple(NMPattern.parse(p) for p in SENS_PATTERNS))

@@ -467,14 +467,14 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
             "patterns": {k: str(p) for k, p in own.items()},
             "sparsity": sum(params[n] * patterns[n].sparsity for n in b.linears)
             / sum(params.values()),
-            "cost": sum(costs[n][[str(x) for x in levels].index(str(patterns[n]))]
+            "cost": sum(costs[n][sensitivity.levels.index(str(patterns[n]))]
                         for n in b.linears),
             "block_cost": dict(zip(sensitivity.levels, sensitivity.block_cost[b.index],
                                    strict=True)),
         })
         layers.update({n: str(patterns[n]) for n in b.linears})
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    settings["candidates"] = [str(p) for p in levels]
+    settings["candidates"] = sensitivity.levels
     if config.hw_config is not None:
         settings["hw_config"] = config.hw_config.to_dict()
     settings["chosen"] = chosen
