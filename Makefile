@@ -82,7 +82,7 @@ clean:
 	rm -rf build out .pytest_cache .hypothesis
 
 # Every preset (or PRESET=NAME) into build/verilog/<preset>/flexcim.{v,json,core}, Verilator-linted.
-VERILOG_PRESETS = $(if $(PRESET),$(PRESET),tiny tiny3 default flex16 dense fixed24)
+VERILOG_PRESETS = $(if $(PRESET),$(PRESET),tiny tiny3 default flex8 dense fixed24)
 verilog: $(STAMP)
 	@for p in $(VERILOG_PRESETS); do \
 	  mkdir -p build/verilog/$$p; \

@@ -5,8 +5,8 @@ Everything is measured in this run on the bundled SmolLM2-135M and written to
 
 1. **Sensitivity** (:func:`flexcim.flow.auto.measure_sensitivity`) on the first
    ``--sens-windows`` calibration windows, once, for the levels of the ``default`` macro and of
-   the fixed-2:4 macro (2:4, 4:8, 2:8, 1:8; ``--extra-macros flex16`` adds its M = 16 levels);
-   every plan below reuses it.
+   the fixed-2:4 macro (2:4, 12:16, 8:16, 6:16, 4:16, 2:16; ``--extra-macros flex8`` adds the
+   M = 8 levels of the macro without M = 16); every plan below reuses it.
 2. **Validation** (*Emma*): every ``auto`` variant (granularity ``best``, ``projection``,
    ``block``) and every baseline variant at
    every target, Wanda one-shot from the dense statistics; the variant of each method with the
@@ -42,7 +42,7 @@ log = logging.getLogger("flexcim.bench")
 
 TARGETS = (0.25, 0.375, 0.5, 0.625, 0.75)
 MACROS = ("default", "fixed24")
-"""Macros whose ``auto`` plans are tested (``--extra-macros flex16`` adds the M = 16 set)."""
+"""Macros whose ``auto`` plans are tested (``--extra-macros flex8`` adds the M <= 8 set)."""
 
 
 def _geomean(values) -> float:
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
     parser.add_argument("--skip-sparsegpt", action="store_true")
     parser.add_argument("--extra-macros", default="", metavar="P,P",
-                        help="presets whose auto plans are also tested, e.g. flex16 (their "
+                        help="presets whose auto plans are also tested, e.g. flex8 (their "
                              "levels are added to the sensitivity measurement)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -329,9 +329,11 @@ def stage_system(ctx: Context) -> None:
 # -------------------------------------------------------------------- N:M selection on SmolLM2
 DEMO_TARGETS = (0.25, 0.375, 0.5, 0.625, 0.75)  # mean weight sparsity targets of the sweep
 DEMO_TARGET = 0.5               # the plan that goes to the hardware
-UNIFORM = {0.25: "6:8", 0.375: "5:8", 0.5: "4:8", 0.625: "3:8", 0.75: "2:8"}  # any N, M = 8
+UNIFORM = {0.25: "12:16", 0.375: "10:16", 0.5: "8:16", 0.625: "6:16", 0.75: "4:16"}
+"""The uniform baseline: one N:16 at the target, any N (what a GPU kernel could run); measured
+more accurate than N:8 at every target (docs/flow.md)."""
 ACT_PATTERN = "8:16"            # Amber-style prefill activation pruning
-SENS_PATTERNS = ("1:1", "2:4", "4:8", "2:8", "1:8")
+SENS_PATTERNS = ("1:1", "2:4", "12:16", "8:16", "6:16", "4:16", "2:16")
 """Patterns whose sensitivity ``auto`` measures: the levels of the ``default`` and ``fixed24``
 macros (one measurement serves both)."""
 SENS_WINDOWS = 4
@@ -347,7 +349,7 @@ def _kinds() -> str:
 def _plans(fp, model, stats, sensitivity, target: float, windows=None) -> list:
     """``(name, series, plan)`` of every plan of the sweep at ``target``: ``auto`` on the
     FlexCiM macro's patterns and on the fixed-2:4 macro's ({1:1, 2:4}: each macro gets its own
-    best plans), uniform N:8 (any N: what a GPU kernel could run; FlexCiM runs 4:8 and 2:8),
+    best plans), uniform N:16 (any N: what a GPU kernel could run),
     OWL and the paper's FLOW criterion.  ``windows`` (calibration) let ``auto`` compare its
     candidate plans on the calibration loss (granularity ``best``)."""
     from flexcim.hw.config import preset
@@ -357,7 +359,7 @@ def _plans(fp, model, stats, sensitivity, target: float, windows=None) -> list:
          fp.SelectConfig(method="auto", target=target, hw_config=preset("default"))),
         ("auto on {1:1, 2:4}", "auto on {1:1, 2:4}",
          fp.SelectConfig(method="auto", target=target, hw_config=preset("fixed24"))),
-        (f"uniform {UNIFORM[target]}", "uniform N:8",
+        (f"uniform {UNIFORM[target]}", "uniform N:16",
          fp.SelectConfig(method="uniform", pattern=UNIFORM[target])),
         ("OWL", "OWL", fp.SelectConfig(method="owl", target=target)),
         ("FLOW", "FLOW", fp.SelectConfig(method="flow", target=target)),

@@ -571,9 +571,9 @@ def register(sub) -> None:
         "[tokens x k] x [c x k] layer with dense activations, for every pattern of every "
         "preset: what a richer pattern set costs each pattern.",
     )
-    p.add_argument("--presets", default="dense,fixed24,default,flex16",
+    p.add_argument("--presets", default="dense,fixed24,flex8,default",
                    help="comma-separated presets (default: %(default)s)")
-    p.add_argument("--reference", default="default",
+    p.add_argument("--reference", default="flex8",
                    help="preset the last one is compared with per pattern ('' for none)")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=576, help="in_features")

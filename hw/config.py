@@ -86,7 +86,8 @@ class HwConfig:
     rows: int = 18
     cols: int = 16
     depth: int = 8
-    patterns: tuple[NMPattern, ...] = ("1:1", "2:4", "1:4", "4:8", "2:8", "1:8")
+    patterns: tuple[NMPattern, ...] = ("1:1", "2:4", "1:4", "4:8", "2:8", "1:8", "12:16", "8:16",
+                                       "6:16", "4:16", "2:16")
     act_bits_per_cycle: int = 1
     in_lanes: int = 96
     acc_bits: int = 32
@@ -308,7 +309,10 @@ DEFAULT = HwConfig()
 pass width divide 576, so q/k/v/o/gate/up projections run at exactly M/N of dense.  96 input
 lanes load a token of K = 576 (1536) in 6 (16) beats, no more than the 8 (24) compute cycles of
 1:8, so every pattern stays compute-bound on SmolLM2's projections (64 lanes made 1:8 on K = 576
-input-bound: 9 beats for 8 cycles)."""
+input-bound: 9 beats for 8 cycles).  Patterns with M = 16 (12:16, 6:16 need N = 12, 6, which
+divide the 72 rows) give a projection 25 and 62.5 % sparsity and prune more accurately than M = 8
+at equal sparsity: the ``auto`` selector needs them (docs/flow.md); they cost a 4-bit index per
+weight (docs/architecture.md: ``flex8`` is this macro without them)."""
 
 # Small enough for amaranth.sim and cocotb in seconds; every M up to 16, 4-bit indices,
 # 2-bit-serial activations, and a 20-bit accumulator so extreme data exercises the wrap.
@@ -332,12 +336,10 @@ PRESETS: dict[str, HwConfig] = {
     # storage, no distribution network) and a fixed-2:4 sparse macro.
     "dense": DEFAULT.replace(patterns=("1:1",)),
     "fixed24": DEFAULT.replace(patterns=("1:1", "2:4")),
-    # The default macro with M = 16 (4-bit indices): per-unit sparsity 0, 25, 50, 62.5, 75 and
-    # 87.5 % (12:16, 6:16 need N = 12, 6, which divide the 72 rows).  The largest M/N stays 8,
-    # so the activation window stays 576 lanes; every pass width (72, 96, 144, 192, 288, 576)
-    # divides SmolLM2's 576.  Issue 11: at equal sparsity a larger M prunes more accurately.
-    "flex16": DEFAULT.replace(patterns=("1:1", "2:4", "4:8", "2:8", "1:8", "12:16", "8:16",
-                                        "6:16", "4:16", "2:16")),
+    # The default macro without M = 16 (3-bit indices): per-unit sparsity 0, 50, 75 and 87.5 %
+    # only.  Kept to price the M = 16 patterns (docs/architecture.md) and to compare selectors
+    # (docs/flow.md: at equal sparsity a larger M prunes more accurately, issue 11).
+    "flex8": DEFAULT.replace(patterns=("1:1", "2:4", "1:4", "4:8", "2:8", "1:8")),
     # tiny with 12 cell rows, so N = 3, 6 and 12 divide them: patterns with N not a power of
     # two, pass widths 12, 16, 24, 32 and 64 (not all multiples of each other).
     "tiny3": _TINY.replace(

@@ -189,16 +189,16 @@ SWEEP_PRESETS = {
     "tiny": ["1:1", "1:2", "2:4", "1:4", "4:8", "2:8", "1:8", "8:16"],
     # 12 cell rows: N = 3, 6 and 12 (not powers of two), pass widths 12..64.
     "tiny3": ["1:1", "3:4", "2:4", "6:8", "3:8", "12:16", "6:16", "3:16"],
-    # The SmolLM2-sized default with the patterns FLOW chooses between.
-    "default": ["1:1", "2:4", "1:4", "4:8", "2:8", "1:8"],
-    # default with M = 16 (4-bit indices, 10 pattern codes).
-    "flex16": ["1:1", "2:4", "4:8", "2:8", "1:8", "12:16", "8:16", "6:16", "4:16", "2:16"],
+    # The SmolLM2-sized default: every pattern the selectors choose between (M up to 16).
+    "default": ["1:1", "2:4", "1:4", "4:8", "2:8", "1:8", "12:16", "8:16", "6:16", "4:16", "2:16"],
+    # default without M = 16 (3-bit indices, 6 pattern codes).
+    "flex8": ["1:1", "2:4", "1:4", "4:8", "2:8", "1:8"],
 }
 
 SWEEP_ACT = {"tiny": ("2:4", "8:16"), "tiny3": ("3:8", "8:16")}
 """Per preset, one (weight pattern, activation pattern) case with pruned activations."""
 
-SWEEP_SIMULATORS = {"default": ("verilator",), "flex16": ("verilator",)}
+SWEEP_SIMULATORS = {"default": ("verilator",), "flex8": ("verilator",)}
 """Presets not swept on every simulator.  Icarus runs the default preset (5 MB of Verilog, 3072
 activation-buffer registers evaluated event by event) at a few cycles per second: its first
 sweep case (1:1, 3 x 288 x 24, 772 cycles unstalled) had not finished its two tests after 7.5

@@ -276,7 +276,7 @@ def test_layer_events_count_what_the_model_multiplies():
 
 
 def test_pattern_energies_price_the_pattern_set():
-    configs = {name: PRESETS[name] for name in ("default", "flex16")}
+    configs = {name: PRESETS[name] for name in ("flex8", "default")}
     rows = energy.pattern_energies(configs, tokens=4, k=576, c=32)
     assert [(r["preset"], r["pattern"]) for r in rows] == [
         (name, str(p)) for name, cfg in configs.items() for p in cfg.patterns]
@@ -285,7 +285,7 @@ def test_pattern_energies_price_the_pattern_set():
         cost = energy.layer_cost(configs[name], pattern, 4, 576, 32)
         assert row["cycles"] == cost.cycles and row["energy_pj"] == pytest.approx(cost.total_pj)
     for pattern in ("1:1", "2:4", "1:8"):
-        d, f = by["default", pattern], by["flex16", pattern]
+        d, f = by["flex8", pattern], by["default", pattern]
         # Same geometry, same cycles; the M = 16 set pays a 16:1 lane selection instead of 8:1,
         # 4 mux levels instead of 3 (10 codes) and a 4-bit index per weight instead of 3.
         assert f["cycles"] == d["cycles"]
@@ -294,9 +294,9 @@ def test_pattern_energies_price_the_pattern_set():
         fd, dd = f["energy_by_action_pj"], d["energy_by_action_pj"]
         assert fd["distribution"] >= dd["distribution"]  # deeper one-hot routing, 16:1 taps
         assert fd["weight_write"] / dd["weight_write"] == pytest.approx(12 / 11)
-    # 12:16 (25 %) on flex16: 6 passes of 96 channels per token instead of 8 of 72.
-    assert by["flex16", "12:16"]["cycles"] < by["flex16", "1:1"]["cycles"]
-    table = energy.format_pattern_energies(rows, "default")
+    # 12:16 (25 %) on default: 6 passes of 96 channels per token instead of 8 of 72.
+    assert by["default", "12:16"]["cycles"] < by["default", "1:1"]["cycles"]
+    table = energy.format_pattern_energies(rows, "flex8")
     assert "| 12:16 | 25.0 % |" in table and table.count("\n") == 1 + 11
 
 
@@ -304,13 +304,13 @@ def test_pattern_energies_cli(capsys, tmp_path):
     from flexcim.cli import main
 
     out = tmp_path / "rows.json"
-    assert main(["energy", "--presets", "fixed24,default", "--tokens", "2", "--c", "16",
+    assert main(["energy", "--presets", "fixed24,flex8", "--tokens", "2", "--c", "16",
                  "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| 1:8 | 87.5 % |" in text and "| default / default |" not in text
+    assert "| 1:8 | 87.5 % |" in text and "| flex8 / flex8 |" not in text
     assert len(json.loads(out.read_text())) == 2 + 6
     assert main(["energy", "--presets", "dense"]) == 2
-    assert "--reference 'default' is not one of --presets ['dense']" in capsys.readouterr().err
+    assert "--reference 'flex8' is not one of --presets ['dense']" in capsys.readouterr().err
     assert main(["energy", "--tokens", "0"]) == 2
     assert "tokens must be a positive integer, not 0" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]  # no temporary left

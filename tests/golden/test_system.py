@@ -179,11 +179,11 @@ def test_weight_bits_are_the_macro_weight_beats(preset, pattern, c, k):
 
 def test_dense_blocks_carry_the_index_bits_on_a_flexible_macro():
     # The weight beat has an index field whatever the pattern: a 1:1 block on `default`
-    # (3-bit indices) moves 11 bits per weight, on `fixed24` 10, on `dense` 8.
+    # (4-bit indices) moves 12 bits per weight, on `fixed24` 10, on `dense` 8.
     bits = {name: system.projection_cost(system.Accelerator(PRESETS[name]), NMPattern(1, 1), 1,
                                          576, 576).weight_bits for name in ("default", "fixed24",
                                                                             "dense")}
-    assert bits == {"default": 576 * 576 * 11, "fixed24": 576 * 576 * 10, "dense": 576 * 576 * 8}
+    assert bits == {"default": 576 * 576 * 12, "fixed24": 576 * 576 * 10, "dense": 576 * 576 * 8}
 
 
 def test_map_plan_replicates_by_relative_depth():

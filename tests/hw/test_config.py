@@ -16,7 +16,7 @@ def test_presets_round_trip_through_json(name):
 
 
 def test_default_geometry_fits_smollm2_hidden_width():
-    assert DEFAULT.rows_total == 72 and DEFAULT.index_bits == 3 and DEFAULT.cycles_per_pass == 8
+    assert DEFAULT.rows_total == 72 and DEFAULT.index_bits == 4 and DEFAULT.cycles_per_pass == 8
     for p in DEFAULT.patterns:
         assert 576 % DEFAULT.pass_width(p) == 0, p  # no partial passes on K = 576
     assert DEFAULT.pass_width("1:8") == 576 and DEFAULT.passes("1:1", 576) == 8
@@ -36,13 +36,16 @@ def test_n_need_not_be_a_power_of_two_and_pass_widths_are_exact():
         cfg.pass_width("5:8")
 
 
-def test_flex16_is_default_with_m16_and_the_same_window():
-    flex = preset("flex16")
-    assert flex.replace(patterns=DEFAULT.patterns) == DEFAULT
+def test_default_has_m16_and_flex8_is_default_without_it():
+    flex = DEFAULT
     assert sorted(round(p.sparsity, 4) for p in flex.patterns if p.m == 16) == [
         0.25, 0.5, 0.625, 0.75, 0.875]
     assert flex.index_bits == 4 and flex.pattern_bits == 4
-    assert flex.window_lanes == DEFAULT.window_lanes == 576 and flex.ratio_max == 8
+    flex8 = preset("flex8")
+    assert flex8.replace(patterns=DEFAULT.patterns) == DEFAULT
+    assert {p for p in DEFAULT.patterns if p.m <= 8} == set(flex8.patterns)
+    assert flex8.index_bits == 3 and flex8.pattern_bits == 3
+    assert flex.window_lanes == flex8.window_lanes == 576 and flex.ratio_max == 8
     for p in flex.patterns:
         assert 576 % flex.pass_width(p) == 0, p  # no partial passes on SmolLM2's K = 576
 

@@ -7,7 +7,7 @@ from flexcim.hw.config import PRESETS, preset
 from flexcim.errors import FlexCimError
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny3", "default", "dense", "flex16"])
+@pytest.mark.parametrize("name", ["tiny", "tiny3", "default", "dense", "flex8"])
 def test_packers_match_amaranth_layouts(name):
     """The NumPy packers and Amaranth's own Layout.const agree bit for bit."""
     cfg = preset(name)
@@ -34,7 +34,7 @@ def test_packers_match_amaranth_layouts(name):
         np.testing.assert_array_equal(layouts.unpack_result(cfg, [beat]), y)
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny3", "default", "dense", "flex16"])
+@pytest.mark.parametrize("name", ["tiny", "tiny3", "default", "dense", "flex8"])
 def test_weight_beats_match_amaranth_and_round_trip(name):
     cfg = preset(name)
     rng = np.random.default_rng(2)

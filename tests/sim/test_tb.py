@@ -160,7 +160,7 @@ def test_sweep_every_tiny_pattern_on_both_simulators_default_on_verilator():
         tiny = {(c.sim, c.pattern) for c in cases if c.preset == name}
         assert tiny == {(s, p) for s in runner.SIMULATORS for p in SWEEP_PRESETS[name]}
         assert set(SWEEP_PRESETS[name]) == {str(p) for p in preset(name).patterns}
-    for name in ("default", "flex16"):
+    for name in ("default", "flex8"):
         assert {c.sim for c in cases if c.preset == name} == {"verilator"}
         assert {c.pattern for c in cases if c.preset == name} == {
             str(p) for p in preset(name).patterns}
