@@ -7,8 +7,9 @@ Everything is measured in this run on the bundled SmolLM2-135M and written to
    ``--sens-windows`` calibration windows, once, for the levels of the ``default`` macro and of
    the fixed-2:4 macro (2:4, 12:16, 8:16, 6:16, 4:16, 2:16; ``--extra-macros flex8`` adds the
    M = 8 levels of the macro without M = 16); every plan below reuses it.
-2. **Validation** (*Emma*): every ``auto`` variant (granularity ``best``, ``projection``,
-   ``block``) and every baseline variant at
+2. **Validation** (*Emma*): ``auto`` with and without its local search (granularity ``best``:
+   the ``projection`` and ``block`` allocations were compared on 2026-12-01, docs/flow.md) and
+   every baseline variant at
    every target, Wanda one-shot from the dense statistics; the variant of each method with the
    lowest validation perplexity is chosen (per target for uniform: its best pattern, any N with
    M = 8 or 16; for OWL: first and last blocks dense or not).
@@ -33,6 +34,7 @@ import sys
 import time
 
 import torch
+from flexcim.flow.select import SelectConfig
 
 from flexcim.errors import FlexCimError
 from flexcim.fileio import atomic_path, atomic_write
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
     parser.add_argument("--val-windows", type=int, default=8)
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
     parser.add_argument("--skip-sparsegpt", action="store_true")
+    parser.add_argument("--refine-steps", type=int, default=SelectConfig.refine_steps,
+                        help="auto's local search steps (default %(default)s)")
     parser.add_argument("--extra-macros", default="", metavar="P,P",
                         help="presets whose auto plans are also tested, e.g. flex8 (their "
                              "levels are added to the sensitivity measurement)")
@@ -86,7 +90,6 @@ def main(argv=None) -> int:
     from flexcim.flow import auto, calib, pipeline
     from flexcim.flow.eval import perplexity
     from flexcim.flow.model import linear_layers
-    from flexcim.flow.select import SelectConfig
     from flexcim.flow.text import token_windows
     from flexcim.hw.config import PRESETS
 
@@ -133,10 +136,20 @@ def main(argv=None) -> int:
     result["sensitivity"] = sens.to_dict()
     save()
 
+    plans: dict = {}  # (method, variant, target, macro) -> plan: validation's serve the test
+
     def plan_for(method: str, variant: str, target: float, macro: str = "default"):
-        if method == "auto":  # variant = granularity; best compares on calibration loss
+        key = (method, variant, target, macro)
+        if key not in plans:
+            plans[key] = make(method, variant, target, macro)
+        return plans[key]
+
+    def make(method: str, variant: str, target: float, macro: str):
+        if method == "auto":  # variant: granularity, "-norefine" without the local search
+            granularity, _, norefine = variant.partition("-")
             return pipeline.make_plan(model, cw, SelectConfig(
-                method="auto", target=target, hw_config=PRESETS[macro], granularity=variant),
+                method="auto", target=target, hw_config=PRESETS[macro],
+                granularity=granularity, refine_steps=0 if norefine else args.refine_steps),
                 sensitivity=sens, progress=False)
         if method == "uniform":
             return pipeline.make_plan(model, None, SelectConfig(method="uniform",
@@ -156,7 +169,7 @@ def main(argv=None) -> int:
         restore()
         return row
 
-    variants = {"auto": ["best", "projection", "block"], "owl": ["ends-pruned", "ends-dense"],
+    variants = {"auto": ["best", "best-norefine"], "owl": ["ends-pruned", "ends-dense"],
                 "flow": ["code-ends-dense"]}
     rows = []
     # 2. validation: every variant of every method at every target (Wanda)

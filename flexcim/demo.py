@@ -543,7 +543,7 @@ def _plot_sweep(ctx: Context, dense, sweep) -> None:
 
 def _plot_plan(ctx: Context, plan) -> None:
     """The ``auto`` plan: the sparsity of every projection kind per block, and the measured
-    loss increase of pruning the block alone to 4:8 (what the allocation trades off)."""
+    loss increase of pruning the block alone to the 50 % level (what the allocation trades off)."""
     from flexcim.golden.nm import NMPattern
 
     plt = pyplot()
@@ -558,9 +558,11 @@ def _plot_plan(ctx: Context, plan) -> None:
                 marker=next(markers, "x"), ls="none", label=kind.rsplit(".", 1)[-1], ms=4)
     ax.set_xlabel("decoder block")
     ax.set_ylabel("projection sparsity")
+    half = next((k for k in blocks[0]["block_cost"] if NMPattern.parse(k).sparsity == 0.5),
+                None)
     ax2 = ax.twinx()
-    ax2.plot(idx, [b["block_cost"].get("4:8", float("nan")) for b in blocks], color="gray",
-             alpha=0.6, label="block alone at 4:8")
+    ax2.plot(idx, [b["block_cost"].get(half, float("nan")) for b in blocks], color="gray",
+             alpha=0.6, label=f"block alone at {half}")
     ax2.set_yscale("log")
     ax2.set_ylabel("measured loss increase (nats/token)")
     fig.legend(loc="upper center", ncol=8, fontsize=7)

@@ -90,7 +90,9 @@ class LossProbe:
     and every projection's input statistics are collected (Wanda's ``act_sq_mean``).
     :meth:`loss` ``(start)`` then runs the model with blocks ``0 .. start-1`` replaced by
     pass-throughs and the cached input of block ``start`` injected, so only the tail of the
-    network is computed; blocks before ``start`` must be unchanged since construction.
+    network is computed; blocks before ``start`` must be unchanged since construction (or since
+    the last :meth:`capture`).  The Wanda statistics (:meth:`wanda_mask`) stay the dense
+    model's.
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8):
@@ -105,28 +107,38 @@ class LossProbe:
         self.inputs: list[list[torch.Tensor]] = [[] for _ in self.blocks]
         self._tuple_output = False
         linears = {n: m for b in self.blocks for n, m in b.linears.items()}
+        with calib.collecting(linears) as stats:
+            self.dense = self.capture()
+        self.stats = stats
+
+    @torch.no_grad()
+    def capture(self) -> float:
+        """Run the whole model as it is now, cache every block's input (replacing the cache:
+        :meth:`loss` ``(start)`` then holds for blocks ``0 .. start-1`` as they are now) and
+        return the loss."""
+        inputs: list[list[torch.Tensor]] = [[] for _ in self.blocks]
         handles = []
 
-        def capture(index):
-            def hook(_module, args, kwargs):
+        def hook(index):
+            def pre(_module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                self.inputs[index].append(hidden.detach())
-            return hook
+                inputs[index].append(hidden.detach())
+            return pre
 
         def output_kind(_module, _args, output):
             self._tuple_output = isinstance(output, tuple)
 
         try:
             for b in self.blocks:
-                handles.append(b.module.register_forward_pre_hook(capture(b.index),
+                handles.append(b.module.register_forward_pre_hook(hook(b.index),
                                                                   with_kwargs=True))
             handles.append(self.blocks[0].module.register_forward_hook(output_kind))
-            with calib.collecting(linears) as stats:
-                self.dense = self._loss_all()
-            self.stats = stats
+            loss = self._loss_all()
         finally:
             for h in handles:
                 h.remove()
+        self.inputs = inputs
+        return loss
 
     def _batches(self) -> Iterator[torch.Tensor]:
         for start in range(0, self.windows.shape[0], self.batch_size):
@@ -396,8 +408,95 @@ def calibration_losses(model: nn.Module, windows: torch.Tensor,
     return losses
 
 
+@torch.no_grad()
+def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPattern],
+           levels: tuple[NMPattern, ...], *, steps: int, seed: int = 0, batch_size: int = 8,
+           progress: bool = True) -> tuple[dict[str, NMPattern], dict]:
+    """Local search on the calibration loss from ``patterns``, at exactly their sparsity.
+
+    The additive cost the DP minimises ignores how the harms of two pruned projections
+    interact; this corrects it by measurement (in the spirit of EvoPress, one mutation at a
+    time).  Each of ``steps`` steps draws (seeded) one projection to move a level sparser and
+    another to move a level denser among ``levels`` such that both change their pruned
+    parameter count by the same amount (so the mean sparsity is exactly kept), measures the
+    loss on ``windows`` from the earlier of the two blocks on, and keeps the swap if the loss
+    falls.  A step costs a tail evaluation, a kept swap also a whole pass (the cached block
+    inputs follow the plan).  Wanda masks of the dense model's statistics on ``windows``.
+    Returns the patterns and a record (loss before/after, steps, kept); the model is left as
+    it was.
+    """
+    start_time = time.perf_counter()
+    probe = LossProbe(model, windows, batch_size=batch_size)
+    layers = {n: m for b in probe.blocks for n, m in b.linears.items()}
+    index = {n: b.index for b in probe.blocks for n in b.linears}
+    rank = {str(p): i for i, p in enumerate(levels)}
+    unknown = sorted({str(p) for p in patterns.values()} - set(rank))
+    if unknown:
+        raise FlexCimError(f"refine: patterns {unknown} are not among the levels {list(rank)}")
+    state = {n: rank[str(p)] for n, p in patterns.items()}
+    pruned_params = {n: [layers[n].weight.numel() * (p.m - p.n) // p.m for p in levels]
+                     for n in state}
+    dense = {n: layers[n].weight.detach().clone() for n in state}
+
+    def put(name: str, level: int) -> None:
+        w = layers[name].weight
+        w.data.copy_(dense[name])
+        if not levels[level].is_dense:
+            w.data.mul_(probe.wanda_mask(name, dense[name], levels[level]).to(w.dtype))
+
+    rng = np.random.default_rng(seed)
+    names = sorted(state)
+    record = {"steps": steps, "kept": 0, "windows": int(windows.shape[0]), "seed": seed}
+    bar = tqdm(total=steps, desc="refine", disable=not progress, leave=False, unit="step")
+    try:
+        for n in names:
+            put(n, state[n])
+        current = record["loss_before"] = probe.capture()
+        for _ in range(steps):
+            bar.update()
+            sparser = [n for n in names if state[n] + 1 < len(levels)]
+            if not sparser:
+                break
+            i = sparser[rng.integers(len(sparser))]
+            delta = pruned_params[i][state[i] + 1] - pruned_params[i][state[i]]
+            denser = [n for n in names if n != i and state[n] > 0
+                      and pruned_params[n][state[n]] - pruned_params[n][state[n] - 1] == delta]
+            if not denser:
+                continue
+            j = denser[rng.integers(len(denser))]
+            put(i, state[i] + 1)
+            put(j, state[j] - 1)
+            loss = probe.loss(min(index[i], index[j]))
+            if loss < current - 1e-9:
+                state[i] += 1
+                state[j] -= 1
+                current = probe.capture()
+                record["kept"] += 1
+            else:
+                put(i, state[i])
+                put(j, state[j])
+        record["loss_after"] = current
+    finally:
+        bar.close()
+        for n in names:
+            layers[n].weight.data.copy_(dense[n])
+    record["seconds"] = time.perf_counter() - start_time
+    log.info("refine: %d of %d swaps kept, calibration loss %.4f -> %.4f in %.1f s",
+             record["kept"], steps, record["loss_before"], current, record["seconds"])
+    return {n: levels[state[n]] for n in patterns}, record
+
+
 # ---------------------------------------------------------------------------------------------
 # The plan
+
+
+def refine_windows(windows: torch.Tensor, config) -> torch.Tensor:
+    """The ``config.refine_windows`` calibration windows :func:`refine` measures on: those after
+    the sensitivity's windows, or the last ones when there are too few."""
+    rest = windows[config.sens_windows:]
+    if rest.shape[0] >= config.refine_windows:
+        return rest[: config.refine_windows]
+    return windows[-config.refine_windows:]
 
 
 def macro_patterns(config) -> tuple[NMPattern, ...]:
@@ -455,6 +554,11 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     sensitivity, patterns, achieved, message = candidates[chosen]
     if message:
         log.warning("%s", message)
+    refined = {}
+    if config.refine_steps and windows is not None:
+        patterns, refined = refine(model, refine_windows(windows, config), patterns, levels,
+                                   steps=config.refine_steps, seed=config.refine_seed,
+                                   progress=progress)
     costs = sensitivity.unit_costs(blocks)
     records, layers = [], {}
     for b in blocks:
@@ -479,6 +583,7 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
         settings["hw_config"] = config.hw_config.to_dict()
     settings["chosen"] = chosen
     settings["candidate_losses"] = choice
+    settings["refine"] = refined
     settings["sensitivity"] = {"seconds": round(sensitivity.seconds, 1),
                                "evaluations": sensitivity.evaluations,
                                "dense_loss": sensitivity.dense_loss,

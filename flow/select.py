@@ -369,6 +369,14 @@ class SelectConfig:
         the target, gives the lowest loss on the calibration windows.
     sens_windows : int
         ``auto``: calibration windows used to measure sensitivity (the first ones).
+    refine_steps : int
+        ``auto``: steps of the local search on the calibration loss after the exact allocation
+        (:func:`flexcim.flow.auto.refine`; 0: none).
+    refine_windows : int
+        ``auto``: calibration windows the local search measures on (those after the
+        sensitivity's).
+    refine_seed : int
+        ``auto``: seed of the local search's draws.
     """
 
     method: str = "auto"
@@ -385,7 +393,10 @@ class SelectConfig:
     hw_weight: float = 1.0
     hw_tokens: int = 128
     granularity: str = "best"
-    sens_windows: int = 8
+    sens_windows: int = 4
+    refine_steps: int = 48
+    refine_windows: int = 4
+    refine_seed: int = 0
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -406,10 +417,13 @@ class SelectConfig:
         if self.granularity not in ("best", "projection", "block"):
             raise FlexCimError(f"granularity must be 'best', 'projection' or 'block', "
                                f"not {self.granularity!r}")
-        if isinstance(self.sens_windows, bool) or not isinstance(self.sens_windows, int) or \
-                self.sens_windows < 1:
-            raise FlexCimError(f"sensitivity windows must be a positive integer, "
-                               f"not {self.sens_windows!r}")
+        for name, label, low in (("sens_windows", "sensitivity windows", 1),
+                                 ("refine_steps", "refine steps", 0),
+                                 ("refine_windows", "refine windows", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                kind = "a positive" if low else "a non-negative"
+                raise FlexCimError(f"{label} must be {kind} integer, not {value!r}")
 
 
 def _check_widths(blocks, pattern: NMPattern) -> None:

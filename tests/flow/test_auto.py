@@ -248,7 +248,7 @@ def test_demo_plans_give_each_macro_its_own_auto_plan(tiny, tiny_windows):
 
 def test_best_granularity_keeps_the_candidate_with_the_lowest_calibration_loss(tiny,
                                                                               tiny_windows):
-    config = SelectConfig(method="auto", target=0.5, sens_windows=3,
+    config = SelectConfig(method="auto", target=0.5, sens_windows=3, refine_steps=0,
                           hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
     plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
     losses = plan.settings["candidate_losses"]
@@ -280,3 +280,66 @@ def test_an_auto_plan_round_trips_and_a_bare_mixed_block_is_refused(tiny, tiny_w
     path.write_text(__import__("json").dumps(data))
     with pytest.raises(FlexCimError, match=r"blocks\[1\]\.pattern"):
         Plan.load(path)
+
+
+def test_probe_capture_follows_a_pruned_model(tiny, tiny_windows):
+    """After capture(), loss(start) holds with the earlier blocks pruned (reference: HF loss)."""
+    probe = auto.LossProbe(tiny, tiny_windows)
+    layers = linear_layers(tiny)
+    early = {n: NMPattern(2, 8) for n in decoder_blocks(tiny)[0].linears}
+    with auto.pruned(layers, early, probe):
+        assert probe.capture() == pytest.approx(reference_loss(tiny, tiny_windows), rel=1e-5)
+        late = decoder_blocks(tiny)[2].linears
+        with auto.pruned(layers, dict.fromkeys(late, NMPattern(4, 8)), probe):
+            ref = reference_loss(tiny, tiny_windows)
+            assert probe.loss(2) == pytest.approx(ref, rel=1e-5)
+            assert probe.loss(2) != pytest.approx(probe.dense, rel=1e-4)
+
+
+def test_refine_keeps_the_sparsity_lowers_the_loss_and_reports_it_truly(tiny, tiny_windows):
+    blocks = decoder_blocks(tiny)
+    layers = linear_layers(tiny)
+    before = {n: m.weight.detach().clone() for n, m in layers.items()}
+    params = {n: m.weight.numel() for n, m in layers.items()}
+    # a poor start: the first block at 2:8, the last dense, the middle at 4:8
+    start = {}
+    for b in blocks:
+        level = LEVELS[2] if b.index == 0 else LEVELS[0] if b is blocks[-1] else LEVELS[1]
+        start.update(dict.fromkeys(b.linears, level))
+    patterns, record = auto.refine(tiny, tiny_windows, start, LEVELS, steps=30, seed=1,
+                                   progress=False)
+    assert set(patterns) == set(start) and set(patterns.values()) <= set(LEVELS)
+
+    def pruned_params(plan):
+        return sum(params[n] * (p.m - p.n) // p.m for n, p in plan.items())
+
+    assert pruned_params(patterns) == pruned_params(start)  # exactly the same sparsity
+    assert record["kept"] >= 1 and patterns != start
+    assert record["loss_after"] < record["loss_before"]
+    # the record is the loss of the plans it names (independent: HF's loss, masks re-made)
+    probe = auto.LossProbe(tiny, tiny_windows)
+    for plan, key in ((start, "loss_before"), (patterns, "loss_after")):
+        with auto.pruned(layers, plan, probe):
+            assert reference_loss(tiny, tiny_windows) == pytest.approx(record[key], rel=1e-5)
+    for n, m in layers.items():  # the model is left as it was
+        torch.testing.assert_close(m.weight, before[n], rtol=0, atol=0)
+    same, none = auto.refine(tiny, tiny_windows, start, LEVELS, steps=0, progress=False)
+    assert same == start and none["kept"] == 0
+    with pytest.raises(FlexCimError, match=r"refine: patterns \['1:8'\] are not among"):
+        auto.refine(tiny, tiny_windows, {**start, next(iter(start)): NMPattern(1, 8)}, LEVELS,
+                    steps=1, progress=False)
+
+
+def test_auto_plan_records_its_refinement(tiny, tiny_windows):
+    config = SelectConfig(method="auto", target=0.5, sens_windows=3, refine_steps=6,
+                          refine_windows=2,
+                          hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
+    plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    refined = plan.settings["refine"]
+    assert refined["steps"] == 6 and refined["windows"] == 2
+    assert refined["loss_after"] <= refined["loss_before"]
+    assert plan.achieved_sparsity == pytest.approx(0.5)
+    with pytest.raises(FlexCimError, match="refine steps must be a non-negative integer"):
+        SelectConfig(method="auto", target=0.5, refine_steps=-1)
+    with pytest.raises(FlexCimError, match="refine windows must be a positive integer, not 0"):
+        SelectConfig(method="auto", target=0.5, refine_windows=0)

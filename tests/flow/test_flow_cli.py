@@ -89,12 +89,15 @@ def test_select_normalisation_option(workspace, capsys):
 def test_select_auto_is_the_default_and_prunes(workspace, capsys):
     d = workspace
     code, err = _run(capsys, "flow", "select", *_common(d), "--target-sparsity", "0.375",
-                     "--sens-windows", "2", "-o", str(d / "auto.json"))
+                     "--sens-windows", "2", "--refine-steps", "3", "--refine-windows", "2",
+                     "-o", str(d / "auto.json"))
     assert code == 0, err
     plan = json.loads((d / "auto.json").read_text())
     assert plan["method"] == "auto" and plan["achieved_sparsity"] == 0.375
-    assert set(plan["layers"].values()) <= {"1:1", "4:8", "2:8", "1:8"}  # the default macro
-    assert plan["settings"]["sensitivity"]["evaluations"] == 4 * 3 + 7 * 3
+    levels = {"1:1", "12:16", "8:16", "6:16", "4:16", "2:16"}  # the default macro's
+    assert set(plan["layers"].values()) <= levels
+    assert plan["settings"]["sensitivity"]["evaluations"] == (4 + 7) * (len(levels) - 1)
+    assert plan["settings"]["refine"]["steps"] == 3
     code, err = _run(capsys, "flow", "prune", *_common(d), "--plan", str(d / "auto.json"),
                      "-o", str(d / "pruned-auto"))
     assert code == 0, err
@@ -104,6 +107,8 @@ def test_select_auto_is_the_default_and_prunes(workspace, capsys):
     (["--target-sparsity", "0.9"], "outside [0, 0.875]"),
     (["--target-sparsity", "0.5", "--hw-config", "dense"], "at least one sparse pattern"),
     (["--target-sparsity", "0.5", "--sens-windows", "0"], "sensitivity windows must be"),
+    (["--target-sparsity", "0.5", "--refine-steps", "-1"],
+     "refine steps must be a non-negative integer, not -1"),
 ])
 def test_select_auto_bad_input(workspace, capsys, argv, message):
     d = workspace
