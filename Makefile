@@ -72,7 +72,7 @@ bench-flow: $(STAMP)
 	$(BIN)/python bench/flow_bench.py --out out/bench/flow
 
 synth: $(STAMP)
-	$(BIN)/python -m flexcim.hw.area --presets dense,fixed24,default --out out/synth
+	$(BIN)/python -m flexcim.hw.area --presets dense,fixed24,flex8,default --out out/synth
 
 # Every property on tiny, the smallest config and three random small ones; every mutant refuted.
 formal: $(STAMP)

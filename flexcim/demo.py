@@ -337,7 +337,9 @@ SENS_PATTERNS = ("1:1", "2:4", "12:16", "8:16", "6:16", "4:16", "2:16")
 """Patterns whose sensitivity ``auto`` measures: the levels of the ``default`` and ``fixed24``
 macros (one measurement serves both)."""
 SENS_WINDOWS = 4
-CHOICE_WINDOWS = 4  # calibration windows on which auto compares its candidate plans (time)
+REFINE_STEPS = 0
+"""Steps of ``auto``'s local search per plan: none in the demo (the CLI and ``make bench-flow``
+run 48; each step is a loss evaluation on 8 windows, too slow for the demo's 10 minutes)."""
 
 
 def _kinds() -> str:
@@ -356,9 +358,11 @@ def _plans(fp, model, stats, sensitivity, target: float, windows=None) -> list:
 
     configs = [
         ("auto", "auto (FlexCiM patterns)",
-         fp.SelectConfig(method="auto", target=target, hw_config=preset("default"))),
+         fp.SelectConfig(method="auto", target=target, hw_config=preset("default"),
+                         refine_steps=REFINE_STEPS)),
         ("auto on {1:1, 2:4}", "auto on {1:1, 2:4}",
-         fp.SelectConfig(method="auto", target=target, hw_config=preset("fixed24"))),
+         fp.SelectConfig(method="auto", target=target, hw_config=preset("fixed24"),
+                         refine_steps=REFINE_STEPS)),
         (f"uniform {UNIFORM[target]}", "uniform N:16",
          fp.SelectConfig(method="uniform", pattern=UNIFORM[target])),
         ("OWL", "OWL", fp.SelectConfig(method="owl", target=target)),
@@ -476,7 +480,7 @@ def stage_flow(ctx: Context) -> None:
         rows.append(["dense", 0.0, "-", dense[0], dense[1]])
         for target in DEMO_TARGETS:
             for name, series, plan in _plans(fp, model, stats, sensitivity, target,
-                                             windows[:CHOICE_WINDOWS]):
+                                             windows):
                 log.info("plan %s at %.0f %%: pruning and measuring perplexity", name,
                          100 * target)
                 fp.apply_plan(model, plan, None, stats=stats, progress=False)

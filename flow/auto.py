@@ -490,13 +490,14 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
 # The plan
 
 
-def refine_windows(windows: torch.Tensor, config) -> torch.Tensor:
-    """The ``config.refine_windows`` calibration windows :func:`refine` measures on: those after
-    the sensitivity's windows, or the last ones when there are too few."""
+def loss_windows(windows: torch.Tensor, config) -> torch.Tensor:
+    """The ``config.loss_windows`` calibration windows on which ``auto`` compares its candidate
+    plans and runs :func:`refine`: those after the sensitivity's windows, or the last ones when
+    there are too few."""
     rest = windows[config.sens_windows:]
-    if rest.shape[0] >= config.refine_windows:
-        return rest[: config.refine_windows]
-    return windows[-config.refine_windows:]
+    if rest.shape[0] >= config.loss_windows:
+        return rest[: config.loss_windows]
+    return windows[-config.loss_windows:]
 
 
 def macro_patterns(config) -> tuple[NMPattern, ...]:
@@ -547,7 +548,8 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     choice = {}
     chosen = next(iter(candidates))
     if len(candidates) > 1 and windows is not None:
-        choice = calibration_losses(model, windows, {k: c[1] for k, c in candidates.items()})
+        choice = calibration_losses(model, loss_windows(windows, config),
+                                    {k: c[1] for k, c in candidates.items()})
         chosen = min(choice, key=choice.get)
         log.info("auto: calibration loss per candidate plan %s; keeping %s",
                  {k: round(v, 4) for k, v in choice.items()}, chosen)
@@ -556,7 +558,7 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
         log.warning("%s", message)
     refined = {}
     if config.refine_steps and windows is not None:
-        patterns, refined = refine(model, refine_windows(windows, config), patterns, levels,
+        patterns, refined = refine(model, loss_windows(windows, config), patterns, levels,
                                    steps=config.refine_steps, seed=config.refine_seed,
                                    progress=progress)
     costs = sensitivity.unit_costs(blocks)

@@ -67,7 +67,7 @@ def _select(args: argparse.Namespace) -> int:
         keep_ends_dense=args.keep_ends_dense,
         hw_config=_hw_config(args.hw_config), hw_weight=args.hw_weight,
         granularity=args.granularity, sens_windows=args.sens_windows,
-        refine_steps=args.refine_steps, refine_windows=args.refine_windows,
+        refine_steps=args.refine_steps, loss_windows=args.loss_windows,
     )
     check_output(args.output, "plan output (-o)", inputs=(args.model, args.text, args.hw_config))
     start = time.perf_counter()
@@ -284,14 +284,15 @@ def register(sub) -> None:
     p.add_argument("--granularity", choices=("best", "projection", "block"), default="best",
                    help="auto: a pattern per projection or per decoder block, or best (default): "
                         "the one of the two, or the uniform pattern, with the lowest loss on the "
-                        "calibration windows")
+                        "--loss-windows")
     p.add_argument("--sens-windows", type=int, default=4, metavar="N",
                    help="auto: calibration windows used to measure sensitivity (default 4)")
     p.add_argument("--refine-steps", type=int, default=48, metavar="N",
                    help="auto: steps of the local search on the calibration loss after the "
                         "exact allocation (default 48; 0: none)")
-    p.add_argument("--refine-windows", type=int, default=4, metavar="N",
-                   help="auto: calibration windows the local search measures on (default 4)")
+    p.add_argument("--loss-windows", type=int, default=8, metavar="N",
+                   help="auto: calibration windows (after the sensitivity's) on which candidate "
+                        "plans are compared and the local search measures (default 8)")
     p.add_argument("-o", "--output", required=True, metavar="PLAN.json")
     p.set_defaults(func=_checked(_select))
 

@@ -366,15 +366,16 @@ class SelectConfig:
     granularity : ``best`` | ``projection`` | ``block``
         ``auto``: one pattern per projection or per decoder block, or (``best``, the default)
         whichever of the two allocations, and of the uniform pattern when the macro has one at
-        the target, gives the lowest loss on the calibration windows.
+        the target, gives the lowest loss on the ``loss_windows`` calibration windows.
     sens_windows : int
         ``auto``: calibration windows used to measure sensitivity (the first ones).
     refine_steps : int
         ``auto``: steps of the local search on the calibration loss after the exact allocation
         (:func:`flexcim.flow.auto.refine`; 0: none).
-    refine_windows : int
-        ``auto``: calibration windows the local search measures on (those after the
-        sensitivity's).
+    loss_windows : int
+        ``auto``: calibration windows on which the candidate plans are compared and the local
+        search measures (those after the sensitivity's; 4 overfitted on validation, 8 did
+        not, docs/flow.md).
     refine_seed : int
         ``auto``: seed of the local search's draws.
     """
@@ -395,7 +396,7 @@ class SelectConfig:
     granularity: str = "best"
     sens_windows: int = 4
     refine_steps: int = 48
-    refine_windows: int = 4
+    loss_windows: int = 8
     refine_seed: int = 0
 
     def __post_init__(self):
@@ -419,7 +420,7 @@ class SelectConfig:
                                f"not {self.granularity!r}")
         for name, label, low in (("sens_windows", "sensitivity windows", 1),
                                  ("refine_steps", "refine steps", 0),
-                                 ("refine_windows", "refine windows", 1)):
+                                 ("loss_windows", "loss windows", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 kind = "a positive" if low else "a non-negative"

@@ -21,7 +21,7 @@ is priced as built, flip-flops and shift/load multiplexers, in every total.  Iss
 judged on the compute core *with* the activation buffer, cell storage priced as SRAM:
 :data:`GOAL_PCT`.
 
-Run: ``python -m flexcim.hw.area [--presets dense,fixed24,default] [--out out/synth]``.
+Run: ``python -m flexcim.hw.area [--presets dense,fixed24,flex8,default] [--out out/synth]``.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def markdown(result: dict, names: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", default="dense,fixed24,default",
+    parser.add_argument("--presets", default="dense,fixed24,flex8,default",
                         help="comma-separated presets; the first is the baseline")
     parser.add_argument("--out", default="out/synth", help="output folder")
     parser.add_argument("--reuse", action="store_true",

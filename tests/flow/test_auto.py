@@ -332,7 +332,7 @@ def test_refine_keeps_the_sparsity_lowers_the_loss_and_reports_it_truly(tiny, ti
 
 def test_auto_plan_records_its_refinement(tiny, tiny_windows):
     config = SelectConfig(method="auto", target=0.5, sens_windows=3, refine_steps=6,
-                          refine_windows=2,
+                          loss_windows=2,
                           hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
     plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
     refined = plan.settings["refine"]
@@ -341,5 +341,5 @@ def test_auto_plan_records_its_refinement(tiny, tiny_windows):
     assert plan.achieved_sparsity == pytest.approx(0.5)
     with pytest.raises(FlexCimError, match="refine steps must be a non-negative integer"):
         SelectConfig(method="auto", target=0.5, refine_steps=-1)
-    with pytest.raises(FlexCimError, match="refine windows must be a positive integer, not 0"):
-        SelectConfig(method="auto", target=0.5, refine_windows=0)
+    with pytest.raises(FlexCimError, match="loss windows must be a positive integer, not 0"):
+        SelectConfig(method="auto", target=0.5, loss_windows=0)

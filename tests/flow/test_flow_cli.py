@@ -89,7 +89,7 @@ def test_select_normalisation_option(workspace, capsys):
 def test_select_auto_is_the_default_and_prunes(workspace, capsys):
     d = workspace
     code, err = _run(capsys, "flow", "select", *_common(d), "--target-sparsity", "0.375",
-                     "--sens-windows", "2", "--refine-steps", "3", "--refine-windows", "2",
+                     "--sens-windows", "2", "--refine-steps", "3", "--loss-windows", "2",
                      "-o", str(d / "auto.json"))
     assert code == 0, err
     plan = json.loads((d / "auto.json").read_text())
