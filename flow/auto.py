@@ -18,9 +18,15 @@ instead, on the calibration text only:
    *mean weight sparsity over the parameters == target*, by a dynamic program over integer
    pruned-parameter units (:func:`solve_units`).  Different projections of one block may get
    different patterns: the macro takes a pattern per command, so this costs nothing in hardware.
+4. **Choice and local search** (granularity ``best``, the default): the projection and block
+   allocations and the macro's uniform pattern at the target are compared on the calibration
+   loss of other calibration windows (``loss_windows``), the lowest is kept, and :func:`refine`
+   then swaps levels between projections while that loss falls (the additive cost ignores how
+   the harms of two pruned projections interact).
 
 The measurements depend only on the model and the calibration windows, not on the target, so
-:class:`Sensitivity` is computed once and every target's plan then costs milliseconds.
+:class:`Sensitivity` is computed once and every target's allocation then costs milliseconds;
+the choice and the local search cost loss evaluations per target.
 """
 
 from __future__ import annotations
