@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     parser.add_argument("--val-windows", type=int, default=8)
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
     parser.add_argument("--skip-sparsegpt", action="store_true")
+    parser.add_argument("--sensitivity-from", metavar="JSON",
+                        help="reuse the sensitivity of an earlier run (same model, text, seed "
+                             "and windows)")
     parser.add_argument("--refine-steps", type=int, default=SelectConfig.refine_steps,
                         help="auto's local search steps (default %(default)s)")
     parser.add_argument("--extra-macros", default="", metavar="P,P",
@@ -132,17 +135,27 @@ def main(argv=None) -> int:
     measured = sorted({p for name in macros for p in auto.levels_of(PRESETS[name].patterns,
                                                                       widths)},
                       key=lambda p: (p.sparsity, p.m))
-    sens = auto.measure_sensitivity(model, cw[: args.sens_windows], tuple(measured))
+    if args.sensitivity_from:  # an earlier run's measurement, if it is the same one
+        earlier = json.loads(pathlib.Path(args.sensitivity_from).read_text())
+        same = {k: earlier.get(k) for k in ("model", "text", "seed", "calib_windows",
+                                             "sens_windows")}
+        if same != {k: result[k] for k in same}:
+            raise FlexCimError(f"--sensitivity-from {args.sensitivity_from}: measured with "
+                               f"{same}, not with this run's settings")
+        sens = auto.Sensitivity(**earlier["sensitivity"]).restrict(measured)
+        result["sensitivity_from"] = args.sensitivity_from
+    else:
+        sens = auto.measure_sensitivity(model, cw[: args.sens_windows], tuple(measured))
     result["sensitivity"] = sens.to_dict()
     save()
 
-    plans: dict = {}  # (method, variant, target, macro) -> plan: validation's serve the test
+    made: dict = {}  # (method, variant, target, macro) -> plan: validation's serve the test
 
     def plan_for(method: str, variant: str, target: float, macro: str = "default"):
         key = (method, variant, target, macro)
-        if key not in plans:
-            plans[key] = make(method, variant, target, macro)
-        return plans[key]
+        if key not in made:
+            made[key] = make(method, variant, target, macro)
+        return made[key]
 
     def make(method: str, variant: str, target: float, macro: str):
         if method == "auto":  # variant: granularity, "-norefine" without the local search
