@@ -23,10 +23,10 @@ from flexcim.hw.config import HwConfig, preset
 from flexcim.sim import runner
 from flexcim.sim.regress import (
     TB_MODULE,
-    TOPLEVEL,
     save_layer_data,
     tb_timeout_ns,
     top_verilog,
+    toplevel,
 )
 
 from flexcim.errors import FlexCimError, WorkError
@@ -96,7 +96,7 @@ def run_rtl(x: np.ndarray, w: NMTensor, cfg: HwConfig, *, sim: str = "verilator"
     try:
         save_layer_data(data, x, w)
         result = runner.run(
-            sim, [source], TOPLEVEL, TB_MODULE, build_dir, testcase="full_rate", seed=seed,
+            sim, [source], toplevel(cfg), TB_MODULE, build_dir, testcase="full_rate", seed=seed,
             waves=waves, log_file=job / "sim.log",
             extra_env={
                 "FLEXCIM_HW_CONFIG": cfg.to_json(),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flexcim.golden import perf
 from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import PRESETS, HwConfig, preset
+from flexcim.hw.config import PRESETS, HwConfig, module_name, preset, preset_name
 from flexcim.sim import runner
 
 from flexcim.errors import FlexCimError
@@ -29,7 +29,8 @@ from flexcim.fileio import atomic_write
 
 log = logging.getLogger("flexcim.sim")
 
-TOPLEVEL = "flexcim_top"
+VERILOG_FILE = "flexcim_top.v"
+"""The file name of a simulation build's Verilog (a fixed path: see :func:`top_verilog`)."""
 TB_MODULE = "flexcim.sim.tb"
 
 
@@ -60,20 +61,20 @@ def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False) -> tuple[Path, 
     key = json.dumps({"cfg": cfg.to_dict(), "hw": hw_digest(), "counters": True},
                      sort_keys=True)
     verilog_dir = runner.BUILD_ROOT.absolute() / f"verilog-{_sha1(key.encode())[:10]}"
-    path = verilog_dir / f"{TOPLEVEL}.v"
+    path = verilog_dir / VERILOG_FILE
     if not path.is_file():
         from flexcim.hw.top import FlexCiM
 
         log.info("elaborating the %s top (cached in %s)", cfg_name(cfg), verilog_dir)
         runner.write_if_changed(verilog_dir / "hw_config.json", cfg.to_json())
-        runner.amaranth_verilog(FlexCiM(cfg, counters=True), TOPLEVEL, path)
+        runner.amaranth_verilog(FlexCiM(cfg, counters=True), toplevel(cfg), path)
     text = path.read_text()
     build_dir = runner.build_dir_for("flexcim", sim, {"verilog": _sha1(text.encode()),
                                                       "waves": waves})
     runner.write_if_changed(build_dir / "hw_config.json", cfg.to_json())
     # The simulator compiles a copy at a fixed path in its build directory: Verilator skips
     # verilation (and make its C++) only when the source *paths* are the same as last time.
-    return runner.write_if_changed(build_dir / f"{TOPLEVEL}.v", text), build_dir
+    return runner.write_if_changed(build_dir / VERILOG_FILE, text), build_dir
 
 
 def save_layer_data(path: Path, x, w) -> Path:
@@ -105,7 +106,13 @@ def _sha1(data: bytes) -> str:
 
 def cfg_name(cfg: HwConfig) -> str:
     """The preset's name if ``cfg`` is one, else ``"custom"`` (for log lines)."""
-    return next((name for name, p in PRESETS.items() if p == cfg), "custom")
+    return preset_name(cfg) or "custom"
+
+
+def toplevel(cfg: HwConfig) -> str:
+    """The simulated module's name: the macro with its counters, named per configuration as
+    ``flexcim verilog --counters`` names it (:func:`~flexcim.hw.config.module_name`)."""
+    return module_name(cfg, counters=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +162,7 @@ def run_case(case: Case, *, seed: int | None = None, testcase: str | None = None
     record = {"case": case.name, **dataclasses.asdict(case)}
     try:
         result = runner.run(
-            case.sim, [source], TOPLEVEL, TB_MODULE, build_dir, seed=seed, testcase=testcase,
+            case.sim, [source], toplevel(cfg), TB_MODULE, build_dir, seed=seed, testcase=testcase,
             waves=waves, log_file=log_file,
             extra_env={
                 "FLEXCIM_HW_CONFIG": cfg.to_json(),
@@ -346,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         from flexcim.hw.top import FlexCiM
 
         cfg = preset((args.preset or ["tiny"])[0])
-        runner.amaranth_verilog(FlexCiM(cfg, counters=True), TOPLEVEL,
-                                args.emit / f"{TOPLEVEL}.v")
+        runner.amaranth_verilog(FlexCiM(cfg, counters=True), toplevel(cfg),
+                                args.emit / VERILOG_FILE)
         runner.write_if_changed(args.emit / "hw_config.json", cfg.to_json())
         return 0
     if args.layer:

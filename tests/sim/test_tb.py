@@ -12,7 +12,7 @@ import pytest
 from flexcim.golden import NMTensor, nm_prune, sparse_matmul
 from flexcim.hw.config import preset
 from flexcim.sim import runner
-from flexcim.sim.regress import TB_MODULE, TOPLEVEL, Case, run_case, top_verilog
+from flexcim.sim.regress import TB_MODULE, Case, run_case, top_verilog, toplevel
 
 from flexcim import cli
 
@@ -65,7 +65,7 @@ def test_testbench_fails_on_a_wrong_golden_config():
     source, build_dir = top_verilog(cfg, sim)
     wrong = cfg.replace(acc_bits=cfg.acc_bits + 1)
     with pytest.raises(runner.SimulationError, match="full_rate"):
-        runner.run(sim, [source], TOPLEVEL, TB_MODULE, build_dir, testcase="full_rate",
+        runner.run(sim, [source], toplevel(cfg), TB_MODULE, build_dir, testcase="full_rate",
                    extra_env={"FLEXCIM_HW_CONFIG": wrong.to_json(),
                               "FLEXCIM_CASE": json.dumps({"pattern": "2:4", "tokens": 2,
                                                           "k": 32, "c": 4}),
@@ -85,7 +85,8 @@ def test_parallel_cases_on_one_build_keep_their_own_results_file():
     other = build_dir / f"results-{os.getpid() + 1}.xml"  # another worker's, still being read
     other.write_text("<testsuites/>")
     try:
-        result = runner.run(sim, [source], TOPLEVEL, TB_MODULE, build_dir, testcase="full_rate",
+        result = runner.run(sim, [source], toplevel(cfg), TB_MODULE, build_dir,
+                            testcase="full_rate",
                             extra_env={"FLEXCIM_HW_CONFIG": cfg.to_json(),
                                        "FLEXCIM_CASE": json.dumps({"pattern": "2:4", "tokens": 2,
                                                                    "k": 32, "c": 4}),
@@ -116,6 +117,26 @@ def test_cli_matmul_engine_rtl_any_shape(tmp_path):
     assert stats["commands"] == 2 * 2 * 2  # column tiles x K chunks x token blocks
     assert abs(stats["cycles"] / stats["model_cycles"] - 1) <= 0.02
     assert 0 < stats["utilization"] <= 1
+
+
+def test_cli_a_failed_simulation_exits_1(tmp_path, capsys, monkeypatch):
+    """A simulation that fails (here the testbench's timeout cut to 50 ns: the layer cannot
+    finish) is a failure of the work: one line naming the log, exit status 1 (not 2, which
+    means bad input)."""
+    _skip_unless("verilator")
+    from flexcim.sim import host
+
+    monkeypatch.setattr(host, "tb_timeout_ns", lambda *a, **k: 50)
+    x = np.ones((2, 16), dtype=np.int8)
+    w = nm_prune(np.ones((4, 16), dtype=np.int8), "2:4")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "w.npy", w)
+    code = cli.main(["matmul", "--x", str(tmp_path / "x.npy"), "--w", str(tmp_path / "w.npy"),
+                     "--pattern", "2:4", "--engine", "rtl", "--preset", "tiny",
+                     "-o", str(tmp_path / "y.npy")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("flexcim: error: ") and "(log: " in err[-1], err
+    assert not (tmp_path / "y.npy").exists()
 
 
 def test_cli_engine_rtl_rejects_a_pattern_the_preset_lacks(tmp_path, capsys):
