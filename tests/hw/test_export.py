@@ -6,6 +6,7 @@ from flexcim.hw.config import PRESETS, HwConfig, preset
 from flexcim.hw.export import export
 
 from flexcim.cli import main
+from flexcim.errors import WorkError
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +148,13 @@ def test_interrupted_verilog_leaves_the_previous_three_files(tiny_export, tmp_pa
     monkeypatch.setattr(export_mod, "core_file", interrupted)
     assert main(["verilog", "--preset", "tiny", "--set", "cols=8", "-o", str(out)]) == 130
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
+
+
+def test_a_lint_failure_is_a_failure_of_the_work(tmp_path):
+    """Verilator rejecting a netlist is a tool failure (exit status 1), not bad input (2)."""
+    bad = tmp_path / "bad.v"
+    bad.write_text("module bad(input a, output y);\n  assign y = b;\nendmodule\n")
+    with pytest.raises(WorkError, match="verilator --lint-only failed on .*bad.v: %Error") as info:
+        tools.lint(bad, "bad")
+    assert info.value.exit_code == 1 and "\n" not in str(info.value)
+

@@ -183,6 +183,7 @@ def test_yosys_error_becomes_one_line(tmp_path):
     with pytest.raises(FlexCimError, match=r"yosys failed .*ERROR") as info:
         synth.synthesize(verilog=bad, top="top", workdir=tmp_path / "w")
     assert "\n" not in str(info.value)
+    assert info.value.exit_code == 1  # a tool that fails: the work failed, not bad usage
 
 
 def test_tiny_preset_maps_onto_the_parts_of_the_macro(tmp_path):
