@@ -357,6 +357,16 @@ def preset(name: str) -> HwConfig:
         ) from None
 
 
+def from_args(preset_name: str | None = None, config: str | os.PathLike | None = None,
+              sets: Iterable[str] = ()) -> HwConfig:
+    """The configuration a command line names: ``--preset NAME`` or ``--config FILE`` (a
+    HwConfig JSON), then the ``--set key=value`` overrides (:meth:`HwConfig.with_overrides`)."""
+    if preset_name is not None and config is not None:
+        raise FlexCimError("give --preset or --config, not both")
+    cfg = HwConfig.load(config) if config is not None else preset(preset_name or "default")
+    return cfg.with_overrides(sets or [])
+
+
 def preset_name(cfg: HwConfig) -> str | None:
     """The name of the preset equal to ``cfg`` (however it was reached: ``--preset``, a JSON
     file, ``--set``), or ``None``."""

@@ -29,7 +29,7 @@ import os
 import re
 from pathlib import Path
 
-from flexcim.hw.config import HwConfig, module_name, preset
+from flexcim.hw.config import HwConfig, from_args, module_name
 
 from flexcim.errors import FlexCimError
 from flexcim.fileio import atomic_paths, check_output
@@ -207,11 +207,7 @@ def _verilog(args) -> int:
                  inputs=(args.config,))
     if args.name is not None:
         check_name(args.name)
-    if args.config:
-        cfg = HwConfig.load(args.config)
-    else:
-        cfg = preset(args.preset)
-    cfg = cfg.with_overrides(args.set or [])
+    cfg = from_args(args.preset, args.config, args.set)
     sidecar = export(cfg, args.output, args.name, counters=args.counters, inputs=(args.config,))
     log.info("wrote %s (module %s) + sidecar .json, .core, %s, %s: %d cells, patterns %s",
              args.output, sidecar["top"], sidecar["c_header"], sidecar["sv_package"], cfg.cells,

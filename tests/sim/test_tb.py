@@ -10,11 +10,12 @@ import json
 import numpy as np
 import pytest
 from flexcim.golden import NMTensor, nm_prune, sparse_matmul
-from flexcim.hw.config import preset
+from flexcim.hw.config import module_name, preset
 from flexcim.sim import runner
 from flexcim.sim.regress import TB_MODULE, Case, run_case, top_verilog, toplevel
 
 from flexcim import cli
+from flexcim.errors import FlexCimError
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("flexcim.hw.top", reason="the FlexCiM top (hw/top.py) is not here yet")
@@ -117,6 +118,51 @@ def test_cli_matmul_engine_rtl_any_shape(tmp_path):
     assert stats["commands"] == 2 * 2 * 2  # column tiles x K chunks x token blocks
     assert abs(stats["cycles"] / stats["model_cycles"] - 1) <= 0.02
     assert 0 < stats["utilization"] <= 1
+
+
+def test_cli_matmul_engine_rtl_on_any_config(tmp_path, capsys):
+    """--config FILE and --set reach the RTL (here tiny with 8 columns, not a preset: its own
+    module name and build) and Y equals golden; they mean nothing to the golden engine."""
+    _skip_unless("icarus")
+    rng = np.random.default_rng(11)
+    x = rng.integers(-128, 128, (3, 32), dtype=np.int8)
+    w = nm_prune(rng.integers(-128, 128, (10, 32), dtype=np.int8), "2:4")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "w.npy", w)
+    (tmp_path / "tiny.json").write_text(preset("tiny").to_json())
+    args = ["matmul", "--x", str(tmp_path / "x.npy"), "--w", str(tmp_path / "w.npy"),
+            "--pattern", "2:4", "--config", str(tmp_path / "tiny.json"), "--set", "cols=8"]
+    assert cli.main([*args, "--engine", "rtl", "--sim", "icarus", "--stats",
+                     str(tmp_path / "s.json"), "-o", str(tmp_path / "y.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), sparse_matmul(
+        x, NMTensor.compress(w, "2:4"), acc_bits=20))
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["config"] == preset("tiny").replace(cols=8).to_dict()
+    assert stats["commands"] == 2  # 10 output channels in two tiles of 8 columns
+    capsys.readouterr()
+    assert cli.main([*args, "-o", str(tmp_path / "g.npy")]) == 2
+    assert "--config and --set choose the macro of --engine rtl" in capsys.readouterr().err
+    assert cli.main([*args, "--engine", "rtl", "--preset", "tiny",
+                     "-o", str(tmp_path / "g.npy")]) == 2
+    assert not (tmp_path / "g.npy").exists()
+
+
+def test_regress_sweeps_any_config(tmp_path):
+    """A configuration that is no preset (``regress --config F --set k=v``): every pattern of
+    it, the cases named by its module name and carrying its JSON to the worker processes."""
+    _skip_unless("icarus")
+    from flexcim.sim import regress
+
+    cfg = preset("tiny").replace(cols=8)
+    cases = regress.sweep(("icarus",), {cfg: [str(p) for p in cfg.patterns]})
+    assert [c.pattern for c in cases] == [str(p) for p in cfg.patterns]
+    assert {c.preset for c in cases} == {module_name(cfg)} and all(c.hw() == cfg for c in cases)
+    record = run_case(next(c for c in cases if c.pattern == "2:4"), testcase="full_rate")
+    assert record["passed"], record.get("message")
+    assert record["full_rate"]["cycles"] == record["full_rate"]["model_cycles"]
+    (tmp_path / "c.json").write_text(cfg.to_json())
+    with pytest.raises(FlexCimError, match="--config and --set take one configuration"):
+        regress.main(["--config", str(tmp_path / "c.json"), "--preset", "tiny"])
 
 
 def test_cli_a_failed_simulation_exits_1(tmp_path, capsys, monkeypatch):
