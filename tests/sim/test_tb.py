@@ -98,6 +98,14 @@ def test_parallel_cases_on_one_build_keep_their_own_results_file():
         other.unlink(missing_ok=True)
 
 
+def _matmul_args(folder, x, w, pattern: str) -> list[str]:
+    """Save ``x`` and ``w`` in ``folder``; the ``flexcim matmul`` arguments that read them."""
+    np.save(folder / "x.npy", x)
+    np.save(folder / "w.npy", w)
+    return ["matmul", "--x", str(folder / "x.npy"), "--w", str(folder / "w.npy"),
+            "--pattern", pattern]
+
+
 def test_cli_matmul_engine_rtl_any_shape(tmp_path):
     """flexcim matmul --engine rtl: C not a multiple of cols, K in two chunks, T above
     max_tokens=255 (two token blocks); Y equals the golden engine's, stats are written."""
@@ -105,10 +113,7 @@ def test_cli_matmul_engine_rtl_any_shape(tmp_path):
     rng = np.random.default_rng(7)
     x = rng.integers(-128, 128, (260, 160), dtype=np.int8)
     w = nm_prune(rng.integers(-128, 128, (6, 160), dtype=np.int8), "1:4")
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "w.npy", w)
-    args = ["matmul", "--x", str(tmp_path / "x.npy"), "--w", str(tmp_path / "w.npy"),
-            "--pattern", "1:4", "--acc-bits", "20", "--preset", "tiny"]
+    args = [*_matmul_args(tmp_path, x, w, "1:4"), "--acc-bits", "20", "--preset", "tiny"]
     assert cli.main([*args, "--engine", "rtl", "--sim", "verilator",
                      "--stats", str(tmp_path / "s.json"), "-o", str(tmp_path / "y.npy")]) == 0
     y = np.load(tmp_path / "y.npy")
@@ -127,11 +132,9 @@ def test_cli_matmul_engine_rtl_on_any_config(tmp_path, capsys):
     rng = np.random.default_rng(11)
     x = rng.integers(-128, 128, (3, 32), dtype=np.int8)
     w = nm_prune(rng.integers(-128, 128, (10, 32), dtype=np.int8), "2:4")
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "w.npy", w)
     (tmp_path / "tiny.json").write_text(preset("tiny").to_json())
-    args = ["matmul", "--x", str(tmp_path / "x.npy"), "--w", str(tmp_path / "w.npy"),
-            "--pattern", "2:4", "--config", str(tmp_path / "tiny.json"), "--set", "cols=8"]
+    args = [*_matmul_args(tmp_path, x, w, "2:4"), "--config", str(tmp_path / "tiny.json"),
+            "--set", "cols=8"]
     assert cli.main([*args, "--engine", "rtl", "--sim", "icarus", "--stats",
                      str(tmp_path / "s.json"), "-o", str(tmp_path / "y.npy")]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), sparse_matmul(
@@ -175,11 +178,8 @@ def test_cli_a_failed_simulation_exits_1(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(host, "tb_timeout_ns", lambda *a, **k: 50)
     x = np.ones((2, 16), dtype=np.int8)
     w = nm_prune(np.ones((4, 16), dtype=np.int8), "2:4")
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "w.npy", w)
-    code = cli.main(["matmul", "--x", str(tmp_path / "x.npy"), "--w", str(tmp_path / "w.npy"),
-                     "--pattern", "2:4", "--engine", "rtl", "--preset", "tiny",
-                     "-o", str(tmp_path / "y.npy")])
+    code = cli.main([*_matmul_args(tmp_path, x, w, "2:4"), "--engine", "rtl", "--preset",
+                     "tiny", "-o", str(tmp_path / "y.npy")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("flexcim: error: ") and "(log: " in err[-1], err
     assert not (tmp_path / "y.npy").exists()
