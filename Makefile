@@ -86,7 +86,7 @@ VERILOG_PRESETS = $(if $(PRESET),$(PRESET),tiny tiny3 default flex8 dense fixed2
 verilog: $(STAMP)
 	@for p in $(VERILOG_PRESETS); do \
 	  mkdir -p build/verilog/$$p; \
-	  $(BIN)/flexcim verilog --preset $$p -o build/verilog/$$p/flexcim.v --lint; \
+	  $(BIN)/flexcim verilog --preset $$p -o build/verilog/$$p/flexcim_$$p.v --lint; \
 	done
 
 # ---- RTL co-simulation (sim/): cocotb on Verilator or Icarus ----

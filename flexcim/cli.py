@@ -57,7 +57,7 @@ def _matmul(args: argparse.Namespace) -> int:
     from flexcim.golden import NMPattern, NMTensor, sparse_matmul
     from flexcim.golden.matmul import check_activations
 
-    inputs = (args.x, args.w)
+    inputs = (args.x, args.w, args.config)
     output = check_output(args.output, "output (-o)", suffixes=(".npy",), inputs=inputs)
     stats = None
     if args.stats is not None:
@@ -66,6 +66,9 @@ def _matmul(args: argparse.Namespace) -> int:
         stats = check_output(args.stats, "--stats", inputs=inputs)
         if stats.absolute() == output.absolute():
             raise FlexCimError(f"--stats and -o name the same file {args.stats!r}")
+    if args.engine != "rtl" and (args.config is not None or args.set):
+        raise FlexCimError("--config and --set choose the macro of --engine rtl; the golden "
+                           "engine takes --acc-bits only")
     pattern = NMPattern.parse(args.pattern)
     x = load_npy(args.x, "activation (--x)")
     w = load_npy(args.w, "weight (--w)")
@@ -114,8 +117,13 @@ def register(sub) -> None:
                    "Verilog in a cocotb simulation, checked against golden")
     p.add_argument("--sim", choices=("verilator", "icarus"), default="verilator",
                    help="simulator of --engine rtl (default verilator)")
-    p.add_argument("--preset", default="default",
-                   help="hardware preset of --engine rtl (default, tiny, dense, fixed24)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", help="hardware preset of --engine rtl (default: default; "
+                       "also tiny, tiny3, flex8, dense, fixed24)")
+    which.add_argument("--config", metavar="FILE",
+                       help="--engine rtl: a HwConfig JSON file instead of a preset")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="--engine rtl: override a config field (repeatable), e.g. --set cols=8")
     p.add_argument("--stats", metavar="STATS.json",
                    help="--engine rtl: write measured cycles, the model's prediction and "
                    "utilization there")

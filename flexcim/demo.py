@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from flexcim.errors import FlexCimError
+from flexcim.errors import FlexCimError, WorkError
 from flexcim.report import Report, pyplot
 
 log = logging.getLogger("flexcim.demo")
@@ -77,7 +77,7 @@ def stage_golden(ctx: Context) -> None:
          for r in rows],
     )
     if not all(r["match"] for r in rows):
-        raise FlexCimError("the golden model disagrees with the int64 reference")
+        raise WorkError("the golden model disagrees with the int64 reference")
 
 
 MACROS = ("default", "dense", "fixed24")  # FlexCiM and the two baselines, same cell count
@@ -654,7 +654,7 @@ def stage_rtl(ctx: Context) -> None:
          ["Verilator build / simulation (s)", f"{st['build_s']:.1f} / {st['sim_s']:.1f}"]],
     )
     if not (exact and golden_exact):
-        raise FlexCimError(f"the RTL disagrees with the reference on {name}")
+        raise WorkError(f"the RTL disagrees with the reference on {name}")
 
 
 AREA_DIR = "out/synth"

@@ -36,7 +36,7 @@ from pathlib import Path
 from flexcim.hw import synth
 from flexcim.hw.config import WEIGHT_BITS, HwConfig, preset
 
-from flexcim.errors import FlexCimError
+from flexcim.errors import FlexCimError, WorkError
 
 log = logging.getLogger("flexcim.area")
 
@@ -118,7 +118,7 @@ def compare(reports: dict[str, dict], configs: dict[str, HwConfig], base: str = 
         bits = storage_bits(cfg)
         measured = row_memory_bits(report)
         if measured != bits["weight_bits"] + bits["index_bits"]:
-            raise FlexCimError(
+            raise WorkError(
                 f"preset {name}: the cell rows hold {measured} memory bits, expected "
                 f"{bits['weight_bits'] + bits['index_bits']} (weights + indices of {cfg.cells} "
                 f"cells x depth {cfg.depth}): the part mapping no longer fits the generator"

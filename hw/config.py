@@ -355,3 +355,37 @@ def preset(name: str) -> HwConfig:
         raise FlexCimError(
             f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}"
         ) from None
+
+
+def from_args(preset_name: str | None = None, config: str | os.PathLike | None = None,
+              sets: Iterable[str] = ()) -> HwConfig:
+    """The configuration a command line names: ``--preset NAME`` or ``--config FILE`` (a
+    HwConfig JSON), then the ``--set key=value`` overrides (:meth:`HwConfig.with_overrides`)."""
+    if preset_name is not None and config is not None:
+        raise FlexCimError("give --preset or --config, not both")
+    cfg = HwConfig.load(config) if config is not None else preset(preset_name or "default")
+    return cfg.with_overrides(sets or [])
+
+
+def preset_name(cfg: HwConfig) -> str | None:
+    """The name of the preset equal to ``cfg`` (however it was reached: ``--preset``, a JSON
+    file, ``--set``), or ``None``."""
+    return next((name for name, p in PRESETS.items() if p == cfg), None)
+
+
+def config_digest(cfg: HwConfig) -> str:
+    """Eight hex digits of the SHA-1 of the config's canonical JSON: two configurations that
+    differ in any field get different digests (a collision needs 2**32 configs)."""
+    import hashlib
+
+    return hashlib.sha1(cfg.to_json().encode()).hexdigest()[:8]
+
+
+def module_name(cfg: HwConfig, *, counters: bool = False) -> str:
+    """The default Verilog module name of the macro for ``cfg``: ``flexcim_<preset>`` for a
+    preset, ``flexcim_<digest>`` (:func:`config_digest`) for any other configuration, with
+    ``_counters`` when the activity counters are in (another port list).  Amaranth prefixes
+    every submodule with the top's name (``\\flexcim_tiny.sub0.row0``), so distinct
+    configurations elaborate into one simulation or synthesis run without a clash."""
+    name = f"flexcim_{preset_name(cfg) or config_digest(cfg)}"
+    return name + "_counters" if counters else name

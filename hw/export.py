@@ -1,12 +1,24 @@
-"""``flexcim verilog``: reproducible Verilog of a macro, a JSON sidecar and a FuseSoC core.
+"""``flexcim verilog``: reproducible Verilog of a macro and what an integrator reads beside it.
 
 The Verilog is written with ``emit_src=False`` (no machine paths), so the same config gives
-the same bytes on every machine.  The sidecar ``OUT.json`` holds the config (it round-trips
-through :meth:`HwConfig.from_dict`) and the port map: every top-level port with its direction
-and width (``clk`` and ``rst``: the synchronous, active-high ``sync`` domain).  ``OUT.core``
-is a FuseSoC CAPI2 description so the IP drops into Edalize-based flows.  ``--counters`` adds
-the activity counters (``FlexCiM(cfg, counters=True)``; the sidecar then lists each counter's
-bit field of the ``counters`` port); they cost area, so the default is without.
+the same bytes on every machine.  Its top module is named per configuration
+(:func:`~flexcim.hw.config.module_name`: ``flexcim_<preset>`` or ``flexcim_<digest>``, or
+``--name``), and Amaranth prefixes every submodule with it, so two configurations drop into
+one simulation or synthesis run.  Beside ``OUT.v``:
+
+* ``OUT.json``, the sidecar: the module name and FuseSoC VLNV, the config (it round-trips
+  through :meth:`HwConfig.from_dict`), every top-level port with its direction and width
+  (``clk`` and ``rst``: the synchronous, active-high ``sync`` domain) and the ``interface``
+  section of :func:`flexcim.hw.interface.describe` (payload fields with bit offsets and widths,
+  pattern codes, beat order, latencies, limits);
+* ``NAME.h`` and ``NAME_pkg.sv`` (``NAME`` the module name): the same constants as a C header
+  and a SystemVerilog package ``NAME_pkg``;
+* ``OUT.core``: a FuseSoC CAPI2 core using Edalize's flow API (targets ``default``, ``lint``:
+  Verilator, ``sim``: Icarus).
+
+``--counters`` adds the activity counters (``FlexCiM(cfg, counters=True)``; the sidecar then
+lists each counter's bit field of the ``counters`` port); they cost area, so the default is
+without.  All five files appear together or not at all.
 """
 
 from __future__ import annotations
@@ -14,8 +26,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from pathlib import Path
 
-from flexcim.hw.config import HwConfig, preset
+from flexcim.hw.config import HwConfig, from_args, module_name
 
 from flexcim.errors import FlexCimError
 from flexcim.fileio import atomic_paths, check_output
@@ -24,6 +38,57 @@ log = logging.getLogger("flexcim")
 
 VERILOG_SUFFIXES = (".v", ".sv")
 SIDECARS = (".json", ".core")
+
+# IEEE 1364-2005 and 1800-2017 reserved words: a module (or package) may not be named one.
+KEYWORDS = frozenset("""
+accept_on alias always always_comb always_ff always_latch and assert assign assume automatic
+before begin bind bins binsof bit break buf bufif0 bufif1 byte case casex casez cell chandle
+checker class clocking cmos config const constraint context continue cover covergroup coverpoint
+cross deassign default defparam design disable dist do edge else end endcase endchecker endclass
+endclocking endconfig endfunction endgenerate endgroup endinterface endmodule endpackage
+endprimitive endprogram endproperty endspecify endsequence endtable endtask enum event
+eventually expect export extends extern final first_match for force foreach forever fork
+forkjoin function generate genvar global highz0 highz1 if iff ifnone ignore_bins illegal_bins
+implements implies import incdir include initial inout input inside instance int integer
+interconnect interface intersect join join_any join_none large let liblist library local
+localparam logic longint macromodule matches medium modport module nand negedge nettype new
+nexttime nmos nor noshowcancelled not notif0 notif1 null or output package packed parameter
+pmos posedge primitive priority program property protected pull0 pull1 pulldown pullup
+pulsestyle_ondetect pulsestyle_onevent pure rand randc randcase randsequence rcmos real realtime
+ref reg reject_on release repeat restrict return rnmos rpmos rtran rtranif0 rtranif1 s_always
+s_eventually s_nexttime s_until s_until_with scalared sequence shortint shortreal showcancelled
+signed small soft solve specify specparam static string strong strong0 strong1 struct super
+supply0 supply1 sync_accept_on sync_reject_on table tagged task this throughout time
+timeprecision timeunit tran tranif0 tranif1 tri tri0 tri1 triand trior trireg type typedef union
+unique unique0 unsigned until until_with untyped use uwire var vectored virtual void wait
+wait_order wand weak weak0 weak1 while wildcard wire with within wor xnor xor
+""".split())
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a legal module name: a simple Verilog identifier (letters, digits and
+    ``_``, not starting with a digit; no ``$``, which C identifiers lack: the header's macros
+    carry it), at most 100 characters, not a reserved word.  Raises a one-line FlexCimError."""
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name) or name in KEYWORDS:
+        raise FlexCimError(
+            f"--name must be a Verilog identifier (letters, digits and _, not starting with a "
+            f"digit, at most 100 characters, not a reserved word), not {name!r}"
+        )
+    return name
+
+
+def output_files(out: Path, name: str) -> list[Path]:
+    """The five files of one export, Verilog first: ``OUT.v``, ``OUT.json``, ``OUT.core``, and
+    the C header ``NAME.h`` and SystemVerilog package ``NAME_pkg.sv`` named after the module
+    (and the package in it), as lint rules on packages expect."""
+    return [out, *(out.with_suffix(s) for s in SIDECARS), out.with_name(f"{name}.h"),
+            out.with_name(f"{name}_pkg.sv")]
+
+
+def vlnv(name: str, version: str) -> str:
+    """The FuseSoC VLNV of a generated macro: one core per module name."""
+    return f"flexcim:ip:{name}:{version}"
 
 
 def port_map(cfg: HwConfig, counters: bool = False) -> list[dict]:
@@ -43,7 +108,7 @@ def port_map(cfg: HwConfig, counters: bool = False) -> list[dict]:
     return ports
 
 
-def to_verilog(cfg: HwConfig, top: str = "flexcim", counters: bool = False) -> str:
+def to_verilog(cfg: HwConfig, top: str, counters: bool = False) -> str:
     from amaranth.back import verilog
     from flexcim.hw.top import FlexCiM
 
@@ -59,10 +124,18 @@ def counter_fields() -> list[dict]:
 
 
 def core_file(top: str, verilog_name: str, version: str) -> str:
-    """A FuseSoC CAPI2 core with the Verilog as its only source."""
+    """A FuseSoC CAPI2 core with the Verilog as its only source, in Edalize's flow API:
+    ``default`` and ``lint`` lint it with Verilator, ``sim`` compiles and runs it with Icarus
+    (no stimulus: an integrator's core depends on this one and brings its testbench)."""
+    common = ("    filesets: [rtl]\n"
+              f"    toplevel: {top}\n")
+    lint = ("    flow: lint\n"
+            "    flow_options:\n"
+            "      tool: verilator\n"
+            "      verilator_options: [-Wno-WIDTH]\n")
     return (
         "CAPI=2:\n"
-        f"name: flexcim:ip:{top}:{version}\n"
+        f"name: {vlnv(top, version)}\n"
         "description: FlexCiM flexible N:M sparse digital compute-in-memory macro "
         "(generated)\n"
         "filesets:\n"
@@ -71,66 +144,78 @@ def core_file(top: str, verilog_name: str, version: str) -> str:
         f"      - {verilog_name}\n"
         "    file_type: verilogSource\n"
         "targets:\n"
-        "  default:\n"
-        "    filesets: [rtl]\n"
-        f"    toplevel: {top}\n"
-        "  lint:\n"
-        "    default_tool: verilator\n"
-        "    filesets: [rtl]\n"
-        "    tools:\n"
-        "      verilator:\n"
-        "        mode: lint-only\n"
-        "        verilator_options: [-Wno-WIDTH]\n"
-        f"    toplevel: {top}\n"
+        f"  default:\n{common}{lint}"
+        f"  lint:\n{common}{lint}"
+        f"  sim:\n{common}"
+        "    flow: sim\n"
+        "    flow_options:\n"
+        "      tool: icarus\n"
+        "      iverilog_options: [-g2005]\n"
     )
 
 
-def export(cfg: HwConfig, out: str | os.PathLike, top: str = "flexcim", *,
+def export(cfg: HwConfig, out: str | os.PathLike, name: str | None = None, *,
            counters: bool = False, inputs: tuple = ()) -> dict:
-    """Write ``out`` (.v), its ``.json`` sidecar and ``.core``; returns the sidecar dict.
-    With ``counters``, the macro has its activity counters and the sidecar their fields.
-    ``inputs`` (e.g. the ``--config`` file) may not be overwritten by any of the three."""
+    """Write ``out`` (.v) and its four companions (:func:`output_files`); returns the sidecar.
+
+    ``name`` is the module name (default :func:`~flexcim.hw.config.module_name`).  With
+    ``counters``, the macro has its activity counters and the sidecar their fields.  ``inputs``
+    (e.g. the ``--config`` file) may not be overwritten by any of the files."""
+    from flexcim.hw import interface
+
     from flexcim import __version__
 
-    if not top.isidentifier():
-        raise FlexCimError(f"--top must be a Verilog identifier, not {top!r}")
+    name = check_name(module_name(cfg, counters=counters) if name is None else name)
     out = check_output(out, "Verilog output (-o)", suffixes=VERILOG_SUFFIXES,
                        sidecars=SIDECARS, inputs=inputs)
-    verilog_text = to_verilog(cfg, top, counters)
+    files = output_files(out, name)
+    if len(set(files)) < len(files):
+        raise FlexCimError(f"Verilog output (-o) {str(out)!r} is the name of module {name}'s "
+                           f"SystemVerilog package; choose another output name or --name")
+    check_output(files[3], "C header", inputs=inputs)
+    check_output(files[4], "SystemVerilog package", inputs=inputs)
+    header = interface.c_header(cfg, name, __version__, counters)
+    package = interface.sv_package(cfg, name, __version__, counters)
+    verilog_text = to_verilog(cfg, name, counters)
     sidecar = {
-        "top": top,
+        "top": name,
+        "vlnv": vlnv(name, __version__),
         "verilog": out.name,
+        "c_header": files[3].name,
+        "sv_package": files[4].name,
         "flexcim_version": __version__,
         "config": cfg.to_dict(),
         "clock": {"name": "clk", "edge": "rising"},
         "reset": {"name": "rst", "kind": "synchronous, active high"},
         "ports": port_map(cfg, counters),
+        "interface": interface.describe(cfg, counters),
     }
     if counters:
         sidecar["counters"] = counter_fields()
-    # The three files appear together or not at all; an existing set survives any failure.
-    with atomic_paths([out, *(out.with_suffix(s) for s in SIDECARS)]) as (v, js, core):
+    # The files appear together or not at all; an existing set survives any failure.
+    with atomic_paths(files) as (v, js, core, h, pkg):
         v.write_text(verilog_text)
         js.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-        core.write_text(core_file(top, out.name, __version__))
+        core.write_text(core_file(name, out.name, __version__))
+        h.write_text(header)
+        pkg.write_text(package)
     return sidecar
 
 
 def _verilog(args) -> int:
     check_output(args.output, "Verilog output (-o)", suffixes=VERILOG_SUFFIXES, sidecars=SIDECARS,
                  inputs=(args.config,))
-    if args.config:
-        cfg = HwConfig.load(args.config)
-    else:
-        cfg = preset(args.preset)
-    cfg = cfg.with_overrides(args.set or [])
-    export(cfg, args.output, args.top, counters=args.counters, inputs=(args.config,))
-    log.info("wrote %s (+ .json sidecar, .core): %d cells, patterns %s", args.output, cfg.cells,
+    if args.name is not None:
+        check_name(args.name)
+    cfg = from_args(args.preset, args.config, args.set)
+    sidecar = export(cfg, args.output, args.name, counters=args.counters, inputs=(args.config,))
+    log.info("wrote %s (module %s) + sidecar .json, .core, %s, %s: %d cells, patterns %s",
+             args.output, sidecar["top"], sidecar["c_header"], sidecar["sv_package"], cfg.cells,
              ", ".join(str(p) for p in cfg.patterns))
     if args.lint:
         from flexcim.hw import tools
 
-        tools.lint(args.output, args.top)
+        tools.lint(args.output, sidecar["top"])
         log.info("verilator --lint-only %s: clean (WIDTH waived)", args.output)
     return 0
 
@@ -138,9 +223,11 @@ def _verilog(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser(
         "verilog",
-        help="generate the FlexCiM macro as Verilog (+ JSON sidecar and FuseSoC core)",
-        description="Elaborate a FlexCiM macro and write reproducible Verilog, OUT.json (config "
-        "and port map) and OUT.core (FuseSoC CAPI2).",
+        help="generate the FlexCiM macro as Verilog (+ sidecar, C header, SV package, core)",
+        description="Elaborate a FlexCiM macro and write reproducible Verilog, OUT.json (config, "
+        "port map, payload fields, pattern codes, beat order, latencies, limits), OUT.core "
+        "(FuseSoC CAPI2), and NAME.h (C header) and NAME_pkg.sv (SystemVerilog package) named "
+        "after the module.",
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", metavar="NAME", help="a named config (tiny, default, ...)")
@@ -148,7 +235,9 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field (repeatable), e.g. --set rows=8")
     p.add_argument("-o", "--output", required=True, metavar="OUT.v", help="Verilog file")
-    p.add_argument("--top", default="flexcim", help="module name (default flexcim)")
+    p.add_argument("--name", "--top", dest="name", metavar="NAME",
+                   help="module name (default: flexcim_<preset>, or flexcim_<config digest> "
+                   "for any other config; _counters appended with --counters)")
     p.add_argument("--lint", action="store_true", help="run verilator --lint-only on the result")
     p.add_argument("--counters", action="store_true",
                    help="add the activity counters (a read-only 'counters' port; costs area)")

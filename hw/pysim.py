@@ -18,7 +18,7 @@ from flexcim.hw import layouts
 from flexcim.hw.config import HwConfig
 from flexcim.hw.top import FlexCiM
 
-from flexcim.errors import FlexCimError
+from flexcim.errors import WorkError
 
 
 class PySim:
@@ -141,7 +141,7 @@ class PySim:
         else:
             sim.run()
         if len(results) < expected:
-            raise FlexCimError(
+            raise WorkError(
                 f"the macro produced {len(results)} of {expected} results and then nothing for "
                 f"{self.IDLE_LIMIT} cycles"
             )

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flexcim.errors import FlexCimError
+from flexcim.errors import FlexCimError, WorkError
 
 log = logging.getLogger("flexcim.synth")
 
@@ -143,7 +143,7 @@ def run_tool(tool: str, args: list[str], cwd: Path) -> None:
                 log.info("  %s %5.0f s  %s", tool, time.monotonic() - start, step.group(2))
     if proc.returncode:
         detail = errors[0] if errors else (tail[-1] if tail else "no output")
-        raise FlexCimError(
+        raise WorkError(
             f"{tool} failed (exit {proc.returncode}) in {cwd}: {detail} (full log: {log_path})"
         )
     log.info("  %s done in %.1f s", tool, time.monotonic() - start)
@@ -507,8 +507,9 @@ def config_verilog(cfg) -> tuple[str, str]:
             f"synthesise a Verilog file with --verilog F.v --top T instead"
         ) from None
     from amaranth.back import verilog
+    from flexcim.hw.config import module_name
 
-    top = "flexcim"
+    top = module_name(cfg)
     return verilog.convert(FlexCiM(cfg), name=top, emit_src=False), top
 
 

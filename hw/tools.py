@@ -7,7 +7,7 @@ import pathlib
 import shutil
 
 from flexcim import process
-from flexcim.errors import FlexCimError
+from flexcim.errors import FlexCimError, WorkError
 
 
 def verilator_bin() -> pathlib.Path:
@@ -52,5 +52,5 @@ def lint(verilog_path, top: str) -> str:
     out = proc.stdout + proc.stderr
     if proc.returncode != 0:
         first = next((line for line in out.splitlines() if line.startswith("%")), out.strip())
-        raise FlexCimError(f"verilator --lint-only failed on {verilog_path}: {first}")
+        raise WorkError(f"verilator --lint-only failed on {verilog_path}: {first}")
     return out

@@ -19,14 +19,14 @@ import uuid
 import numpy as np
 from flexcim.golden.matmul import check_activations
 from flexcim.golden.nm import NMTensor
-from flexcim.hw.config import HwConfig, preset
+from flexcim.hw.config import HwConfig, from_args
 from flexcim.sim import runner
 from flexcim.sim.regress import (
     TB_MODULE,
-    TOPLEVEL,
     save_layer_data,
     tb_timeout_ns,
     top_verilog,
+    toplevel,
 )
 
 from flexcim.errors import FlexCimError, WorkError
@@ -96,7 +96,7 @@ def run_rtl(x: np.ndarray, w: NMTensor, cfg: HwConfig, *, sim: str = "verilator"
     try:
         save_layer_data(data, x, w)
         result = runner.run(
-            sim, [source], TOPLEVEL, TB_MODULE, build_dir, testcase="full_rate", seed=seed,
+            sim, [source], toplevel(cfg), TB_MODULE, build_dir, testcase="full_rate", seed=seed,
             waves=waves, log_file=job / "sim.log",
             extra_env={
                 "FLEXCIM_HW_CONFIG": cfg.to_json(),
@@ -159,9 +159,11 @@ def layer_operands(layer, *, tokens: int | None = None, in_features: int | None 
 
 
 def rtl_matmul(x: np.ndarray, weight: NMTensor, args) -> RtlRun:
-    """The ``flexcim matmul --engine rtl`` handler: ``args`` carries ``preset``, ``sim`` and
-    ``acc_bits`` (None: the preset's); the caller writes ``y`` and the stats."""
-    cfg = preset(getattr(args, "preset", None) or "default")
+    """The ``flexcim matmul --engine rtl`` handler: ``args`` carries ``preset`` or ``config``
+    (a HwConfig JSON file), ``set`` (overrides), ``sim`` and ``acc_bits`` (None: the config's);
+    the caller writes ``y`` and the stats."""
+    cfg = from_args(getattr(args, "preset", None), getattr(args, "config", None),
+                    getattr(args, "set", None) or ())
     acc_bits = getattr(args, "acc_bits", None)
     if acc_bits is not None and acc_bits != cfg.acc_bits:
         log.info("generating the macro with acc_bits=%d (preset has %d)", acc_bits, cfg.acc_bits)

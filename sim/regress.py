@@ -21,7 +21,7 @@ from pathlib import Path
 
 from flexcim.golden import perf
 from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import PRESETS, HwConfig, preset
+from flexcim.hw.config import PRESETS, HwConfig, from_args, module_name, preset, preset_name
 from flexcim.sim import runner
 
 from flexcim.errors import FlexCimError
@@ -29,7 +29,8 @@ from flexcim.fileio import atomic_write
 
 log = logging.getLogger("flexcim.sim")
 
-TOPLEVEL = "flexcim_top"
+VERILOG_FILE = "flexcim_top.v"
+"""The file name of a simulation build's Verilog (a fixed path: see :func:`top_verilog`)."""
 TB_MODULE = "flexcim.sim.tb"
 
 
@@ -60,20 +61,20 @@ def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False) -> tuple[Path, 
     key = json.dumps({"cfg": cfg.to_dict(), "hw": hw_digest(), "counters": True},
                      sort_keys=True)
     verilog_dir = runner.BUILD_ROOT.absolute() / f"verilog-{_sha1(key.encode())[:10]}"
-    path = verilog_dir / f"{TOPLEVEL}.v"
+    path = verilog_dir / VERILOG_FILE
     if not path.is_file():
         from flexcim.hw.top import FlexCiM
 
         log.info("elaborating the %s top (cached in %s)", cfg_name(cfg), verilog_dir)
         runner.write_if_changed(verilog_dir / "hw_config.json", cfg.to_json())
-        runner.amaranth_verilog(FlexCiM(cfg, counters=True), TOPLEVEL, path)
+        runner.amaranth_verilog(FlexCiM(cfg, counters=True), toplevel(cfg), path)
     text = path.read_text()
     build_dir = runner.build_dir_for("flexcim", sim, {"verilog": _sha1(text.encode()),
                                                       "waves": waves})
     runner.write_if_changed(build_dir / "hw_config.json", cfg.to_json())
     # The simulator compiles a copy at a fixed path in its build directory: Verilator skips
     # verilation (and make its C++) only when the source *paths* are the same as last time.
-    return runner.write_if_changed(build_dir / f"{TOPLEVEL}.v", text), build_dir
+    return runner.write_if_changed(build_dir / VERILOG_FILE, text), build_dir
 
 
 def save_layer_data(path: Path, x, w) -> Path:
@@ -105,13 +106,21 @@ def _sha1(data: bytes) -> str:
 
 def cfg_name(cfg: HwConfig) -> str:
     """The preset's name if ``cfg`` is one, else ``"custom"`` (for log lines)."""
-    return next((name for name, p in PRESETS.items() if p == cfg), "custom")
+    return preset_name(cfg) or "custom"
+
+
+def toplevel(cfg: HwConfig) -> str:
+    """The simulated module's name: the macro with its counters, named per configuration as
+    ``flexcim verilog --counters`` names it (:func:`~flexcim.hw.config.module_name`)."""
+    return module_name(cfg, counters=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One regression case: a random layer ``[tokens, k] x [c, k]`` with ``pattern``, or with
-    ``data`` the layer of that :func:`save_layer_data` file (a real one: :func:`real_case`)."""
+    ``data`` the layer of that :func:`save_layer_data` file (a real one: :func:`real_case`).
+    ``preset`` names the configuration (a preset, or the module name of ``config``, the JSON of
+    any other :class:`HwConfig`)."""
 
     sim: str
     preset: str
@@ -121,6 +130,11 @@ class Case:
     c: int
     act_pattern: str | None = None
     data: str | None = None
+    config: str | None = None
+
+    def hw(self) -> HwConfig:
+        """The case's configuration."""
+        return HwConfig.from_json(self.config) if self.config else preset(self.preset)
 
     @property
     def name(self) -> str:
@@ -146,16 +160,17 @@ def run_case(case: Case, *, seed: int | None = None, testcase: str | None = None
              waves: bool | None = None, log_file: Path | None = None) -> dict:
     """Run ``case`` (both tests of :mod:`flexcim.sim.tb` unless ``testcase``); returns a
     JSON-ready record with pass/fail, measured and modelled cycles and wall times."""
-    cfg = preset(case.preset)
+    cfg = case.hw()
     waves = runner.waves_requested(waves)
     source, build_dir = top_verilog(cfg, case.sim, waves=waves)
     out = build_dir / f"{case.name}.json"
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     record = {"case": case.name, **dataclasses.asdict(case)}
+    record.pop("config")  # the name says which; the JSON would repeat it in every record
     try:
         result = runner.run(
-            case.sim, [source], TOPLEVEL, TB_MODULE, build_dir, seed=seed, testcase=testcase,
+            case.sim, [source], toplevel(cfg), TB_MODULE, build_dir, seed=seed, testcase=testcase,
             waves=waves, log_file=log_file,
             extra_env={
                 "FLEXCIM_HW_CONFIG": cfg.to_json(),
@@ -207,12 +222,14 @@ minutes of simulation, where Verilator takes seconds."""
 
 def sweep(sims=runner.SIMULATORS, presets=SWEEP_PRESETS) -> list[Case]:
     """The ``make regress`` sweep: presets x patterns x simulators (:data:`SWEEP_SIMULATORS`
-    limits some presets), with K spanning several passes and, where the preset's depth allows,
-    several commands (K chunks and column tiles), plus 8:16 activation pruning on one pattern
-    per tiny preset (:data:`SWEEP_ACT`)."""
+    limits some presets; a key of ``presets`` may also be a :class:`HwConfig`: any other
+    configuration, its cases named by its module name), with K spanning several passes and,
+    where the preset's depth allows, several commands (K chunks and column tiles), plus 8:16
+    activation pruning on one pattern per tiny preset (:data:`SWEEP_ACT`)."""
     cases = []
     for name, patterns in presets.items():
-        cfg = preset(name)
+        cfg = name if isinstance(name, HwConfig) else preset(name)
+        name, config = (module_name(cfg), cfg.to_json()) if cfg is name else (name, None)
         preset_sims = [s for s in sims if s in SWEEP_SIMULATORS.get(name, sims)]
         for pattern in patterns:
             p = NMPattern.parse(pattern)
@@ -220,7 +237,8 @@ def sweep(sims=runner.SIMULATORS, presets=SWEEP_PRESETS) -> list[Case]:
             k = max(p.m, k // p.m * p.m)
             tokens = 5 if name.startswith("tiny") else 3
             for sim in preset_sims:
-                cases.append(Case(sim, name, pattern, tokens, k, cfg.cols + cfg.cols // 2))
+                cases.append(Case(sim, name, pattern, tokens, k, cfg.cols + cfg.cols // 2,
+                                  config=config))
         if name in SWEEP_ACT:
             pattern, act = SWEEP_ACT[name]
             for sim in preset_sims:
@@ -302,14 +320,15 @@ def regress(cases: list[Case], *, jobs: int, seed: int | None = None) -> tuple[l
     return [records[c] for c in cases], time.perf_counter() - t0
 
 
-def run_layer_file(path: Path, sim: str, preset_name: str, seed: int | None) -> int:
+def run_layer_file(path: Path, sim: str, cfg: HwConfig, seed: int | None) -> int:
     """A real exported layer, whole, through the RTL, bit-exact against golden."""
     from flexcim.golden.layer_io import load_layer
     from flexcim.sim.host import layer_operands, run_rtl
 
     layer = load_layer(path)
     x, w = layer_operands(layer)
-    stats = run_rtl(x, w, preset(preset_name), sim=sim, seed=seed).stats
+    stats = run_rtl(x, w, cfg, sim=sim, seed=seed).stats
+    preset_name = cfg_name(cfg)
     act = stats["activity"]
     print(f"{layer.name or path}: {w.pattern} [{x.shape[0]}x{w.in_features}] @ "
           f"[{w.out_features}x{w.in_features}].T on {sim}/{preset_name}: bit-exact, "
@@ -327,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="simulator(s) (default: both)")
     parser.add_argument("--preset", action="append", choices=sorted(PRESETS),
                         help="preset(s) (default: all of the sweep)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="instead of the presets: this HwConfig JSON, every one of its "
+                        "patterns")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a field of --config or of the one --preset (repeatable)")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--seed", type=int, help="COCOTB_RANDOM_SEED of every case")
     parser.add_argument("--json", type=Path, help="write every record there")
@@ -342,26 +366,34 @@ def main(argv: list[str] | None = None) -> int:
                         "first --preset (cocotb's Makefile flow, `make sim`)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    custom = None
+    if args.config is not None or args.set:
+        if args.preset is not None and (args.config is not None or len(args.preset) > 1):
+            raise FlexCimError("--config and --set take one configuration: --config FILE or "
+                               "one --preset, not both nor several")
+        custom = from_args((args.preset or [None])[0], args.config, args.set)
     if args.emit:
         from flexcim.hw.top import FlexCiM
 
-        cfg = preset((args.preset or ["tiny"])[0])
-        runner.amaranth_verilog(FlexCiM(cfg, counters=True), TOPLEVEL,
-                                args.emit / f"{TOPLEVEL}.v")
+        cfg = custom or preset((args.preset or ["tiny"])[0])
+        runner.amaranth_verilog(FlexCiM(cfg, counters=True), toplevel(cfg),
+                                args.emit / VERILOG_FILE)
         runner.write_if_changed(args.emit / "hw_config.json", cfg.to_json())
         return 0
     if args.layer:
         return run_layer_file(args.layer, (args.sim or ["verilator"])[0],
-                              (args.preset or ["default"])[0], args.seed)
+                              custom or preset((args.preset or ["default"])[0]), args.seed)
     sims = tuple(s for s in runner.SIMULATORS if runner.available(s) and
                  (not args.sim or s in args.sim))
     if not sims:
         raise FlexCimError("no simulator available")
     presets = {k: v for k, v in SWEEP_PRESETS.items() if not args.preset or k in args.preset}
-    if not presets:
+    if custom is not None:
+        presets = {custom: [str(p) for p in custom.patterns]}
+    elif not presets:
         raise FlexCimError(f"the sweep covers presets {', '.join(SWEEP_PRESETS)} only")
     cases = sweep(sims, presets)
-    if not args.no_real and "default" in presets and "verilator" in sims:
+    if not args.no_real and custom is None and "default" in presets and "verilator" in sims:
         cases.append(real_case())
     records, wall = regress(cases, jobs=args.jobs, seed=args.seed)
     print(format_table(records))

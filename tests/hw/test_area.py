@@ -75,8 +75,9 @@ def test_compare_overheads_and_sram_adjustment():
 
 def test_compare_refuses_a_mapping_that_misses_the_cell_storage():
     wrong = report({"sub.row": kind(10, memory_bits=60)})
-    with pytest.raises(FlexCimError, match="cell rows hold 60 memory bits, expected 64"):
+    with pytest.raises(FlexCimError, match="cell rows hold 60 memory bits, expected 64") as info:
         area.compare({"dense": wrong}, {"dense": DENSE})
+    assert info.value.exit_code == 1  # a measurement that contradicts the model: the work failed
 
 
 def test_compare_says_when_geometries_differ():

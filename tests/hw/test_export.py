@@ -6,6 +6,7 @@ from flexcim.hw.config import PRESETS, HwConfig, preset
 from flexcim.hw.export import export
 
 from flexcim.cli import main
+from flexcim.errors import WorkError
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def tiny_export(tmp_path_factory):
 
 def test_verilog_sidecar_and_core_are_written(tiny_export):
     text = tiny_export.read_text()
-    assert "module flexcim(" in text
+    assert "module flexcim_tiny(" in text
     assert "/work" not in text and "src =" not in text  # emit_src=False: no machine paths
     sidecar = json.loads(tiny_export.with_suffix(".json").read_text())
     assert HwConfig.from_dict(sidecar["config"]) == preset("tiny")
@@ -33,7 +34,7 @@ def test_verilog_sidecar_and_core_are_written(tiny_export):
             f"{decl} {width}{name};" in text or f"{decl} reg {width}{name};" in text
         ), name
     core = tiny_export.with_suffix(".core").read_text()
-    assert core.startswith("CAPI=2:") and "tiny.v" in core and "toplevel: flexcim" in core
+    assert core.startswith("CAPI=2:") and "tiny.v" in core and "toplevel: flexcim_tiny\n" in core
 
 
 def test_verilog_is_reproducible(tiny_export, tmp_path):
@@ -58,7 +59,8 @@ def test_config_file_overrides_and_top_name(tmp_path, capsys):
     assert err[-3:] == [
         f"flexcim: error: unknown preset 'huge'; expected one of {', '.join(PRESETS)}",
         f"flexcim: error: output directory {str(tmp_path / 'no')!r} does not exist",
-        "flexcim: error: --top must be a Verilog identifier, not '9x'",
+        "flexcim: error: --name must be a Verilog identifier (letters, digits and _, not "
+        "starting with a digit, at most 100 characters, not a reserved word), not '9x'",
     ]
 
 
@@ -79,8 +81,8 @@ LINT_CASES = {
 @pytest.mark.parametrize("name", LINT_CASES)
 def test_single_pattern_and_one_entry_indices_lint_clean(name, tmp_path):
     out = tmp_path / f"{name}.v"
-    export(LINT_CASES[name], out)
-    tools.lint(out, "flexcim")  # raises on any warning but WIDTH
+    sidecar = export(LINT_CASES[name], out)
+    tools.lint(out, sidecar["top"])  # raises on any warning but WIDTH
     assert "[-1:0]" not in out.read_text()
 
 
@@ -146,3 +148,13 @@ def test_interrupted_verilog_leaves_the_previous_three_files(tiny_export, tmp_pa
     monkeypatch.setattr(export_mod, "core_file", interrupted)
     assert main(["verilog", "--preset", "tiny", "--set", "cols=8", "-o", str(out)]) == 130
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
+
+
+def test_a_lint_failure_is_a_failure_of_the_work(tmp_path):
+    """Verilator rejecting a netlist is a tool failure (exit status 1), not bad input (2)."""
+    bad = tmp_path / "bad.v"
+    bad.write_text("module bad(input a, output y);\n  assign y = b;\nendmodule\n")
+    with pytest.raises(WorkError, match="verilator --lint-only failed on .*bad.v: %Error") as info:
+        tools.lint(bad, "bad")
+    assert info.value.exit_code == 1 and "\n" not in str(info.value)
+

@@ -10,11 +10,12 @@ import json
 import numpy as np
 import pytest
 from flexcim.golden import NMTensor, nm_prune, sparse_matmul
-from flexcim.hw.config import preset
+from flexcim.hw.config import module_name, preset
 from flexcim.sim import runner
-from flexcim.sim.regress import TB_MODULE, TOPLEVEL, Case, run_case, top_verilog
+from flexcim.sim.regress import TB_MODULE, Case, run_case, top_verilog, toplevel
 
 from flexcim import cli
+from flexcim.errors import FlexCimError
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("flexcim.hw.top", reason="the FlexCiM top (hw/top.py) is not here yet")
@@ -65,7 +66,7 @@ def test_testbench_fails_on_a_wrong_golden_config():
     source, build_dir = top_verilog(cfg, sim)
     wrong = cfg.replace(acc_bits=cfg.acc_bits + 1)
     with pytest.raises(runner.SimulationError, match="full_rate"):
-        runner.run(sim, [source], TOPLEVEL, TB_MODULE, build_dir, testcase="full_rate",
+        runner.run(sim, [source], toplevel(cfg), TB_MODULE, build_dir, testcase="full_rate",
                    extra_env={"FLEXCIM_HW_CONFIG": wrong.to_json(),
                               "FLEXCIM_CASE": json.dumps({"pattern": "2:4", "tokens": 2,
                                                           "k": 32, "c": 4}),
@@ -85,7 +86,8 @@ def test_parallel_cases_on_one_build_keep_their_own_results_file():
     other = build_dir / f"results-{os.getpid() + 1}.xml"  # another worker's, still being read
     other.write_text("<testsuites/>")
     try:
-        result = runner.run(sim, [source], TOPLEVEL, TB_MODULE, build_dir, testcase="full_rate",
+        result = runner.run(sim, [source], toplevel(cfg), TB_MODULE, build_dir,
+                            testcase="full_rate",
                             extra_env={"FLEXCIM_HW_CONFIG": cfg.to_json(),
                                        "FLEXCIM_CASE": json.dumps({"pattern": "2:4", "tokens": 2,
                                                                    "k": 32, "c": 4}),
@@ -96,6 +98,14 @@ def test_parallel_cases_on_one_build_keep_their_own_results_file():
         other.unlink(missing_ok=True)
 
 
+def _matmul_args(folder, x, w, pattern: str) -> list[str]:
+    """Save ``x`` and ``w`` in ``folder``; the ``flexcim matmul`` arguments that read them."""
+    np.save(folder / "x.npy", x)
+    np.save(folder / "w.npy", w)
+    return ["matmul", "--x", str(folder / "x.npy"), "--w", str(folder / "w.npy"),
+            "--pattern", pattern]
+
+
 def test_cli_matmul_engine_rtl_any_shape(tmp_path):
     """flexcim matmul --engine rtl: C not a multiple of cols, K in two chunks, T above
     max_tokens=255 (two token blocks); Y equals the golden engine's, stats are written."""
@@ -103,10 +113,7 @@ def test_cli_matmul_engine_rtl_any_shape(tmp_path):
     rng = np.random.default_rng(7)
     x = rng.integers(-128, 128, (260, 160), dtype=np.int8)
     w = nm_prune(rng.integers(-128, 128, (6, 160), dtype=np.int8), "1:4")
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "w.npy", w)
-    args = ["matmul", "--x", str(tmp_path / "x.npy"), "--w", str(tmp_path / "w.npy"),
-            "--pattern", "1:4", "--acc-bits", "20", "--preset", "tiny"]
+    args = [*_matmul_args(tmp_path, x, w, "1:4"), "--acc-bits", "20", "--preset", "tiny"]
     assert cli.main([*args, "--engine", "rtl", "--sim", "verilator",
                      "--stats", str(tmp_path / "s.json"), "-o", str(tmp_path / "y.npy")]) == 0
     y = np.load(tmp_path / "y.npy")
@@ -116,6 +123,66 @@ def test_cli_matmul_engine_rtl_any_shape(tmp_path):
     assert stats["commands"] == 2 * 2 * 2  # column tiles x K chunks x token blocks
     assert abs(stats["cycles"] / stats["model_cycles"] - 1) <= 0.02
     assert 0 < stats["utilization"] <= 1
+
+
+def test_cli_matmul_engine_rtl_on_any_config(tmp_path, capsys):
+    """--config FILE and --set reach the RTL (here tiny with 8 columns, not a preset: its own
+    module name and build) and Y equals golden; they mean nothing to the golden engine."""
+    _skip_unless("icarus")
+    rng = np.random.default_rng(11)
+    x = rng.integers(-128, 128, (3, 32), dtype=np.int8)
+    w = nm_prune(rng.integers(-128, 128, (10, 32), dtype=np.int8), "2:4")
+    (tmp_path / "tiny.json").write_text(preset("tiny").to_json())
+    args = [*_matmul_args(tmp_path, x, w, "2:4"), "--config", str(tmp_path / "tiny.json"),
+            "--set", "cols=8"]
+    assert cli.main([*args, "--engine", "rtl", "--sim", "icarus", "--stats",
+                     str(tmp_path / "s.json"), "-o", str(tmp_path / "y.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), sparse_matmul(
+        x, NMTensor.compress(w, "2:4"), acc_bits=20))
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["config"] == preset("tiny").replace(cols=8).to_dict()
+    assert stats["commands"] == 2  # 10 output channels in two tiles of 8 columns
+    capsys.readouterr()
+    assert cli.main([*args, "-o", str(tmp_path / "g.npy")]) == 2
+    assert "--config and --set choose the macro of --engine rtl" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # argparse: --preset and --config exclude each other
+        cli.main([*args, "--engine", "rtl", "--preset", "tiny", "-o", str(tmp_path / "g.npy")])
+    assert info.value.code == 2 and not (tmp_path / "g.npy").exists()
+
+
+def test_regress_sweeps_any_config(tmp_path):
+    """A configuration that is no preset (``regress --config F --set k=v``): every pattern of
+    it, the cases named by its module name and carrying its JSON to the worker processes."""
+    _skip_unless("icarus")
+    from flexcim.sim import regress
+
+    cfg = preset("tiny").replace(cols=8)
+    cases = regress.sweep(("icarus",), {cfg: [str(p) for p in cfg.patterns]})
+    assert [c.pattern for c in cases] == [str(p) for p in cfg.patterns]
+    assert {c.preset for c in cases} == {module_name(cfg)} and all(c.hw() == cfg for c in cases)
+    record = run_case(next(c for c in cases if c.pattern == "2:4"), testcase="full_rate")
+    assert record["passed"], record.get("message")
+    assert record["full_rate"]["cycles"] == record["full_rate"]["model_cycles"]
+    (tmp_path / "c.json").write_text(cfg.to_json())
+    with pytest.raises(FlexCimError, match="--config and --set take one configuration"):
+        regress.main(["--config", str(tmp_path / "c.json"), "--preset", "tiny"])
+
+
+def test_cli_a_failed_simulation_exits_1(tmp_path, capsys, monkeypatch):
+    """A simulation that fails (here the testbench's timeout cut to 50 ns: the layer cannot
+    finish) is a failure of the work: one line naming the log, exit status 1 (not 2, which
+    means bad input)."""
+    _skip_unless("verilator")
+    from flexcim.sim import host
+
+    monkeypatch.setattr(host, "tb_timeout_ns", lambda *a, **k: 50)
+    x = np.ones((2, 16), dtype=np.int8)
+    w = nm_prune(np.ones((4, 16), dtype=np.int8), "2:4")
+    code = cli.main([*_matmul_args(tmp_path, x, w, "2:4"), "--engine", "rtl", "--preset",
+                     "tiny", "-o", str(tmp_path / "y.npy")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("flexcim: error: ") and "(log: " in err[-1], err
+    assert not (tmp_path / "y.npy").exists()
 
 
 def test_cli_engine_rtl_rejects_a_pattern_the_preset_lacks(tmp_path, capsys):
