@@ -27,14 +27,35 @@ problem (and what we can do about it)", ISSCC 2014, Fig. 1.1.9):
     values the patterns route to it; the ``M`` lanes of the command's pattern switch
     ``ceil(log2(alternatives))`` two-input stages each (``HwConfig.route_alternatives``), the
     lanes past ``M`` are tied to 0 and do not switch;
-  - cell selection: a balanced ``M_max``:1 tree per cell, tapped at the level of the
-    command's M; the stages above the tap select lanes tied to 0 (the index bits above
-    ``log2 M`` are set on write), so the ``M - 1`` multiplexers of the M-lane subtree switch,
-    and none in 1:1 (lane 0 bypasses the tree).  The one-hot tap and the operand isolation are
-    one AND-OR gate at the multiplier's input, counted with the cell's multiplication.
+  - cell selection (issue 14): a one-hot AND-OR network per cell (hw/array.py, CellRow).
+    The cell's index, masked to the bits below the tap of the command's M, is decoded to a
+    one-hot enable; one AND gate per lane passes only the enabled lane; the gated lanes meet
+    in a chain of OR trees whose link at level ``L`` is cut by index bit ``L - 1`` (set on
+    write above ``log2 M``), and the tap takes the chain at level ``ceil(log2 M)``.  With
+    every lane toggling each cycle (bit-serial slices), what switches per cell and cycle is
+    the enabled AND and one OR or chain gate per level on its path: ``1 + ceil(log2 M)``
+    gates per slice bit (``select_muxes``; a multiplexer tree switched all ``M - 1`` of its
+    multiplexers), none in 1:1 (lane 0 bypasses the network, the decoder is disabled).  An
+    AND or OR gate is charged as one 2:1 multiplexer bit (an upper bound again).
+  - the cell's decoder: its inputs are the stored index bits, read from the cell's word, so
+    they can change only when the word read changes, once per pass (``passes`` events; the
+    address is held within a pass).  It is a tree of AND stages from the most significant bit
+    down; the bits the tap masks are 0, so their stages are static, and each of the
+    ``ceil(log2 M)`` live bits switches at most its masking AND and two lines of its stage
+    (one rises, one falls): ``decode_bits = passes x cells x 3 ceil(log2 M)`` single-bit
+    gates, an upper bound (0 when consecutive words hold the same indices), charged one
+    multiplexer bit each and not multiplied by the slice width (the enables are one bit).
+    The change of tap between commands is not counted (at most once per command).
 
-  A dense-only macro has neither.  The RTL counts both (activity counters ``route_bits`` and
-  ``select_muxes``) and checks that the stages charged nothing are quiet (``quiet_faults``).
+  The one-hot tap and the operand isolation are one AND-OR gate at the multiplier's input,
+  counted with the cell's multiplication.
+  A dense-only macro has none of them.  The RTL counts ``route_bits`` and ``select_muxes``
+  (activity counters; ``select_muxes`` runs every cell's network on its enables, so a second
+  enabled lane or an uncut chain link changes the count) and checks that the stages charged
+  nothing are quiet (``quiet_faults``: a lane gate whose enable is off, a chain node above the
+  tap, a row lane past M carrying a non-zero value).  ``decode_bits`` is ``passes`` (counted)
+  times a per-pass constant of the structure; the RTL has no counter of the decoder's actual
+  toggles.
 
 Zero operands: a cell whose weight or selected activation slice is zero is **gated** (operand
 isolation in hw/array.py: its multiplier's activation input and its adder-tree input stay 0),
@@ -144,11 +165,26 @@ def route_stages(cfg: HwConfig, pattern) -> int:
                for r in range(cfg.rows_total) for i in range(pattern.m))
 
 
+def select_gates(cfg: HwConfig, pattern) -> int:
+    """Selection gates that switch per cell, compute cycle and slice bit for ``pattern``: the
+    enabled lane's AND and one OR or chain gate per level up to the tap, ``1 +
+    ceil(log2 M)``; 0 for 1:1 (the bypass) and on a dense-only macro."""
+    level = _log2_ceil(NMPattern.parse(pattern).m)
+    return 1 + level if level and cfg.index_bits else 0
+
+
+def decode_gates(cfg: HwConfig, pattern) -> int:
+    """Decoder gates of one cell that can switch when a new word is read, for ``pattern``:
+    the masking AND and two one-hot lines per live index bit, ``3 ceil(log2 M)`` (0 for 1:1)."""
+    return 3 * _log2_ceil(NMPattern.parse(pattern).m) if cfg.index_bits else 0
+
+
 def command_events(cfg: HwConfig, cmd: perf.Command) -> dict[str, int]:
     """Event counts of one command: compute cycles, passes (buffer window reads of one pass
     width), activation beats (buffer writes), weight beats (cell-row word writes), the
-    switching distribution stages (``route_bits``) and cell selection multiplexers
-    (``select_muxes``) over its compute cycles, and ``quiet_faults`` (always 0)."""
+    switching distribution stages (``route_bits``) and cell selection gates
+    (``select_muxes``, :func:`select_gates`) over its compute cycles, and ``quiet_faults``
+    (always 0)."""
     passes = cfg.passes(cmd.pattern, cmd.k)
     cycles = cmd.tokens * passes * cfg.cycles_per_pass
     return {
@@ -157,7 +193,7 @@ def command_events(cfg: HwConfig, cmd: perf.Command) -> dict[str, int]:
         "act_beats": cmd.tokens * perf.act_beats(cfg, cmd.k),
         "weight_beats": passes * cfg.rows_total if cmd.load_weights else 0,
         "route_bits": cycles * route_stages(cfg, cmd.pattern),
-        "select_muxes": cycles * cfg.cells * (cmd.pattern.m - 1),
+        "select_muxes": cycles * cfg.cells * select_gates(cfg, cmd.pattern),
         "quiet_faults": 0,
     }
 
@@ -238,9 +274,11 @@ def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0)
     merge_accumulate    cycles x cols x ((P-1) x (w_tree + log2 P) + acc_bits)          adder bit
     buffer_write        tokens x ceil(k/in_lanes) x in_lanes x 8                        bit
     buffer_read         tokens x passes x pass_width x 8                                bit
-    distribution        (route_bits + select_muxes) x b (:func:`command_events`)        mux bit
+    distribution        (route_bits + select_muxes) x b + passes x cells x decode       mux bit
     weight_write        weight beats x cols x (8 + index_bits)                          bit
     ==================  ==============================================================  =======
+
+    ``decode`` is :func:`decode_gates`, the cell's decoder gates that can switch per word read.
     """
     if not 0 <= act_density <= 1:
         raise FlexCimError(f"act_density must be from 0 to 1, not {act_density!r}")
@@ -256,7 +294,8 @@ def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0)
         "merge_accumulate": cycles * cfg.cols * merge,
         "buffer_write": events["act_beats"] * cfg.in_lanes * ACT_BITS,
         "buffer_read": events["passes"] * cfg.pass_width(cmd.pattern) * ACT_BITS,
-        "distribution": (events["route_bits"] + events["select_muxes"]) * b,
+        "distribution": (events["route_bits"] + events["select_muxes"]) * b
+        + events["passes"] * cfg.cells * decode_gates(cfg, cmd.pattern),
         "weight_write": events["weight_beats"] * cfg.cols * (WEIGHT_BITS + cfg.index_bits),
     }
     return Activity({k: float(v) for k, v in counts.items()})

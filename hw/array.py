@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import operator
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -81,14 +81,45 @@ def _positive(name: str, value) -> int:
     return value
 
 
-def _subtree(lanes: list, index):
-    """The balanced multiplexer tree selecting ``lanes[index]`` (``len(lanes)`` a power of 2;
-    level ``L`` of the tree switches on bit ``L - 1`` of ``index``)."""
-    if len(lanes) == 1:
-        return lanes[0]
-    half = len(lanes) // 2
-    return Mux(index[half.bit_length() - 1], _subtree(lanes[half:], index),
-               _subtree(lanes[:half], index))
+def _or_gates(values: list):
+    """A balanced OR tree over ``values`` (``len(values)`` a power of 2): its root and the
+    outputs of its ``len(values) - 1`` two-input gates."""
+    gates, level = [], list(values)
+    while len(level) > 1:
+        level = [level[i] | level[i + 1] for i in range(0, len(level), 2)]
+        gates += level
+    return level[0], gates
+
+
+def _selection(leaves: list, index):
+    """The selection network over the gated ``leaves`` (``2**k`` of them, at most one non-zero
+    in a correct macro): ``nodes[L]`` carries the leaves ``0 .. 2**L - 1`` and is the chain
+    gate ``(nodes[L-1] & ~index[L-1]) | OR(leaves[2**(L-1) : 2**L])`` (an AO21 per bit), so a
+    set index bit cuts the chain above its level.  Returns ``nodes`` and every two-input gate's
+    output (the OR trees' and the chain's), the gates that switch when a live leaf does."""
+    nodes, gates = [leaves[0]], []
+    for level in range(1, len(leaves).bit_length()):
+        upper, ors = _or_gates(leaves[1 << (level - 1):1 << level])
+        nodes.append(Mux(index[level - 1], 0, nodes[-1]) | upper)
+        gates += ors + [nodes[-1]]
+    return nodes, gates
+
+
+def _gate(enable, lane):
+    """A lane's AND gate: ``lane`` where ``enable`` is set, else 0 (one AND per slice bit)."""
+    return Mux(enable, lane, 0)
+
+
+def _decoder(index, low: list, enable):
+    """One-hot decode of ``index & low`` (``low``: the index bits below the tap), enabled by
+    ``enable``: a binary tree of AND stages from the most significant bit down, so stages of
+    bits the mask holds at 0 are static.  Returns the ``2**k`` enables (bit ``j``: the masked
+    index is ``j``)."""
+    lines = [enable]
+    for bit in reversed(range(len(low))):
+        masked = index[bit] & low[bit]
+        lines = [x for line in lines for x in (line & ~masked, line & masked)]
+    return lines
 
 
 def tap_level(m: int) -> int:
@@ -122,15 +153,21 @@ def _taps(taps, index_bits: int) -> tuple[int, ...]:
 class CellRow(wiring.Component):
     """The ``cols`` cells of one row: weight storage, lane selection and multiplication.
 
-    Every cell selects its activation slice with a balanced ``2**index_bits``:1 multiplexer
-    tree on its stored index and taps the tree at the level of the command's M (``tap``): at
-    level 0 (1:1) the slice is lane 0 itself, bypassing the tree.  Words written for a group
-    size M have their index bits above ``log2(M)`` set (:func:`forced_index_bits`), so the
-    stages above the tap select lanes the distribution unit ties to 0: per cycle, only the
-    ``M - 1`` multiplexers of the lanes of the command's M can switch.  Operand isolation: a
-    cell whose weight is zero holds its multiplier's activation input at 0, so a cell whose
-    weight or selected slice is zero feeds 0 to its multiplier and its adder-tree input.
-    The tap and the isolation are one AND-OR gate per slice bit.
+    Every cell selects its activation slice with a one-hot AND-OR network (issue 14): its
+    index, masked to the bits below the tap of the command's M (``tap``), is decoded to a
+    one-hot enable, static while a word is read (it changes at most once per pass); each of
+    the ``2**index_bits`` lanes has an AND gate with its enable, so only the enabled lane's gate
+    can switch; the gated lanes meet in a chain ``nodes[L] = (nodes[L-1] & ~index[L-1]) |
+    OR(lanes 2**(L-1) .. 2**L - 1)`` of balanced OR trees, so a one-hot input switches one gate
+    per level on its path: ``1 + tap_level(M)`` gates per slice bit and cycle, against
+    ``M - 1`` for a multiplexer tree.  The tap takes the chain at the level of the command's M;
+    at level 0 (1:1) the slice is lane 0 itself, bypassing the network, and the decoder is
+    disabled.  Words written for a group size M have their index bits above ``log2(M)`` set
+    (:func:`forced_index_bits`): those bits cut the chain above the tap, whose OR trees see
+    only the lanes the distribution unit ties to 0, so the stages above the tap stay quiet.
+    Operand isolation: a cell whose weight is zero holds its multiplier's activation input at
+    0, so a cell whose weight or selected slice is zero feeds 0 to its multiplier and its
+    adder-tree input.  The tap and the isolation are one AND-OR gate per slice bit.
 
     Parameters
     ----------
@@ -168,8 +205,13 @@ class CellRow(wiring.Component):
         Bit ``c``: cell ``c``'s weight and its selected activation slice are both non-zero:
         its multiplier and adder-tree input are not isolated (combinational).
     faults : Out, ``cols`` bits (only with ``activity``)
-        Bit ``c``: a selection stage that should be quiet carries a non-zero value (a tree node
-        above the tap, or a lane at or past the tapped M): always 0 in a correct macro.
+        Bit ``c``: a selection stage that should be quiet carries a non-zero value (a chain
+        node above the tap, a lane gate whose enable is off, or a lane at or past the tapped
+        M): always 0 in a correct macro.
+    selects : Out, ``range(cols * 2**(index_bits + 1) + 1)`` (only with ``activity``)
+        The selection gates that can switch in this cycle, over the row's cells: the enabled
+        lane gates and the OR and chain gates downstream of them, found by running each
+        cell's network on its enables (combinational; ``1 + tap_level(M)`` per cell).
     """
 
     def __init__(self, *, cols: int, depth: int, index_bits: int, slice_bits: int,
@@ -195,8 +237,9 @@ class CellRow(wiring.Component):
             **({"tap": In(len(self._taps))} if len(self._taps) > 1 else {}),
             "top": In(1),
             "products": Out(data.ArrayLayout(signed(product_bits(self._slice_bits)), self._cols)),
-            **({"active": Out(self._cols), "faults": Out(self._cols)} if self._activity
-               else {}),
+            **({"active": Out(self._cols), "faults": Out(self._cols),
+                "selects": Out(range(self._cols * (2 << self._index_bits) + 1))}
+               if self._activity else {}),
         })
 
     @property
@@ -229,25 +272,35 @@ class CellRow(wiring.Component):
             word = read.data
         lanes = [self.lanes[i] for i in range(1 << self._index_bits)]
         tap = self.tap if len(self._taps) > 1 else Const(1, 1)
+        # Shared by the row's cells, static during a command: the index bits below the tap.
+        low = []
+        for bit in range(self._index_bits):
+            low.append(Signal(name=f"low{bit}"))
+            m.d.comb += low[-1].eq(_any(tap[t] for t, level in enumerate(self._taps)
+                                        if level > bit))
         if self._activity:
             # A lane at or past the tapped M must be tied low by the distribution unit.
             loud = Signal(name="loud_lane")
             m.d.comb += loud.eq(_any(
                 tap[t] & _any(lanes[i] != 0 for i in range(1 << level, len(lanes)))
                 for t, level in enumerate(self._taps)))
+            selects = []
         for c in range(self._cols):
-            index = word.indices[c] if self._index_bits else None
-            nodes = [lanes[0]]  # nodes[L]: the tree over lanes 0 .. 2**L - 1
-            for level in range(1, self._index_bits + 1):
-                upper = _subtree(lanes[1 << (level - 1):1 << level], index)
-                nodes.append(Mux(index[level - 1], upper, nodes[-1]))
+            nodes = [lanes[0]]
+            if self._index_bits:
+                index = word.indices[c]
+                enables = Signal(1 << self._index_bits, name=f"sel{c}")
+                # Disabled at level 0 (1:1): low[0] is set for every tap above it.
+                m.d.comb += enables.eq(Cat(*_decoder(index, low, low[0])))
+                gated = [_gate(enables[j], lanes[j]) for j in range(len(lanes))]
+                nodes, _ = _selection(gated, index)
             value = word.values[c]
             nonzero = Signal(name=f"wnz{c}")
             m.d.comb += nonzero.eq(value != 0)
             # The tap and the operand isolation: one AND-OR gate per slice bit.
             act = Signal(unsigned(self._slice_bits), name=f"act{c}")
-            m.d.comb += act.eq(or_tree(Mux(tap[t] & nonzero, nodes[level], 0)
-                                   for t, level in enumerate(self._taps)))
+            m.d.comb += act.eq(or_tree(Mux(tap[t] & nonzero, nodes[level] if level else lanes[0],
+                                           0) for t, level in enumerate(self._taps)))
             # Lower slices are unsigned digits; the top slice carries the two's-complement sign.
             digit = Signal(signed(self._slice_bits + 1), name=f"digit{c}")
             m.d.comb += digit.eq(Mux(self.top, act.as_signed(), act))
@@ -255,7 +308,18 @@ class CellRow(wiring.Component):
             if self._activity:
                 above = _any(tap[t] & _any(nodes[L] != 0 for L in range(level + 1, len(nodes)))
                              for t, level in enumerate(self._taps))
-                m.d.comb += [self.active[c].eq(act != 0), self.faults[c].eq(above | loud)]
+                if self._index_bits:
+                    leaked = _any(~enables[j] & (gated[j] != 0) for j in range(len(lanes)))
+                    # The same network on the enables: a gate is live (can switch) when an
+                    # enabled lane reaches it.
+                    _, live = _selection([enables[j] for j in range(len(lanes))], index)
+                    selects += [enables[j] for j in range(len(lanes))] + live
+                else:
+                    leaked = Const(0, 1)
+                m.d.comb += [self.active[c].eq(act != 0),
+                             self.faults[c].eq(above | leaked | loud)]
+        if self._activity:
+            m.d.comb += self.selects.eq(balanced_sum(selects) if selects else 0)
         return m
 
 
@@ -315,6 +379,8 @@ class SubMacro(wiring.Component):
         How many cells are active (:class:`CellRow`) in this cycle; combinational.
     faults : Out, ``range(rows * cols + 1)`` (only with ``activity``)
         How many cells have a selection fault (:class:`CellRow`) in this cycle.
+    selects : Out (only with ``activity``)
+        The cells' selection gates that can switch in this cycle (:class:`CellRow`).
     """
 
     def __init__(self, *, rows: int, cols: int, depth: int, index_bits: int, slice_bits: int,
@@ -339,7 +405,9 @@ class SubMacro(wiring.Component):
             "top": In(1),
             "psums": Out(data.ArrayLayout(signed(self.psum_bits), self._cols)),
             **({"active": Out(range(self._rows * self._cols + 1)),
-                "faults": Out(range(self._rows * self._cols + 1))} if self._activity else {}),
+                "faults": Out(range(self._rows * self._cols + 1)),
+                "selects": Out(range(self._rows * self._cols * (2 << index_bits) + 1))}
+               if self._activity else {}),
         })
 
     @property
@@ -372,6 +440,7 @@ class SubMacro(wiring.Component):
             for name in ("active", "faults"):
                 m.d.comb += getattr(self, name).eq(balanced_sum(
                     getattr(row, name)[c] for row in rows for c in range(self._cols)))
+            m.d.comb += self.selects.eq(balanced_sum(row.selects for row in rows))
         return m
 
 

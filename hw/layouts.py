@@ -82,10 +82,12 @@ COUNTERS = {
                   "switch)",
     "route_bits": "two-input stages on the selected paths of the distribution unit's driven "
                   "row lanes, summed over compute cycles (per slice bit)",
-    "select_muxes": "cells' selection multiplexers that can switch, summed over compute cycles "
-                    "(per slice bit): M - 1 per cell, 0 for 1:1 (the bypass)",
-    "quiet_faults": "cell-cycles in which a selection stage that should be quiet (above the "
-                    "tap, or a row lane past M) carried a non-zero value: 0 in a correct macro",
+    "select_muxes": "cells' selection gates that can switch, summed over compute cycles (per "
+                    "slice bit): the enabled lane's AND gate and the OR and chain gates it "
+                    "reaches, 1 + log2 M per cell, 0 for 1:1 (the bypass)",
+    "quiet_faults": "cell-cycles in which a selection stage that should be quiet (a lane gate "
+                    "whose enable is off, a chain node above the tap, or a row lane past M) "
+                    "carried a non-zero value: 0 in a correct macro",
 }
 """The counters, in bit order (first in the low bits), with what each counts since reset."""
 

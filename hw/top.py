@@ -202,16 +202,13 @@ class FlexCiM(wiring.Component):
         m.d.comb += [active.eq(balanced_sum(sub.active for sub in subs)),
                      faults.eq(balanced_sum(sub.faults for sub in subs))]
         # Per cycle: the two-input stages on the selected paths of the driven row lanes, and
-        # the switching multiplexers of every cell's tree (one fewer than its row's lanes).
+        # the cells' selection gates that an enabled lane reaches (hw/array.py, CellRow).
         route_bits = Signal(range(cfg.rows_total * cfg.m_max * 8 + 1))
-        select = Signal(range(cfg.cells * cfg.m_max + 1))
+        select = Signal(range(cfg.cells * (2 << cfg.index_bits) + 1))
         m.d.comb += route_bits.eq(balanced_sum(
             dist.driven[r][i] * ceil_log2(cfg.route_alternatives(r, i))
             for r in range(cfg.rows_total) for i in range(cfg.m_max)))
-        per_row = [balanced_sum(dist.driven[r][i] for i in range(cfg.m_max))
-                   for r in range(cfg.rows_total)]
-        m.d.comb += select.eq(cfg.cols * balanced_sum(
-            Mux(lanes != 0, lanes - 1, 0) for lanes in per_row))
+        m.d.comb += select.eq(balanced_sum(sub.selects for sub in subs))
         events = {
             "weight_beats": ctrl.w_we,
             "act_beats": ctrl.a_we,

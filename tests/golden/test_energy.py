@@ -23,7 +23,8 @@ def test_command_activity_hand_computed():
         "merge_accumulate": 12 * 4 * (1 * (12 + 1) + 20),  # (P-1)(w+1) + acc_bits
         "buffer_write": 3 * 4 * 4 * 8,  # tokens x beats x lanes x 8
         "buffer_read": 3 * 1 * 16 * 8,  # tokens x passes x pass width x 8
-        "distribution": 12 * (ROUTE_24 + 32 * 3) * 2,  # (routing + M-1 muxes per cell) x b
+        # (routing + 1 + log2 M gates per cell) x b + passes x cells x 3 log2 M decoder gates
+        "distribution": 12 * (ROUTE_24 + 32 * 3) * 2 + 3 * 32 * 6,
         "weight_write": 8 * 4 * (8 + 4),  # one pass of 8 rows x cols x (value + index)
     }
     pj = energy.Activity(counts).energy_pj()
@@ -50,11 +51,33 @@ def test_only_the_lanes_of_the_commands_m_switch():
     # 1:1 bypasses the cells' trees: only the distribution's 7 stages per cycle and bit.
     assert energy.command_events(cfg, dense_cmd)["select_muxes"] == 0
     assert energy.command_activity(cfg, dense_cmd).counts["distribution"] == 4 * 7 * 2
-    # 2:4: 3 of the cells' multiplexers switch (a 4-lane subtree), as on a fixed-2:4 macro.
+    # 2:4: 3 selection gates per cell switch (the enabled lane's AND, two levels up to the
+    # tap), as on a fixed-2:4 macro; per pass (3 here, one per token) each cell's decoder
+    # switches at most 3 gates per live index bit (2 bits), one bit wide.
     assert energy.command_events(cfg, sparse_cmd)["select_muxes"] == 12 * 32 * 3
-    assert energy.command_activity(cfg, sparse_cmd).counts["distribution"] == 12 * (31 + 96) * 2
-    # On tiny (M up to 16) 2:4 switches the same cell multiplexers: the unused M are free.
+    assert energy.command_activity(cfg, sparse_cmd).counts["distribution"] == (
+        12 * (31 + 96) * 2 + 3 * 32 * 6)
+    # On tiny (M up to 16) 2:4 switches the same cell gates: the unused M are free.
     assert energy.command_events(TINY, sparse_cmd)["select_muxes"] == 12 * 32 * 3
+
+
+def test_the_cell_selection_switches_log2_m_gates_not_m():
+    """1 + log2 M gates per cell and cycle (a one-hot AND-OR network), where a multiplexer
+    tree switched M - 1: 8:16 on tiny switches 5, not 15; the decoder 3 log2 M per pass."""
+    assert [energy.select_gates(TINY, p) for p in ("1:1", "1:2", "2:4", "4:8", "8:16")] == [
+        0, 2, 3, 4, 5]
+    assert [energy.decode_gates(TINY, p) for p in ("1:1", "1:2", "2:4", "4:8", "8:16")] == [
+        0, 3, 6, 9, 12]
+    cmd = perf.Command(NMPattern(8, 16), k=32, tokens=2, load_weights=False, c=4)
+    events = energy.command_events(TINY, cmd)
+    assert events["passes"] == 2 * TINY.passes("8:16", 32)
+    assert events["select_muxes"] == events["compute_cycles"] * TINY.cells * 5
+    assert events["select_muxes"] < events["compute_cycles"] * TINY.cells * (16 - 1)
+    assert energy.command_activity(TINY, cmd).counts["distribution"] == (
+        (events["route_bits"] + events["select_muxes"]) * 2 + events["passes"] * TINY.cells * 12)
+    # A dense-only macro has no selection at all.
+    assert energy.select_gates(PRESETS["dense"], "1:1") == energy.decode_gates(
+        PRESETS["dense"], "1:1") == 0
 
 
 def test_zero_activations_gate_only_the_cells_and_adder_trees():
@@ -272,7 +295,8 @@ def test_layer_events_count_what_the_model_multiplies():
             total[name] += v
     assert total["buffer_write"] == events["act_beats"] * TINY.in_lanes * 8
     assert total["weight_write"] == events["weight_beats"] * TINY.cols * (8 + 4)
-    assert total["distribution"] == (events["route_bits"] + events["select_muxes"]) * 2
+    assert total["distribution"] == (events["route_bits"] + events["select_muxes"]) * 2 + (
+        events["passes"] * TINY.cells * 6)
 
 
 def test_pattern_energies_price_the_pattern_set():

@@ -121,15 +121,41 @@ def test_cell_row_taps_its_tree_at_the_commands_m_and_isolates_zero_operands(b):
                         a = int(lanes[0] if m == 1 else lanes[indices[c]])
                         assert ctx.get(dut.products[c]) == values[c] * a
                         assert ctx.get(dut.active[c]) == int(values[c] != 0 and a != 0)
-                        # Unforced indices (bit 2 clear) leave the top stage passing the
-                        # tapped subtree's value: a fault whenever that value is non-zero.
-                        fault = not forced and m < 8 and lanes[indices[c]] != 0
+                        # Unforced indices (bit 2 clear) leave the top chain link passing
+                        # the tapped value: a fault whenever it is non-zero (not in 1:1, whose
+                        # decoder is disabled: no lane gate opens).
+                        fault = not forced and 1 < m < 8 and lanes[indices[c]] != 0
                         assert ctx.get(dut.faults[c]) == int(fault), (m, forced, c)
+                    # Switching selection gates: the enabled lane's AND and one gate per level
+                    # up to the tap (log2 M), plus the uncut top link of an unforced index.
+                    level = m.bit_length() - 1
+                    per_cell = 1 + level + (not forced and 1 < m < 8) if m > 1 else 0
+                    assert ctx.get(dut.selects) == cols * per_cell, (m, forced)
                 lanes = np.zeros(8, dtype=int)
                 lanes[7] = 1  # a lane past M that is not tied low
                 ctx.set(dut.lanes, lanes.tolist())
                 if m < 8:
                     assert [ctx.get(dut.faults[c]) for c in range(cols)] == [1] * cols
+
+    run(dut, bench)
+
+
+def test_cell_row_flags_a_lane_gate_that_leaks(monkeypatch):
+    """Lane gates that pass their lane whatever the enable: the OR trees mix the lanes, and
+    ``faults`` flags every cell whose disabled gates carry a non-zero slice."""
+    import flexcim.hw.array
+
+    monkeypatch.setattr(flexcim.hw.array, "_gate", lambda enable, lane: lane)
+    dut = CellRow(cols=2, depth=1, index_bits=2, slice_bits=1, activity=True)
+
+    async def bench(ctx):
+        ctx.set(dut.we, 1)
+        ctx.set(dut.wdata, {"values": [5, 7], "indices": [1, 2]})
+        await ctx.tick()
+        for lanes, want in (([0, 1, 0, 0], [0, 1]), ([1, 1, 0, 0], [1, 1]),
+                            ([0, 0, 1, 0], [1, 0]), ([0, 0, 0, 1], [1, 1])):
+            ctx.set(dut.lanes, lanes)
+            assert [ctx.get(dut.faults[c]) for c in range(2)] == want, lanes
 
     run(dut, bench)
 
