@@ -14,11 +14,12 @@ export PATH := $(BIN):$(PATH)
 PIP = $(BIN)/pip install --quiet --disable-pip-version-check
 QUIET_PIP = 2>&1 | { grep -v '^WARNING: Location' || true; }
 
-.PHONY: help setup test demo lint bench clean synth verilog formal
+.PHONY: help setup test test-all demo lint bench clean synth verilog formal
 
 help:
 	@echo "make demo   - run the FlexCiM demonstration (sets everything up first)"
 	@echo "make test   - run the test suite (sets everything up first)"
+	@echo "make test-all - make test plus the extended integration tests (fresh RTL builds of a non-preset config, FuseSoC)"
 	@echo "make setup  - create $(VENV), install flexcim and its pinned dependencies, iverilog"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks (golden model speed; hw speed-up per pattern, generator time; RTL simulation speed; energy-model activity vs RTL counters; energy of flexibility vs fixed24/dense)"
@@ -52,6 +53,11 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# make test plus the extended integration tests (a fresh Verilator model of a non-preset
+# configuration through matmul and regress, FuseSoC's lint and sim targets).
+test-all: $(STAMP)
+	$(BIN)/pytest -m "extended or not extended"
 
 demo: $(STAMP)
 	$(BIN)/flexcim demo

@@ -164,7 +164,10 @@ def test_sigint_at_any_moment_leaves_old_or_new_result(tmp_path):
             "--pattern", "2:8", "-o", str(tmp_path / "y.npy")]
     # The signal comes once the interpreter is up (an interrupt of the interpreter's own
     # start-up is Python's business, not the command's).
-    code = ("import sys\nfrom flexcim.cli import main\nprint('ready', flush=True)\n"
+    # SIGINT as from a terminal, even when the test runs in a background job (where it is
+    # ignored, and the child would inherit that)
+    code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from flexcim.cli import main\nprint('ready', flush=True)\n"
             f"sys.exit(main({args!r}))\n")
     import signal
     import time

@@ -187,6 +187,8 @@ def test_interrupt_ends_the_whole_child_group(tmp_path):
     script = f"sleep 60 & echo $! > {pids}; wait"
     code = (
         "import signal, sys\nfrom flexcim import process\n"
+        # as from a terminal, even when the test runs in a background job (SIGINT ignored)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         f"try:\n    process.run(['sh', '-c', {script!r}])\n"
         "except KeyboardInterrupt:\n    sys.exit(130)\n"
     )

@@ -353,6 +353,7 @@ def _fusesoc(root, target: str, vlnv: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=root, env=env)
 
 
+@pytest.mark.extended
 def test_fusesoc_runs_the_lint_and_sim_targets(tmp_path):
     """The generated core in FuseSoC (dev extra): the Edalize flow API's lint target runs
     Verilator and the sim target Icarus; a broken Verilog file fails the lint target."""

@@ -125,6 +125,7 @@ def test_cli_matmul_engine_rtl_any_shape(tmp_path):
     assert 0 < stats["utilization"] <= 1
 
 
+@pytest.mark.extended
 def test_cli_matmul_engine_rtl_on_any_config(tmp_path, capsys):
     """--config FILE and --set reach the RTL (here tiny with 8 columns, not a preset: its own
     module name and build) and Y equals golden; they mean nothing to the golden engine."""
@@ -150,6 +151,7 @@ def test_cli_matmul_engine_rtl_on_any_config(tmp_path, capsys):
     assert info.value.code == 2 and not (tmp_path / "g.npy").exists()
 
 
+@pytest.mark.extended
 def test_regress_sweeps_any_config(tmp_path):
     """A configuration that is no preset (``regress --config F --set k=v``): every pattern of
     it, the cases named by its module name and carrying its JSON to the worker processes."""
