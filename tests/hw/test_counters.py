@@ -42,7 +42,8 @@ def run(cfg, data, **kw):
     return engine.counters, {**events, "mac_cycles": macs}
 
 
-@pytest.mark.parametrize("b", [1, 2, 8])
+# b = 2 in make test-all only (time); 1 and 8 are the extremes
+@pytest.mark.parametrize("b", [1, pytest.param(2, marks=pytest.mark.extended), 8])
 def test_counters_equal_the_model_and_the_operand_reference(b):
     cfg = TINY.replace(act_bits_per_cycle=b)
     counters, expected = run(cfg, layers(cfg, np.random.default_rng(b)))

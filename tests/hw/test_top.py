@@ -58,7 +58,9 @@ def check(cfg, layers, engine, *, int64=False):
     return [cmd for run in runs for cmd in run.commands]
 
 
-@pytest.mark.parametrize("b", [1, 2, 4, 8])
+# b = 2 and 4 (between the bit-serial and bit-parallel extremes) in make test-all only (time)
+@pytest.mark.parametrize("b", [1, pytest.param(2, marks=pytest.mark.extended),
+                               pytest.param(4, marks=pytest.mark.extended), 8])
 def test_every_pattern_bit_exact_and_cycles_equal_the_model(b):
     cfg = TINY.replace(act_bits_per_cycle=b)
     engine = PySim(cfg)
