@@ -399,11 +399,12 @@ def allocate(blocks: list[Block], sensitivity: Sensitivity, target: float
 
 
 def calibration_losses(model: nn.Module, windows: torch.Tensor,
-                       plans: dict[str, dict[str, NMPattern]], *, batch_size: int = 8
-                       ) -> dict[str, float]:
+                       plans: dict[str, dict[str, NMPattern]], *, batch_size: int = 8,
+                       probe: LossProbe | None = None) -> dict[str, float]:
     """Mean loss on ``windows`` with each candidate plan applied (Wanda masks of the dense
-    model), computed from the first pruned block on; the model is left as it was."""
-    probe = LossProbe(model, windows, batch_size=batch_size)
+    model), computed from the first pruned block on; the model is left as it was.  ``probe``
+    reuses a dense :class:`LossProbe` on ``windows``."""
+    probe = probe or LossProbe(model, windows, batch_size=batch_size)
     layers = {n: m for b in probe.blocks for n, m in b.linears.items()}
     index = {n: b.index for b in probe.blocks for n in b.linears}
     losses = {}
@@ -417,7 +418,8 @@ def calibration_losses(model: nn.Module, windows: torch.Tensor,
 @torch.no_grad()
 def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPattern],
            levels: tuple[NMPattern, ...], *, steps: int, seed: int = 0, batch_size: int = 8,
-           progress: bool = True) -> tuple[dict[str, NMPattern], dict]:
+           progress: bool = True, probe: LossProbe | None = None
+           ) -> tuple[dict[str, NMPattern], dict]:
     """Local search on the calibration loss from ``patterns``, at exactly their sparsity.
 
     The additive cost the DP minimises ignores how the harms of two pruned projections
@@ -429,10 +431,11 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
     falls.  A step costs a tail evaluation, a kept swap also a whole pass (the cached block
     inputs follow the plan).  Wanda masks of the dense model's statistics on ``windows``.
     Returns the patterns and a record (loss before/after, steps, kept); the model is left as
-    it was.
+    it was.  ``probe`` reuses a :class:`LossProbe` on ``windows`` (its cached inputs are
+    replaced).
     """
     start_time = time.perf_counter()
-    probe = LossProbe(model, windows, batch_size=batch_size)
+    probe = probe or LossProbe(model, windows, batch_size=batch_size)
     layers = {n: m for b in probe.blocks for n, m in b.linears.items()}
     index = {n: b.index for b in probe.blocks for n in b.linears}
     rank = {str(p): i for i, p in enumerate(levels)}
@@ -553,9 +556,12 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
                                  uniform[0].sparsity, "")
     choice = {}
     chosen = next(iter(candidates))
-    if len(candidates) > 1 and windows is not None:
-        choice = calibration_losses(model, loss_windows(windows, config),
-                                    {k: c[1] for k, c in candidates.items()})
+    probe = None  # one dense pass on the loss windows serves the choice and the search
+    if windows is not None and (len(candidates) > 1 or config.refine_steps):
+        probe = LossProbe(model, loss_windows(windows, config))
+    if len(candidates) > 1 and probe is not None:
+        choice = calibration_losses(model, probe.windows,
+                                    {k: c[1] for k, c in candidates.items()}, probe=probe)
         chosen = min(choice, key=choice.get)
         log.info("auto: calibration loss per candidate plan %s; keeping %s",
                  {k: round(v, 4) for k, v in choice.items()}, chosen)
@@ -563,10 +569,10 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     if message:
         log.warning("%s", message)
     refined = {}
-    if config.refine_steps and windows is not None:
-        patterns, refined = refine(model, loss_windows(windows, config), patterns, levels,
+    if config.refine_steps and probe is not None:
+        patterns, refined = refine(model, probe.windows, patterns, levels,
                                    steps=config.refine_steps, seed=config.refine_seed,
-                                   progress=progress)
+                                   progress=progress, probe=probe)
     costs = sensitivity.unit_costs(blocks)
     records, layers = [], {}
     for b in blocks:
