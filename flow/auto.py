@@ -22,7 +22,9 @@ instead, on the calibration text only:
    allocations and the macro's uniform pattern at the target are compared on the calibration
    loss of other calibration windows (``loss_windows``), the lowest is kept, and :func:`refine`
    then swaps levels between projections while that loss falls (the additive cost ignores how
-   the harms of two pruned projections interact).
+   the harms of two pruned projections interact).  The searched plan replaces the chosen one
+   only if it also has the lower loss on the calibration windows the search never saw
+   (:func:`heldout_windows`).
 
 The measurements depend only on the model and the calibration windows, not on the target, so
 :class:`Sensitivity` is computed once and every target's allocation then costs milliseconds;
@@ -509,6 +511,18 @@ def loss_windows(windows: torch.Tensor, config) -> torch.Tensor:
     return windows[-config.loss_windows:]
 
 
+def heldout_windows(windows: torch.Tensor, config) -> torch.Tensor | None:
+    """The calibration windows that are not :func:`loss_windows` (the sensitivity's and any
+    after the loss windows), on which ``auto`` checks that the local search generalises; None
+    when there are none."""
+    rest = windows[config.sens_windows:]
+    start = config.sens_windows if rest.shape[0] >= config.loss_windows \
+        else max(windows.shape[0] - config.loss_windows, 0)
+    keep = [i for i in range(windows.shape[0])
+            if not start <= i < start + config.loss_windows]
+    return windows[keep] if keep else None
+
+
 def macro_patterns(config) -> tuple[NMPattern, ...]:
     """The patterns ``auto`` may use: the target macro's (``hw_config``, default preset)."""
     if config.hw_config is not None:
@@ -570,9 +584,24 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
         log.warning("%s", message)
     refined = {}
     if config.refine_steps and probe is not None:
+        start = patterns
         patterns, refined = refine(model, probe.windows, patterns, levels,
                                    steps=config.refine_steps, seed=config.refine_seed,
                                    progress=progress, probe=probe)
+        held = heldout_windows(windows, config) if refined["kept"] else None
+        if held is not None:
+            # The search accepts any swap that lowers the loss on its own windows, noise
+            # included; at 25 % it moved off the uniform plan and lost on the test windows
+            # (docs/flow.md). Keep its plan only if calibration windows it never saw agree.
+            check = calibration_losses(model, held, {"start": start, "refined": patterns})
+            refined["guard"] = {"windows": int(held.shape[0]), "loss_start": check["start"],
+                                "loss_refined": check["refined"],
+                                "kept": check["refined"] < check["start"]}
+            if not refined["guard"]["kept"]:
+                log.info("auto: the local search's plan is worse on %d held-out calibration "
+                         "windows (%.4f vs %.4f): keeping the plan before it",
+                         held.shape[0], check["refined"], check["start"])
+                patterns = start
     costs = sensitivity.unit_costs(blocks)
     records, layers = [], {}
     for b in blocks:

@@ -343,3 +343,69 @@ def test_auto_plan_records_its_refinement(tiny, tiny_windows):
         SelectConfig(method="auto", target=0.5, refine_steps=-1)
     with pytest.raises(FlexCimError, match="loss windows must be a positive integer, not 0"):
         SelectConfig(method="auto", target=0.5, loss_windows=0)
+
+
+@pytest.mark.parametrize("count,sens,loss", [(6, 3, 2), (16, 4, 8), (6, 4, 4), (5, 1, 4),
+                                             (4, 4, 4)])
+def test_heldout_windows_are_every_calibration_window_but_the_loss_windows(count, sens, loss):
+    windows = torch.arange(count).repeat_interleave(3).reshape(count, 3)
+    config = SelectConfig(method="auto", target=0.5, sens_windows=sens, loss_windows=loss)
+    seen = [int(w[0]) for w in auto.loss_windows(windows, config)]
+    held = auto.heldout_windows(windows, config)
+    held = [] if held is None else [int(w[0]) for w in held]
+    assert len(seen) == min(loss, count)
+    assert sorted(seen + held) == list(range(count)) and not set(seen) & set(held)
+
+
+def _plan_patterns(plan):
+    return {n: NMPattern.parse(p) for n, p in plan.layers.items()}
+
+
+def test_auto_keeps_the_plan_before_the_search_when_held_out_windows_disagree(
+        tiny, tiny_windows, monkeypatch):
+    config = SelectConfig(method="auto", target=0.5, sens_windows=3, refine_steps=4,
+                          loss_windows=2,
+                          hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
+    unrefined = pipeline.make_plan(tiny, tiny_windows, dataclasses.replace(config,
+                                   refine_steps=0), progress=False)
+    start = _plan_patterns(unrefined)
+    # a "search" that returns a plan worse on the held-out windows (HF's own loss decides:
+    # on a random tiny model pruning may lower the loss, so measure which plan is worse)
+    held = auto.heldout_windows(tiny_windows, config)
+    layers = linear_layers(tiny)
+    probe = auto.LossProbe(tiny, held)
+
+    def held_loss(patterns):
+        with auto.pruned(layers, patterns, probe):
+            return reference_loss(tiny, held)
+
+    others = [dict.fromkeys(start, p) for p in (NMPattern(1, 1), NMPattern(2, 8))]
+    worse = max(others, key=held_loss)
+    assert held_loss(worse) > held_loss(start)
+
+    def fake_refine(model, windows, patterns, levels, **kwargs):
+        assert patterns == start
+        return worse, {"steps": 4, "kept": 1, "windows": int(windows.shape[0]),
+                       "loss_before": 0.0, "loss_after": 0.0}
+
+    monkeypatch.setattr(auto, "refine", fake_refine)
+    plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    guard = plan.settings["refine"]["guard"]
+    assert guard["windows"] == 4 and guard["kept"] is False
+    assert _plan_patterns(plan) == start  # reverted
+    # the recorded losses are those of the two plans on the held-out windows
+    assert guard["loss_start"] == pytest.approx(held_loss(start), rel=1e-5)
+    assert guard["loss_refined"] == pytest.approx(held_loss(worse), rel=1e-5)
+
+    # held-out windows that agree: the searched plan is kept
+    real = auto.calibration_losses
+
+    def agreeing(model, windows, plans, **kwargs):
+        if set(plans) == {"start", "refined"}:
+            return {"start": 2.0, "refined": 1.0}
+        return real(model, windows, plans, **kwargs)
+
+    monkeypatch.setattr(auto, "calibration_losses", agreeing)
+    plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    assert plan.settings["refine"]["guard"]["kept"] is True
+    assert _plan_patterns(plan) == worse
