@@ -224,3 +224,78 @@ def arithmetic(model: nn.Module, config: W8A8Config | None) -> Iterator[None]:
         return
     with w8a8(model, config) as record:
         yield record
+
+
+@torch.no_grad()
+def channel_absmax(model: nn.Module, windows: torch.Tensor, names: list[str], *,
+                   batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """``max_t |x_tj|`` per input channel of each projection in ``names`` over ``windows``."""
+    layers = linear_layers(model)
+    amax = {n: torch.zeros(layers[n].in_features) for n in names}
+
+    def factory(name):
+        def hook(_module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            amax[name] = torch.maximum(amax[name], x.abs().amax(0))
+
+        return hook
+
+    handles = []
+    try:
+        for name in names:
+            handles.append(layers[name].register_forward_pre_hook(factory(name)))
+        for start in range(0, windows.shape[0], batch_size):
+            model(input_ids=windows[start : start + batch_size], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return amax
+
+
+def smoothing_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float
+                     ) -> torch.Tensor:
+    """SmoothQuant's per-channel scales ``s_j = max|x_j|^alpha / max|W_:j|^(1-alpha)`` (Xiao
+    et al., ICML 2023, eq. 4) over the weights sharing that input; 1 where either max is 0."""
+    w_absmax = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0)
+    s = x_absmax.float().pow(alpha) / w_absmax.pow(1 - alpha)
+    return torch.where((x_absmax > 0) & (w_absmax > 0), s, torch.ones_like(s))
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, windows: torch.Tensor, alpha: float) -> dict[str, float]:
+    """Fold SmoothQuant scales into a Llama-style model, in place: the inputs of q/k/v (after
+    ``input_layernorm``), gate/up (after ``post_attention_layernorm``) and down (after
+    ``up_proj``'s rows) are divided by ``s``, the weights reading them multiplied by ``s``.  The
+    float model computes the same function (up to rounding); its int8 activations lose less to
+    outlier channels.  Returns the mean ``log10 s`` per kind (a summary)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise FlexCimError(f"smoothing alpha must be in [0, 1], not {alpha!r}")
+    from flexcim.flow.model import decoder_blocks
+
+    groups = []  # (input projection name, divisor and its axis, weights reading the input)
+    for block in decoder_blocks(model):
+        mod = block.module
+        try:
+            attn, mlp = mod.self_attn, mod.mlp
+            groups.append((f"{block.name}.self_attn.q_proj", mod.input_layernorm.weight, None,
+                           [attn.q_proj, attn.k_proj, attn.v_proj], "qkv"))
+            groups.append((f"{block.name}.mlp.gate_proj", mod.post_attention_layernorm.weight,
+                           None, [mlp.gate_proj, mlp.up_proj], "gate/up"))
+            groups.append((f"{block.name}.mlp.down_proj", None, mlp.up_proj, [mlp.down_proj],
+                           "down"))
+        except AttributeError:
+            raise FlexCimError(f"smoothing needs a Llama-style block (input_layernorm, "
+                               f"self_attn.q/k/v_proj, mlp.gate/up/down_proj): {block.name} "
+                               f"is {type(mod).__name__}") from None
+    amax = channel_absmax(model, windows, [g[0] for g in groups])
+    summary: dict[str, list[float]] = {}
+    for name, norm_weight, up, readers, kind in groups:
+        s = smoothing_scales(amax[name], [r.weight for r in readers], alpha)
+        if norm_weight is not None:
+            norm_weight.div_(s.to(norm_weight.dtype))
+        else:
+            up.weight.div_(s.to(up.weight.dtype)[:, None])
+        for r in readers:
+            r.weight.mul_(s.to(r.weight.dtype)[None, :])
+        summary.setdefault(kind, []).append(float(s.log10().mean()))
+    return {k: sum(v) / len(v) for k, v in summary.items()}

@@ -193,3 +193,39 @@ def test_real_smollm2_projection_is_bit_exact_with_golden():
     assert np.array_equal(acc, naive)
     assert np.array_equal(exported.weight.decompress(), qw)
     assert np.array_equal(exported.weight_scale, cap.weight_scale.numpy())
+
+
+def test_smoothing_scales_by_hand():
+    from flexcim.flow.quant import smoothing_scales
+
+    x = torch.tensor([16.0, 1.0, 0.0, 4.0])
+    w1 = torch.tensor([[1.0, 4.0, 2.0, 0.0], [-0.25, 1.0, 1.0, 0.0]])
+    w2 = torch.tensor([[0.5, -9.0, 1.0, 0.0]])
+    # alpha 0.5: sqrt(16) / sqrt(1) = 4, sqrt(1) / sqrt(9) = 1/3 (max over both weights), zero
+    # input or zero weight column -> 1
+    s = smoothing_scales(x, [w1, w2], 0.5)
+    assert s.tolist() == pytest.approx([4.0, 1 / 3, 1.0, 1.0])
+    # alpha 1: s = max|x| (weights ignored, but where their column is 0)
+    assert smoothing_scales(x, [w1, w2], 1.0).tolist() == pytest.approx([16.0, 1.0, 1.0, 1.0])
+
+
+def test_smoothing_keeps_the_float_model_and_helps_int8_with_an_outlier_channel(tiny,
+                                                                              tiny_windows):
+    from flexcim.flow.quant import smooth
+
+    with torch.no_grad():
+        # an outlier input channel of every MLP (as LLMs have), via the norm's gain
+        for block in tiny.model.layers:
+            block.post_attention_layernorm.weight[3] = 40.0
+        dense = tiny(input_ids=tiny_windows).logits
+        with w8a8(tiny, W8A8Config()):
+            plain = tiny(input_ids=tiny_windows).logits
+        summary = smooth(tiny, tiny_windows, 0.5)
+        assert set(summary) == {"qkv", "gate/up", "down"}
+        smoothed = tiny(input_ids=tiny_windows).logits
+        with w8a8(tiny, W8A8Config()):
+            both = tiny(input_ids=tiny_windows).logits
+    assert torch.allclose(smoothed, dense, atol=1e-5, rtol=1e-4)  # the same float function
+    assert float((both - dense).norm()) < 0.5 * float((plain - dense).norm())
+    with pytest.raises(FlexCimError, match=r"smoothing alpha must be in \[0, 1\], not 1.5"):
+        smooth(tiny, tiny_windows, 1.5)
