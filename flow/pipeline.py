@@ -215,9 +215,10 @@ def save_model(session_or_lm, directory: str | os.PathLike, *,
 
 def measure(session: Session, plan: Plan | None, *, calib: torch.Tensor | None = None,
             metric: str = "wanda", act_pattern: str | None = "8:16", eval_windows: int = 16,
-            seq_len: int = 128, progress: bool = True) -> dict:
+            seq_len: int = 128, progress: bool = True, quant=None) -> dict:
     """Perplexity dense, with ``plan`` applied, and with ``act_pattern`` activation pruning on
-    top; the model is left pruned to ``plan`` (reload for a dense model).
+    top; the model is left pruned to ``plan`` (reload for a dense model).  With ``quant``
+    (:class:`flexcim.flow.quant.W8A8Config`) every figure is W8A8 (recorded as ``arith``).
 
     Returns a JSON-ready dict: ``dense``, ``weights`` (with the plan), ``weights+act``, and
     the relative increases.
@@ -225,9 +226,11 @@ def measure(session: Session, plan: Plan | None, *, calib: torch.Tensor | None =
     from flexcim.flow import act
 
     def ev() -> float:
-        return evaluate(session, count=eval_windows, seq_len=seq_len, progress=progress)
+        return evaluate(session, count=eval_windows, seq_len=seq_len, progress=progress,
+                        quant=quant)
 
-    record = {"eval_windows": eval_windows, "seq_len": seq_len, "dense": ev()}
+    record = {"eval_windows": eval_windows, "seq_len": seq_len,
+              **(quant.to_dict() if quant is not None else {"arith": "float"}), "dense": ev()}
     if plan is not None:
         apply_plan(session.model, plan, None if metric == "magnitude" else calib,
                    metric=metric, progress=progress)
