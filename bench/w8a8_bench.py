@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--act-pattern", default="8:16")
     p.add_argument("--act-granularity", choices=GRANULARITIES, default=GRANULARITIES[0])
     p.add_argument("--smooth", type=float, metavar="ALPHA")
+    p.add_argument("--ariths", default="float,w8a8", help="which to measure (default both)")
+    p.add_argument("--no-act", action="store_true", help="dense activations only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True, metavar="RESULT.json")
     args = p.parse_args(argv)
@@ -58,17 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     quant = W8A8Config(act_granularity=args.act_granularity)
     record["w8a8_config"] = quant.to_dict()
     for arith, q in (("float", None), ("w8a8", quant)):
+        if arith not in args.ariths.split(","):
+            continue
         seconds = time.perf_counter()
         record[arith] = fp.evaluate(session, count=args.eval_windows, text=args.eval_text,
                                     quant=q, progress=False)
         record[f"{arith}_seconds"] = round(time.perf_counter() - seconds, 1)
+        log.info("%s: %.3f", arith, record[arith])
+        if args.no_act:
+            continue
         with act.activation_pruning(session.model, act.ActConfig(pattern=args.act_pattern)):
             record[f"{arith}+act"] = fp.evaluate(session, count=args.eval_windows,
                                                  text=args.eval_text, quant=q, progress=False)
-        log.info("%s: %.3f, with %s activations %.3f", arith, record[arith], args.act_pattern,
-                 record[f"{arith}+act"])
-    record["w8a8_vs_float"] = record["w8a8"] / record["float"] - 1
-    record["w8a8+act_vs_float+act"] = record["w8a8+act"] / record["float+act"] - 1
+        log.info("%s with %s activations: %.3f", arith, args.act_pattern, record[f"{arith}+act"])
+    for key in ("", "+act"):
+        if f"float{key}" in record and f"w8a8{key}" in record:
+            record[f"w8a8{key}_vs_float{key}"] = record[f"w8a8{key}"] / record[f"float{key}"] - 1
     record["seconds"] = round(time.perf_counter() - start, 1)
     write_json(args.out, record)
     return 0

@@ -168,6 +168,11 @@ def _act_eval(args: argparse.Namespace) -> int:
     if not 0 <= args.skip_budget < 1:
         raise FlexCimError(f"--skip-budget must be a fraction in [0, 1), not {args.skip_budget!r}")
     quant = _quant(args)
+    if args.smooth is not None:
+        if quant is None:
+            raise FlexCimError("--smooth needs --arith w8a8")
+        if not 0 <= args.smooth <= 1:
+            raise FlexCimError(f"--smooth must be an alpha in [0, 1], not {args.smooth!r}")
     if args.output:
         check_output(args.output, "result output (-o)",
                      inputs=(args.model, args.text, args.plan))
@@ -176,7 +181,7 @@ def _act_eval(args: argparse.Namespace) -> int:
               "eval_windows": args.eval_windows, "seq_len": args.seq_len,
               **_arith_record(session, args, quant)}
     calib = None
-    if plan is not None or args.skip_budget > 0 or auto:
+    if plan is not None or args.skip_budget > 0 or auto or args.smooth is not None:
         calib = _calib(session, args)
     if plan is not None:
         metric = args.metric or plan.settings.get("metric", "wanda")
@@ -184,6 +189,11 @@ def _act_eval(args: argparse.Namespace) -> int:
                             metric=metric)
         record.update(plan=os.path.abspath(args.plan), metric=metric,
                       weight_sparsity=plan.achieved_sparsity)
+    if args.smooth is not None:  # after the plan: the pruned zeros stay zeros
+        from flexcim.flow.quant import smooth
+
+        record["smooth"] = {"alpha": args.smooth,
+                            "mean_log10_scale": smooth(session.model, calib, args.smooth)}
     if auto:
         # chosen on the calibration text, disjoint from the evaluation windows reported below
         study = act.choose_projections(
@@ -264,7 +274,7 @@ def _check_common(args: argparse.Namespace) -> None:
     _check_count(args.calib_windows, "--calib-windows", minimum=1)
     _check_count(args.seq_len, "--seq-len", minimum=2)
     _check_count(args.threads, "--threads", minimum=1)
-    for flag in ("hyper_m", "hw_weight", "target_sparsity", "budget", "skip_budget"):
+    for flag in ("hyper_m", "hw_weight", "target_sparsity", "budget", "skip_budget", "smooth"):
         value = getattr(args, flag, None)
         if value is not None and not math.isfinite(value):
             raise FlexCimError(f"--{flag.replace('_', '-')} must be a finite number, "
@@ -396,6 +406,10 @@ def register(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=16, metavar="N",
                    help="held-out windows (default 16)")
     _arith_options(p)
+    p.add_argument("--smooth", type=float, metavar="ALPHA",
+                   help="w8a8: fold SmoothQuant scales max|x|^ALPHA / max|W|^(1-ALPHA), from the "
+                        "calibration text, into the model first (float-equivalent; 0.5 measured "
+                        "better on validation, docs/flow.md)")
     p.add_argument("-o", "--output", metavar="RESULT.json")
     p.set_defaults(func=_checked(_act_eval))
 

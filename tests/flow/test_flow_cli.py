@@ -213,6 +213,13 @@ def test_act_eval_and_prune_in_w8a8(workspace, capsys, tmp_path):
     tensor = json.loads((tmp_path / "t").read_text())
     assert tensor["act_granularity"] == "tensor"
     assert tensor["perplexity_dense_act"] != r["perplexity_dense_act"]
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--eval-windows", "2",
+                     "--arith", "w8a8", "--smooth", "0.5", "-o", str(tmp_path / "s"))
+    assert code == 0, err
+    smoothed = json.loads((tmp_path / "s").read_text())
+    assert smoothed["smooth"]["alpha"] == 0.5
+    assert set(smoothed["smooth"]["mean_log10_scale"]) == {"qkv", "gate/up", "down"}
+    assert smoothed["perplexity_dense_act"] != r["perplexity_dense_act"]
     code, err = _run(capsys, "flow", "select", *_common(d), "--method", "uniform", "--pattern",
                      "2:4", "-o", str(tmp_path / "plan.json"))
     assert code == 0, err
@@ -233,6 +240,10 @@ def test_w8a8_bad_input(workspace, capsys, tmp_path):
     assert not (tmp_path / "r.json").exists()
     code, err = _run(capsys, "flow", "act-eval", *_common(d), "--eval-text", "emma")
     assert code == 2 and "--eval-text must be one of ['held-out'] for this text, not 'emma'" in err
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--smooth", "0.5")
+    assert code == 2 and "--smooth needs --arith w8a8" in err
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--arith", "w8a8", "--smooth", "2")
+    assert code == 2 and "--smooth must be an alpha in [0, 1], not 2.0" in err
     with pytest.raises(SystemExit) as info:  # argparse's own check of the choices
         main(["flow", "act-eval", *_common(d), "--arith", "int4"])
     assert info.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
