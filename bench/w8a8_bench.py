@@ -21,7 +21,7 @@ import torch
 from flexcim.flow import act
 from flexcim.flow import pipeline as fp
 from flexcim.flow.eval import write_json
-from flexcim.flow.quant import GRANULARITIES, W8A8Config, smooth
+from flexcim.flow.quant import DEFAULT_GRANULARITY, GRANULARITIES, W8A8Config, smooth
 from flexcim.flow.select import Plan
 
 log = logging.getLogger("flexcim.bench")
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-text", default="held-out", help="held-out (test) or emma (validation)")
     p.add_argument("--calib-windows", type=int, default=16)
     p.add_argument("--act-pattern", default="8:16")
-    p.add_argument("--act-granularity", choices=GRANULARITIES, default=GRANULARITIES[0])
+    p.add_argument("--act-granularity", choices=GRANULARITIES, default=DEFAULT_GRANULARITY)
     p.add_argument("--smooth", type=float, metavar="ALPHA")
     p.add_argument("--ariths", default="float,w8a8", help="which to measure (default both)")
     p.add_argument("--no-act", action="store_true", help="dense activations only")

@@ -18,7 +18,7 @@ stay float) replaces its float product by the macro's arithmetic:
 
 The quantization rules are golden's functions themselves, called on the tensors' memory, so
 ``flow export``, the demo's RTL layer and the perplexity runs quantize alike by construction;
-tests/flow/test_quant.py checks the result against ``golden.sparse_matmul`` on a real SmolLM2
+tests/flow/test_w8a8.py checks the result against ``golden.sparse_matmul`` on a real SmolLM2
 projection, bit for bit.
 """
 
