@@ -624,7 +624,8 @@ def stage_rtl(ctx: Context) -> None:
                                        run.y))
     # How far the int8 hardware result is from the float layer (quantization error only).
     y_float = x @ module.weight.detach().numpy().T
-    y_hw = run.y * (layer.act_scale * layer.weight_scale)[None, :]
+    scale_x = np.reshape(layer.act_scale, (-1, 1))  # per token (default) or per tensor
+    y_hw = run.y * scale_x * layer.weight_scale[None, :]
     rel = float(np.linalg.norm(y_hw - y_float) / np.linalg.norm(y_float))
     st = run.stats
     record = {"layer": name, "pattern": pattern, "act_pattern": ACT_PATTERN,

@@ -20,6 +20,9 @@ METHODS = ("auto", "uniform", "owl", "flow")
 M_DIRECTIONS = ("figure", "code")
 NORMALISATIONS = ("minmax", "zscore", "rank")
 ACT_DEFAULT = ("q", "down")  # flexcim.flow.act.DEFAULT_PROJECTIONS
+ARITHMETICS = ("float", "w8a8")  # flexcim.flow.quant.ARITHMETICS
+GRANULARITIES = ("token", "tensor")  # flexcim.flow.quant.GRANULARITIES, the default first
+EVAL_TEXTS = ("held-out", "emma")  # flexcim.flow.text: the default corpus's evaluation texts
 PRUNE_RECORD = "flexcim-prune.json"
 """What ``flow prune`` writes beside the weights; it marks a folder that a rerun may replace."""
 
@@ -54,6 +57,35 @@ def _hw_config(spec: str | None):
         raise FlexCimError(f"--hw-config must be a preset ({', '.join(['default', *PRESETS])}) "
                            f"or a JSON file, not {spec!r}")
     return HwConfig.load(spec)
+
+
+def _quant(args: argparse.Namespace):
+    """The W8A8 config of ``--arith w8a8`` (None for float), checked before the model loads."""
+    if args.arith == "float":
+        if args.act_granularity is not None:
+            raise FlexCimError("--act-granularity needs --arith w8a8")
+        return None
+    from flexcim.flow.quant import W8A8Config
+    from flexcim.hw.config import DEFAULT
+
+    hw = _hw_config(args.hw_config) or DEFAULT
+    return W8A8Config(act_granularity=args.act_granularity or GRANULARITIES[0],
+                      acc_bits=hw.acc_bits)
+
+
+def _arith_record(session, args, quant) -> dict:
+    """Check the evaluation text and the accumulator on the loaded model; the JSON fields."""
+    if args.eval_text not in session.corpus.evaluation:
+        raise FlexCimError(f"--eval-text must be one of {list(session.corpus.evaluation)} for "
+                           f"this text, not {args.eval_text!r}")
+    if quant is None:
+        return {"arith": "float", "eval_text": args.eval_text}
+    from flexcim.flow.model import linear_layers
+    from flexcim.flow.quant import check_accumulator
+
+    check_accumulator(linear_layers(session.model), quant.acc_bits)
+    return {**quant.to_dict(), "hw_config": args.hw_config or "default",
+            "eval_text": args.eval_text}
 
 
 def _select(args: argparse.Namespace) -> int:
@@ -93,9 +125,11 @@ def _prune(args: argparse.Namespace) -> int:
     check_output(args.output, "model output (-o)", folder=True, marker=PRUNE_RECORD,
                  inputs=(args.model, args.text, args.plan))
     plan = Plan.load(args.plan)
+    quant = _quant(args)
     metric = args.metric or plan.settings.get("metric", "wanda")
     start = time.perf_counter()
     session = _session(args)
+    arith = _arith_record(session, args, quant) if args.eval_windows else {}
     windows = None if metric == "magnitude" else _calib(session, args)
     pipeline.apply_plan(session.model, plan, windows, metric=metric)
     pipeline.check_plan(session.model, plan)
@@ -104,10 +138,12 @@ def _prune(args: argparse.Namespace) -> int:
               "achieved_sparsity": plan.achieved_sparsity, "model": session.lm.name}
     if args.eval_windows:
         # before anything is written: a failure here leaves no model folder behind
+        record.update(arith)
         record["perplexity"] = pipeline.evaluate(session, count=args.eval_windows,
-                                                 seq_len=args.seq_len)
-        log.info("perplexity on %d held-out windows: %.3f", args.eval_windows,
-                 record["perplexity"])
+                                                 seq_len=args.seq_len, text=args.eval_text,
+                                                 quant=quant)
+        log.info("perplexity (%s) on %d %s windows: %.3f", record["arith"], args.eval_windows,
+                 args.eval_text, record["perplexity"])
     record["written"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     pipeline.save_model(session, args.output,
                         files={PRUNE_RECORD: json.dumps(record, indent=1) + "\n"})
@@ -118,7 +154,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _act_eval(args: argparse.Namespace) -> int:
     from flexcim.flow import act, pipeline
-    from flexcim.flow.eval import perplexity, write_json
+    from flexcim.flow.eval import write_json
     from flexcim.flow.select import Plan
 
     auto = args.projections.strip() == "auto"
@@ -131,14 +167,21 @@ def _act_eval(args: argparse.Namespace) -> int:
     _check_count(args.eval_windows, "--eval-windows", minimum=1)
     if not 0 <= args.skip_budget < 1:
         raise FlexCimError(f"--skip-budget must be a fraction in [0, 1), not {args.skip_budget!r}")
+    quant = _quant(args)
+    if args.smooth is not None:
+        if quant is None:
+            raise FlexCimError("--smooth needs --arith w8a8")
+        if not 0 <= args.smooth <= 1:
+            raise FlexCimError(f"--smooth must be an alpha in [0, 1], not {args.smooth!r}")
     if args.output:
         check_output(args.output, "result output (-o)",
                      inputs=(args.model, args.text, args.plan))
     session = _session(args)
     record = {"model": session.lm.name, "pattern": args.pattern, "score": args.score,
-              "eval_windows": args.eval_windows, "seq_len": args.seq_len}
+              "eval_windows": args.eval_windows, "seq_len": args.seq_len,
+              **_arith_record(session, args, quant)}
     calib = None
-    if plan is not None or args.skip_budget > 0 or auto:
+    if plan is not None or args.skip_budget > 0 or auto or args.smooth is not None:
         calib = _calib(session, args)
     if plan is not None:
         metric = args.metric or plan.settings.get("metric", "wanda")
@@ -146,10 +189,15 @@ def _act_eval(args: argparse.Namespace) -> int:
                             metric=metric)
         record.update(plan=os.path.abspath(args.plan), metric=metric,
                       weight_sparsity=plan.achieved_sparsity)
+    if args.smooth is not None:  # after the plan: the pruned zeros stay zeros
+        from flexcim.flow.quant import smooth
+
+        record["smooth"] = {"alpha": args.smooth,
+                            "mean_log10_scale": smooth(session.model, calib, args.smooth)}
     if auto:
         # chosen on the calibration text, disjoint from the evaluation windows reported below
         study = act.choose_projections(
-            session.model, lambda: perplexity(session.model, calib, progress=False),
+            session.model, lambda: _perplexity(session.model, calib, quant),
             pattern=args.pattern, score=args.score, budget=args.budget)
         projections = study["projections"]
         if not projections:
@@ -166,19 +214,29 @@ def _act_eval(args: argparse.Namespace) -> int:
                                    projections=projections, skip=skip)
         record.update(skip_budget=args.skip_budget, skipped=list(skip))
     evaluate = lambda: pipeline.evaluate(session, count=args.eval_windows,  # noqa: E731
-                                         seq_len=args.seq_len)
+                                         seq_len=args.seq_len, text=args.eval_text,
+                                         quant=quant)
     record["perplexity_dense_act"] = evaluate()
     with act.activation_pruning(session.model, act_config) as names:
         record["pruned_projections"] = len(names)
         record["perplexity_pruned_act"] = evaluate()
     record["relative_increase"] = (record["perplexity_pruned_act"]
                                    / record["perplexity_dense_act"] - 1)
-    print(f"perplexity without activation pruning {record['perplexity_dense_act']:.3f}, with "
+    print(f"perplexity ({record['arith']}) without activation pruning "
+          f"{record['perplexity_dense_act']:.3f}, with "
           f"{args.pattern} ({args.score}) on {record['pruned_projections']} projections "
           f"{record['perplexity_pruned_act']:.3f} ({record['relative_increase']:+.1%})")
     if args.output:
         write_json(args.output, record)
     return 0
+
+
+def _perplexity(model, windows, quant) -> float:
+    from flexcim.flow.eval import perplexity
+    from flexcim.flow.quant import arithmetic
+
+    with arithmetic(model, quant):
+        return perplexity(model, windows, progress=False)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -192,13 +250,16 @@ def _export(args: argparse.Namespace) -> int:
     if args.act_pattern:
         NMPattern.parse(args.act_pattern)
     _check_count(args.act_tokens, "--act-tokens", minimum=1)
+    from flexcim.flow.quant import W8A8Config
+
+    quant = W8A8Config(act_granularity=args.act_granularity or GRANULARITIES[0])
     check_output(args.output, "layer output (-o)", suffixes=(".safetensors",),
                  inputs=(args.model, args.text, args.plan))
     session = _session(args)
     pipeline.export_projection(
         session, plan, args.layer, args.output, calib=_calib(session, args),
         metric=args.metric or plan.settings.get("metric", "wanda"), act_tokens=args.act_tokens,
-        act_pattern=args.act_pattern,
+        act_pattern=args.act_pattern, quant=quant, upstream_w8a8=args.arith == "w8a8",
     )
     return 0
 
@@ -213,7 +274,7 @@ def _check_common(args: argparse.Namespace) -> None:
     _check_count(args.calib_windows, "--calib-windows", minimum=1)
     _check_count(args.seq_len, "--seq-len", minimum=2)
     _check_count(args.threads, "--threads", minimum=1)
-    for flag in ("hyper_m", "hw_weight", "target_sparsity", "budget", "skip_budget"):
+    for flag in ("hyper_m", "hw_weight", "target_sparsity", "budget", "skip_budget", "smooth"):
         value = getattr(args, flag, None)
         if value is not None and not math.isfinite(value):
             raise FlexCimError(f"--{flag.replace('_', '-')} must be a finite number, "
@@ -241,6 +302,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
     p.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+
+
+def _arith_options(p: argparse.ArgumentParser, *, evaluation: bool = True) -> None:
+    p.add_argument("--arith", choices=ARITHMETICS, default="float",
+                   help="float (default), or w8a8: every decoder projection as the macro "
+                        "computes it (int8 weights per output channel, int8 activations, exact "
+                        "integer sums wrapped to the macro's acc_bits; docs/flow.md)"
+                   if evaluation else "the projections before the exported one in float "
+                        "(default) or w8a8, as in a --arith w8a8 perplexity run")
+    p.add_argument("--act-granularity", choices=GRANULARITIES,
+                   help="w8a8 activation scales: one per token (default, chosen on validation "
+                        "text) or per tensor (per sequence)")
+    if evaluation:
+        p.add_argument("--hw-config", metavar="PRESET|JSON",
+                       help="w8a8: the macro whose acc_bits the sums wrap to (default: the "
+                            "default preset, 32 bits)")
+        p.add_argument("--eval-text", choices=EVAL_TEXTS, default="held-out",
+                       help="perplexity text: held-out (default, the test text) or emma (the "
+                            "default corpus's validation text)")
 
 
 def register(sub) -> None:
@@ -302,6 +382,7 @@ def register(sub) -> None:
     p.add_argument("--metric", choices=METRICS, help="default: the plan's metric")
     p.add_argument("--eval-windows", type=int, default=0, metavar="N",
                    help="also report perplexity on N held-out windows (default 0: skip)")
+    _arith_options(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR")
     p.set_defaults(func=_checked(_prune))
 
@@ -324,6 +405,11 @@ def register(sub) -> None:
     p.add_argument("--metric", choices=METRICS, help="with --plan (default: the plan's)")
     p.add_argument("--eval-windows", type=int, default=16, metavar="N",
                    help="held-out windows (default 16)")
+    _arith_options(p)
+    p.add_argument("--smooth", type=float, metavar="ALPHA",
+                   help="w8a8: fold SmoothQuant scales max|x|^ALPHA / max|W|^(1-ALPHA), from the "
+                        "calibration text, into the model first (float-equivalent; 0.5 measured "
+                        "better on validation, docs/flow.md)")
     p.add_argument("-o", "--output", metavar="RESULT.json")
     p.set_defaults(func=_checked(_act_eval))
 
@@ -337,5 +423,6 @@ def register(sub) -> None:
                    help="real calibration activation rows to include (default 64)")
     p.add_argument("--act-pattern", metavar="N:M",
                    help="top-k the exported activations (e.g. 8:16)")
+    _arith_options(p, evaluation=False)
     p.add_argument("-o", "--output", required=True, metavar="LAYER.safetensors")
     p.set_defaults(func=_checked(_export))

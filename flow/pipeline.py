@@ -64,14 +64,18 @@ def calibration_windows(session: Session, *, count: int = 16, seq_len: int = 128
 
 
 def evaluate(session: Session, *, text: str = "held-out", count: int = 16, seq_len: int = 128,
-             seed: int = 0, progress: bool = True) -> float:
-    """Perplexity of the session's model on ``count`` seeded windows of an evaluation text."""
+             seed: int = 0, progress: bool = True, quant=None) -> float:
+    """Perplexity of the session's model on ``count`` seeded windows of an evaluation text;
+    in W8A8 with ``quant`` (:class:`flexcim.flow.quant.W8A8Config`), else in float."""
+    from flexcim.flow.quant import arithmetic
+
     if text not in session.corpus.evaluation:
         raise FlexCimError(f"evaluation text must be one of {list(session.corpus.evaluation)}, "
                            f"not {text!r}")
     windows = token_windows(session.lm.tokenizer, session.corpus.evaluation[text],
                             seq_len=seq_len, count=count, seed=seed)
-    return perplexity(session.model, windows, progress=progress, desc=f"perplexity {text}")
+    with arithmetic(session.model, quant):
+        return perplexity(session.model, windows, progress=progress, desc=f"perplexity {text}")
 
 
 def layer_scores(model: nn.Module, stats: dict[str, calib.LayerStats] | None, metric: str
@@ -211,9 +215,10 @@ def save_model(session_or_lm, directory: str | os.PathLike, *,
 
 def measure(session: Session, plan: Plan | None, *, calib: torch.Tensor | None = None,
             metric: str = "wanda", act_pattern: str | None = "8:16", eval_windows: int = 16,
-            seq_len: int = 128, progress: bool = True) -> dict:
+            seq_len: int = 128, progress: bool = True, quant=None) -> dict:
     """Perplexity dense, with ``plan`` applied, and with ``act_pattern`` activation pruning on
-    top; the model is left pruned to ``plan`` (reload for a dense model).
+    top; the model is left pruned to ``plan`` (reload for a dense model).  With ``quant``
+    (:class:`flexcim.flow.quant.W8A8Config`) every figure is W8A8 (recorded as ``arith``).
 
     Returns a JSON-ready dict: ``dense``, ``weights`` (with the plan), ``weights+act``, and
     the relative increases.
@@ -221,9 +226,11 @@ def measure(session: Session, plan: Plan | None, *, calib: torch.Tensor | None =
     from flexcim.flow import act
 
     def ev() -> float:
-        return evaluate(session, count=eval_windows, seq_len=seq_len, progress=progress)
+        return evaluate(session, count=eval_windows, seq_len=seq_len, progress=progress,
+                        quant=quant)
 
-    record = {"eval_windows": eval_windows, "seq_len": seq_len, "dense": ev()}
+    record = {"eval_windows": eval_windows, "seq_len": seq_len,
+              **(quant.to_dict() if quant is not None else {"arith": "float"}), "dense": ev()}
     if plan is not None:
         apply_plan(session.model, plan, None if metric == "magnitude" else calib,
                    metric=metric, progress=progress)
@@ -240,12 +247,20 @@ def measure(session: Session, plan: Plan | None, *, calib: torch.Tensor | None =
 
 def export_projection(session: Session, plan: Plan, layer: str, path: str | os.PathLike, *,
                       calib: torch.Tensor, metric: str = "wanda", act_tokens: int = 64,
-                      act_pattern: str | None = None) -> object:
+                      act_pattern: str | None = None, quant=None,
+                      upstream_w8a8: bool = False) -> object:
     """Write one projection of the (plan-pruned) model as a golden layer file; returns the
     :class:`flexcim.golden.layer_io.SparseLayer`.  The model is pruned up to that block first
-    unless the projection already satisfies its pattern (e.g. after :func:`measure`)."""
-    from flexcim.flow import export
+    unless the projection already satisfies its pattern (e.g. after :func:`measure`).
 
+    ``quant`` (:class:`flexcim.flow.quant.W8A8Config`, default its defaults) quantizes the
+    layer as the W8A8 perplexity runs do; with ``upstream_w8a8`` the activations are captured
+    with every projection before it in W8A8 too (the inputs it sees in a W8A8 run).
+    """
+    from flexcim.flow import export
+    from flexcim.flow.quant import W8A8Config, arithmetic
+
+    quant = quant or W8A8Config()
     if layer not in plan.layers:
         raise FlexCimError(f"plan has no layer {layer!r}")
     pattern = NMPattern.parse(plan.layers[layer])
@@ -253,11 +268,14 @@ def export_projection(session: Session, plan: Plan, layer: str, path: str | os.P
     if not export.satisfies(module.weight.detach().numpy(), pattern):
         apply_plan(session.model, plan, None if metric == "magnitude" else calib, metric=metric,
                    last_block=index)
-    x = export.layer_inputs(session.model, module, calib, act_tokens)
+    with arithmetic(session.model, quant if upstream_w8a8 else None):
+        x = export.layer_inputs(session.model, module, calib, act_tokens, whole_windows=True)
     sparse = export.build_layer(
         layer, module.weight, pattern, x,
         act_pattern=NMPattern.parse(act_pattern) if act_pattern else None,
-        extra={"model": session.lm.name, "metric": metric, "method": plan.method},
+        extra={"model": session.lm.name, "metric": metric, "method": plan.method,
+               "arith": "w8a8" if upstream_w8a8 else "float"},
+        quant=quant, seq_len=calib.shape[1], tokens=act_tokens,
     )
     export.export_layer(path, sparse)
     return sparse

@@ -10,10 +10,12 @@ tensor              dtype, shape                 meaning
 ``weight.indices``  uint8 ``[C, K*n/m]``         :class:`NMTensor` positions in the group
 ``weight.scale``    float32 ``[C]``              per-output-channel weight scale
 ``act.values``      int8 ``[T, K]`` (optional)   sample activations (quantized, maybe top-k'd)
+``act.scale``       float32 ``[T]`` (optional)   per-token activation scales
 ==================  ===========================  ============================================
 
 Metadata (all strings): ``format`` = ``flexcim-layer``, ``version``, ``pattern`` (``n:m``),
-``shape`` (``C,K``), ``name``, and when activations are present ``act_scale`` and optionally
+``shape`` (``C,K``), ``name``, and when activations are present ``act_scale`` (the per-tensor
+scale, or ``per-token`` when the tensor ``act.scale`` holds one per row) and optionally
 ``act_pattern``; free-form ``extra`` is a JSON object of strings (model, plan, ...).
 """
 
@@ -47,8 +49,8 @@ class SparseLayer:
         Where the layer comes from (e.g. ``model.layers.3.self_attn.q_proj``).
     act : ndarray, int8 ``[T, K]``, optional
         Real activations of that layer, quantized with ``act_scale``.
-    act_scale : float, optional
-        Per-tensor activation scale; required with ``act``.
+    act_scale : float or ndarray float32 ``[T]``, optional
+        Per-tensor activation scale, or one per token (row of ``act``); required with ``act``.
     act_pattern : NMPattern, optional
         The N:M top-k applied to ``act`` (Amber-style activation pruning), if any.
     extra : dict of str to str
@@ -59,7 +61,7 @@ class SparseLayer:
     weight_scale: np.ndarray
     name: str = ""
     act: np.ndarray | None = None
-    act_scale: float | None = None
+    act_scale: float | np.ndarray | None = None
     act_pattern: NMPattern | None = None
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -89,14 +91,25 @@ class SparseLayer:
                     f"layer activations must be int8 [T >= 1, {self.weight.in_features}], "
                     f"not {act.dtype} {act.shape}"
                 )
-            try:
-                act_scale = float(self.act_scale)
-            except (TypeError, ValueError):
-                act_scale = float("nan")
-            if not (np.isfinite(act_scale) and act_scale > 0):
-                raise FlexCimError(
-                    f"layer activations need a positive finite act_scale, not {self.act_scale!r}"
-                )
+            if np.ndim(self.act_scale) == 1:
+                act_scale = np.asarray(self.act_scale)
+                if act_scale.dtype.kind != "f" or act_scale.shape != (act.shape[0],):
+                    raise FlexCimError(f"per-token act_scale {act_scale.dtype} "
+                                       f"{act_scale.shape} does not match {act.shape[0]} "
+                                       "activation rows (float [T])")
+                act_scale = act_scale.astype(np.float32)
+                bad = np.flatnonzero(~(np.isfinite(act_scale) & (act_scale > 0)))
+                if bad.size:
+                    raise FlexCimError(f"act_scale must be positive and finite; row {bad[0]} "
+                                       f"is {act_scale[bad[0]]!r}")
+            else:
+                try:
+                    act_scale = float(self.act_scale)
+                except (TypeError, ValueError):
+                    act_scale = float("nan")
+                if not (np.isfinite(act_scale) and act_scale > 0):
+                    raise FlexCimError(f"layer activations need a positive finite act_scale, "
+                                       f"not {self.act_scale!r}")
             object.__setattr__(self, "act_scale", act_scale)
         elif self.act_scale is not None:
             raise FlexCimError("act_scale given without activations")
@@ -134,7 +147,11 @@ def save_layer(path: str | os.PathLike, layer: SparseLayer) -> None:
     }
     if layer.act is not None:
         tensors["act.values"] = np.ascontiguousarray(layer.act)
-        metadata["act_scale"] = repr(float(layer.act_scale))
+        if np.ndim(layer.act_scale) == 1:
+            tensors["act.scale"] = np.ascontiguousarray(layer.act_scale)
+            metadata["act_scale"] = "per-token"
+        else:
+            metadata["act_scale"] = repr(float(layer.act_scale))
         if layer.act_pattern is not None:
             metadata["act_pattern"] = str(layer.act_pattern)
     with atomic_path(path) as tmp:
@@ -167,7 +184,10 @@ def load_layer(path: str | os.PathLike) -> SparseLayer:
     try:
         c, k = (int(v) for v in metadata["shape"].split(","))
         extra = json.loads(metadata.get("extra", "{}"))
-        act_scale = float(metadata["act_scale"]) if "act.values" in tensors else None
+        act_scale = None
+        if "act.values" in tensors:
+            act_scale = (tensors["act.scale"] if metadata["act_scale"] == "per-token"
+                         else float(metadata["act_scale"]))
     except (KeyError, ValueError) as exc:
         raise FlexCimError(f"{path!r} has malformed metadata: {exc}") from None
     if c < 1 or k < 1:

@@ -16,6 +16,10 @@ from flexcim.errors import FlexCimError
 
 QMAX = 127
 
+ACT_GRANULARITIES = ("tensor", "token")
+"""Activation scales offered: one per tensor (``max|x|`` over all its rows) or one per token
+(row)."""
+
 
 def _real_array(a, what: str) -> np.ndarray:
     a = np.asarray(a)
@@ -53,13 +57,43 @@ def act_scale(x) -> float:
     return float(np.float32(amax / QMAX)) if amax > 0 else 1.0
 
 
-def quantize_act(x, scale: float) -> np.ndarray:
-    """Quantize activations with one per-tensor ``scale``: ``rint(x / scale)`` saturated to
-    ``[-127, 127]`` as int8."""
+def act_scales(x, granularity: str) -> np.ndarray:
+    """Scales of 2-D activations ``[T, K]``, one per row, float32 ``[T]``.
+
+    ``tensor``: every row gets :func:`act_scale` of the whole array; ``token``: row ``t`` gets
+    ``max|x_t| / 127`` (1.0 for an all-zero row), computed exactly as :func:`act_scale` would
+    for that row alone.
+    """
+    if granularity not in ACT_GRANULARITIES:
+        raise FlexCimError(f"activation granularity must be one of {ACT_GRANULARITIES}, "
+                           f"not {granularity!r}")
     x = _real_array(x, "activations")
-    scale = float(scale)
-    if not np.isfinite(scale) or scale <= 0:
-        raise FlexCimError(f"activation scale must be a positive finite number, not {scale!r}")
+    if x.ndim != 2:
+        raise FlexCimError(f"activations must be 2-D [tokens, in_features], not {x.shape}")
+    if granularity == "tensor":
+        return np.full(x.shape[0], act_scale(x), dtype=np.float32)
+    amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0])
+    return np.where(amax > 0, (amax / QMAX).astype(np.float32), 1.0).astype(np.float32)
+
+
+def quantize_act(x, scale) -> np.ndarray:
+    """Quantize activations: ``rint(x / scale)`` saturated to ``[-127, 127]`` as int8.
+
+    ``scale`` is one per-tensor value, or one value per row of a 2-D ``x`` (:func:`act_scales`).
+    """
+    x = _real_array(x, "activations")
+    scale = np.asarray(scale, dtype=np.float64)
+    if scale.ndim == 1:
+        if x.ndim != 2 or scale.shape[0] != x.shape[0]:
+            raise FlexCimError(f"per-row activation scale of length {scale.shape[0]} does not "
+                               f"match activations of shape {x.shape}")
+        scale = scale[:, None]
+    elif scale.ndim != 0:
+        raise FlexCimError(f"activation scale must be a scalar or 1-D, not shape {scale.shape}")
+    if not np.all(np.isfinite(scale) & (scale > 0)):
+        flat = scale.ravel()
+        bad = float(flat[~(np.isfinite(flat) & (flat > 0))][0])
+        raise FlexCimError(f"activation scale must be a positive finite number, not {bad!r}")
     return np.clip(np.rint(x / scale), -QMAX, QMAX).astype(np.int8)
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from flexcim.flow import act, prune
+from flexcim.flow import act, prune, quant
 from flexcim.flow import cli as flow_cli
 from flexcim.flow import select as sel
 from flexcim.flow.model import linear_layers, load_model, tiny_llama
@@ -17,6 +17,10 @@ def test_cli_choices_match_the_library():
     assert flow_cli.METHODS == sel.METHODS and flow_cli.M_DIRECTIONS == sel.M_DIRECTIONS
     assert flow_cli.NORMALISATIONS == tuple(sel.NORMALISATIONS)
     assert flow_cli.ACT_DEFAULT == act.DEFAULT_PROJECTIONS == act.ActConfig().projections
+    assert flow_cli.ARITHMETICS == quant.ARITHMETICS
+    assert set(flow_cli.GRANULARITIES) == set(quant.GRANULARITIES)
+    assert (flow_cli.GRANULARITIES[0] == quant.DEFAULT_GRANULARITY
+            == quant.W8A8Config().act_granularity)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +190,65 @@ def test_act_eval_default_and_auto_projections(workspace, capsys, tmp_path):
     assert code == 2 and "--budget must be a positive fraction, not 0.0" in err
 
 
+def test_act_eval_and_prune_in_w8a8(workspace, capsys, tmp_path):
+    d = workspace
+    runs = {}
+    for arith in ("float", "w8a8"):
+        out = tmp_path / f"{arith}.json"
+        code, err = _run(capsys, "flow", "act-eval", *_common(d), "--eval-windows", "2",
+                         "--arith", arith, "-o", str(out))
+        assert code == 0, err
+        runs[arith] = json.loads(out.read_text())
+    r = runs["w8a8"]
+    assert runs["float"]["arith"] == "float" and "acc_bits" not in runs["float"]
+    assert (r["arith"], r["act_granularity"], r["acc_bits"], r["hw_config"]) == (
+        "w8a8", "token", 32, "default")
+    for key in ("perplexity_dense_act", "perplexity_pruned_act"):
+        # int8 changes the figure, a little (a random tiny model: within 5 %)
+        assert r[key] != runs["float"][key]
+        assert r[key] == pytest.approx(runs["float"][key], rel=0.05)
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--eval-windows", "2",
+                     "--arith", "w8a8", "--act-granularity", "tensor", "-o", str(tmp_path / "t"))
+    assert code == 0, err
+    tensor = json.loads((tmp_path / "t").read_text())
+    assert tensor["act_granularity"] == "tensor"
+    assert tensor["perplexity_dense_act"] != r["perplexity_dense_act"]
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--eval-windows", "2",
+                     "--arith", "w8a8", "--smooth", "0.5", "-o", str(tmp_path / "s"))
+    assert code == 0, err
+    smoothed = json.loads((tmp_path / "s").read_text())
+    assert smoothed["smooth"]["alpha"] == 0.5
+    assert set(smoothed["smooth"]["mean_log10_scale"]) == {"qkv", "gate/up", "down"}
+    assert smoothed["perplexity_dense_act"] != r["perplexity_dense_act"]
+    code, err = _run(capsys, "flow", "select", *_common(d), "--method", "uniform", "--pattern",
+                     "2:4", "-o", str(tmp_path / "plan.json"))
+    assert code == 0, err
+    code, err = _run(capsys, "flow", "prune", *_common(d), "--plan", str(tmp_path / "plan.json"),
+                     "--eval-windows", "2", "--arith", "w8a8", "-o", str(tmp_path / "pruned"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "pruned" / "flexcim-prune.json").read_text())
+    assert record["arith"] == "w8a8" and record["acc_bits"] == 32 and record["perplexity"] > 1
+
+
+def test_w8a8_bad_input(workspace, capsys, tmp_path):
+    d = workspace
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--act-granularity", "token")
+    assert code == 2 and "--act-granularity needs --arith w8a8" in err
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--arith", "w8a8", "--hw-config",
+                     "tiny", "-o", str(tmp_path / "r.json"))
+    assert code == 2 and "acc_bits=20 is too small" in err and "K=64" in err
+    assert not (tmp_path / "r.json").exists()
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--eval-text", "emma")
+    assert code == 2 and "--eval-text must be one of ['held-out'] for this text, not 'emma'" in err
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--smooth", "0.5")
+    assert code == 2 and "--smooth needs --arith w8a8" in err
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--arith", "w8a8", "--smooth", "2")
+    assert code == 2 and "--smooth must be an alpha in [0, 1], not 2.0" in err
+    with pytest.raises(SystemExit) as info:  # argparse's own check of the choices
+        main(["flow", "act-eval", *_common(d), "--arith", "int4"])
+    assert info.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+
+
 def test_act_eval_bad_pattern(workspace, capsys):
     code, err = _run(capsys, "flow", "act-eval", *_common(workspace), "--pattern", "8:64")
     assert code == 2 and "M must be a power of two" in err
@@ -212,10 +275,13 @@ def test_export_round_trips_through_golden(workspace, capsys, tmp_path):
     assert layer.weight.shape == (32, 64) and layer.act.shape == (20, 64)
     assert str(layer.act_pattern) == "4:8"
     assert ((layer.act.reshape(-1, 8) != 0).sum(1) <= 4).all()
+    # per-token scales by default (as the W8A8 perplexity runs): every row reaches +-127
+    assert layer.act_scale.shape == (20,) and layer.extra["act_granularity"] == "token"
+    assert (np.abs(layer.act).max(axis=1) == 127).all()
     # the int8 layer reproduces the float layer on its own activations (quantization error only)
     w = layer.weight.decompress().astype(np.float64) * layer.weight_scale[:, None]
-    x = layer.act.astype(np.float64) * layer.act_scale
-    y = sparse_matmul(layer.act, layer.weight).astype(np.float64) * layer.act_scale
+    x = layer.act.astype(np.float64) * layer.act_scale[:, None]
+    y = sparse_matmul(layer.act, layer.weight).astype(np.float64) * layer.act_scale[:, None]
     y *= layer.weight_scale[None, :]
     assert np.allclose(y, x @ w.T, rtol=1e-6, atol=1e-6)
     # Wanda keeps weights unchanged: every kept entry dequantizes to the original within scale/2

@@ -92,6 +92,25 @@ def test_demo_api_measure_and_export(tiny, tokenizer, tmp_path):
     assert again.weight.equals(layer.weight) and again.act.shape == (8, 32)
     assert str(again.weight.pattern) == plan.layers["model.layers.2.self_attn.o_proj"].replace(
         "4:4", "1:1").replace("8:8", "1:1")
+    # W8A8: measure records it and changes the figures; export with the projections before the
+    # layer in W8A8 holds exactly the int8 operands that layer uses inside the W8A8 model
+    from flexcim.flow.quant import W8A8Config, w8a8
+
+    q = pipeline.measure(session, None, eval_windows=2, seq_len=32, progress=False,
+                         act_pattern=None, quant=W8A8Config())
+    assert q["arith"] == "w8a8" and q["act_granularity"] == "token" and q["acc_bits"] == 32
+    assert q["dense"] != r["weights"] and q["dense"] == pytest.approx(r["weights"], rel=0.05)
+    name = "model.layers.2.mlp.down_proj"
+    layer = pipeline.export_projection(session, plan, name, tmp_path / "d.safetensors",
+                                       calib=cw, act_tokens=40, upstream_w8a8=True)
+    with torch.no_grad(), w8a8(tiny, W8A8Config(), capture=name) as cap:
+        tiny(input_ids=cw[:2])
+    assert np.array_equal(layer.act, torch.cat(cap.act)[:40].numpy())
+    assert np.array_equal(layer.act_scale, torch.cat(cap.act_scale)[:40].numpy())
+    assert np.array_equal(layer.weight.decompress(), cap.weight.numpy())
+    float_layer = pipeline.export_projection(session, plan, name, tmp_path / "f.safetensors",
+                                             calib=cw, act_tokens=40)
+    assert not np.array_equal(float_layer.act, layer.act)  # the upstream arithmetic matters
 
 
 def test_energy_plan_is_read_by_golden_energy(tiny):

@@ -126,3 +126,19 @@ def test_save_layer_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_layer(path, make_layer(with_act=False))
     assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_per_token_act_scales_round_trip_and_bad_shapes(tmp_path):
+    import dataclasses
+
+    layer = make_layer()
+    scales = np.array([0.5, 0.25, 0.125], dtype=np.float32)
+    per_token = dataclasses.replace(layer, act_scale=scales)
+    save_layer(tmp_path / "t.safetensors", per_token)
+    back = load_layer(tmp_path / "t.safetensors")
+    assert back.act_scale.dtype == np.float32 and np.array_equal(back.act_scale, scales)
+    assert np.array_equal(back.act, layer.act)
+    with pytest.raises(FlexCimError, match=r"per-token act_scale float32 \(2,\) does not match 3"):
+        dataclasses.replace(layer, act_scale=scales[:2])
+    with pytest.raises(FlexCimError, match="act_scale must be positive and finite; row 1"):
+        dataclasses.replace(layer, act_scale=np.array([1.0, 0.0, 1.0], dtype=np.float32))

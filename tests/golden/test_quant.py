@@ -48,3 +48,25 @@ def test_bad_input():
     with pytest.raises(FlexCimError, match="per-row scale of length 2 does not match 3 rows"):
         dequantize(np.zeros((3, 2), np.int8), np.ones(2))
     assert act_scale(np.zeros(4)) == 1.0
+
+
+def test_per_token_scales_differ_from_per_tensor_by_hand():
+    from flexcim.golden.quant import act_scales
+
+    x = np.array([[0.5, -1.0, 0.25], [10.0, 2.0, -3.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(act_scales(x, "token"), [1 / 127, 10 / 127, 1.0], rtol=1e-7)
+    np.testing.assert_allclose(act_scales(x, "tensor"), [10 / 127] * 3, rtol=1e-7)
+    # each row's scale is act_scale of that row alone, to the bit
+    assert act_scales(x, "token")[1] == np.float32(act_scale(x[1:2]))
+    # row 0 per token: 63.5 -> 64 (half to even), -127, 31.75 -> 32; per tensor: 6.35 -> 6,
+    # -12.7 -> -13, 3.175 -> 3
+    assert quantize_act(x, act_scales(x, "token")).tolist() == [
+        [64, -127, 32], [127, 25, -38], [0, 0, 0]]
+    assert quantize_act(x, act_scales(x, "tensor"))[0].tolist() == [6, -13, 3]
+    with pytest.raises(FlexCimError, match="activation granularity must be one of"):
+        act_scales(x, "channel")
+    with pytest.raises(FlexCimError, match="per-row activation scale of length 2 does not match"):
+        quantize_act(x, np.ones(2))
+    with pytest.raises(FlexCimError, match="activation scale must be a positive finite number, "
+                                           "not 0.0"):
+        quantize_act(x, np.array([1.0, 0.0, 1.0]))
