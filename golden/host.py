@@ -143,8 +143,9 @@ def run_layers(cfg: HwConfig, layers, execute: Execute) -> list[LayerRun]:
 class MacroModel:
     """Beat-level NumPy model of the macro: an ``execute`` engine for :func:`run_layer`.
 
-    It decodes the streams as the hardware does: weight beat ``q`` of a command goes to cell
-    row ``r = q mod rows_total``, word ``t = q div rows_total``; in pass ``t`` row ``r`` sees
+    It decodes the streams as the hardware does: row word ``q`` of a command (beat ``q div
+    weight_port_rows``) goes to cell row ``r = q mod rows_total``, word ``t = q div
+    rows_total``; in pass ``t`` row ``r`` sees
     the M activations from ``t*pass_width + (r div N)*M`` (distribution unit) and each cell
     picks the one its index names.  Commands the hardware rejects (pattern code not
     configured, ``k`` outside ``1..max_k_for``, ``tokens == 0``) are dropped without
@@ -175,8 +176,9 @@ class MacroModel:
             pattern, k, tokens = cfg.patterns[f["pattern"]], f["k"], f["tokens"]
             passes, rows = cfg.passes(pattern, k), cfg.rows_total
             if f["load_weights"]:
-                beats, weight_beats = weight_beats[: passes * rows], weight_beats[passes * rows :]
-                if len(beats) < passes * rows:
+                nb = cfg.weight_beats(pattern, k)
+                beats, weight_beats = weight_beats[:nb], weight_beats[nb:]
+                if len(beats) < nb:
                     raise FlexCimError("the weight stream ended inside a command's weight load")
                 values, indices = layouts.unpack_weights(cfg, beats)
                 self._values, self._indices = values.astype(np.int64), indices.astype(np.int64)

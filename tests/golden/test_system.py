@@ -104,24 +104,37 @@ def test_resident_weights_skip_dram():
     assert step.cycles == 2 * 28 + 2 * 15 + 2 * 54 + 52 + 27 + 15
 
 
-def test_overlap_and_wider_port_what_ifs():
-    c, k = 16, 16  # q of the toy: 4 tiles of 8 beats, 9 cycles each without the load
-    serial = system.projection_cost(system.Accelerator(TINY, macros=1, memory=MEM),
-                                    NMPattern(2, 4), 1, c, k, True)
-    assert serial.macro_cycles == 4 * 13 + 2 and serial.port_cycles == 16
-    # Pipeline: loads end at 8, 16, 25, 34 (a buffer frees when tile i-2 is done), computes
-    # end at 17, 26, 35, 44.
-    over = system.projection_cost(system.Accelerator(TINY, macros=1, memory=MEM, overlap=True),
-                                  NMPattern(2, 4), 1, c, k, True)
-    assert over.macro_cycles == 44 + 2 and over.port_cycles == 32 and over.compute_cycles == 36
-    # A 4-row port loads 8 beats in 2 cycles: the token then waits only for its activations.
-    wide = system.projection_cost(
-        system.Accelerator(TINY, macros=1, memory=MEM, weight_port_rows=4), NMPattern(2, 4),
-        1, c, k, True)
-    assert wide.macro_cycles == 4 * 9 + 2
-    cmd = perf.Command(NMPattern(2, 4), k=16, tokens=1, load_weights=True)
-    with pytest.raises(FlexCimError, match="weight_rows_per_cycle must be a positive integer"):
-        perf.command_timing(TINY, cmd, weight_rows_per_cycle=0)
+def test_the_weight_port_follows_the_hw_config():
+    """The macros load weights as their HwConfig says (the RTL's weight_port_rows and
+    weight_overlap, checked against the RTL in tests/hw/test_top.py and every cocotb run)."""
+    c, k = 16, 32  # 4 column tiles of tiny; 2:4 at K=32: 2 passes, 8 activation beats
+    cost = {}
+    for rows, overlap in [(1, 0), (1, 1), (2, 1), (4, 1)]:
+        cfg = TINY.replace(weight_port_rows=rows, weight_overlap=overlap)
+        cost[rows, overlap] = system.projection_cost(
+            system.Accelerator(cfg, macros=1, memory=MEM), NMPattern(2, 4), 1, c, k, True)
+        cmds = perf.schedule(cfg, NMPattern(2, 4), 1, k, c)
+        assert cost[rows, overlap].macro_cycles == perf.layer_cycles(cfg, cmds)
+    # Per tile, activations in at 8 and compute 8 cycles: 1 row/cycle and no overlap, the 16
+    # beats end at 16, compute 17..24 (busy 25); with overlap pass 1 waits for word 1 (16):
+    # 9..12, 17..20 (busy 21); 2 rows: words at 4 and 8, 9..16 (busy 17), the activations
+    # decide; 4 rows too.  The beats of a tile carry the same bits whatever the port width.
+    assert [cost[key].macro_cycles for key in [(1, 0), (1, 1), (2, 1), (4, 1)]] == [
+        4 * 25 + 2, 4 * 21 + 2, 4 * 17 + 2, 4 * 17 + 2]
+    assert [cost[key].port_cycles for key in [(1, 0), (1, 1), (2, 1), (4, 1)]] == [
+        4 * 8, 4 * 4, 0, 0]
+    assert len({cost[key].weight_bits for key in cost}) == 1
+    assert cost[2, 1].compute_cycles == 4 * 17  # the commands' busy without a weight load
+    # A SmolLM2 q projection decoded (1 token) on one default macro: one row per cycle spends
+    # 72 cycles per pass loading against 8 computing (weight port bound); 9 rows per beat and
+    # the overlap load a pass's word in the 8 cycles a pass computes (compute bound).
+    cfg = PRESETS["default"]
+    old, new = (system.projection_cost(system.Accelerator(c, macros=1, memory=MEM),
+                                       NMPattern(2, 4), 1, 576, 576, True)
+                for c in (cfg, cfg.replace(weight_port_rows=9, weight_overlap=1)))
+    assert old.bound == "weight port" and new.bound == "compute"
+    # 36 tiles of 4 passes: (1 + 288 + 32) per tile; (1 + 8 + 32) with the 9-row port.
+    assert (old.macro_cycles, new.macro_cycles) == (36 * 321 + 2, 36 * 41 + 2)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "default"])

@@ -146,3 +146,19 @@ def test_the_host_refuses_unsupported_patterns_in_one_line():
     x, w = layer(np.random.default_rng(0), "1:8", 1, 8, 4)
     with pytest.raises(FlexCimError, match="pattern 1:8 is not supported by this macro"):
         host.run_layer(cfg, x, w, PySim(cfg).execute)
+
+
+# tiny: 8 cell rows, 4 cycles per pass (b = 2).  W = 1 with overlap: a word takes 8 beats, a
+# pass 4 cycles, so every pass after the first waits for its word (bubbles inside a token);
+# W = 2: 4 beats per word, the compute exactly chases the loader; W = 4: 2 beats per word.
+@pytest.mark.parametrize("rows_per_beat, overlap", [(1, 1), (2, 0), (2, 1), (4, 1)])
+def test_weight_port_rows_and_overlap_bit_exact_and_cycles_equal_the_model(rows_per_beat,
+                                                                          overlap):
+    cfg = TINY.replace(weight_port_rows=rows_per_beat, weight_overlap=overlap)
+    engine = PySim(cfg)
+    rng = np.random.default_rng(40 + rows_per_beat + 10 * overlap)
+    layers = every_pattern(cfg, rng)[::2] + [layer(rng, "2:8", 1, 64, 4),
+                                             layer(rng, "1:1", 1, 32, 5)]
+    cmds = check(cfg, layers, engine, int64=True)
+    assert engine.cycles == perf.layer_cycles(cfg, cmds)
+    assert not engine.error
