@@ -198,11 +198,11 @@ class Controller(wiring.Component):
         # the word of the current pass (r_pass, 0 between tokens).  w_word counts the words
         # completed by earlier cycles' writes; a word completed in this cycle is read through
         # (the read port is transparent) in the next, so no cycle is lost.
-        word_ok = Signal()
         if cfg.weight_overlap:
+            word_ok = Signal()
             m.d.comb += word_ok.eq(~w_loading | (self.w_word > self.r_pass))
         else:
-            m.d.comb += word_ok.eq(~w_loading)
+            word_ok = ~w_loading
         m.d.comb += [
             start.eq(
                 active & ~running & word_ok & full.bit_select(self.r_bank, 1)
