@@ -162,3 +162,43 @@ def test_weight_port_rows_and_overlap_bit_exact_and_cycles_equal_the_model(rows_
     cmds = check(cfg, layers, engine, int64=True)
     assert engine.cycles == perf.layer_cycles(cfg, cmds)
     assert not engine.error
+
+
+def _garble_indices(cfg, beats, rng, bits):
+    """``beats`` with random values in the index bits ``bits`` (a mask) of every element."""
+    layout = layouts.weight_layout(cfg)
+    offset, count = layout["indices"].offset, cfg.cols * cfg.weight_port_rows
+    out = []
+    for beat in beats:
+        for e in range(count):
+            shift = offset + e * cfg.index_bits
+            noise = int(rng.integers(1 << cfg.index_bits)) & bits
+            beat = beat & ~(bits << shift) | noise << shift
+        out.append(beat)
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["1:1", "2:4", "2:8"])
+def test_index_bits_at_and_above_log2_m_are_ignored_by_the_rtl(pattern):
+    """The storage may keep log2(M) index bits per weight (none for 1:1): random garbage in the
+    index bits at and above log2(M) of every weight beat leaves every result exact (against
+    sparse_matmul of the clean weights); garbage in the bits below changes them (the control:
+    the check sees the index)."""
+    cfg = TINY
+    rng = np.random.default_rng(len(pattern))
+    x, w = layer(rng, pattern, 2, 64 if pattern != "1:1" else 32, cfg.cols)
+    streams = host.layer_streams(cfg, x, w)
+    m = w.pattern.m
+    high = ((1 << cfg.index_bits) - 1) & ~(m - 1)
+    garbled = _garble_indices(cfg, streams.weight_beats, rng, high)
+    assert garbled != streams.weight_beats
+    y = host.collect(cfg, streams.commands,
+                     PySim(cfg).execute(streams.cmd_beats, garbled, streams.act_beats), 2,
+                     cfg.cols)
+    np.testing.assert_array_equal(y, int64_reference(x, w, cfg.acc_bits))
+    assert host.MacroModel(cfg).execute(streams.cmd_beats, garbled, streams.act_beats) == (
+        layouts.pack_result(cfg, y))
+    if m > 1:
+        low = _garble_indices(cfg, streams.weight_beats, rng, m - 1)
+        bad = PySim(cfg).execute(streams.cmd_beats, low, streams.act_beats)
+        assert host.collect(cfg, streams.commands, bad, 2, cfg.cols).tolist() != y.tolist()
