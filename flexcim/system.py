@@ -56,7 +56,8 @@ def _system(args: argparse.Namespace) -> int:
     cfg = cfg.with_overrides(args.set or [])
     memory = system.MemorySystem(clock_hz=args.clock_mhz * 1e6, dram_gb_per_s=args.dram_gbps,
                                  weight_buffer_bytes=int(args.weight_buffer_kib * 1024))
-    acc = system.Accelerator(cfg, macros=args.macros, memory=memory)
+    acc = system.Accelerator(cfg, macros=args.macros, memory=memory,
+                             compact_indices=args.compact_indices)
     result = system.compare(acc, shape, plan, tokens=args.tokens, kv_len=args.kv_len)
     headers = ["accelerator", "latency (ms)", "tokens/s", "energy/token (uJ)",
                "latency vs flexcim", "energy vs flexcim", "bound",
@@ -74,6 +75,7 @@ def _system(args: argparse.Namespace) -> int:
                                "macros": args.macros, "memory": memory.__dict__,
                                "weight_port_rows": cfg.weight_port_rows,
                                "weight_overlap": cfg.weight_overlap,
+                               "compact_indices": args.compact_indices,
                                "plan": args.plan or args.pattern,
                                "result": result})
     return 0
@@ -113,5 +115,9 @@ def register(sub) -> None:
                    help="DRAM bandwidth in GB/s (default 25.6: one 64-bit LPDDR4-3200)")
     p.add_argument("--weight-buffer-kib", type=float, default=2048.0,
                    help="on-chip weight buffer (default 2048 KiB)")
+    p.add_argument("--compact-indices", action="store_true",
+                   help="DRAM and weight buffer store log2 M index bits per kept weight (none "
+                   "for dense blocks), zero-extended into the macros' beats (the RTL ignores the "
+                   "bits above)")
     p.add_argument("--json", metavar="OUT.json", help="write every figure there")
     p.set_defaults(func=_system)

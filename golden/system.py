@@ -23,10 +23,13 @@ What runs where, and what is charged:
   cocotb and amaranth.sim regressions check these cycles against the RTL.
 * **Weights** are stored compressed exactly as the macro's weight beats carry them
   (:func:`flexcim.hw.layouts.weight_layout`: ``cols`` values of 8 bits and ``cols`` indices of
-  ``index_bits``, padding of partial tiles and passes included), and stream from DRAM through
-  the weight buffer every step unless the whole model fits the buffer (then they are resident
-  and only read from it).  DRAM streaming runs concurrently with the macros (the buffer
-  prefetches), so a projection takes ``max(busiest macro, weight bits / DRAM bandwidth)``.
+  ``index_bits``, padding of partial tiles and passes included), or with
+  ``Accelerator(compact_indices=True)`` with ``log2 M`` index bits per kept weight (none for a
+  dense block: the RTL ignores the index bits above, tested with garbage in them), and stream
+  from DRAM through the weight buffer every step unless the whole model fits the buffer (then
+  they are resident and only read from it).  DRAM streaming runs concurrently with the macros
+  (the buffer prefetches), so a projection takes ``max(busiest macro, weight bits / DRAM
+  bandwidth)``.
 * **Activations**: every activation beat a macro receives is read from the activation SRAM,
   every result beat (``acc_bits`` per column) written to it, and K-chunk partial sums read back
   and added there.  The on-chip SRAM bandwidth is assumed sufficient (not a bound).
@@ -352,6 +355,14 @@ class Accelerator:
     cfg : HwConfig
     macros : int
     memory : MemorySystem
+    compact_indices : bool
+        Store (DRAM, weight buffer) ``log2 M`` index bits per kept weight, none for a dense
+        block, instead of the beat's ``index_bits``; the loader between the buffer and a macro
+        zero-extends them into its weight beats.  Legal because the RTL forces the index bits
+        at and above ``log2 M`` on every word it writes and never reads them: random garbage
+        there leaves every result exact (tests/hw/test_top.py,
+        ``test_index_bits_at_and_above_log2_m_are_ignored_by_the_rtl``).  Default False: the
+        memory system stores the beats as the macro receives them.
 
     The macros' weight port (``cfg.weight_port_rows``) and its overlap with compute
     (``cfg.weight_overlap``) are fields of the :class:`~flexcim.hw.config.HwConfig`, as built.
@@ -360,11 +371,15 @@ class Accelerator:
     cfg: HwConfig
     macros: int = 16
     memory: MemorySystem = MemorySystem()
+    compact_indices: bool = False
 
     def __post_init__(self):
         if not isinstance(self.cfg, HwConfig):
             raise FlexCimError(f"cfg must be a HwConfig, not {type(self.cfg).__name__}")
         _positive("accelerator", "macros", self.macros, integer=True)
+        if not isinstance(self.compact_indices, bool):
+            raise FlexCimError(f"compact_indices must be True or False, not "
+                               f"{self.compact_indices!r}")
         if not isinstance(self.memory, MemorySystem):
             raise FlexCimError(f"memory must be a MemorySystem, not {type(self.memory).__name__}")
 
@@ -487,6 +502,9 @@ def projection_cost(acc: Accelerator, pattern: NMPattern, tokens: int, c: int, k
         for name, n in energy.command_events(cfg, cmd).items():
             events[name] += col_tiles * count * n
     weight_bits = events["weight_beats"] * weight_beat_bits(cfg)
+    if acc.compact_indices:  # log2 M index bits per kept weight in storage (see Accelerator)
+        weight_bits = (events["weight_beats"] * cfg.weight_port_rows * cfg.cols
+                       * (WEIGHT_BITS + (pattern.m - 1).bit_length()))
     chunks = len(chunk)
     result_bits = col_tiles * sum(cmd.tokens for cmd in cmds) * layouts.result_layout(cfg).size
     dram = 0 if resident else acc.memory.dram_cycles(weight_bits)

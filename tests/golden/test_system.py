@@ -199,6 +199,36 @@ def test_dense_blocks_carry_the_index_bits_on_a_flexible_macro():
     assert bits == {"default": 576 * 576 * 12, "fixed24": 576 * 576 * 10, "dense": 576 * 576 * 8}
 
 
+@pytest.mark.parametrize("preset, pattern, c, k", [("tiny", "2:8", 8, 64),
+                                                   ("tiny", "1:1", 8, 32),
+                                                   ("default", "2:4", 576, 576),
+                                                   ("default", "4:16", 40, 576 + 96)])
+def test_compact_indices_store_log2_m_bits_per_kept_weight(preset, pattern, c, k):
+    """With compact storage the weight traffic is the RTL's weight beats (their count, which
+    the RTL's counters equal) x (8 + log2 M) bits per row word: exactly N/M of the dense values
+    plus log2 M bits per kept weight where no tile or pass is padded, and never less."""
+    cfg = PRESETS[preset]
+    p = NMPattern.parse(pattern)
+    rng = np.random.default_rng(c + k)
+    w = NMTensor.compress(nm_prune(rng.integers(-128, 128, size=(c, k), dtype=np.int8), p), p)
+    streams = host.layer_streams(cfg, rng.integers(-128, 128, size=(1, k), dtype=np.int8), w)
+    acc = system.Accelerator(cfg, macros=2, compact_indices=True)
+    cost = system.projection_cost(acc, p, 1, c, k)
+    log2m = {1: 0, 4: 2, 8: 3, 16: 4}[p.m]  # by hand
+    assert cost.weight_bits == len(streams.weight_beats) * cfg.cols * (8 + log2m)
+    bound = c * k * p.n // p.m * (8 + log2m)  # N/M of dense values + log2 M per kept weight
+    if pattern == "4:16":  # 40 of 48 columns and 672 of 768 inputs: padded, never less
+        assert cost.weight_bits > bound == w.values.size * 8 + w.indices.size * log2m
+    else:  # whole tiles and passes: exactly the bound (1:1: 8 bits per weight, no index)
+        assert cost.weight_bits == bound == w.values.size * 8 + w.indices.size * log2m
+    full = system.projection_cost(system.Accelerator(cfg, macros=2), p, 1, c, k)
+    assert full.weight_bits - cost.weight_bits == (
+        len(streams.weight_beats) * cfg.cols * (cfg.index_bits - log2m))
+    assert full.macro_pj == cost.macro_pj  # the macro writes its beats either way
+    with pytest.raises(FlexCimError, match="compact_indices must be True or False, not 1"):
+        system.Accelerator(cfg, compact_indices=1)
+
+
 def test_map_plan_replicates_by_relative_depth():
     shape = dataclasses.replace(TOY, layers=6)
     layers = system.map_plan(["2:4", "1:8", "4:8"], shape)
