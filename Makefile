@@ -71,6 +71,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sim_bench.py
 	$(BIN)/python -m flexcim.sim.activity --json out/bench/activity.json
 	$(BIN)/python bench/energy_bench.py --json out/bench/energy.json
+	$(BIN)/python bench/decode_bench.py --json out/bench/decode.json
 
 .PHONY: bench-flow
 bench-flow: $(STAMP)

@@ -57,15 +57,15 @@ def _system(args: argparse.Namespace) -> int:
     memory = system.MemorySystem(clock_hz=args.clock_mhz * 1e6, dram_gb_per_s=args.dram_gbps,
                                  weight_buffer_bytes=int(args.weight_buffer_kib * 1024))
     acc = system.Accelerator(cfg, macros=args.macros, memory=memory,
-                             weight_port_rows=args.weight_port_rows, overlap=args.overlap)
+                             compact_indices=args.compact_indices)
     result = system.compare(acc, shape, plan, tokens=args.tokens, kv_len=args.kv_len)
     headers = ["accelerator", "latency (ms)", "tokens/s", "energy/token (uJ)",
                "latency vs flexcim", "energy vs flexcim", "bound",
                "% " + " / ".join(system.CATEGORIES)]
     print(f"{shape.name}: {shape.layers} blocks, hidden {shape.hidden}, {args.macros} macros of "
           f"{args.config or args.preset}, {args.clock_mhz:g} MHz, DRAM {args.dram_gbps:g} GB/s, "
-          f"weight buffer {args.weight_buffer_kib:g} KiB, weight port {args.weight_port_rows} "
-          f"row(s)/cycle, overlap {'on' if args.overlap else 'off (today)'}")
+          f"weight buffer {args.weight_buffer_kib:g} KiB, weight port {cfg.weight_port_rows} "
+          f"row(s)/cycle, weight overlap {'on' if cfg.weight_overlap else 'off'}")
     for phase, title in (("prefill", f"prefill of {args.tokens} tokens"),
                          ("decode", f"decode of one token, KV cache {args.kv_len}")):
         print(f"\n{title} (vs flexcim > 1: FlexCiM better)")
@@ -73,8 +73,10 @@ def _system(args: argparse.Namespace) -> int:
     if args.json:
         write_json(args.json, {"model": shape.__dict__, "hw": cfg.to_dict(),
                                "macros": args.macros, "memory": memory.__dict__,
-                               "weight_port_rows": args.weight_port_rows,
-                               "overlap": args.overlap, "plan": args.plan or args.pattern,
+                               "weight_port_rows": cfg.weight_port_rows,
+                               "weight_overlap": cfg.weight_overlap,
+                               "compact_indices": args.compact_indices,
+                               "plan": args.plan or args.pattern,
                                "result": result})
     return 0
 
@@ -101,7 +103,8 @@ def register(sub) -> None:
     hw.add_argument("--preset", default="default", help="macro preset (default: default)")
     hw.add_argument("--config", metavar="HW.json", help="macro HwConfig JSON")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a HwConfig field (repeatable)")
+                   help="override a HwConfig field (repeatable); e.g. weight_port_rows=9 "
+                   "weight_overlap=1: a macro that loads a pass's weights while it computes")
     p.add_argument("--macros", type=int, default=16, metavar="P", help="macros (default 16)")
     p.add_argument("--tokens", type=int, default=128, metavar="T",
                    help="prefill tokens (default 128)")
@@ -112,10 +115,9 @@ def register(sub) -> None:
                    help="DRAM bandwidth in GB/s (default 25.6: one 64-bit LPDDR4-3200)")
     p.add_argument("--weight-buffer-kib", type=float, default=2048.0,
                    help="on-chip weight buffer (default 2048 KiB)")
-    p.add_argument("--weight-port-rows", type=int, default=1,
-                   help="cell rows a macro's weight port loads per cycle (default 1: today's RTL)")
-    p.add_argument("--overlap", action="store_true",
-                   help="what-if: macros load the next tile's weights while computing (not in "
-                   "the RTL yet)")
+    p.add_argument("--compact-indices", action="store_true",
+                   help="DRAM and weight buffer store log2 M index bits per kept weight (none "
+                   "for dense blocks), zero-extended into the macros' beats (the RTL ignores the "
+                   "bits above)")
     p.add_argument("--json", metavar="OUT.json", help="write every figure there")
     p.set_defaults(func=_system)

@@ -191,7 +191,7 @@ def command_events(cfg: HwConfig, cmd: perf.Command) -> dict[str, int]:
         "compute_cycles": cycles,
         "passes": cmd.tokens * passes,
         "act_beats": cmd.tokens * perf.act_beats(cfg, cmd.k),
-        "weight_beats": passes * cfg.rows_total if cmd.load_weights else 0,
+        "weight_beats": cfg.weight_beats(cmd.pattern, cmd.k) if cmd.load_weights else 0,
         "route_bits": cycles * route_stages(cfg, cmd.pattern),
         "select_muxes": cycles * cfg.cells * select_gates(cfg, cmd.pattern),
         "quiet_faults": 0,
@@ -275,7 +275,7 @@ def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0)
     buffer_write        tokens x ceil(k/in_lanes) x in_lanes x 8                        bit
     buffer_read         tokens x passes x pass_width x 8                                bit
     distribution        (route_bits + select_muxes) x b + passes x cells x decode       mux bit
-    weight_write        weight beats x cols x (8 + index_bits)                          bit
+    weight_write        weight beats x weight_port_rows x cols x (8 + index_bits)       bit
     ==================  ==============================================================  =======
 
     ``decode`` is :func:`decode_gates`, the cell's decoder gates that can switch per word read.
@@ -296,7 +296,8 @@ def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0)
         "buffer_read": events["passes"] * cfg.pass_width(cmd.pattern) * ACT_BITS,
         "distribution": (events["route_bits"] + events["select_muxes"]) * b
         + events["passes"] * cfg.cells * decode_gates(cfg, cmd.pattern),
-        "weight_write": events["weight_beats"] * cfg.cols * (WEIGHT_BITS + cfg.index_bits),
+        "weight_write": events["weight_beats"] * cfg.weight_port_rows * cfg.cols
+        * (WEIGHT_BITS + cfg.index_bits),
     }
     return Activity({k: float(v) for k, v in counts.items()})
 

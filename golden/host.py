@@ -143,12 +143,14 @@ def run_layers(cfg: HwConfig, layers, execute: Execute) -> list[LayerRun]:
 class MacroModel:
     """Beat-level NumPy model of the macro: an ``execute`` engine for :func:`run_layer`.
 
-    It decodes the streams as the hardware does: weight beat ``q`` of a command goes to cell
-    row ``r = q mod rows_total``, word ``t = q div rows_total``; in pass ``t`` row ``r`` sees
+    It decodes the streams as the hardware does: row word ``q`` of a command (beat ``q div
+    weight_port_rows``) goes to cell row ``r = q mod rows_total``, word ``t = q div
+    rows_total``; in pass ``t`` row ``r`` sees
     the M activations from ``t*pass_width + (r div N)*M`` (distribution unit) and each cell
-    picks the one its index names.  Commands the hardware rejects (pattern code not
-    configured, ``k`` outside ``1..max_k_for``, ``tokens == 0``) are dropped without
-    consuming data, as the RTL does, and counted in :attr:`rejected`.
+    picks the one its index names, ``index mod M``: the index bits at and above ``log2 M`` are
+    ignored, as the RTL ignores them (so storage need not hold them).  Commands the hardware
+    rejects (pattern code not configured, ``k`` outside ``1..max_k_for``, ``tokens == 0``) are
+    dropped without consuming data, as the RTL does, and counted in :attr:`rejected`.
     """
 
     def __init__(self, cfg: HwConfig):
@@ -175,8 +177,9 @@ class MacroModel:
             pattern, k, tokens = cfg.patterns[f["pattern"]], f["k"], f["tokens"]
             passes, rows = cfg.passes(pattern, k), cfg.rows_total
             if f["load_weights"]:
-                beats, weight_beats = weight_beats[: passes * rows], weight_beats[passes * rows :]
-                if len(beats) < passes * rows:
+                nb = cfg.weight_beats(pattern, k)
+                beats, weight_beats = weight_beats[:nb], weight_beats[nb:]
+                if len(beats) < nb:
                     raise FlexCimError("the weight stream ended inside a command's weight load")
                 values, indices = layouts.unpack_weights(cfg, beats)
                 self._values, self._indices = values.astype(np.int64), indices.astype(np.int64)
@@ -194,10 +197,12 @@ class MacroModel:
             q = np.arange(passes * rows)
             t, r = q // rows, q % rows
             base = t * pass_width + (r // pattern.n) * pattern.m  # [Q]
-            indices = self._indices[: passes * rows]
-            # A cell's lanes past the pattern's M are tied to zero by the distribution unit.
-            values = np.where(indices < pattern.m, self._values[: passes * rows], 0)
-            pos = base[:, None] + np.minimum(indices, pattern.m - 1)  # [Q, C]
+            # The weight port forces the index bits at and above log2(M) on every word it
+            # writes and the cells decode only the bits below (hw/array.py): a cell selects
+            # lane ``index mod M`` whatever the upper bits carry (1:1: lane 0).
+            lanes = self._indices[: passes * rows] & (pattern.m - 1)
+            values = self._values[: passes * rows]
+            pos = base[:, None] + lanes  # [Q, C]
             y = np.einsum("tqc,qc->tc", window[:, pos], values)
             results += layouts.pack_result(cfg, wrap(y, cfg.acc_bits))
         return results

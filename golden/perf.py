@@ -8,12 +8,16 @@ Only the first token block of a (column tile, K chunk) loads weights.
 Timing of one command (docs/architecture.md, section 4), cycle 0 being the command handshake,
 with no input gaps and no output back-pressure:
 
-* weights: ``Wb = passes * rows_total`` beats in cycles ``1 .. Wb`` (0 without ``load_weights``);
+* weights: ``Wb = passes * rows_total / weight_port_rows`` beats in cycles ``1 .. Wb`` (0
+  without ``load_weights``); the word of pass ``t`` is complete at cycle
+  ``D_t = (t + 1) * rows_total / weight_port_rows``;
 * activations: token ``i`` needs ``L = ceil(k / in_lanes)`` beats into one of two buffer banks;
   loading starts from cycle 1 (overlapping the weight load) once the bank that token ``i-2``
   used is released;
 * compute: token ``i`` takes ``X = passes * cycles_per_pass`` cycles and starts the cycle after
-  its bank is full, the previous token is done and the weights are loaded;
+  its bank is full, the previous token is done and the weights are loaded (with
+  ``weight_overlap``: the word of its first pass; each later pass ``t`` then starts after
+  ``D_t`` too, so a pass may wait for its word);
 * the controller accepts the next command the cycle after the last compute cycle, and a token's
   result leaves the result stream :data:`RESULT_LATENCY` cycles after its last compute cycle.
 
@@ -105,29 +109,37 @@ def bandwidth_bound(cfg: HwConfig, pattern, k: int) -> bool:
     return act_beats(cfg, k) > compute_cycles(cfg, pattern, k)
 
 
-def command_timing(cfg: HwConfig, cmd: Command, *, weight_rows_per_cycle: int = 1
-                   ) -> CommandTiming:
+def command_timing(cfg: HwConfig, cmd: Command) -> CommandTiming:
     """Exact cycles of one command (see the module docstring for the rules).
 
-    ``weight_rows_per_cycle`` is the width of the weight port in cell rows: 1 is today's RTL
-    (one row word per beat, exact); a wider port (a what-if of :mod:`flexcim.golden.system`,
-    not in the RTL) loads the ``Wb`` beats in ``ceil(Wb / weight_rows_per_cycle)`` cycles.
+    The weight port writes ``weight_port_rows`` cell rows per beat, so the ``Wb =
+    cfg.weight_beats(pattern, k)`` beats arrive in cycles ``1 .. Wb`` and the word of pass
+    ``t`` is complete at cycle ``D_t = (t + 1) * rows_total / weight_port_rows``.  Without
+    ``weight_overlap`` a token starts after ``D_{passes-1} = Wb``; with it, pass ``t`` of any
+    token starts at the earliest the cycle after ``D_t`` (a pass whose word is still loading
+    waits), so a token starts the cycle after ``D_0`` at the earliest.
     """
     cfg.check_command(cmd.pattern, cmd.k, cmd.tokens)
-    if isinstance(weight_rows_per_cycle, bool) or not isinstance(weight_rows_per_cycle, int) \
-            or weight_rows_per_cycle < 1:
-        raise FlexCimError(f"weight_rows_per_cycle must be a positive integer, not "
-                           f"{weight_rows_per_cycle!r}")
-    wb = cfg.passes(cmd.pattern, cmd.k) * cfg.rows_total if cmd.load_weights else 0
-    load_cycles = -(-wb // weight_rows_per_cycle)
+    passes = cfg.passes(cmd.pattern, cmd.k)
+    wb = cfg.weight_beats(cmd.pattern, cmd.k) if cmd.load_weights else 0
     load, comp = act_beats(cfg, cmd.k), compute_cycles(cfg, cmd.pattern, cmd.k)
+    cpp = cfg.cycles_per_pass
+    # Cycle after which pass t may be computed (its weight word is in).
+    if not wb:
+        ready = [0] * passes
+    elif cfg.weight_overlap:
+        ready = [(t + 1) * cfg.beats_per_word for t in range(passes)]
+    else:
+        ready = [wb] * passes
     loaded = 0  # A_{i-1}: cycle the previous token's last beat was accepted
     ends = [0, 0]  # E_{i-2}, E_{i-1}: last compute cycles of the two previous tokens
     for _ in range(cmd.tokens):
         start = max(loaded + 1, ends[0] + 1)  # a free bank: token i-2 released it
         loaded = start + load - 1
-        begin = max(loaded + 1, ends[1] + 1, load_cycles + 1)
-        ends = [ends[1], begin + comp - 1]
+        begin = max(loaded + 1, ends[1] + 1, ready[0] + 1)
+        for t in range(1, passes):  # a pass waits for its word (only with weight_overlap)
+            begin = max(begin + cpp, ready[t] + 1)
+        ends = [ends[1], begin + cpp - 1]
     return CommandTiming(
         busy=ends[1] + 1,
         last_result=ends[1] + RESULT_LATENCY,

@@ -16,17 +16,20 @@ What runs where, and what is charged:
   token blocks) dealt round-robin to the macros.  A macro's time is the sum of its commands'
   exact cycles (:func:`flexcim.golden.perf.command_timing`); with one macro the projection
   takes exactly :func:`flexcim.golden.perf.layer_cycles`, which the RTL matches.
-  Today's macro does **not** overlap weight loading with compute (hw/controller.py: a token
-  starts only once all weight beats are in), and its weight port takes one cell row per cycle;
-  ``Accelerator(overlap=True, weight_port_rows=w)`` models a double-buffered macro with a
-  ``w``-row port instead, a what-if for a later RTL change (each macro is then a two-stage
-  pipeline: the weights of tile i+1 load while tile i computes).
+  How a macro loads its weights is the :class:`~flexcim.hw.config.HwConfig`'s, as the RTL
+  does it: ``weight_port_rows`` cell rows per cycle, and with ``weight_overlap`` a token's pass
+  starts as soon as its weight word is in (the compute chases the loader inside a command;
+  the next command's load still waits for the previous command's last compute cycle).  The
+  cocotb and amaranth.sim regressions check these cycles against the RTL.
 * **Weights** are stored compressed exactly as the macro's weight beats carry them
   (:func:`flexcim.hw.layouts.weight_layout`: ``cols`` values of 8 bits and ``cols`` indices of
-  ``index_bits``, padding of partial tiles and passes included), and stream from DRAM through
-  the weight buffer every step unless the whole model fits the buffer (then they are resident
-  and only read from it).  DRAM streaming runs concurrently with the macros (the buffer
-  prefetches), so a projection takes ``max(busiest macro, weight bits / DRAM bandwidth)``.
+  ``index_bits``, padding of partial tiles and passes included), or with
+  ``Accelerator(compact_indices=True)`` with ``log2 M`` index bits per kept weight (none for a
+  dense block: the RTL ignores the index bits above, tested with garbage in them), and stream
+  from DRAM through the weight buffer every step unless the whole model fits the buffer (then
+  they are resident and only read from it).  DRAM streaming runs concurrently with the macros
+  (the buffer prefetches), so a projection takes ``max(busiest macro, weight bits / DRAM
+  bandwidth)``.
 * **Activations**: every activation beat a macro receives is read from the activation SRAM,
   every result beat (``acc_bits`` per column) written to it, and K-chunk partial sums read back
   and added there.  The on-chip SRAM bandwidth is assumed sufficient (not a bound).
@@ -352,25 +355,31 @@ class Accelerator:
     cfg : HwConfig
     macros : int
     memory : MemorySystem
-    weight_port_rows : int
-        Cell rows a macro's weight port writes per cycle; 1 is today's RTL.
-    overlap : bool
-        Whether a macro loads the next tile's weights while computing (double-buffered weight
-        words); False is today's RTL (hw/controller.py).  True and ``weight_port_rows > 1``
-        are what-ifs for a later RTL change.
+    compact_indices : bool
+        Store (DRAM, weight buffer) ``log2 M`` index bits per kept weight, none for a dense
+        block, instead of the beat's ``index_bits``; the loader between the buffer and a macro
+        zero-extends them into its weight beats.  Legal because the RTL forces the index bits
+        at and above ``log2 M`` on every word it writes and never reads them: random garbage
+        there leaves every result exact (tests/hw/test_top.py,
+        ``test_index_bits_at_and_above_log2_m_are_ignored_by_the_rtl``).  Default False: the
+        memory system stores the beats as the macro receives them.
+
+    The macros' weight port (``cfg.weight_port_rows``) and its overlap with compute
+    (``cfg.weight_overlap``) are fields of the :class:`~flexcim.hw.config.HwConfig`, as built.
     """
 
     cfg: HwConfig
     macros: int = 16
     memory: MemorySystem = MemorySystem()
-    weight_port_rows: int = 1
-    overlap: bool = False
+    compact_indices: bool = False
 
     def __post_init__(self):
         if not isinstance(self.cfg, HwConfig):
             raise FlexCimError(f"cfg must be a HwConfig, not {type(self.cfg).__name__}")
         _positive("accelerator", "macros", self.macros, integer=True)
-        _positive("accelerator", "weight_port_rows", self.weight_port_rows, integer=True)
+        if not isinstance(self.compact_indices, bool):
+            raise FlexCimError(f"compact_indices must be True or False, not "
+                               f"{self.compact_indices!r}")
         if not isinstance(self.memory, MemorySystem):
             raise FlexCimError(f"memory must be a MemorySystem, not {type(self.memory).__name__}")
 
@@ -402,7 +411,7 @@ CATEGORIES = ("compute", "weight traffic", "activation traffic", "attention", "s
 
 @functools.lru_cache(maxsize=64)
 def weight_beat_bits(cfg: HwConfig) -> int:
-    """Bits of one weight beat: ``cols`` values and ``cols`` indices (hw.layouts)."""
+    """Bits of one weight beat: ``weight_port_rows * cols`` values and indices (hw.layouts)."""
     return layouts.weight_layout(cfg).size
 
 
@@ -418,7 +427,8 @@ class ProjectionCost:
         The busiest macro, first command to last result (``perf.layer_cycles`` for one macro).
     compute_cycles, port_cycles : int
         The busiest macro's cycles without weight loading, and the cycles weight loading adds
-        (no overlap) or takes on the port (overlap).
+        (the part of the load that compute does not hide: all of it without
+        ``weight_overlap``).
     dram_cycles : int
         Weight bits over the DRAM bandwidth, rounded up (0 when the weights are resident).
     weight_bits : int
@@ -453,46 +463,33 @@ def projection_cost(acc: Accelerator, pattern: NMPattern, tokens: int, c: int, k
                     resident: bool = False) -> ProjectionCost:
     """Cycles, traffic and macro energy of ``y = x @ W.T`` (``x [tokens, k]``, ``W [c, k]``)
     with ``pattern`` on ``acc`` (see the module docstring for the tiling)."""
-    cfg, port = acc.cfg, acc.weight_port_rows
+    cfg = acc.cfg
     # Timing and activity do not depend on a tile's column count (a partial tile loads and
     # computes full rows of zeros), so one column tile's schedule, repeated, is the layer's.
     cmds = perf.schedule(cfg, pattern, tokens, k, min(c, cfg.cols))
     col_tiles = -(-c // cfg.cols)
-    timing = {}  # (k, tokens, load) -> (busy, busy without the weight load, load cycles)
-    chunk = []  # per K chunk of a column tile: [load cycles, compute cycles, RTL cycles]
+    timing = {}  # (k, tokens, load) -> (busy, busy without the weight load)
+    chunk = []  # per K chunk of a column tile: [compute cycles, RTL cycles]
     for cmd in cmds:
         key = (cmd.k, cmd.tokens, cmd.load_weights)
         if key not in timing:
-            busy = perf.command_timing(cfg, cmd, weight_rows_per_cycle=port).busy
             bare = dataclasses.replace(cmd, load_weights=False)
-            wb = energy.command_events(cfg, cmd)["weight_beats"]
-            timing[key] = (busy, perf.command_timing(cfg, bare).busy, -(-wb // port))
-        busy, bare, load = timing[key]
+            timing[key] = (perf.command_timing(cfg, cmd).busy,
+                           perf.command_timing(cfg, bare).busy)
+        busy, bare = timing[key]
         if cmd.load_weights:
-            chunk.append([0, 0, 0])
-        chunk[-1][0] += load
-        chunk[-1][1] += bare
-        chunk[-1][2] += busy
+            chunk.append([0, 0])
+        chunk[-1][0] += bare
+        chunk[-1][1] += busy
     # Tile i (column tile i // chunks, K chunk i % chunks) runs on macro i % macros.
     table = np.array(chunk, dtype=np.int64)
     tile = np.arange(col_tiles * len(chunk))
     macro, kind = tile % acc.macros, tile % len(chunk)
-    if acc.overlap:  # per macro, loader and compute as a two-stage pipeline, two weight words
-        per_macro = []
-        for m in range(min(acc.macros, len(tile))):
-            loaded, done = 0, [0, 0]  # last load end; compute ends of the two previous tiles
-            mine = table[kind[macro == m]]
-            for load, bare, _ in mine.tolist():
-                loaded = max(loaded, done[0]) + load
-                done = [done[1], max(done[1], loaded) + bare]
-            per_macro.append((done[1], int(mine[:, 1].sum()), int(mine[:, 0].sum())))
-        time, compute, port_cycles = max(per_macro)
-    else:
-        serial = np.bincount(macro, weights=table[kind, 2], minlength=acc.macros)
-        bare = np.bincount(macro, weights=table[kind, 1], minlength=acc.macros)
-        busiest = np.lexsort((bare, serial))[-1]
-        time, compute = int(serial[busiest]), int(bare[busiest])
-        port_cycles = time - compute
+    serial = np.bincount(macro, weights=table[kind, 1], minlength=acc.macros)
+    bare = np.bincount(macro, weights=table[kind, 0], minlength=acc.macros)
+    busiest = np.lexsort((bare, serial))[-1]
+    time, compute = int(serial[busiest]), int(bare[busiest])
+    port_cycles = time - compute
     macro_cycles = time + perf.RESULT_LATENCY
 
     groups = Counter((cmd.k, cmd.tokens, cmd.load_weights) for cmd in cmds)
@@ -505,6 +502,9 @@ def projection_cost(acc: Accelerator, pattern: NMPattern, tokens: int, c: int, k
         for name, n in energy.command_events(cfg, cmd).items():
             events[name] += col_tiles * count * n
     weight_bits = events["weight_beats"] * weight_beat_bits(cfg)
+    if acc.compact_indices:  # log2 M index bits per kept weight in storage (see Accelerator)
+        weight_bits = (events["weight_beats"] * cfg.weight_port_rows * cfg.cols
+                       * (WEIGHT_BITS + (pattern.m - 1).bit_length()))
     chunks = len(chunk)
     result_bits = col_tiles * sum(cmd.tokens for cmd in cmds) * layouts.result_layout(cfg).size
     dram = 0 if resident else acc.memory.dram_cycles(weight_bits)

@@ -365,11 +365,15 @@ class SubMacro(wiring.Component):
         As :class:`CellRow`.
     activity : bool
         Add the ``active`` and ``faults`` outputs (default off: no logic).
+    port_rows : int
+        Cell rows one write writes (``W``, a divisor of ``rows``; default 1).
 
     Members
     -------
     we, wrow, waddr, wdata : In
-        Write ``wdata`` into word ``waddr`` of row ``wrow``.
+        Write the ``W`` row words of ``wdata`` (:func:`~flexcim.hw.layouts.word_layout` of
+        ``W * cols`` columns, element ``j * cols + c`` for row ``j``) into word ``waddr`` of rows
+        ``wrow * W .. wrow * W + W - 1``: one write per cycle, ``W`` rows at once.
     raddr, tap, top : In
         As :class:`CellRow`, shared by all rows (``tap`` only with more than one tap).
     lanes : In, ``rows`` x ``2**index_bits`` x unsigned ``slice_bits``
@@ -384,11 +388,15 @@ class SubMacro(wiring.Component):
     """
 
     def __init__(self, *, rows: int, cols: int, depth: int, index_bits: int, slice_bits: int,
-                 taps=None, activity: bool = False):
+                 taps=None, activity: bool = False, port_rows: int = 1):
         with validating(self):
             self._rows = _positive("rows", rows)
             self._cols = _positive("cols", cols)
             self._taps = _taps(taps, operator.index(index_bits))
+            self._port_rows = _positive("port_rows", port_rows)
+            if self._rows % self._port_rows:
+                raise ValueError(f"port_rows must divide rows={self._rows}, not {port_rows!r}")
+        self._index_bits = operator.index(index_bits)
         self._activity = bool(activity)
         self._row_args = dict(cols=cols, depth=depth, index_bits=index_bits,
                               slice_bits=slice_bits, taps=taps, activity=self._activity)
@@ -396,9 +404,9 @@ class SubMacro(wiring.Component):
         lane = data.ArrayLayout(unsigned(slice_bits), 1 << index_bits)
         super().__init__({
             "we": In(1),
-            "wrow": In(index_shape(self._rows)),
+            "wrow": In(index_shape(self._rows // self._port_rows)),
             "waddr": In(index_shape(depth)),
-            "wdata": In(word_layout(cols=self._cols, index_bits=index_bits)),
+            "wdata": In(word_layout(cols=self._cols * self._port_rows, index_bits=index_bits)),
             "raddr": In(index_shape(depth)),
             "lanes": In(data.ArrayLayout(lane, self._rows)),
             **({"tap": In(len(self._taps))} if len(self._taps) > 1 else {}),
@@ -417,13 +425,23 @@ class SubMacro(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         rows = []
+        w, cols, ib = self._port_rows, self._cols, self._index_bits
+        bits = self.wdata.as_value()
         for r in range(self._rows):
             row = CellRow(**self._row_args)
             m.submodules[f"row{r}"] = row
+            if w == 1:
+                word = self.wdata
+            else:  # row j of the beat: its values, then its indices (word_layout's bit order)
+                j = r % w
+                word = bits[j * cols * 8:(j + 1) * cols * 8]
+                if ib:
+                    base = w * cols * 8
+                    word = Cat(word, bits[base + j * cols * ib:base + (j + 1) * cols * ib])
             m.d.comb += [
-                row.we.eq(self.we & (self.wrow == r)),
+                row.we.eq(self.we & (self.wrow == r // w)),
                 row.waddr.eq(self.waddr),
-                row.wdata.eq(self.wdata),
+                row.wdata.eq(word),
                 row.raddr.eq(self.raddr),
                 row.lanes.eq(self.lanes[r]),
                 row.top.eq(self.top),

@@ -49,6 +49,10 @@ def route(pattern: NMPattern, row: int, lane: int) -> int | None:
     return (row // pattern.n) * pattern.m + lane if lane < pattern.m else None
 
 
+_LATER_FIELDS = {"weight_port_rows": 1, "weight_overlap": 0}
+"""Fields added after configurations were published, with the value that means "as before"."""
+
+
 @dataclasses.dataclass(frozen=True)
 class HwConfig:
     """A FlexCiM macro configuration.
@@ -80,6 +84,17 @@ class HwConfig:
         Activation buffer capacity per token (input channels), a multiple of ``in_lanes``.
     max_tokens : int
         Largest token count of one command (sets the command's ``tokens`` field width).
+    weight_port_rows : int
+        Cell rows one beat of the weight stream writes (``W``, a divisor of ``rows``, so a beat
+        stays inside one sub-macro): a command loads ``passes * rows_total / W`` beats, one per
+        cycle.  1 (the default) is the original one-row port; ``rows_total / cycles_per_pass``
+        rows (9 on ``default``) load a pass's weight word in the cycles a pass computes.
+    weight_overlap : int
+        0 or 1.  1: a token's pass starts as soon as the weight word of that pass is written
+        (the compute chases the weight loader, pass by pass; a pass whose word is not complete
+        waits); 0 (the default): no token starts before all weight beats of the command are in.
+        Either way the macro stores one weight word per pass (no second bank: it costs no
+        storage, docs/architecture.md section 4).
     """
 
     sub_macros: int = 4
@@ -93,6 +108,8 @@ class HwConfig:
     acc_bits: int = 32
     max_k: int = 1536
     max_tokens: int = 65535
+    weight_port_rows: int = 1
+    weight_overlap: int = 0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -124,6 +141,13 @@ class HwConfig:
             )
         if not 1 <= self.max_tokens < 2**32:
             raise FlexCimError(f"max_tokens must be from 1 to 2**32-1, not {self.max_tokens!r}")
+        if self.weight_port_rows < 1 or self.rows % self.weight_port_rows:
+            raise FlexCimError(
+                f"weight_port_rows must be a positive divisor of rows={self.rows} (a weight beat "
+                f"stays inside one sub-macro), not {self.weight_port_rows!r}"
+            )
+        if self.weight_overlap not in (0, 1):
+            raise FlexCimError(f"weight_overlap must be 0 or 1, not {self.weight_overlap!r}")
         if NMPattern(1, 1) not in self.patterns:
             raise FlexCimError(
                 f"patterns must include 1:1 so every layer can run dense, not "
@@ -215,6 +239,16 @@ class HwConfig:
         """Passes per token for a reduction of ``k`` input channels."""
         return math.ceil(k / self.pass_width(pattern))
 
+    def weight_beats(self, pattern, k: int) -> int:
+        """Weight beats of a command that loads weights: ``passes * rows_total /
+        weight_port_rows`` (the last pass padded with zero rows)."""
+        return self.passes(pattern, k) * self.rows_total // self.weight_port_rows
+
+    @property
+    def beats_per_word(self) -> int:
+        """Weight beats that write one weight word (one pass) of every cell row."""
+        return self.rows_total // self.weight_port_rows
+
     def route_alternatives(self, row: int, lane: int) -> int:
         """Distinct values (window lanes, and 0 if some pattern ties the lane low) that the
         patterns route to lane ``lane`` of row ``row``: the inputs of its one-hot multiplexer,
@@ -240,8 +274,14 @@ class HwConfig:
 
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
+        """The fields as JSON types; the weight-port fields only when they differ from the
+        original macro's (1 row, no overlap), so every configuration written before they existed
+        keeps its JSON, its digest (:func:`config_digest`) and its module name."""
         d = dataclasses.asdict(self)
         d["patterns"] = [str(p) for p in self.patterns]
+        for name in _LATER_FIELDS:
+            if d[name] == _LATER_FIELDS[name]:
+                del d[name]
         return d
 
     def to_json(self) -> str:

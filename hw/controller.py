@@ -2,13 +2,18 @@
 
 Three independent engines share the latched command (docs/architecture.md, section 4):
 
-* the weight loader accepts ``passes * rows_total`` weight beats; beat ``q`` goes to cell row
+* the weight loader accepts ``passes * rows_total / W`` weight beats (``W =
+  weight_port_rows`` cell rows per beat); row word ``q`` (beat ``q div W``) goes to cell row
   ``q mod rows_total``, word ``q div rows_total``;
 * the activation loader fills the two buffer banks alternately, ``ceil(k/in_lanes)`` beats per
   token, whenever the bank it is due to fill is empty (overlapping the weight load);
 * the compute sequencer starts a token when its bank is full, the weights are loaded, the
   previous token is done and the result FIFO has room for it (credits), then issues
-  ``passes x cycles_per_pass`` slice cycles without a bubble.
+  ``passes x cycles_per_pass`` slice cycles without a bubble.  With ``weight_overlap`` the
+  weights need only be loaded *up to the pass being computed*: a token starts once the word of
+  pass 0 is written, and a pass whose word is still loading waits (no cycle is issued) until
+  its last beat is in.  The loader only ever writes words the command has not read yet, so no
+  second weight bank is needed.
 
 Pass counts come from running positions compared with ``k`` (``pos + pass_width >= k``), not
 from dividers.  A command the macro cannot run (pattern code not configured, ``k`` outside
@@ -54,7 +59,8 @@ class Controller(wiring.Component):
         The command stream (:func:`~flexcim.hw.layouts.cmd_layout`).
     w_valid, w_ready : In, Out
         Handshake of the weight stream; ``w_we`` with ``w_sub``, ``w_row``, ``w_word`` address
-        the cell row and word the beat goes to.
+        the group of ``weight_port_rows`` cell rows (``w_row``: the group in sub-macro
+        ``w_sub``) and the word the beat goes to.
     a_valid, a_ready : In, Out
         Handshake of the activation stream; ``a_we``, ``a_bank``, ``a_beat`` address the buffer.
     issue, code, r_bank, r_pass, r_slice, top, first, last, shift : Out
@@ -80,7 +86,8 @@ class Controller(wiring.Component):
         super().__init__({
             "cmd": In(stream.Signature(cmd_layout(cfg))),
             "w_valid": In(1), "w_ready": Out(1), "w_we": Out(1),
-            "w_sub": Out(index_shape(cfg.sub_macros)), "w_row": Out(index_shape(cfg.rows)),
+            "w_sub": Out(index_shape(cfg.sub_macros)),
+            "w_row": Out(index_shape(cfg.rows // cfg.weight_port_rows)),
             "w_word": Out(index_shape(cfg.depth)),
             "a_valid": In(1), "a_ready": Out(1), "a_we": Out(1),
             "a_bank": Out(1), "a_beat": Out(index_shape(beats)),
@@ -139,9 +146,10 @@ class Controller(wiring.Component):
             self.w_ready.eq(w_loading),
             self.w_we.eq(self.w_valid & w_loading),
         ]
+        groups = cfg.rows // cfg.weight_port_rows  # beats per sub-macro and word
         with m.If(self.w_we):
-            last_row = (self.w_sub == cfg.sub_macros - 1) & (self.w_row == cfg.rows - 1)
-            with m.If(self.w_row == cfg.rows - 1):
+            last_row = (self.w_sub == cfg.sub_macros - 1) & (self.w_row == groups - 1)
+            with m.If(self.w_row == groups - 1):
                 m.d.sync += self.w_row.eq(0)
                 with m.If(self.w_sub == cfg.sub_macros - 1):
                     m.d.sync += self.w_sub.eq(0)
@@ -186,12 +194,22 @@ class Controller(wiring.Component):
         c_tokens = Signal(range(cfg.max_tokens + 1))
         credits = Signal(range(self._fifo_depth + 1), init=self._fifo_depth)
         last_slice = self.r_slice == cfg.cycles_per_pass - 1
+        # The weights the next compute cycle reads are in: all of them, or with weight_overlap
+        # the word of the current pass (r_pass, 0 between tokens).  w_word counts the words
+        # completed by earlier cycles' writes; a word completed in this cycle is read through
+        # (the read port is transparent) in the next, so no cycle is lost.
+        if cfg.weight_overlap:
+            word_ok = Signal()
+            m.d.comb += word_ok.eq(~w_loading | (self.w_word > self.r_pass))
+        else:
+            word_ok = ~w_loading
         m.d.comb += [
             start.eq(
-                active & ~running & ~w_loading & full.bit_select(self.r_bank, 1)
+                active & ~running & word_ok & full.bit_select(self.r_bank, 1)
                 & (credits != 0) & (c_tokens != tokens)
             ),
-            self.issue.eq(running | start),
+            # Without overlap no load runs inside a token (word_ok holds while running).
+            self.issue.eq(((running & word_ok) if cfg.weight_overlap else running) | start),
             self.top.eq(last_slice),
             self.first.eq(start),
             self.shift.eq(self.issue & last_slice),

@@ -21,8 +21,9 @@ from flexcim.errors import FlexCimError
 
 # What each stream's payload elements mean (the layouts' docstrings, as integrators read them).
 _ARRAY_MEANING = {
-    ("weights", "values"): "column c of the cell-row word: the weight of output channel c",
-    ("weights", "indices"): "column c: the in-group index (0..M-1) of that weight",
+    ("weights", "values"): "element j*cols + c (j < weight_port_rows): column c of the beat's "
+                           "cell row j, the weight of output channel c",
+    ("weights", "indices"): "element j*cols + c: the in-group index (0..M-1) of that weight",
     ("act", "lanes"): "lane i of beat b of a token: input channel b*in_lanes + i",
     ("result", "acc"): "element c: output channel c of the column tile (wraps at acc_bits)",
 }
@@ -77,16 +78,19 @@ def pattern_table(cfg: HwConfig) -> list[dict]:
     ``k`` of one command and the weight beats per pass."""
     return [{"code": cfg.pattern_code(p), "pattern": str(p), "n": p.n, "m": p.m,
              "pass_width": cfg.pass_width(p), "max_k": cfg.max_k_for(p),
-             "weight_beats_per_pass": cfg.rows_total} for p in cfg.patterns]
+             "weight_beats_per_pass": cfg.beats_per_word} for p in cfg.patterns]
 
 
 BEAT_ORDER = [
     "cmd: one beat per command; the macro takes the next command the cycle after the previous "
     "command's last compute cycle",
-    "weights (load_weights = 1 only): passes * rows_total beats, passes = ceil(k / pass_width)"
-    "; beat q holds compressed weight column q of every output channel of the tile (values[c], "
-    "indices[c] for channel c); beats past the tile's columns are zero; may overlap the "
-    "activations",
+    "weights (load_weights = 1 only): passes * rows_total / weight_port_rows beats, passes = "
+    "ceil(k / pass_width); beat q holds compressed weight columns q * weight_port_rows + j "
+    "(j < weight_port_rows) of every output channel of the tile (values[j * cols + c], "
+    "indices[j * cols + c] for channel c); columns past the tile's channels are zero; may "
+    "overlap the activations",
+    "with weight_overlap = 1 a token's pass starts once the weight beats of its pass are in "
+    "(beat (t + 1) * rows_total / weight_port_rows - 1 for pass t); with 0 once all are in",
     "act: tokens * ceil(k / in_lanes) beats, token after token; lane i of beat b of a token is "
     "input channel b * in_lanes + i; the last beat of a token is zero-padded",
     "result: tokens beats, in token order; element c is output channel c of the column tile",
@@ -113,7 +117,8 @@ def describe(cfg: HwConfig, counters: bool = False) -> dict:
             "rows_total": cfg.rows_total, "cols": cfg.cols, "in_lanes": cfg.in_lanes,
             "depth": cfg.depth, "acc_bits": cfg.acc_bits, "index_bits": cfg.index_bits,
             "pattern_bits": cfg.pattern_bits, "k_bits": cfg.k_bits,
-            "token_bits": cfg.token_bits,
+            "token_bits": cfg.token_bits, "weight_port_rows": cfg.weight_port_rows,
+            "weight_overlap": cfg.weight_overlap,
         },
         "latency": {
             "cycles_per_pass": cfg.cycles_per_pass,

@@ -9,8 +9,9 @@ stream     payload (field order = bit order, first field in the low bits)
 =========  =====================================================================================
 cmd        ``pattern`` (``pattern_bits``, absent when only 1:1 is supported), ``k``
            (``k_bits``), ``tokens`` (``token_bits``), ``load_weights`` (1)
-weights    ``values``: ``cols`` x signed 8, ``indices``: ``cols`` x unsigned ``index_bits``
-           (absent when ``index_bits == 0``); column ``c`` in the low bits of each array
+weights    ``values``: ``W * cols`` x signed 8, ``indices``: ``W * cols`` x unsigned
+           ``index_bits`` (absent when ``index_bits == 0``); ``W = weight_port_rows`` cell
+           rows per beat, element ``j * cols + c`` is column ``c`` of the beat's row ``j``
 act        ``in_lanes`` x signed 8, input channel ``b*in_lanes + i`` in lane ``i`` of beat ``b``
 result     ``cols`` x signed ``acc_bits``, output channel ``c`` of the tile in element ``c``
 =========  =====================================================================================
@@ -54,8 +55,12 @@ def word_layout(*, cols: int, index_bits: int) -> data.StructLayout:
 
 
 def weight_layout(cfg: HwConfig) -> data.StructLayout:
-    """One beat of the weight stream: the word of one cell row (:func:`word_layout`)."""
-    return word_layout(cols=cfg.cols, index_bits=cfg.index_bits)
+    """One beat of the weight stream: the words of ``weight_port_rows`` (``W``) consecutive
+    cell rows.  ``W = 1``: the word of one cell row (:func:`word_layout`); otherwise the same
+    two fields with ``W * cols`` elements, element ``j * cols + c`` being column ``c`` of the
+    beat's row ``j`` (all values first, then all indices)."""
+    rows = cfg.weight_port_rows
+    return word_layout(cols=cfg.cols * rows, index_bits=cfg.index_bits)
 
 
 def act_layout(cfg: HwConfig) -> data.ArrayLayout:
@@ -166,12 +171,14 @@ def unpack_cmd(cfg: HwConfig, beat: int) -> dict:
 
 
 def weight_rows(cfg: HwConfig, tile: NMTensor) -> tuple[np.ndarray, np.ndarray]:
-    """The cell-row words of a weight tile: ``values`` int8 and ``indices`` ``[beats, cols]``.
+    """The cell-row words of a weight tile: ``values`` int8 and ``indices`` ``[rows, cols]``.
 
-    ``tile`` holds at most ``cols`` output channels and a reduction that fits one command.  Beat
-    ``q`` is compressed column ``q`` (all channels of the tile); beats run to a whole number of
-    passes (``passes * rows_total``), padded with zero values and index 0, and channels past
-    the tile's ``C`` are zero too, so stale activations and unused columns contribute nothing.
+    ``tile`` holds at most ``cols`` output channels and a reduction that fits one command.  Row
+    word ``q`` is compressed column ``q`` (all channels of the tile); words run to a whole
+    number of passes (``passes * rows_total``), padded with zero values and index 0, and
+    channels past the tile's ``C`` are zero too, so stale activations and unused columns
+    contribute nothing.  Beat ``b`` of the weight stream carries row words ``b * W ..
+    b * W + W - 1`` (``W = weight_port_rows``, :func:`pack_weights`).
     """
     if not isinstance(tile, NMTensor):
         raise FlexCimError(f"weight tile must be an NMTensor, not {type(tile).__name__}")
@@ -192,6 +199,9 @@ def pack_weights(cfg: HwConfig, tile: NMTensor) -> list[int]:
     """Weight beats of one command with ``load_weights`` (see :func:`weight_rows`)."""
     values, indices = weight_rows(cfg, tile)
     layout = weight_layout(cfg)
+    # W consecutive row words side by side: element j * cols + c of beat b is row b * W + j.
+    width = cfg.cols * cfg.weight_port_rows
+    values, indices = values.reshape(-1, width), indices.reshape(-1, width)
     beats = _pack_lanes(values, WEIGHT_BITS)
     if cfg.index_bits:
         beats = beats | (_pack_lanes(indices, cfg.index_bits) << _offset(layout, "indices"))
@@ -201,15 +211,17 @@ def pack_weights(cfg: HwConfig, tile: NMTensor) -> list[int]:
 
 
 def unpack_weights(cfg: HwConfig, beats) -> tuple[np.ndarray, np.ndarray]:
-    """Weight beats to ``values`` int8 and ``indices`` uint8 ``[beats, cols]``."""
-    values = _unpack_lanes(beats, cfg.cols, WEIGHT_BITS, True).astype(np.int8)
+    """Weight beats to the row words they write: ``values`` int8 and ``indices`` uint8
+    ``[beats * weight_port_rows, cols]``."""
+    width = cfg.cols * cfg.weight_port_rows
+    values = _unpack_lanes(beats, width, WEIGHT_BITS, True).astype(np.int8)
     if cfg.index_bits:
         shift = _offset(weight_layout(cfg), "indices")
         shifted = [int(b) >> shift for b in beats]
-        indices = _unpack_lanes(shifted, cfg.cols, cfg.index_bits, False).astype(np.uint8)
+        indices = _unpack_lanes(shifted, width, cfg.index_bits, False).astype(np.uint8)
     else:
         indices = np.zeros_like(values, dtype=np.uint8)
-    return values, indices
+    return values.reshape(-1, cfg.cols), indices.reshape(-1, cfg.cols)
 
 
 def pack_act(cfg: HwConfig, x: np.ndarray) -> list[int]:

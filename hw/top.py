@@ -32,7 +32,6 @@ from flexcim.hw.layouts import (
     counters_layout,
     result_layout,
     weight_layout,
-    word_layout,
 )
 from flexcim.hw.merging import Merging
 
@@ -136,20 +135,20 @@ class FlexCiM(wiring.Component):
         tap = Signal(len(taps))
         lookup(m, ctrl.code if len(cfg.patterns) > 1 else 0,
                [1 << taps.index(tap_level(p.m)) for p in cfg.patterns], tap)
-        wdata = Signal(word_layout(cols=cfg.cols, index_bits=cfg.index_bits))
+        wdata = Signal(weight_layout(cfg))
         m.d.comb += wdata.values.eq(self.weights.payload.values)
         if cfg.index_bits:
             forced = Signal(cfg.index_bits)
             lookup(m, ctrl.code if len(cfg.patterns) > 1 else 0,
                    [forced_index_bits(p.m, cfg.index_bits) for p in cfg.patterns], forced)
             m.d.comb += [wdata.indices[c].eq(self.weights.payload.indices[c] | forced)
-                         for c in range(cfg.cols)]
+                         for c in range(cfg.cols * cfg.weight_port_rows)]
 
         subs = []
         for p in range(cfg.sub_macros):
             sub = SubMacro(rows=cfg.rows, cols=cfg.cols, depth=cfg.depth,
                            index_bits=cfg.index_bits, slice_bits=b, taps=taps,
-                           activity=self._counters)
+                           activity=self._counters, port_rows=cfg.weight_port_rows)
             m.submodules[f"sub{p}"] = sub
             if len(taps) > 1:
                 m.d.comb += sub.tap.eq(tap)

@@ -208,6 +208,9 @@ SWEEP_PRESETS = {
     "default": ["1:1", "2:4", "1:4", "4:8", "2:8", "1:8", "12:16", "8:16", "6:16", "4:16", "2:16"],
     # default without M = 16 (3-bit indices, 6 pattern codes).
     "flex8": ["1:1", "2:4", "1:4", "4:8", "2:8", "1:8"],
+    # tiny with a 2-row weight port whose passes chase the loader (weight_overlap): named by
+    # its module name.
+    PRESETS["tiny"].replace(weight_port_rows=2, weight_overlap=1): ["1:1", "2:4", "1:8", "8:16"],
 }
 
 SWEEP_ACT = {"tiny": ("2:4", "8:16"), "tiny3": ("3:8", "8:16")}

@@ -60,3 +60,22 @@ def test_system_rejects_a_non_decoder_config_and_foreign_projections(tmp_path, c
                                             "linears": {"model.layers.0.fc1": [576, 576]}}]}))
     assert main(["system", "--model-config", "smollm2-135m", "--plan", str(plan)]) == 2
     assert "names projection 'model.layers.0.fc1'" in capsys.readouterr().err
+
+
+def test_system_weight_port_and_compact_indices_reach_the_model(tmp_path, capsys):
+    """``--set weight_port_rows=9 --set weight_overlap=1`` builds the decode-ready macro (its
+    fields in the JSON), ``--compact-indices`` charges log2 M index bits per kept weight: a
+    dense plan's decode moves 8 bits per weight on FlexCiM as on the dense accelerator."""
+    runs = {}
+    for name, extra in (("plain", []), ("compact", ["--compact-indices"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["system", "--model-config", "smollm2-135m", "--pattern", "1:1",
+                     "--set", "weight_port_rows=9", "--set", "weight_overlap=1", *extra,
+                     "--tokens", "4", "--kv-len", "8", "--json", str(out)]) == 0
+        runs[name] = json.loads(out.read_text())
+    assert "weight port 9 row(s)/cycle, weight overlap on" in capsys.readouterr().out
+    plain, compact = (runs[n]["result"] for n in ("plain", "compact"))
+    assert runs["compact"]["hw"]["weight_port_rows"] == 9 and runs["compact"]["compact_indices"]
+    dense_bits = compact["dense"]["decode"]["weight_bits"]
+    assert compact["flexcim"]["decode"]["weight_bits"] == dense_bits
+    assert plain["flexcim"]["decode"]["weight_bits"] * 8 == dense_bits * 12  # 4-bit indices

@@ -1,3 +1,4 @@
+import dataclasses
 import itertools
 
 import pytest
@@ -10,25 +11,31 @@ from flexcim.errors import FlexCimError
 
 def tick_model(cfg, cmd):
     """Cycle-by-cycle walk of the rules in golden/perf.py's docstring, written independently:
-    returns (busy, last_result)."""
-    wb = cfg.passes(cmd.pattern, cmd.k) * cfg.rows_total if cmd.load_weights else 0
+    returns (busy, last_result).  Weight beats of ``weight_port_rows`` rows arrive one per
+    cycle from cycle 1; a slice cycle of pass ``p`` may run when all beats arrived in earlier
+    cycles or, with ``weight_overlap``, the beats of words ``0..p``."""
+    passes = cfg.passes(cmd.pattern, cmd.k)
+    per_word = cfg.rows_total // cfg.weight_port_rows
+    wb = passes * per_word if cmd.load_weights else 0
     load_beats = -(-cmd.k // cfg.in_lanes)
-    comp = cfg.passes(cmd.pattern, cmd.k) * cfg.cycles_per_pass
     full = [False, False]  # registered bank flags
     wbank = rbank = 0
     loaded_tokens = beats = done_tokens = 0
-    computing = 0  # cycles left of the current token
-    weights_left = wb
+    running, pass_, slice_ = False, 0, 0
+    weights_in = 0  # weight beats accepted in earlier cycles
     cycle = 0
     last_end = None
     while done_tokens < cmd.tokens:
         cycle += 1
         set_full = clear_full = None
-        if weights_left:
-            weights_left -= 1
-            weights_done_now = False
-        else:
-            weights_done_now = True
+        words_in = weights_in // per_word  # words complete before this cycle
+        all_in = weights_in == wb
+        if weights_in < wb:
+            weights_in += 1
+
+        def word_ok(p, all_in=all_in, words_in=words_in):
+            return all_in or (cfg.weight_overlap and words_in > p)
+
         # loader: one beat per cycle into a free bank
         if loaded_tokens < cmd.tokens and not full[wbank]:
             beats += 1
@@ -36,16 +43,20 @@ def tick_model(cfg, cmd):
                 set_full, beats = wbank, 0
                 loaded_tokens += 1
                 wbank ^= 1
-        # compute: starts when the bank flag (registered) says full and weights were loaded
-        if computing == 0 and full[rbank] and weights_done_now and cycle > wb:
-            computing = comp
-        if computing:
-            computing -= 1
-            if computing == 0:
-                clear_full = rbank
-                rbank ^= 1
-                done_tokens += 1
-                last_end = cycle
+        # compute: a token starts when the bank flag (registered) says full and its first
+        # word is in; a slice cycle runs only while the word of its pass is in
+        if not running and full[rbank] and word_ok(0):
+            running, pass_, slice_ = True, 0, 0
+        if running and word_ok(pass_):
+            slice_ += 1
+            if slice_ == cfg.cycles_per_pass:
+                slice_, pass_ = 0, pass_ + 1
+                if pass_ == passes:
+                    running = False
+                    clear_full = rbank
+                    rbank ^= 1
+                    done_tokens += 1
+                    last_end = cycle
         if set_full is not None:
             full[set_full] = True
         if clear_full is not None:
@@ -54,23 +65,31 @@ def tick_model(cfg, cmd):
 
 
 @pytest.mark.parametrize(
-    "name, act_bits, pattern, k, tokens, load",
+    "name, act_bits, pattern, k, tokens, load, port",
     [
-        (name, b, p, k, t, load)
+        (name, b, p, k, t, load, (1, 0))
         for name, b, (p, k), t, load in itertools.product(
             ["tiny"], [1, 2, 8], [("1:1", 32), ("1:8", 64), ("8:16", 20 * 16 // 10)],
             [1, 2, 5], [True, False],
         )
     ] + [
         # N not a power of two: pass widths 32, 16 and 32 on 12 rows (K over 2-4 passes)
-        ("tiny3", b, p, k, t, True)
+        ("tiny3", b, p, k, t, True, (1, 0))
         for b, (p, k), t in itertools.product(
             [1, 8], [("3:8", 80), ("12:16", 64), ("6:16", 64)], [1, 3],
         )
+    ] + [
+        # Weight port of 1, 2 or 4 rows (8, 4, 2 beats per word), with and without overlap.
+        ("tiny", b, p, k, t, True, port)
+        for b, (p, k), t, port in itertools.product(
+            [1, 2, 8], [("1:1", 32), ("2:4", 64)], [1, 3], [(1, 1), (2, 0), (2, 1), (4, 1)],
+        )
     ],
 )
-def test_command_timing_matches_a_cycle_by_cycle_walk(name, act_bits, pattern, k, tokens, load):
-    cfg = preset(name).replace(act_bits_per_cycle=act_bits)
+def test_command_timing_matches_a_cycle_by_cycle_walk(name, act_bits, pattern, k, tokens, load,
+                                                      port):
+    cfg = preset(name).replace(act_bits_per_cycle=act_bits, weight_port_rows=port[0],
+                               weight_overlap=port[1])
     k = k // NMPattern.parse(pattern).m * NMPattern.parse(pattern).m
     cmd = perf.Command(NMPattern.parse(pattern), k, tokens, load)
     timing = perf.command_timing(cfg, cmd)
@@ -90,6 +109,27 @@ def test_hand_computed_timings():
     three = perf.command_timing(fast, perf.Command(NMPattern(1, 8), 64, 3, False))
     assert one.bandwidth_bound and one.busy == 16 + 1 + 1
     assert three.busy - one.busy == 2 * 16
+
+
+def test_hand_computed_timings_of_the_weight_port_and_overlap():
+    """tiny with 16 input lanes: 2:4 at K=32 is 2 passes of 4 cycles, a token's 2 activation
+    beats are in at cycle 2, so only the weights hold the compute back."""
+    cfg = preset("tiny").replace(in_lanes=16)
+    cmd = perf.Command(NMPattern(2, 4), 32, 1, True)
+    busy = {}
+    for rows, overlap in [(1, 0), (1, 1), (2, 0), (2, 1), (4, 1)]:
+        c = cfg.replace(weight_port_rows=rows, weight_overlap=overlap)
+        busy[rows, overlap] = perf.command_timing(c, cmd).busy
+    assert busy == {
+        (1, 0): 25,  # 16 beats in 1..16; passes 17..20, 21..24
+        (1, 1): 21,  # words in at 8 and 16: pass 0 9..12, pass 1 waits, 17..20
+        (2, 0): 17,  # 8 beats in 1..8; 9..16
+        (2, 1): 13,  # words at 4 and 8: 5..8, 9..12
+        (4, 1): 11,  # words at 2 and 4: the activations (in at 2) decide, 3..10
+    }
+    assert perf.command_timing(cfg, dataclasses.replace(cmd, load_weights=False)).busy == 11
+    t = perf.command_timing(cfg.replace(weight_port_rows=2), cmd)
+    assert t.weight_beats == 8 == cfg.replace(weight_port_rows=2).weight_beats("2:4", 32)
 
 
 def test_default_is_compute_bound_on_smollm2_shapes():

@@ -104,24 +104,37 @@ def test_resident_weights_skip_dram():
     assert step.cycles == 2 * 28 + 2 * 15 + 2 * 54 + 52 + 27 + 15
 
 
-def test_overlap_and_wider_port_what_ifs():
-    c, k = 16, 16  # q of the toy: 4 tiles of 8 beats, 9 cycles each without the load
-    serial = system.projection_cost(system.Accelerator(TINY, macros=1, memory=MEM),
-                                    NMPattern(2, 4), 1, c, k, True)
-    assert serial.macro_cycles == 4 * 13 + 2 and serial.port_cycles == 16
-    # Pipeline: loads end at 8, 16, 25, 34 (a buffer frees when tile i-2 is done), computes
-    # end at 17, 26, 35, 44.
-    over = system.projection_cost(system.Accelerator(TINY, macros=1, memory=MEM, overlap=True),
-                                  NMPattern(2, 4), 1, c, k, True)
-    assert over.macro_cycles == 44 + 2 and over.port_cycles == 32 and over.compute_cycles == 36
-    # A 4-row port loads 8 beats in 2 cycles: the token then waits only for its activations.
-    wide = system.projection_cost(
-        system.Accelerator(TINY, macros=1, memory=MEM, weight_port_rows=4), NMPattern(2, 4),
-        1, c, k, True)
-    assert wide.macro_cycles == 4 * 9 + 2
-    cmd = perf.Command(NMPattern(2, 4), k=16, tokens=1, load_weights=True)
-    with pytest.raises(FlexCimError, match="weight_rows_per_cycle must be a positive integer"):
-        perf.command_timing(TINY, cmd, weight_rows_per_cycle=0)
+def test_the_weight_port_follows_the_hw_config():
+    """The macros load weights as their HwConfig says (the RTL's weight_port_rows and
+    weight_overlap, checked against the RTL in tests/hw/test_top.py and every cocotb run)."""
+    c, k = 16, 32  # 4 column tiles of tiny; 2:4 at K=32: 2 passes, 8 activation beats
+    cost = {}
+    for rows, overlap in [(1, 0), (1, 1), (2, 1), (4, 1)]:
+        cfg = TINY.replace(weight_port_rows=rows, weight_overlap=overlap)
+        cost[rows, overlap] = system.projection_cost(
+            system.Accelerator(cfg, macros=1, memory=MEM), NMPattern(2, 4), 1, c, k, True)
+        cmds = perf.schedule(cfg, NMPattern(2, 4), 1, k, c)
+        assert cost[rows, overlap].macro_cycles == perf.layer_cycles(cfg, cmds)
+    # Per tile, activations in at 8 and compute 8 cycles: 1 row/cycle and no overlap, the 16
+    # beats end at 16, compute 17..24 (busy 25); with overlap pass 1 waits for word 1 (16):
+    # 9..12, 17..20 (busy 21); 2 rows: words at 4 and 8, 9..16 (busy 17), the activations
+    # decide; 4 rows too.  The beats of a tile carry the same bits whatever the port width.
+    assert [cost[key].macro_cycles for key in [(1, 0), (1, 1), (2, 1), (4, 1)]] == [
+        4 * 25 + 2, 4 * 21 + 2, 4 * 17 + 2, 4 * 17 + 2]
+    assert [cost[key].port_cycles for key in [(1, 0), (1, 1), (2, 1), (4, 1)]] == [
+        4 * 8, 4 * 4, 0, 0]
+    assert len({cost[key].weight_bits for key in cost}) == 1
+    assert cost[2, 1].compute_cycles == 4 * 17  # the commands' busy without a weight load
+    # A SmolLM2 q projection decoded (1 token) on one default macro: one row per cycle spends
+    # 72 cycles per pass loading against 8 computing (weight port bound); 9 rows per beat and
+    # the overlap load a pass's word in the 8 cycles a pass computes (compute bound).
+    cfg = PRESETS["default"]
+    old, new = (system.projection_cost(system.Accelerator(c, macros=1, memory=MEM),
+                                       NMPattern(2, 4), 1, 576, 576, True)
+                for c in (cfg, cfg.replace(weight_port_rows=9, weight_overlap=1)))
+    assert old.bound == "weight port" and new.bound == "compute"
+    # 36 tiles of 4 passes: (1 + 288 + 32) per tile; (1 + 8 + 32) with the 9-row port.
+    assert (old.macro_cycles, new.macro_cycles) == (36 * 321 + 2, 36 * 41 + 2)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "default"])
@@ -184,6 +197,36 @@ def test_dense_blocks_carry_the_index_bits_on_a_flexible_macro():
                                          576, 576).weight_bits for name in ("default", "fixed24",
                                                                             "dense")}
     assert bits == {"default": 576 * 576 * 12, "fixed24": 576 * 576 * 10, "dense": 576 * 576 * 8}
+
+
+@pytest.mark.parametrize("preset, pattern, c, k", [("tiny", "2:8", 8, 64),
+                                                   ("tiny", "1:1", 8, 32),
+                                                   ("default", "2:4", 576, 576),
+                                                   ("default", "4:16", 40, 576 + 96)])
+def test_compact_indices_store_log2_m_bits_per_kept_weight(preset, pattern, c, k):
+    """With compact storage the weight traffic is the RTL's weight beats (their count, which
+    the RTL's counters equal) x (8 + log2 M) bits per row word: exactly N/M of the dense values
+    plus log2 M bits per kept weight where no tile or pass is padded, and never less."""
+    cfg = PRESETS[preset]
+    p = NMPattern.parse(pattern)
+    rng = np.random.default_rng(c + k)
+    w = NMTensor.compress(nm_prune(rng.integers(-128, 128, size=(c, k), dtype=np.int8), p), p)
+    streams = host.layer_streams(cfg, rng.integers(-128, 128, size=(1, k), dtype=np.int8), w)
+    acc = system.Accelerator(cfg, macros=2, compact_indices=True)
+    cost = system.projection_cost(acc, p, 1, c, k)
+    log2m = {1: 0, 4: 2, 8: 3, 16: 4}[p.m]  # by hand
+    assert cost.weight_bits == len(streams.weight_beats) * cfg.cols * (8 + log2m)
+    bound = c * k * p.n // p.m * (8 + log2m)  # N/M of dense values + log2 M per kept weight
+    if pattern == "4:16":  # 40 of 48 columns and 672 of 768 inputs: padded, never less
+        assert cost.weight_bits > bound == w.values.size * 8 + w.indices.size * log2m
+    else:  # whole tiles and passes: exactly the bound (1:1: 8 bits per weight, no index)
+        assert cost.weight_bits == bound == w.values.size * 8 + w.indices.size * log2m
+    full = system.projection_cost(system.Accelerator(cfg, macros=2), p, 1, c, k)
+    assert full.weight_bits - cost.weight_bits == (
+        len(streams.weight_beats) * cfg.cols * (cfg.index_bits - log2m))
+    assert full.macro_pj == cost.macro_pj  # the macro writes its beats either way
+    with pytest.raises(FlexCimError, match="compact_indices must be True or False, not 1"):
+        system.Accelerator(cfg, compact_indices=1)
 
 
 def test_map_plan_replicates_by_relative_depth():

@@ -87,6 +87,11 @@ def test_patterns_are_canonically_ordered_and_coded():
         ({"patterns": ("1:1", "3:6")}, "N:M pattern M must be a power of two from 1 to 32, not 6"),
         ({"rows": 3, "sub_macros": 1}, "pattern 2:4: N=2 must divide the 3 cell rows"),
         ({"cols": "8"}, "HwConfig cols must be an integer, not '8'"),
+        ({"weight_port_rows": 4}, "weight_port_rows must be a positive divisor of rows=18 "
+                                  "\\(a weight beat stays inside one sub-macro\\), not 4"),
+        ({"weight_port_rows": 0}, "weight_port_rows must be a positive divisor of rows=18"),
+        ({"weight_overlap": 2}, "weight_overlap must be 0 or 1, not 2"),
+        ({"weight_overlap": True}, "HwConfig weight_overlap must be an integer, not True"),
     ],
 )
 def test_invalid_configs_raise_one_line_errors(changes, message):
@@ -113,3 +118,21 @@ def test_command_limits():
         DEFAULT.check_command("1:8", 1537, 1)
     with pytest.raises(FlexCimError, match="expected 1..576"):  # 1:1: depth 8 x 72 rows
         DEFAULT.check_command("1:1", 600, 1)
+
+
+def test_weight_port_fields_round_trip_and_old_configs_keep_their_json():
+    """The fields at their original values (1 row, no overlap) are left out of the JSON, so
+    every configuration written before they existed keeps its JSON, digest and module name."""
+    from flexcim.hw.config import config_digest
+
+    old = DEFAULT.to_dict()
+    assert "weight_port_rows" not in old and "weight_overlap" not in old
+    assert HwConfig.from_dict(old) == DEFAULT
+    wide = DEFAULT.replace(weight_port_rows=9, weight_overlap=1)
+    assert wide.to_dict()["weight_port_rows"] == 9 and wide.to_dict()["weight_overlap"] == 1
+    assert HwConfig.from_json(wide.to_json()) == wide
+    assert DEFAULT.with_overrides(["weight_port_rows=9", "weight_overlap=1"]) == wide
+    assert len({config_digest(c) for c in (DEFAULT, wide, wide.replace(weight_overlap=0))}) == 3
+    # 72 rows, 9 per beat: 8 beats per pass's word; 2:4 at K=576 is 4 passes.
+    assert (wide.beats_per_word, wide.weight_beats("2:4", 576)) == (8, 32)
+    assert DEFAULT.weight_beats("2:4", 576) == 4 * 72

@@ -177,9 +177,10 @@ def _pack(fields: dict, values: dict) -> int:
     return beat
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny3", "default", "dense"])
+@pytest.mark.parametrize("name", ["tiny", "tiny3", "default", "dense", "default-port9"])
 def test_beats_packed_from_the_sidecar_equal_the_layouts_packers(name):
-    cfg = preset(name)
+    cfg = (preset("default").replace(weight_port_rows=9, weight_overlap=1)
+           if name == "default-port9" else preset(name))
     info = json.loads(json.dumps(interface.describe(cfg)))  # as read back from the JSON file
     rng = np.random.default_rng(7)
     codes = {row["pattern"]: row["code"] for row in info["pattern_codes"]}
@@ -196,6 +197,10 @@ def test_beats_packed_from_the_sidecar_equal_the_layouts_packers(name):
     tile = NMTensor.compress(nm_prune(dense, p), p)
     vals, idx = layouts.weight_rows(cfg, tile)
     w = _fields(info, "weights")
+    # A beat carries weight_port_rows consecutive row words, element j * cols + c for row j.
+    port = info["limits"]["weight_port_rows"]
+    assert port == cfg.weight_port_rows and w["values"]["count"] == port * cfg.cols
+    vals, idx = vals.reshape(-1, port * cfg.cols), idx.reshape(-1, port * cfg.cols)
     packed = [_pack(w, {"values": v, **({"indices": i} if "indices" in w else {})})
               for v, i in zip(vals, idx, strict=True)]
     assert packed == layouts.pack_weights(cfg, tile)

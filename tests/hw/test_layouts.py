@@ -90,3 +90,29 @@ def test_weight_tile_wider_than_the_macro_is_refused():
     tile = NMTensor.compress(np.ones((cfg.cols + 1, 4), dtype=np.int8), "1:1")
     with pytest.raises(FlexCimError, match="5 output channels; the macro has cols=4"):
         layouts.pack_weights(cfg, tile)
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_weight_beats_of_a_wider_port_carry_consecutive_rows(rows):
+    """With ``weight_port_rows = W`` beat ``b`` holds the row words ``b*W .. b*W+W-1`` of the
+    one-row port, element ``j*cols + c`` for row ``j``: checked against Amaranth's layout and
+    against the one-row beats."""
+    one = preset("tiny")
+    cfg = one.replace(weight_port_rows=rows)
+    rng = np.random.default_rng(rows)
+    pattern = cfg.patterns[-1]
+    k = pattern.m * 3
+    dense = nm_prune(rng.integers(-128, 128, size=(cfg.cols - 1, k), dtype=np.int8), pattern)
+    tile = NMTensor.compress(dense, pattern)
+    narrow = layouts.pack_weights(one, tile)
+    beats = layouts.pack_weights(cfg, tile)
+    assert len(beats) * rows == len(narrow) == cfg.passes(pattern, k) * cfg.rows_total
+    assert len(beats) == cfg.weight_beats(pattern, k)
+    v1, i1 = layouts.unpack_weights(one, narrow)
+    for b, beat in enumerate(beats):
+        rows_v, rows_i = v1[b * rows:(b + 1) * rows], i1[b * rows:(b + 1) * rows]
+        fields = {"values": rows_v.reshape(-1).tolist(), "indices": rows_i.reshape(-1).tolist()}
+        assert beat == layouts.weight_layout(cfg).const(fields).as_bits()
+    values, indices = layouts.unpack_weights(cfg, beats)
+    np.testing.assert_array_equal(values, v1)
+    np.testing.assert_array_equal(indices, i1)

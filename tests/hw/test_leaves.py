@@ -336,6 +336,8 @@ def test_activation_buffer_loads_one_bank_while_the_other_shifts():
         (lambda: CellRow(cols=2, depth=1, index_bits=0, slice_bits=3),
          "slice_bits must be 1, 2, 4 or 8, not 3"),
         (lambda: AdderTree(inputs=0, width=8), "inputs must be a positive integer, not 0"),
+        (lambda: SubMacro(rows=4, cols=2, depth=1, index_bits=0, slice_bits=1, port_rows=3),
+         "port_rows must divide rows=4, not 3"),
         (lambda: ActivationBuffer(lanes=10, in_lanes=4, window_lanes=4, shifts=(4,),
                                   slice_bits=1), "lanes must be a positive multiple of in_lanes=4"),
     ],

@@ -146,3 +146,59 @@ def test_the_host_refuses_unsupported_patterns_in_one_line():
     x, w = layer(np.random.default_rng(0), "1:8", 1, 8, 4)
     with pytest.raises(FlexCimError, match="pattern 1:8 is not supported by this macro"):
         host.run_layer(cfg, x, w, PySim(cfg).execute)
+
+
+# tiny: 8 cell rows, 4 cycles per pass (b = 2).  W = 1 with overlap: a word takes 8 beats, a
+# pass 4 cycles, so every pass after the first waits for its word (bubbles inside a token);
+# W = 2: 4 beats per word, the compute exactly chases the loader; W = 4: 2 beats per word.
+@pytest.mark.parametrize("rows_per_beat, overlap", [(1, 1), (2, 0), (2, 1), (4, 1)])
+def test_weight_port_rows_and_overlap_bit_exact_and_cycles_equal_the_model(rows_per_beat,
+                                                                          overlap):
+    cfg = TINY.replace(weight_port_rows=rows_per_beat, weight_overlap=overlap)
+    engine = PySim(cfg)
+    rng = np.random.default_rng(40 + rows_per_beat + 10 * overlap)
+    layers = every_pattern(cfg, rng)[::2] + [layer(rng, "2:8", 1, 64, 4),
+                                             layer(rng, "1:1", 1, 32, 5)]
+    cmds = check(cfg, layers, engine, int64=True)
+    assert engine.cycles == perf.layer_cycles(cfg, cmds)
+    assert not engine.error
+
+
+def _garble_indices(cfg, beats, rng, bits):
+    """``beats`` with random values in the index bits ``bits`` (a mask) of every element."""
+    layout = layouts.weight_layout(cfg)
+    offset, count = layout["indices"].offset, cfg.cols * cfg.weight_port_rows
+    out = []
+    for beat in beats:
+        for e in range(count):
+            shift = offset + e * cfg.index_bits
+            noise = int(rng.integers(1 << cfg.index_bits)) & bits
+            beat = beat & ~(bits << shift) | noise << shift
+        out.append(beat)
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["1:1", "2:4", "2:8"])
+def test_index_bits_at_and_above_log2_m_are_ignored_by_the_rtl(pattern):
+    """The storage may keep log2(M) index bits per weight (none for 1:1): random garbage in the
+    index bits at and above log2(M) of every weight beat leaves every result exact (against
+    sparse_matmul of the clean weights); garbage in the bits below changes them (the control:
+    the check sees the index)."""
+    cfg = TINY
+    rng = np.random.default_rng(len(pattern))
+    x, w = layer(rng, pattern, 2, 64 if pattern != "1:1" else 32, cfg.cols)
+    streams = host.layer_streams(cfg, x, w)
+    m = w.pattern.m
+    high = ((1 << cfg.index_bits) - 1) & ~(m - 1)
+    garbled = _garble_indices(cfg, streams.weight_beats, rng, high)
+    assert garbled != streams.weight_beats
+    y = host.collect(cfg, streams.commands,
+                     PySim(cfg).execute(streams.cmd_beats, garbled, streams.act_beats), 2,
+                     cfg.cols)
+    np.testing.assert_array_equal(y, int64_reference(x, w, cfg.acc_bits))
+    assert host.MacroModel(cfg).execute(streams.cmd_beats, garbled, streams.act_beats) == (
+        layouts.pack_result(cfg, y))
+    if m > 1:
+        low = _garble_indices(cfg, streams.weight_beats, rng, m - 1)
+        bad = PySim(cfg).execute(streams.cmd_beats, low, streams.act_beats)
+        assert host.collect(cfg, streams.commands, bad, 2, cfg.cols).tolist() != y.tolist()
