@@ -63,7 +63,7 @@ def _build_dirs(folder: Path) -> list[Path]:
     return sorted((folder / "build" / "sim").glob("flexcim-verilator-*"))
 
 
-@pytest.mark.parametrize("runs", [2, 4])
+@pytest.mark.parametrize("runs", [2, pytest.param(4, marks=pytest.mark.extended)])
 def test_concurrent_cold_runs_all_succeed_exactly(tmp_path, runs):
     _skip_unless_verilator()
     expected = [_operands(tmp_path, seed) for seed in range(runs)]
