@@ -501,23 +501,26 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
 # The plan
 
 
+def _loss_start(count: int, config) -> int:
+    """Index of the first of the :func:`loss_windows` among ``count`` calibration windows."""
+    if count - config.sens_windows >= config.loss_windows:
+        return config.sens_windows
+    return max(count - config.loss_windows, 0)
+
+
 def loss_windows(windows: torch.Tensor, config) -> torch.Tensor:
     """The ``config.loss_windows`` calibration windows on which ``auto`` compares its candidate
-    plans and runs :func:`refine`: those after the sensitivity's windows, or the last ones when
+    plans and runs :func:`refine`: those after the sensitivity's, or the last ones when
     there are too few."""
-    rest = windows[config.sens_windows:]
-    if rest.shape[0] >= config.loss_windows:
-        return rest[: config.loss_windows]
-    return windows[-config.loss_windows:]
+    start = _loss_start(windows.shape[0], config)
+    return windows[start : start + config.loss_windows]
 
 
 def heldout_windows(windows: torch.Tensor, config) -> torch.Tensor | None:
     """The calibration windows that are not :func:`loss_windows` (the sensitivity's and any
     after the loss windows), on which ``auto`` checks that the local search generalises; None
     when there are none."""
-    rest = windows[config.sens_windows:]
-    start = config.sens_windows if rest.shape[0] >= config.loss_windows \
-        else max(windows.shape[0] - config.loss_windows, 0)
+    start = _loss_start(windows.shape[0], config)
     keep = [i for i in range(windows.shape[0])
             if not start <= i < start + config.loss_windows]
     return windows[keep] if keep else None
