@@ -149,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status: 0 done, 1 the work failed, 2 bad usage
     or input, 130 interrupted (Ctrl-C or SIGTERM)."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
-    try:
+    previous = None
+    try:  # from the first step: a Ctrl-C while the handler is being installed is caught too
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _terminate)
         args = build_parser().parse_args(argv)
         logging.basicConfig(
             level=logging.WARNING if args.quiet else logging.INFO,
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flexcim: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     finally:
-        if main_thread:
+        if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 

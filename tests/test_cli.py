@@ -162,13 +162,17 @@ def test_sigint_at_any_moment_leaves_old_or_new_result(tmp_path):
     old = np.zeros((1, 1), np.int32)
     args = ["matmul", "--x", str(tmp_path / "x.npy"), "--w", str(tmp_path / "w.npy"),
             "--pattern", "2:8", "-o", str(tmp_path / "y.npy")]
-    # The signal comes once the interpreter is up (an interrupt of the interpreter's own
-    # start-up is Python's business, not the command's).
+    # The signal comes once main() is running: "ready" is printed from inside it (by its
+    # parser's construction), because an interrupt of the interpreter's own start-up, or of the
+    # few instructions before main() is entered, is Python's business, not the command's (CI
+    # once caught a signal there at delay 0).
     # SIGINT as from a terminal, even when the test runs in a background job (where it is
     # ignored, and the child would inherit that)
     code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
-            "from flexcim.cli import main\nprint('ready', flush=True)\n"
-            f"sys.exit(main({args!r}))\n")
+            "import flexcim.cli as cli\nbuild = cli.build_parser\n"
+            "def ready():\n    print('ready', flush=True)\n    return build()\n"
+            "cli.build_parser = ready\n"
+            f"sys.exit(cli.main({args!r}))\n")
     import signal
     import time
 
