@@ -35,8 +35,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import pathlib
 import time
 from collections.abc import Iterator
 
@@ -50,6 +53,7 @@ from torch import nn
 from tqdm import tqdm
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_write
 
 log = logging.getLogger("flexcim.flow")
 
@@ -244,6 +248,7 @@ class Sensitivity:
     dense_loss: float
     seconds: float
     evaluations: int
+    cached: bool = False  # read from the cache (``seconds`` is then the original measurement's)
 
     def unit_costs(self, blocks: list[Block]) -> dict[str, list[float]]:
         """Cost of every projection at every level: its block's cost split by kind shares
@@ -278,14 +283,78 @@ class Sensitivity:
             kind_cost={k: [row[c] for c in cols] for k, row in self.kind_cost.items()})
 
 
+SENSITIVITY_CACHE_VERSION = "1"
+
+
+def sensitivity_key(model: nn.Module, windows: torch.Tensor, levels, granularity: str,
+                    batch_size: int) -> str:
+    """What a :class:`Sensitivity` depends on, hashed: every parameter and buffer of ``model``
+    (names, shapes, dtypes, bytes), its configuration, the windows, the levels, the granularity,
+    the batch size and the torch version."""
+    h = hashlib.blake2b(digest_size=16)
+    config = getattr(model, "config", None)
+    config = config.to_dict() if hasattr(config, "to_dict") else {}
+    config.pop("_name_or_path", None)
+    h.update(json.dumps([SENSITIVITY_CACHE_VERSION, torch.__version__, type(model).__name__,
+                         config, [str(p) for p in levels], granularity, batch_size],
+                        sort_keys=True, default=str).encode())
+    h.update(str(tuple(windows.shape)).encode())
+    h.update(windows.detach().to(torch.int64).contiguous().numpy().tobytes())
+    seen = set()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key in seen:  # tied weights: hashed once
+            continue
+        seen.add(key)
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _cached_sensitivity(path: pathlib.Path) -> Sensitivity | None:
+    try:
+        data = json.loads(path.read_text())
+        return dataclasses.replace(Sensitivity(**data), cached=True)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as exc:  # unreadable: measure again, overwrite
+        log.warning("sensitivity cache %s unreadable (%s): measuring again", path, exc)
+        return None
+
+
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, windows: torch.Tensor, levels: tuple[NMPattern, ...],
                         *, granularity: str = "projection", batch_size: int = 8,
-                        progress: bool = True) -> Sensitivity:
+                        progress: bool = True, cache: str | pathlib.Path | None = None
+                        ) -> Sensitivity:
     """Measure :class:`Sensitivity` (``len(blocks) * (levels - 1)`` tail evaluations, plus
-    ``kinds * (levels - 1)`` whole-model ones for projection granularity)."""
+    ``kinds * (levels - 1)`` whole-model ones for projection granularity).
+
+    ``cache``: a folder where the measurement is stored under :func:`sensitivity_key` (written
+    atomically) and reused by any later call with the same model, windows and levels."""
     if granularity not in GRANULARITIES:
         raise FlexCimError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
+    path = None
+    if cache is not None:
+        path = pathlib.Path(cache) / (
+            sensitivity_key(model, windows, levels, granularity, batch_size) + ".json")
+        found = _cached_sensitivity(path)
+        if found is not None:
+            log.info("sensitivity: reusing %s (%d evaluations, measured in %.1f s)", path,
+                     found.evaluations, found.seconds)
+            return found
+    result = _measure(model, windows, levels, granularity, batch_size, progress)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps(result.to_dict()))
+        except (OSError, FlexCimError) as exc:  # a cache that cannot be written is not an error
+            log.warning("sensitivity cache %s not written: %s", path, exc)
+    return result
+
+
+def _measure(model: nn.Module, windows: torch.Tensor, levels: tuple[NMPattern, ...],
+             granularity: str, batch_size: int, progress: bool) -> Sensitivity:
     start_time = time.perf_counter()
     probe = LossProbe(model, windows, batch_size=batch_size)
     blocks = probe.blocks
@@ -557,7 +626,8 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
             raise FlexCimError("auto needs calibration windows to measure sensitivity")
         measure = "block" if config.granularity == "block" else "projection"
         sensitivity = measure_sensitivity(model, windows[: config.sens_windows], levels,
-                                          granularity=measure, progress=progress)
+                                          granularity=measure, progress=progress,
+                                          cache=config.sens_cache)
     else:
         sensitivity = sensitivity.restrict(levels)
     candidates = {}
@@ -573,12 +643,19 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
                                  uniform[0].sparsity, "")
     choice = {}
     chosen = next(iter(candidates))
+    # candidates that are the same plan (e.g. every allocation is 2:4 at 50 % on {1:1, 2:4})
+    # are evaluated once
+    same = {k: tuple(sorted((n, str(p)) for n, p in c[1].items()))
+            for k, c in candidates.items()}
+    distinct = {v: k for k, v in reversed(same.items())}  # plan -> its first candidate
     probe = None  # one dense pass on the loss windows serves the choice and the search
-    if windows is not None and (len(candidates) > 1 or config.refine_steps):
+    if windows is not None and (len(distinct) > 1 or config.refine_steps):
         probe = LossProbe(model, loss_windows(windows, config))
-    if len(candidates) > 1 and probe is not None:
-        choice = calibration_losses(model, probe.windows,
-                                    {k: c[1] for k, c in candidates.items()}, probe=probe)
+    if len(distinct) > 1 and probe is not None:
+        losses = calibration_losses(model, probe.windows,
+                                    {k: candidates[k][1] for k in distinct.values()},
+                                    probe=probe)
+        choice = {k: losses[distinct[same[k]]] for k in candidates}
         chosen = min(choice, key=choice.get)
         log.info("auto: calibration loss per candidate plan %s; keeping %s",
                  {k: round(v, 4) for k, v in choice.items()}, chosen)
@@ -623,7 +700,8 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
                                    strict=True)),
         })
         layers.update({n: str(patterns[n]) for n in b.linears})
-    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                if f.name != "sens_cache"}
     settings["candidates"] = sensitivity.levels
     if config.hw_config is not None:
         settings["hw_config"] = config.hw_config.to_dict()
@@ -633,6 +711,7 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     settings["sensitivity"] = {"seconds": round(sensitivity.seconds, 1),
                                "evaluations": sensitivity.evaluations,
                                "dense_loss": sensitivity.dense_loss,
+                               "cached": sensitivity.cached,
                                "kind_cost": sensitivity.kind_cost}
     return Plan(method="auto", target_sparsity=float(config.target), achieved_sparsity=achieved,
                 exact=not message, message=message, blocks=records, layers=layers,

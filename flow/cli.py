@@ -88,6 +88,17 @@ def _arith_record(session, args, quant) -> dict:
             "eval_text": args.eval_text}
 
 
+def _sens_cache(value: str | None) -> str | None:
+    """The sensitivity cache folder of ``--sens-cache`` (None: off)."""
+    if value == "off":
+        return None
+    if value is not None:
+        return value
+    from flexcim.flow.model import cache_dir
+
+    return str(cache_dir() / "sensitivity")
+
+
 def _select(args: argparse.Namespace) -> int:
     from flexcim.flow import pipeline
     from flexcim.flow.select import SelectConfig, parse_candidates
@@ -100,6 +111,7 @@ def _select(args: argparse.Namespace) -> int:
         hw_config=_hw_config(args.hw_config), hw_weight=args.hw_weight,
         granularity=args.granularity, sens_windows=args.sens_windows,
         refine_steps=args.refine_steps, loss_windows=args.loss_windows,
+        sens_cache=_sens_cache(args.sens_cache),
     )
     check_output(args.output, "plan output (-o)", inputs=(args.model, args.text, args.hw_config))
     start = time.perf_counter()
@@ -373,6 +385,11 @@ def register(sub) -> None:
     p.add_argument("--loss-windows", type=int, default=8, metavar="N",
                    help="auto: calibration windows (after the sensitivity's) on which candidate "
                         "plans are compared and the local search measures (default 8)")
+    p.add_argument("--sens-cache", metavar="DIR",
+                   help="auto: keep the sensitivity measurement in DIR and reuse it for the same "
+                        "model, calibration windows and patterns (default: the sensitivity "
+                        "folder of the cache, ~/.cache/flexcim or $FLEXCIM_CACHE; 'off': "
+                        "measure every time)")
     p.add_argument("-o", "--output", required=True, metavar="PLAN.json")
     p.set_defaults(func=_checked(_select))
 

@@ -378,6 +378,10 @@ class SelectConfig:
         not, docs/flow.md).
     refine_seed : int
         ``auto``: seed of the local search's draws.
+    sens_cache : str or None
+        ``auto``: a folder where the sensitivity measurement is kept and reused (see
+        :func:`flexcim.flow.auto.measure_sensitivity`; the CLI's default is under
+        ``~/.cache/flexcim``); None: measured every time.
     """
 
     method: str = "auto"
@@ -398,6 +402,7 @@ class SelectConfig:
     refine_steps: int = 48
     loss_windows: int = 8
     refine_seed: int = 0
+    sens_cache: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -1,5 +1,6 @@
 import dataclasses
 import itertools
+import json
 import math
 
 import pytest
@@ -206,6 +207,51 @@ def test_auto_reuses_a_sensitivity_and_checks_its_patterns(tiny, tiny_windows):
     assert [row[1:3] for row in wide.block_cost] == [row[1:] for row in sens.block_cost]
 
 
+def measured(sens: auto.Sensitivity) -> tuple:
+    """What a sensitivity measured (not how long it took)."""
+    return sens.levels, sens.block_cost, sens.kind_cost, sens.dense_loss, sens.evaluations
+
+
+def test_sensitivity_cache_reuses_only_the_same_measurement(tiny, tiny_windows, tmp_path,
+                                                            monkeypatch):
+    cache = tmp_path / "sens"
+    first = auto.measure_sensitivity(tiny, tiny_windows, LEVELS, progress=False, cache=cache)
+    (entry,) = cache.iterdir()
+    assert not first.cached and entry.suffix == ".json"
+
+    def no_measuring(*args):
+        raise AssertionError("measured again")
+
+    with monkeypatch.context() as m:
+        m.setattr(auto, "_measure", no_measuring)
+        again = auto.measure_sensitivity(tiny, tiny_windows, LEVELS, progress=False,
+                                         cache=cache)
+    assert again.cached
+    assert dataclasses.replace(again, cached=False) == first
+    # anything the measurement depends on is a new entry, measured (and equal to no cache)
+    other_windows = auto.measure_sensitivity(tiny, tiny_windows[:4], LEVELS, progress=False,
+                                             cache=cache)
+    assert not other_windows.cached
+    other_levels = auto.measure_sensitivity(tiny, tiny_windows, LEVELS[:2], progress=False,
+                                            cache=cache)
+    assert not other_levels.cached
+    weight = tiny.model.layers[1].mlp.up_proj.weight.data
+    kept = weight[0, 0].item()
+    weight[0, 0] += 1e-3  # one weight of one projection
+    changed = auto.measure_sensitivity(tiny, tiny_windows, LEVELS, progress=False, cache=cache)
+    assert not changed.cached and measured(changed) != measured(first)
+    assert measured(changed) == measured(auto.measure_sensitivity(tiny, tiny_windows, LEVELS,
+                                                                  progress=False))
+    assert len(list(cache.iterdir())) == 4  # no temporary file left
+    weight[0, 0] = kept
+    # an unreadable entry is measured again and replaced
+    entry.write_text("{not json")
+    remeasured = auto.measure_sensitivity(tiny, tiny_windows, LEVELS, progress=False,
+                                          cache=cache)
+    assert not remeasured.cached and measured(remeasured) == measured(first)
+    assert auto.Sensitivity(**json.loads(entry.read_text())) == remeasured
+
+
 def test_auto_bad_input(tiny, tiny_windows):
     with pytest.raises(FlexCimError, match="at least one sparse pattern"):
         pipeline.make_plan(tiny, tiny_windows, SelectConfig(
@@ -263,6 +309,29 @@ def test_best_granularity_keeps_the_candidate_with_the_lowest_calibration_loss(t
     plan = pipeline.make_plan(tiny, tiny_windows, dataclasses.replace(config, target=0.375),
                               progress=False)
     assert set(plan.settings["candidate_losses"]) == {"projection", "block"}
+
+
+def test_candidates_that_are_the_same_plan_are_evaluated_once(tiny, tiny_windows,
+                                                              monkeypatch):
+    evaluated = []
+    real = auto.calibration_losses
+
+    def spy(model, windows, plans, **kw):
+        evaluated.append(sorted(plans))
+        return real(model, windows, plans, **kw)
+
+    monkeypatch.setattr(auto, "calibration_losses", spy)
+    # on {1:1, 2:4} at 50 % every candidate is "2:4 everywhere": nothing to compare
+    config = SelectConfig(method="auto", target=0.5, sens_windows=3, refine_steps=0,
+                          hw_config=PRESETS["fixed24"])
+    plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    assert evaluated == [] and set(plan.layers.values()) == {"2:4"}
+    assert plan.settings["chosen"] == "projection" and plan.settings["candidate_losses"] == {}
+    # distinct candidates are each evaluated, and every candidate gets its plan's loss
+    config = dataclasses.replace(config, target=0.25)
+    plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    losses = plan.settings["candidate_losses"]
+    assert evaluated == [["block", "projection"]] and set(losses) == {"projection", "block"}
 
 
 def test_an_auto_plan_round_trips_and_a_bare_mixed_block_is_refused(tiny, tiny_windows,

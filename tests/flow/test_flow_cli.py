@@ -90,14 +90,28 @@ def test_select_normalisation_option(workspace, capsys):
     assert sum(ranks) / len(ranks) == pytest.approx(0.5) and 0 <= min(ranks) < max(ranks) <= 1
 
 
-def test_select_auto_is_the_default_and_prunes(workspace, capsys):
+def test_select_auto_is_the_default_and_prunes(workspace, capsys, monkeypatch, tmp_path):
     d = workspace
+    monkeypatch.setenv("FLEXCIM_CACHE", str(tmp_path / "cache"))
     code, err = _run(capsys, "flow", "select", *_common(d), "--target-sparsity", "0.375",
                      "--sens-windows", "2", "--refine-steps", "3", "--loss-windows", "2",
                      "-o", str(d / "auto.json"))
     assert code == 0, err
     plan = json.loads((d / "auto.json").read_text())
     assert plan["method"] == "auto" and plan["achieved_sparsity"] == 0.375
+    # the sensitivity went to the cache; another target reuses it, 'off' measures again
+    assert len(list((tmp_path / "cache" / "sensitivity").iterdir())) == 1
+    assert plan["settings"]["sensitivity"]["cached"] is False and "sens_cache" not in \
+        plan["settings"]
+    for cache, cached in ((None, True), ("off", False)):
+        extra = ["--sens-cache", cache] if cache else []
+        code, err = _run(capsys, "flow", "select", *_common(d), "--target-sparsity", "0.5",
+                         "--sens-windows", "2", "--refine-steps", "0", *extra,
+                         "-o", str(d / "again.json"))
+        assert code == 0, err
+        again = json.loads((d / "again.json").read_text())["settings"]["sensitivity"]
+        assert again["cached"] is cached
+        assert again["dense_loss"] == plan["settings"]["sensitivity"]["dense_loss"]
     levels = {"1:1", "12:16", "8:16", "6:16", "4:16", "2:16"}  # the default macro's
     assert set(plan["layers"].values()) <= levels
     assert plan["settings"]["sensitivity"]["evaluations"] == (4 + 7) * (len(levels) - 1)
