@@ -46,6 +46,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from flexcim.flow import calib
+from flexcim.flow.eval import nll_sum
 from flexcim.flow.model import Block, _block_list, decoder_blocks
 from flexcim.flow.prune import nm_mask, wanda_scores
 from flexcim.golden.nm import NMPattern
@@ -160,9 +161,7 @@ class LossProbe:
     def _loss_all(self) -> float:
         total, count = 0.0, 0
         for batch in self._batches():
-            logits = self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-            total += float(nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+            total += nll_sum(self.model, batch)
             count += batch[:, 1:].numel()
         return total / count
 

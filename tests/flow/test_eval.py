@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from flexcim.flow import eval as fe
 from flexcim.flow.eval import perplexity
 from torch import nn
 
@@ -11,7 +12,7 @@ from flexcim.errors import FlexCimError
 class Uniform(nn.Module):
     """Equal logits over V tokens: the perplexity of any text is exactly V."""
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, **kwargs):
         return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 37)})()
 
 
@@ -35,3 +36,44 @@ def test_perplexity_matches_a_per_token_loop_and_ignores_batching(tiny, tiny_win
 def test_bad_windows():
     with pytest.raises(FlexCimError, match="windows must be"):
         perplexity(Uniform(), torch.zeros(4, 1, dtype=torch.long), progress=False)
+
+
+def _logits_nll(model, batch) -> float:
+    """The summed next-token loss from the model's own logits (the reference)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].double()
+    return float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             batch[:, 1:].reshape(-1), reduction="sum"))
+
+
+@pytest.mark.parametrize("chunk", [7, 96, 2048])  # chunks that do not divide V = 96, one, all
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_head_loss_equals_the_logits_loss(tiny, tiny_windows, monkeypatch, chunk, bias):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   word_embed_proj_dim=32, max_position_embeddings=64)).eval()
+    monkeypatch.setattr(fe, "VOCAB_CHUNK", chunk)
+    for model in (tiny, opt):
+        head = model.get_output_embeddings()
+        if bias:
+            head.bias = nn.Parameter(torch.randn(head.out_features))
+        assert fe._plain_head(model) is head
+        expected = _logits_nll(model, tiny_windows)
+        assert fe.nll_sum(model, tiny_windows) == pytest.approx(expected, rel=1e-5)
+        # the head is left as it was: no hook stays behind
+        assert not head._forward_pre_hooks
+        assert _logits_nll(model, tiny_windows) == expected
+
+
+def test_other_heads_use_the_model_logits(tiny, tiny_windows, monkeypatch):
+    """A model type not known to end in a plain head (soft-capping, scaling) keeps its logits."""
+    expected = _logits_nll(tiny, tiny_windows)
+    monkeypatch.setattr(tiny.config, "model_type", "gemma2")
+    assert fe._plain_head(tiny) is None
+    calls = []
+    tiny.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    assert fe.nll_sum(tiny, tiny_windows) == pytest.approx(expected, rel=1e-6)
+    assert calls == [1]  # the head ran in full
