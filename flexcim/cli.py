@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-from flexcim import __version__
+from flexcim import __version__, extras
 from flexcim.errors import FlexCimError
 from flexcim.fileio import atomic_path, atomic_paths, check_output
 
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status: 0 done, 1 the work failed, 2 bad usage
     or input, 130 interrupted (Ctrl-C or SIGTERM)."""
     previous = None
+    command = "flexcim"
     try:  # from the first step: a Ctrl-C while the handler is being installed is caught too
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _terminate)
@@ -160,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             stream=sys.stderr,
             force=True,  # the CLI owns logging; also when main() runs in-process (tests)
         )
+        command = " ".join(filter(None, ["flexcim", args.command,
+                                         getattr(args, "flow_command", None)]))
+        if getattr(args, "extra", None) == "flow":  # flow, demo: checked before any work
+            extras.require_flow(f"'{command}'")
         return int(args.func(args) or 0)
     except FlexCimError as exc:
         print(f"flexcim: error: {exc}", file=sys.stderr)
@@ -167,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flexcim: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:  # a module of the flow extra that a command reached
+        module = extras.missing_flow_module(exc)
+        if module is None:
+            raise
+        error = extras.flow_error(f"'{command}'", module)
+        print(f"flexcim: error: {error}", file=sys.stderr)
+        return 2
     except MemoryError:
         print("flexcim: error: out of memory (the result or an operand is too large for this "
               "machine)", file=sys.stderr)

@@ -779,4 +779,5 @@ def register(sub) -> None:
                    + ", ".join(s[0] for s in STAGES))
     p.add_argument("--out", default="out", metavar="DIR",
                    help="where report.md, report.json and the plots go (default out/)")
-    p.set_defaults(func=_demo)
+    # Its flow stage needs torch and transformers (flexcim.cli checks before any stage runs).
+    p.set_defaults(func=_demo, extra="flow")

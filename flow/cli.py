@@ -338,6 +338,8 @@ def _arith_options(p: argparse.ArgumentParser, *, evaluation: bool = True) -> No
 def register(sub) -> None:
     flow = sub.add_parser("flow", help="FLOW/OWL/uniform N:M selection and pruning of an LLM",
                           description="Layer-wise N:M sparsity for a causal LM (flow/).")
+    # torch and transformers: flexcim.cli checks the flow extra before any step runs.
+    flow.set_defaults(extra="flow")
     fsub = flow.add_subparsers(dest="flow_command", required=True, metavar="STEP")
 
     p = fsub.add_parser("select", help="choose an N:M per decoder block -> plan.json")

