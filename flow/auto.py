@@ -282,7 +282,7 @@ class Sensitivity:
             kind_cost={k: [row[c] for c in cols] for k, row in self.kind_cost.items()})
 
 
-SENSITIVITY_CACHE_VERSION = "1"
+SENSITIVITY_CACHE_VERSION = "2"  # 2: losses by flow.eval.nll_sum (chunked head)
 
 
 def sensitivity_key(model: nn.Module, windows: torch.Tensor, levels, granularity: str,
