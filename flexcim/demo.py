@@ -452,7 +452,7 @@ def stage_flow(ctx: Context) -> None:
     from flexcim.flow import auto, calib
     from flexcim.flow import pipeline as fp
     from flexcim.flow.act import ActConfig, activation_pruning, pruned_mac_share
-    from flexcim.flow.model import cache_dir, linear_layers
+    from flexcim.flow.model import linear_layers
     from flexcim.golden.nm import NMPattern
 
     args = ctx.args
@@ -463,7 +463,7 @@ def stage_flow(ctx: Context) -> None:
     log.info("auto: measuring the sensitivity of every block and projection kind")
     sensitivity = auto.measure_sensitivity(model, windows[:SENS_WINDOWS],
                                            tuple(NMPattern.parse(p) for p in SENS_PATTERNS),
-                                           cache=cache_dir() / "sensitivity")
+                                           cache=auto.sensitivity_cache())
     original = {n: lin.weight.detach().clone() for n, lin in linear_layers(model).items()}
     act_config = ActConfig(pattern=ACT_PATTERN)
     mac_share = pruned_mac_share(model, act_config)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from flexcim.flow import calib
 from flexcim.flow.eval import nll_sum
-from flexcim.flow.model import Block, _block_list, decoder_blocks
+from flexcim.flow.model import Block, _block_list, cache_dir, decoder_blocks
 from flexcim.flow.prune import nm_mask, wanda_scores
 from flexcim.golden.nm import NMPattern
 from torch import nn
@@ -283,6 +283,12 @@ class Sensitivity:
 
 
 SENSITIVITY_CACHE_VERSION = "2"  # 2: losses by flow.eval.nll_sum (chunked head)
+
+
+def sensitivity_cache() -> pathlib.Path:
+    """The default folder of the sensitivity cache: ``sensitivity`` under
+    :func:`~flexcim.flow.model.cache_dir` (the CLI's ``--sens-cache`` default, the demo's)."""
+    return cache_dir() / "sensitivity"
 
 
 def sensitivity_key(model: nn.Module, windows: torch.Tensor, levels, granularity: str,

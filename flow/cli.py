@@ -94,9 +94,9 @@ def _sens_cache(value: str | None) -> str | None:
         return None
     if value is not None:
         return value
-    from flexcim.flow.model import cache_dir
+    from flexcim.flow.auto import sensitivity_cache
 
-    return str(cache_dir() / "sensitivity")
+    return str(sensitivity_cache())
 
 
 def _select(args: argparse.Namespace) -> int:

@@ -19,6 +19,18 @@ def tiny():
 
 
 @pytest.fixture
+def tiny_opt():
+    """A tiny OPT (another architecture: out_proj/fc1/fc2 names, its own head)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                       num_attention_heads=4, word_embed_proj_dim=32,
+                       max_position_embeddings=64)
+    return OPTForCausalLM(config).eval()
+
+
+@pytest.fixture
 def tokenizer():
     return CharTokenizer()
 

@@ -151,20 +151,10 @@ def test_choose_projections_greedy_largest_mac_share_within_budget():
         act.choose_projections(model, evaluate, budget=0)
 
 
-def _tiny_opt():
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    config = OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                       num_attention_heads=4, word_embed_proj_dim=32,
-                       max_position_embeddings=64)
-    return OPTForCausalLM(config).eval()
-
-
-def test_opt_names_and_batched_decode_stays_dense():
+def test_opt_names_and_batched_decode_stays_dense(tiny_opt):
     """OPT's out_proj/fc1/fc2 are o/up/down; its MLP flattens [B, L, H] to [B*L, H], so a
     batched decode step must be told apart by the model call, not by the projection's input."""
-    model = _tiny_opt()
+    model = tiny_opt
     kinds = {act.projection_kind(n) for n in linear_layers(model)}
     assert kinds == {"q", "k", "v", "o", "up", "down"}
     fc2 = model.model.decoder.layers[0].fc2

@@ -48,15 +48,10 @@ def _logits_nll(model, batch) -> float:
 
 @pytest.mark.parametrize("chunk", [7, 96, 2048])  # chunks that do not divide V = 96, one, all
 @pytest.mark.parametrize("bias", [False, True])
-def test_chunked_head_loss_equals_the_logits_loss(tiny, tiny_windows, monkeypatch, chunk, bias):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    opt = OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   word_embed_proj_dim=32, max_position_embeddings=64)).eval()
+def test_chunked_head_loss_equals_the_logits_loss(tiny, tiny_opt, tiny_windows, monkeypatch,
+                                                  chunk, bias):
     monkeypatch.setattr(fe, "VOCAB_CHUNK", chunk)
-    for model in (tiny, opt):
+    for model in (tiny, tiny_opt):
         head = model.get_output_embeddings()
         if bias:
             head.bias = nn.Parameter(torch.randn(head.out_features))
