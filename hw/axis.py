@@ -47,7 +47,7 @@ handshake to its last result beat.  The controller takes a command only once the
 has computed its last token, and computes a token only with one of ``RESULT_FIFO_DEPTH``
 result credits (returned when the result leaves): at most ``RESULT_FIFO_DEPTH`` computed
 commands with results waiting plus the one being computed, one entry to spare.  So the FIFO
-never holds ``cmd`` back and the wrapper costs no cycle (tests/sim/test_axis.py compares cycle
+never holds ``cmd`` back and the wrapper costs no cycle (tests/sim/test_axis_tb.py compares cycle
 counts); ``s_axis_cmd_tready`` still waits for room, so ``tlast`` is right regardless."""
 
 TLAST = {
