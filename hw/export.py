@@ -16,6 +16,12 @@ one simulation or synthesis run.  Beside ``OUT.v``:
 * ``OUT.core``: a FuseSoC CAPI2 core using Edalize's flow API (targets ``default``, ``lint``:
   Verilator, ``sim``: Icarus).
 
+``--bus axis`` writes the AXI4-Stream wrapper :class:`~flexcim.hw.axis.AxisFlexCiM` instead
+(module ``<name>_axis``, ports ``aclk``, ``aresetn``, ``s_axis_<stream>_*``,
+``m_axis_result_*``); its sidecar lists those ports, an ``axis`` section (tdata widths in bits
+and bytes, what ``tlast`` means per stream) and the wrapper's clock and reset.  The default
+``--bus native`` output is byte for byte what it was before the option existed.
+
 ``--counters`` adds the activity counters (``FlexCiM(cfg, counters=True)``; the sidecar then
 lists each counter's bit field of the ``counters`` port); they cost area, so the default is
 without.  All five files appear together or not at all.
@@ -37,6 +43,8 @@ from flexcim.fileio import atomic_paths, check_output
 log = logging.getLogger("flexcim")
 
 VERILOG_SUFFIXES = (".v", ".sv")
+BUSES = ("native", "axis")
+"""``--bus``: the macro's own ``amaranth.lib.stream`` ports, or the AXI4-Stream wrapper."""
 SIDECARS = (".json", ".core")
 
 # IEEE 1364-2005 and 1800-2017 reserved words: a module (or package) may not be named one.
@@ -91,13 +99,34 @@ def vlnv(name: str, version: str) -> str:
     return f"flexcim:ip:{name}:{version}"
 
 
-def port_map(cfg: HwConfig, counters: bool = False) -> list[dict]:
-    """Top-level ports of the generated module: name, direction, width."""
-    from amaranth.hdl import Value
+def check_bus(bus: str) -> str:
+    """``bus`` if it is one of :data:`BUSES`; else a one-line FlexCimError."""
+    if bus not in BUSES:
+        raise FlexCimError(f"--bus must be one of {', '.join(BUSES)}, not {bus!r}")
+    return bus
+
+
+def top_class(bus: str):
+    from flexcim.hw.axis import AxisFlexCiM
     from flexcim.hw.top import FlexCiM
 
-    top = FlexCiM(cfg, counters=counters)
-    ports = [{"name": "clk", "dir": "in", "width": 1}, {"name": "rst", "dir": "in", "width": 1}]
+    return {"native": FlexCiM, "axis": AxisFlexCiM}[check_bus(bus)]
+
+
+def default_name(cfg: HwConfig, counters: bool = False, bus: str = "native") -> str:
+    """:func:`~flexcim.hw.config.module_name`, with ``_axis`` for the AXI4-Stream wrapper
+    (another port list: it must not share the native top's name)."""
+    name = module_name(cfg, counters=counters)
+    return name + "_axis" if check_bus(bus) == "axis" else name
+
+
+def port_map(cfg: HwConfig, counters: bool = False, bus: str = "native") -> list[dict]:
+    """Top-level ports of the generated module: name, direction, width."""
+    from amaranth.hdl import Value
+
+    top = top_class(bus)(cfg, counters=counters)
+    ports = ([{"name": "clk", "dir": "in", "width": 1}, {"name": "rst", "dir": "in", "width": 1}]
+             if bus == "native" else [])
     for path, member, value in top.signature.flatten(top):
         ports.append({
             "name": "__".join(str(p) for p in path),
@@ -108,11 +137,10 @@ def port_map(cfg: HwConfig, counters: bool = False) -> list[dict]:
     return ports
 
 
-def to_verilog(cfg: HwConfig, top: str, counters: bool = False) -> str:
+def to_verilog(cfg: HwConfig, top: str, counters: bool = False, bus: str = "native") -> str:
     from amaranth.back import verilog
-    from flexcim.hw.top import FlexCiM
 
-    return verilog.convert(FlexCiM(cfg, counters=counters), name=top, emit_src=False)
+    return verilog.convert(top_class(bus)(cfg, counters=counters), name=top, emit_src=False)
 
 
 def counter_fields() -> list[dict]:
@@ -123,10 +151,17 @@ def counter_fields() -> list[dict]:
              "counts": COUNTERS[name]} for name, field in counters_layout()]
 
 
-def core_file(top: str, verilog_name: str, version: str) -> str:
+def core_file(top: str, verilog_name: str, version: str, axis: dict | None = None) -> str:
     """A FuseSoC CAPI2 core with the Verilog as its only source, in Edalize's flow API:
     ``default`` and ``lint`` lint it with Verilator, ``sim`` compiles and runs it with Icarus
-    (no stimulus: an integrator's core depends on this one and brings its testbench)."""
+    (no stimulus: an integrator's core depends on this one and brings its testbench).  With
+    ``axis`` (the sidecar's ``axis`` section) the description names the AXI4-Stream
+    interfaces and their tdata widths."""
+    described = ""
+    if axis is not None:
+        described = "; AXI4-Stream wrapper, aclk, aresetn, " + ", ".join(
+            f"{s['interface']} ({s['role']}, tdata {s['tdata_width']} bits)"
+            for s in axis["streams"].values())
     common = ("    filesets: [rtl]\n"
               f"    toplevel: {top}\n")
     lint = ("    flow: lint\n"
@@ -137,7 +172,7 @@ def core_file(top: str, verilog_name: str, version: str) -> str:
         "CAPI=2:\n"
         f"name: {vlnv(top, version)}\n"
         "description: FlexCiM flexible N:M sparse digital compute-in-memory macro "
-        "(generated)\n"
+        f"(generated{described})\n"
         "filesets:\n"
         "  rtl:\n"
         "    files:\n"
@@ -155,17 +190,19 @@ def core_file(top: str, verilog_name: str, version: str) -> str:
 
 
 def export(cfg: HwConfig, out: str | os.PathLike, name: str | None = None, *,
-           counters: bool = False, inputs: tuple = ()) -> dict:
+           counters: bool = False, inputs: tuple = (), bus: str = "native") -> dict:
     """Write ``out`` (.v) and its four companions (:func:`output_files`); returns the sidecar.
 
-    ``name`` is the module name (default :func:`~flexcim.hw.config.module_name`).  With
-    ``counters``, the macro has its activity counters and the sidecar their fields.  ``inputs``
-    (e.g. the ``--config`` file) may not be overwritten by any of the files."""
+    ``name`` is the module name (default :func:`default_name`).  With ``counters``, the macro
+    has its activity counters and the sidecar their fields.  ``bus="axis"`` writes the
+    AXI4-Stream wrapper (:mod:`flexcim.hw.axis`) and describes its ports.  ``inputs`` (e.g.
+    the ``--config`` file) may not be overwritten by any of the files."""
     from flexcim.hw import interface
 
     from flexcim import __version__
 
-    name = check_name(module_name(cfg, counters=counters) if name is None else name)
+    axis = _axis_section(cfg, counters, bus)  # refuses a stream too wide, before any work
+    name = check_name(default_name(cfg, counters, bus) if name is None else name)
     out = check_output(out, "Verilog output (-o)", suffixes=VERILOG_SUFFIXES,
                        sidecars=SIDECARS, inputs=inputs)
     files = output_files(out, name)
@@ -176,7 +213,7 @@ def export(cfg: HwConfig, out: str | os.PathLike, name: str | None = None, *,
     check_output(files[4], "SystemVerilog package", inputs=inputs)
     header = interface.c_header(cfg, name, __version__, counters)
     package = interface.sv_package(cfg, name, __version__, counters)
-    verilog_text = to_verilog(cfg, name, counters)
+    verilog_text = to_verilog(cfg, name, counters, bus)
     sidecar = {
         "top": name,
         "vlnv": vlnv(name, __version__),
@@ -187,28 +224,52 @@ def export(cfg: HwConfig, out: str | os.PathLike, name: str | None = None, *,
         "config": cfg.to_dict(),
         "clock": {"name": "clk", "edge": "rising"},
         "reset": {"name": "rst", "kind": "synchronous, active high"},
-        "ports": port_map(cfg, counters),
+        "ports": port_map(cfg, counters, bus),
         "interface": interface.describe(cfg, counters),
     }
+    if axis is not None:
+        sidecar.update(axis)
     if counters:
         sidecar["counters"] = counter_fields()
     # The files appear together or not at all; an existing set survives any failure.
     with atomic_paths(files) as (v, js, core, h, pkg):
         v.write_text(verilog_text)
         js.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-        core.write_text(core_file(name, out.name, __version__))
+        core.write_text(core_file(name, out.name, __version__, axis and axis["axis"]))
         h.write_text(header)
         pkg.write_text(package)
     return sidecar
 
 
+def _axis_section(cfg: HwConfig, counters: bool, bus: str) -> dict | None:
+    """The sidecar entries of the AXI4-Stream wrapper (None for the native bus): its clock,
+    reset, and per stream the AXI4-Stream ports, tdata width in bits and bytes and ``tlast``."""
+    if check_bus(bus) != "axis":
+        return None
+    from flexcim.hw.axis import axis_ports
+
+    return {
+        "bus": "axis",
+        "clock": {"name": "aclk", "edge": "rising"},
+        "reset": {"name": "aresetn", "kind": "synchronous, active low (may be asserted "
+                  "asynchronously: every tvalid and tready the module drives is low while it "
+                  "is low; release it synchronously to aclk)"},
+        "axis": {"padding": "tdata = the payload of interface.streams in its low bits, "
+                 "zero-padded to whole bytes; padding ignored on input, 0 on output; no "
+                 "tkeep/tstrb (every byte is valid), no tid/tdest/tuser",
+                 "streams": axis_ports(cfg, counters)},
+    }
+
+
 def _verilog(args) -> int:
+    check_bus(args.bus)
     check_output(args.output, "Verilog output (-o)", suffixes=VERILOG_SUFFIXES, sidecars=SIDECARS,
                  inputs=(args.config,))
     if args.name is not None:
         check_name(args.name)
     cfg = from_args(args.preset, args.config, args.set)
-    sidecar = export(cfg, args.output, args.name, counters=args.counters, inputs=(args.config,))
+    sidecar = export(cfg, args.output, args.name, counters=args.counters, inputs=(args.config,),
+                     bus=args.bus)
     log.info("wrote %s (module %s) + sidecar .json, .core, %s, %s: %d cells, patterns %s",
              args.output, sidecar["top"], sidecar["c_header"], sidecar["sv_package"], cfg.cells,
              ", ".join(str(p) for p in cfg.patterns))
@@ -237,8 +298,14 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.v", help="Verilog file")
     p.add_argument("--name", "--top", dest="name", metavar="NAME",
                    help="module name (default: flexcim_<preset>, or flexcim_<config digest> "
-                   "for any other config; _counters appended with --counters)")
+                   "for any other config; _counters appended with --counters, then _axis with "
+                   "--bus axis)")
     p.add_argument("--lint", action="store_true", help="run verilator --lint-only on the result")
     p.add_argument("--counters", action="store_true",
                    help="add the activity counters (a read-only 'counters' port; costs area)")
+    # A plain string, checked in _verilog: a bad value is one line, not argparse's usage text.
+    p.add_argument("--bus", default="native", metavar="BUS",
+                   help="native (default): the macro's stream ports; axis: an AXI4-Stream "
+                   "wrapper (aclk, aresetn, s_axis_*/m_axis_* with byte-padded tdata and tlast; "
+                   "module NAME_axis)")
     p.set_defaults(func=_verilog)

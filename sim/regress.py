@@ -32,6 +32,8 @@ log = logging.getLogger("flexcim.sim")
 VERILOG_FILE = "flexcim_top.v"
 """The file name of a simulation build's Verilog (a fixed path: see :func:`top_verilog`)."""
 TB_MODULE = "flexcim.sim.tb"
+AXIS_TB_MODULE = "flexcim.sim.axis_tb"
+"""The testbench of the AXI4-Stream wrapper (``bus="axis"``)."""
 
 
 def hw_digest() -> str:
@@ -47,8 +49,10 @@ def hw_digest() -> str:
     return h.hexdigest()[:12]
 
 
-def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False) -> tuple[Path, Path]:
-    """Verilog of ``FlexCiM(cfg, counters=True)`` and the simulator build directory for it;
+def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False, bus: str = "native"
+                ) -> tuple[Path, Path]:
+    """Verilog of ``FlexCiM(cfg, counters=True)`` (with ``bus="axis"`` of its AXI4-Stream
+    wrapper :class:`~flexcim.hw.axis.AxisFlexCiM`) and the simulator build directory for it;
     returns ``(verilog, build_dir)``.  Every simulation build has the activity counters, which
     the testbench checks against the energy model.
 
@@ -58,19 +62,20 @@ def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False) -> tuple[Path, 
     of hw/ that leaves a preset's netlist unchanged (a docstring, another block's fix) does not
     recompile its simulator (minutes for ``default`` on Verilator).
     """
-    key = json.dumps({"cfg": cfg.to_dict(), "hw": hw_digest(), "counters": True},
+    axis = {"bus": bus} if bus != "native" else {}  # native keys as before: caches stay warm
+    key = json.dumps({"cfg": cfg.to_dict(), "hw": hw_digest(), "counters": True, **axis},
                      sort_keys=True)
     verilog_dir = runner.BUILD_ROOT.absolute() / f"verilog-{_sha1(key.encode())[:10]}"
     path = verilog_dir / VERILOG_FILE
     if not path.is_file():
-        from flexcim.hw.top import FlexCiM
+        from flexcim.hw.export import top_class
 
         log.info("elaborating the %s top (cached in %s)", cfg_name(cfg), verilog_dir)
         runner.write_if_changed(verilog_dir / "hw_config.json", cfg.to_json())
-        runner.amaranth_verilog(FlexCiM(cfg, counters=True), toplevel(cfg), path)
+        runner.amaranth_verilog(top_class(bus)(cfg, counters=True), toplevel(cfg, bus), path)
     text = path.read_text()
     build_dir = runner.build_dir_for("flexcim", sim, {"verilog": _sha1(text.encode()),
-                                                      "waves": waves})
+                                                      "waves": waves, **axis})
     runner.write_if_changed(build_dir / "hw_config.json", cfg.to_json())
     # The simulator compiles a copy at a fixed path in its build directory: Verilator skips
     # verilation (and make its C++) only when the source *paths* are the same as last time.
@@ -109,10 +114,13 @@ def cfg_name(cfg: HwConfig) -> str:
     return preset_name(cfg) or "custom"
 
 
-def toplevel(cfg: HwConfig) -> str:
+def toplevel(cfg: HwConfig, bus: str = "native") -> str:
     """The simulated module's name: the macro with its counters, named per configuration as
-    ``flexcim verilog --counters`` names it (:func:`~flexcim.hw.config.module_name`)."""
-    return module_name(cfg, counters=True)
+    ``flexcim verilog --counters [--bus axis]`` names it
+    (:func:`~flexcim.hw.export.default_name`)."""
+    from flexcim.hw.export import default_name
+
+    return default_name(cfg, counters=True, bus=bus)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +128,8 @@ class Case:
     """One regression case: a random layer ``[tokens, k] x [c, k]`` with ``pattern``, or with
     ``data`` the layer of that :func:`save_layer_data` file (a real one: :func:`real_case`).
     ``preset`` names the configuration (a preset, or the module name of ``config``, the JSON of
-    any other :class:`HwConfig`)."""
+    any other :class:`HwConfig`).  ``bus="axis"`` runs it through the AXI4-Stream wrapper and
+    its cocotbext-axi testbench (:mod:`flexcim.sim.axis_tb`)."""
 
     sim: str
     preset: str
@@ -131,6 +140,7 @@ class Case:
     act_pattern: str | None = None
     data: str | None = None
     config: str | None = None
+    bus: str = "native"
 
     def hw(self) -> HwConfig:
         """The case's configuration."""
@@ -140,7 +150,8 @@ class Case:
     def name(self) -> str:
         act = f"-act{self.act_pattern}" if self.act_pattern else ""
         real = "-real" if self.data else ""
-        return (f"{self.sim}-{self.preset}{real}-{self.pattern}{act}-"
+        axis = "-axis" if self.bus == "axis" else ""
+        return (f"{self.sim}-{self.preset}{axis}{real}-{self.pattern}{act}-"
                 f"t{self.tokens}k{self.k}c{self.c}")
 
     def env(self) -> dict:
@@ -162,15 +173,17 @@ def run_case(case: Case, *, seed: int | None = None, testcase: str | None = None
     JSON-ready record with pass/fail, measured and modelled cycles and wall times."""
     cfg = case.hw()
     waves = runner.waves_requested(waves)
-    source, build_dir = top_verilog(cfg, case.sim, waves=waves)
+    source, build_dir = top_verilog(cfg, case.sim, waves=waves, bus=case.bus)
     out = build_dir / f"{case.name}.json"
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
     record = {"case": case.name, **dataclasses.asdict(case)}
     record.pop("config")  # the name says which; the JSON would repeat it in every record
+    tb_module = AXIS_TB_MODULE if case.bus == "axis" else TB_MODULE
     try:
         result = runner.run(
-            case.sim, [source], toplevel(cfg), TB_MODULE, build_dir, seed=seed, testcase=testcase,
+            case.sim, [source], toplevel(cfg, case.bus), tb_module, build_dir, seed=seed,
+            testcase=testcase,
             waves=waves, log_file=log_file,
             extra_env={
                 "FLEXCIM_HW_CONFIG": cfg.to_json(),
@@ -216,6 +229,10 @@ SWEEP_PRESETS = {
 SWEEP_ACT = {"tiny": ("2:4", "8:16"), "tiny3": ("3:8", "8:16")}
 """Per preset, one (weight pattern, activation pattern) case with pruned activations."""
 
+SWEEP_AXIS = {"tiny": SWEEP_PRESETS["tiny"]}
+"""Presets run through the AXI4-Stream wrapper too (cocotbext-axi, every simulator), with these
+patterns."""
+
 SWEEP_SIMULATORS = {"default": ("verilator",), "flex8": ("verilator",)}
 """Presets not swept on every simulator.  Icarus runs the default preset (5 MB of Verilog, 3072
 activation-buffer registers evaluated event by event) at a few cycles per second: its first
@@ -247,6 +264,9 @@ def sweep(sims=runner.SIMULATORS, presets=SWEEP_PRESETS) -> list[Case]:
             for sim in preset_sims:
                 cases.append(Case(sim, name, pattern, 4, 4 * cfg.pass_width(pattern), cfg.cols,
                                   act_pattern=act))
+        cases += [dataclasses.replace(case, bus="axis") for case in cases
+                  if case.preset == name and not case.act_pattern
+                  and case.pattern in SWEEP_AXIS.get(name, ())]
     return cases
 
 
@@ -310,7 +330,7 @@ def regress(cases: list[Case], *, jobs: int, seed: int | None = None) -> tuple[l
     seed = runner.resolve_seed(seed)
     firsts = {}
     for case in cases:
-        firsts.setdefault((case.preset, case.sim), case)
+        firsts.setdefault((case.preset, case.sim, case.bus), case)
     records = {}
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
         # Builds first (one case per configuration), then the rest on warm builds.
