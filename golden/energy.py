@@ -86,8 +86,8 @@ from collections.abc import Mapping
 
 import numpy as np
 from flexcim.golden import perf
-from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import ACT_BITS, WEIGHT_BITS, HwConfig
+from flexcim.spec.config import ACT_BITS, WEIGHT_BITS, HwConfig
+from flexcim.spec.nm import NMPattern
 
 from flexcim.errors import FlexCimError
 
@@ -153,7 +153,7 @@ class Activity:
 EVENTS = ("compute_cycles", "passes", "act_beats", "weight_beats", "route_bits", "select_muxes",
           "quiet_faults")
 """The events the model multiplies by per-event bits; the RTL counters count the same ones
-(:data:`flexcim.hw.layouts.COUNTERS`)."""
+(:data:`flexcim.spec.layouts.COUNTERS`)."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -237,7 +237,7 @@ def mac_cycles(cfg: HwConfig, x: np.ndarray, w) -> int:
     ``sum over W[c,k] != 0 of sum_t nonzero_slices(x[t, k])``, independent of the schedule.
     """
     from flexcim.golden.matmul import check_activations
-    from flexcim.golden.nm import NMTensor
+    from flexcim.spec.nm import NMTensor
 
     dense = w.decompress() if isinstance(w, NMTensor) else np.asarray(w)
     x = check_activations(x, dense.shape[1])
@@ -249,7 +249,7 @@ def gated_density(cfg: HwConfig, x: np.ndarray, w) -> float:
     """:func:`mac_cycles` over all cell-cycles of the layer: the exact fraction of the
     ``cell_mac`` and ``adder_tree`` activity a zero-gated macro performs (the ``act_density``
     that makes :func:`layer_cost` exact for these operands)."""
-    from flexcim.golden.nm import NMTensor
+    from flexcim.spec.nm import NMTensor
 
     if not isinstance(w, NMTensor):
         raise FlexCimError(f"weight must be an NMTensor, not {type(w).__name__}")
@@ -585,7 +585,7 @@ def format_pattern_energies(rows: list[dict], reference: str | None = None) -> s
 
 
 def _energy_cmd(args) -> int:
-    from flexcim.hw.config import preset
+    from flexcim.spec.config import preset
 
     from flexcim.fileio import atomic_write, check_output
 

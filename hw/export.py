@@ -2,7 +2,7 @@
 
 The Verilog is written with ``emit_src=False`` (no machine paths), so the same config gives
 the same bytes on every machine.  Its top module is named per configuration
-(:func:`~flexcim.hw.config.module_name`: ``flexcim_<preset>`` or ``flexcim_<digest>``, or
+(:func:`~flexcim.spec.config.module_name`: ``flexcim_<preset>`` or ``flexcim_<digest>``, or
 ``--name``), and Amaranth prefixes every submodule with it, so two configurations drop into
 one simulation or synthesis run.  Beside ``OUT.v``:
 
@@ -29,7 +29,7 @@ import os
 import re
 from pathlib import Path
 
-from flexcim.hw.config import HwConfig, from_args, module_name
+from flexcim.spec.config import HwConfig, from_args, module_name
 
 from flexcim.errors import FlexCimError
 from flexcim.fileio import atomic_paths, check_output
@@ -117,7 +117,7 @@ def to_verilog(cfg: HwConfig, top: str, counters: bool = False) -> str:
 
 def counter_fields() -> list[dict]:
     """The bit fields of the ``counters`` port (low bits first) and what each counts."""
-    from flexcim.hw.layouts import COUNTERS, counters_layout
+    from flexcim.spec.layouts import COUNTERS, counters_layout
 
     return [{"name": name, "offset": field.offset, "width": field.width,
              "counts": COUNTERS[name]} for name, field in counters_layout()]
@@ -158,7 +158,7 @@ def export(cfg: HwConfig, out: str | os.PathLike, name: str | None = None, *,
            counters: bool = False, inputs: tuple = ()) -> dict:
     """Write ``out`` (.v) and its four companions (:func:`output_files`); returns the sidecar.
 
-    ``name`` is the module name (default :func:`~flexcim.hw.config.module_name`).  With
+    ``name`` is the module name (default :func:`~flexcim.spec.config.module_name`).  With
     ``counters``, the macro has its activity counters and the sidecar their fields.  ``inputs``
     (e.g. the ``--config`` file) may not be overwritten by any of the files."""
     from flexcim.hw import interface

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from flexcim.golden import perf
-from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import PRESETS, HwConfig, from_args, module_name, preset, preset_name
 from flexcim.sim import runner
+from flexcim.spec.config import PRESETS, HwConfig, from_args, module_name, preset, preset_name
+from flexcim.spec.nm import NMPattern
 
 from flexcim.errors import FlexCimError
 from flexcim.fileio import atomic_write
@@ -36,14 +36,17 @@ TB_MODULE = "flexcim.sim.tb"
 
 def hw_digest() -> str:
     """A digest of the generator's sources: a changed generator gets a fresh build directory
-    (the cached Verilog is only reused while hw/ is unchanged)."""
+    (the cached Verilog is only reused while hw/ and the spec it reads are unchanged)."""
     import hashlib
 
     import flexcim.hw
+    import flexcim.spec
 
     h = hashlib.sha1()
-    for path in sorted(Path(flexcim.hw.__file__).parent.glob("*.py")):
-        h.update(path.name.encode() + path.read_bytes())
+    for package in (flexcim.hw, flexcim.spec):
+        folder = Path(package.__file__).parent
+        for path in sorted(folder.glob("*.py")):
+            h.update(f"{package.__name__}/{path.name}".encode() + path.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -90,7 +93,7 @@ def save_layer_data(path: Path, x, w) -> Path:
 def load_layer_data(path: Path):
     """``(x, w)`` of a :func:`save_layer_data` file."""
     import numpy as np
-    from flexcim.golden.nm import NMTensor
+    from flexcim.spec.nm import NMTensor
 
     with np.load(path, allow_pickle=False) as f:
         w = NMTensor(values=f["values"], indices=f["indices"], pattern=str(f["pattern"]),
@@ -111,7 +114,7 @@ def cfg_name(cfg: HwConfig) -> str:
 
 def toplevel(cfg: HwConfig) -> str:
     """The simulated module's name: the macro with its counters, named per configuration as
-    ``flexcim verilog --counters`` names it (:func:`~flexcim.hw.config.module_name`)."""
+    ``flexcim verilog --counters`` names it (:func:`~flexcim.spec.config.module_name`)."""
     return module_name(cfg, counters=True)
 
 

@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 from flexcim.golden import energy, perf
-from flexcim.golden.nm import NMPattern, NMTensor, act_topk, nm_prune
-from flexcim.hw.config import PRESETS
+from flexcim.golden.prune import act_topk, nm_prune
+from flexcim.spec.config import PRESETS
+from flexcim.spec.nm import NMPattern, NMTensor
 
 from flexcim.errors import FlexCimError
 
@@ -207,7 +208,7 @@ def _mac_cycles_by_cell(cfg, x, w):
     q -> row q mod R_tot, word q div R_tot; row r of pass p sees the M lanes from
     p*pass_width + (r div N)*M; slice s of the selected activation), cell by cell."""
     from flexcim.golden.host import weight_tile
-    from flexcim.hw.layouts import weight_rows
+    from flexcim.spec.layouts import weight_rows
 
     b = cfg.act_bits_per_cycle
     count = 0

@@ -1,7 +1,7 @@
 """Formal proofs of the FlexCiM macro with SymbiYosys, entirely from PyPI.
 
 Every job is an Amaranth harness around the *real* generated components (the same classes
-``flexcim verilog`` emits, built from the same :class:`~flexcim.hw.config.HwConfig`): it drives
+``flexcim verilog`` emits, built from the same :class:`~flexcim.spec.config.HwConfig`): it drives
 their inputs with free values (``AnySeq``/``AnyConst``), constrains the environment with
 ``Assume`` and states the property with ``Assert``.  The harness goes to RTLIL through
 ``amaranth.back.rtlil`` and is checked by ``yowasp-sby`` with the ``smtbmc boolector`` engine
@@ -69,8 +69,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flexcim.golden import perf
-from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import ACT_BITS, WEIGHT_BITS, HwConfig, preset
+from flexcim.spec.config import ACT_BITS, WEIGHT_BITS, HwConfig, preset
+from flexcim.spec.nm import NMPattern
 
 from flexcim.errors import FlexCimError, WorkError
 
@@ -271,7 +271,7 @@ class CellHarness(Harness):
 
     def build(self, m, platform):
         from flexcim.hw.array import CellRow
-        from flexcim.hw.layouts import word_layout
+        from flexcim.spec.layouts import word_layout
 
         hdl, _, _ = _amaranth()
         cfg = self._cfg
@@ -522,7 +522,7 @@ class DotHarness(Harness):
         self._weight_range = weight_range
 
     def build(self, m, platform):
-        from flexcim.hw.layouts import pack_cmd
+        from flexcim.spec.layouts import pack_cmd
 
         hdl, _, _ = _amaranth()
         cfg, p, k, tokens = self._cfg, self._pattern, self._k, self._tokens
@@ -1076,7 +1076,7 @@ def full_plan(seed: int = 16, *, dot: bool = False) -> list[Job]:
 
 
 def _formal_cmd(args: argparse.Namespace) -> int:
-    from flexcim.hw.config import HwConfig
+    from flexcim.spec.config import HwConfig
 
     if args.depth is not None and args.depth < 1:
         raise FlexCimError(f"--depth must be a positive cycle count, not {args.depth}")
