@@ -157,26 +157,25 @@ EVENTS = ("compute_cycles", "passes", "act_beats", "weight_beats", "route_bits",
 
 
 @functools.lru_cache(maxsize=64)
-def route_stages(cfg: HwConfig, pattern) -> int:
+def route_stages(cfg: HwConfig, pattern: NMPattern) -> int:
     """Two-input stages that switch per compute cycle and slice bit in the distribution unit
     for ``pattern``: over the ``M`` driven lanes of every row, ``ceil(log2(alternatives))``."""
-    pattern = NMPattern.parse(pattern)
     return sum(_log2_ceil(cfg.route_alternatives(r, i))
                for r in range(cfg.rows_total) for i in range(pattern.m))
 
 
-def select_gates(cfg: HwConfig, pattern) -> int:
+def select_gates(cfg: HwConfig, pattern: NMPattern) -> int:
     """Selection gates that switch per cell, compute cycle and slice bit for ``pattern``: the
     enabled lane's AND and one OR or chain gate per level up to the tap, ``1 +
     ceil(log2 M)``; 0 for 1:1 (the bypass) and on a dense-only macro."""
-    level = _log2_ceil(NMPattern.parse(pattern).m)
+    level = _log2_ceil(pattern.m)
     return 1 + level if level and cfg.index_bits else 0
 
 
-def decode_gates(cfg: HwConfig, pattern) -> int:
+def decode_gates(cfg: HwConfig, pattern: NMPattern) -> int:
     """Decoder gates of one cell that can switch when a new word is read, for ``pattern``:
     the masking AND and two one-hot lines per live index bit, ``3 ceil(log2 M)`` (0 for 1:1)."""
-    return 3 * _log2_ceil(NMPattern.parse(pattern).m) if cfg.index_bits else 0
+    return 3 * _log2_ceil(pattern.m) if cfg.index_bits else 0
 
 
 def command_events(cfg: HwConfig, cmd: perf.Command) -> dict[str, int]:
@@ -451,7 +450,7 @@ def pattern_on(cfg: HwConfig, layer: PlanLayer) -> NMPattern:
     sparse pattern is 2:4, 2:4 when :func:`runs_as_24`; dense otherwise."""
     if cfg.supports(layer.pattern):
         return layer.pattern
-    if cfg.supports("2:4") and runs_as_24(layer):
+    if cfg.supports(NMPattern(2, 4)) and runs_as_24(layer):
         return NMPattern(2, 4)
     return NMPattern(1, 1)
 

@@ -508,13 +508,13 @@ class DotHarness(Harness):
 
     name = "dot"
 
-    def __init__(self, cfg: HwConfig, *, pattern=None, k: int | None = None,
+    def __init__(self, cfg: HwConfig, *, pattern: NMPattern | None = None, k: int | None = None,
                  tokens: int = DOT_TOKENS,
                  substitutes: dict | None = None,
                  act_range: tuple[int, int] | None = DOT_ACT_RANGE,
                  weight_range: tuple[int, int] | None = DOT_WEIGHT_RANGE):
         super().__init__(cfg, substitutes=substitutes)
-        self._pattern = NMPattern.parse(pattern) if pattern is not None else cfg.patterns[-1]
+        self._pattern = pattern if pattern is not None else cfg.patterns[-1]
         self._k = k if k is not None else perf.k_chunk(cfg, self._pattern)
         cfg.check_command(self._pattern, self._k, tokens)
         self._tokens = tokens
@@ -619,10 +619,9 @@ DOT_SLACK = 3
 to this many stall cycles in total reach every result inside the bound."""
 
 
-def dot_depth(cfg: HwConfig, pattern) -> int:
+def dot_depth(cfg: HwConfig, pattern: NMPattern) -> int:
     """Depth of the ``dot`` job of ``pattern``: its last result with ideal streams, plus
     :data:`DOT_SLACK`, plus 1 (the cycle of the handshake is step ``last_result``)."""
-    pattern = NMPattern.parse(pattern)
     cmd = perf.Command(pattern=pattern, k=perf.k_chunk(cfg, pattern),
                        tokens=min(DOT_TOKENS, cfg.max_tokens), load_weights=True)
     return perf.command_timing(cfg, cmd).last_result + 1 + DOT_SLACK
@@ -795,7 +794,7 @@ def jobs_for(cfg: HwConfig, label: str, *, props=PROPERTIES,
         if prop == "liveness":
             return "bmc", bounded(liveness_depth(cfg))
         if prop.startswith("dot"):
-            return "bmc", bounded(dot_depth(cfg, prop[4:-1]))
+            return "bmc", bounded(dot_depth(cfg, NMPattern.parse(prop[4:-1])))
         raise FlexCimError(f"unknown property {prop!r}; expected one of {', '.join(HARNESSES)}")
 
     # One end-to-end job per pattern: its command is fixed, so the solver sees constants.
@@ -805,7 +804,8 @@ def jobs_for(cfg: HwConfig, label: str, *, props=PROPERTIES,
     for prop in props:
         mode, d = plan(prop)
         if prop.startswith("dot"):
-            make = lambda p=prop[4:-1]: DotHarness(cfg, pattern=p)  # noqa: E731
+            pattern = NMPattern.parse(prop[4:-1])
+            make = lambda p=pattern: DotHarness(cfg, pattern=p)  # noqa: E731
         else:
             make = lambda prop=prop: HARNESSES[prop](cfg)  # noqa: E731
         out.append(Job(label, prop, mode, d, "PASS", make=make))
