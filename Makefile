@@ -69,7 +69,7 @@ demo: $(STAMP)
 	$(BIN)/flexcim demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check flexcim golden hw sim flow tests bench
+	$(BIN)/ruff check flexcim spec golden hw sim flow tests bench
 
 bench: $(STAMP)
 	$(BIN)/python bench/golden_bench.py

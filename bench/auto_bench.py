@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     from flexcim.flow.eval import perplexity
     from flexcim.flow.model import linear_layers
     from flexcim.flow.text import token_windows
-    from flexcim.hw.config import PRESETS
+    from flexcim.spec.config import PRESETS
 
     started = time.perf_counter()
     session = pipeline.load(None, args.text)

@@ -23,7 +23,7 @@ import sys
 
 from flexcim.golden import perf, system
 from flexcim.hw import area, synth
-from flexcim.hw.config import preset
+from flexcim.spec.config import preset
 
 from flexcim.fileio import atomic_write
 

@@ -21,7 +21,7 @@ import pathlib
 import sys
 
 from flexcim.golden import energy
-from flexcim.hw.config import preset
+from flexcim.spec.config import preset
 
 TOKENS = 128
 BLOCKS = 30

@@ -112,7 +112,7 @@ def _restore(model, state):
 def _overhead(repeats: int = 30) -> dict:
     """Time of the 8:16 top-k pre-hook vs the dense linear it precedes (128 tokens)."""
     from flexcim.flow.act import topk_activations
-    from flexcim.golden.nm import NMPattern
+    from flexcim.spec.nm import NMPattern
 
     results = {}
     g = torch.Generator().manual_seed(0)
@@ -165,7 +165,7 @@ class _WandaMasks:
     @torch.no_grad()
     def apply(self, plan) -> None:
         from flexcim.flow import prune
-        from flexcim.golden.nm import NMPattern
+        from flexcim.spec.nm import NMPattern
 
         for name, text in plan.layers.items():
             pattern = NMPattern.parse(text)
@@ -208,7 +208,7 @@ def _prefill(model, plan, tokens: int) -> dict:
     """Modelled prefill of the (pruned) model on the dense, fixed-2:4 and FlexCiM macros."""
     from flexcim.flow import pipeline
     from flexcim.golden import energy
-    from flexcim.hw.config import PRESETS
+    from flexcim.spec.config import PRESETS
 
     macros = {name: PRESETS[name] for name in ("dense", "fixed24", "default")}
     costs = energy.compare(pipeline.energy_plan(model, plan), tokens, macros, reference="dense")
@@ -393,7 +393,7 @@ def main(argv=None) -> int:
 
     # 4. plain vs hardware-aware FLOW at 50 %: perplexity and modelled prefill cost
     if not args.skip_hw and chosen_cfg is not None and 0.5 in targets:
-        from flexcim.hw.config import DEFAULT
+        from flexcim.spec.config import DEFAULT
 
         method, extra = chosen_cfg
         inspect = lambda plan: {"prefill": _prefill(model, plan, 128)}  # noqa: E731

@@ -13,8 +13,9 @@ import statistics
 import time
 
 import numpy as np
-from flexcim.golden import NMTensor, nm_prune, sparse_matmul
-from flexcim.hw.config import DEFAULT
+from flexcim.golden import nm_prune, sparse_matmul
+from flexcim.spec.config import DEFAULT
+from flexcim.spec.nm import NMTensor
 
 T, K, C, REPEATS = 128, 576, 576, 7
 

@@ -25,9 +25,10 @@ import sys
 import time
 
 import numpy as np
-from flexcim.golden import NMTensor, nm_prune, perf, sparse_matmul
+from flexcim.golden import nm_prune, perf, sparse_matmul
 from flexcim.golden.host import run_layer
-from flexcim.hw.config import PRESETS, preset
+from flexcim.spec.config import PRESETS, preset
+from flexcim.spec.nm import NMTensor
 
 T, K, C = 128, 576, 576
 SLICE_T = 2
@@ -42,8 +43,8 @@ OUT = pathlib.Path("out/bench")
 
 def validate_model(name: str, patterns=None) -> list[dict]:
     """Cycles of the RTL in amaranth.sim vs the cycle model, one layer slice per pattern."""
-    from flexcim.golden.nm import NMPattern
     from flexcim.hw.pysim import PySim
+    from flexcim.spec.nm import NMPattern
 
     cfg = preset(name)
     rng = np.random.default_rng(1)

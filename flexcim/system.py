@@ -45,8 +45,8 @@ def table_rows(result: dict, phase: str) -> list[list]:
 
 def _system(args: argparse.Namespace) -> int:
     from flexcim.golden import system
-    from flexcim.hw.config import HwConfig, preset
     from flexcim.report import markdown_table
+    from flexcim.spec.config import HwConfig, preset
 
     if args.json:
         check_output(args.json, "--json", inputs=[args.plan])

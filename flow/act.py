@@ -7,7 +7,7 @@ model call with one token per sequence (a decode step with the KV cache) stays d
 
 Scores:
 
-* ``abs``: ``|x_j|`` (the NumPy twin is :func:`flexcim.golden.nm.act_topk`);
+* ``abs``: ``|x_j|`` (the NumPy twin is :func:`flexcim.golden.prune.act_topk`);
 * ``weight``: ``|x_j| * ||W[:, j]||_2``, the channel's contribution scaled by how strongly the
   layer uses it (Amber Pruner's weight-aware score).
 
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 import torch
 from flexcim.flow.model import linear_layers
 from flexcim.flow.prune import nm_mask
-from flexcim.golden.nm import NMPattern
+from flexcim.spec.nm import NMPattern
 from torch import nn
 
 from flexcim.errors import FlexCimError

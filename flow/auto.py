@@ -49,7 +49,7 @@ from flexcim.flow import calib
 from flexcim.flow.eval import nll_sum
 from flexcim.flow.model import Block, _block_list, cache_dir, decoder_blocks
 from flexcim.flow.prune import nm_mask, wanda_scores
-from flexcim.golden.nm import NMPattern
+from flexcim.spec.nm import NMPattern
 from torch import nn
 from tqdm import tqdm
 
@@ -604,7 +604,7 @@ def macro_patterns(config) -> tuple[NMPattern, ...]:
     """The patterns ``auto`` may use: the target macro's (``hw_config``, default preset)."""
     if config.hw_config is not None:
         return tuple(config.hw_config.patterns)
-    from flexcim.hw.config import DEFAULT
+    from flexcim.spec.config import DEFAULT
 
     return tuple(DEFAULT.patterns)
 

@@ -45,12 +45,12 @@ def _calib(session, args):
 def _hw_config(spec: str | None):
     if spec is None:
         return None
-    from flexcim.hw.config import PRESETS, HwConfig
+    from flexcim.spec.config import PRESETS, HwConfig
 
     if spec in PRESETS:
         return PRESETS[spec]
     if spec == "default":
-        from flexcim.hw.config import DEFAULT
+        from flexcim.spec.config import DEFAULT
 
         return DEFAULT
     if not os.path.isfile(spec):
@@ -66,7 +66,7 @@ def _quant(args: argparse.Namespace):
             raise FlexCimError("--act-granularity needs --arith w8a8")
         return None
     from flexcim.flow.quant import W8A8Config
-    from flexcim.hw.config import DEFAULT
+    from flexcim.spec.config import DEFAULT
 
     hw = _hw_config(args.hw_config) or DEFAULT
     return W8A8Config(act_granularity=args.act_granularity or GRANULARITIES[0],
@@ -254,7 +254,7 @@ def _perplexity(model, windows, quant) -> float:
 def _export(args: argparse.Namespace) -> int:
     from flexcim.flow import pipeline
     from flexcim.flow.select import Plan
-    from flexcim.golden.nm import NMPattern
+    from flexcim.spec.nm import NMPattern
 
     plan = Plan.load(args.plan)
     if args.layer not in plan.layers:

@@ -5,7 +5,7 @@ reach it on calibration text (the pruned model's; optionally N:M top-k'd as Ambe
 feeds them, then quantized) are quantized exactly as the W8A8 perplexity runs quantize them
 (:mod:`flexcim.flow.quant`: int8 weights per output channel, zeros stay zeros so the N:M mask
 survives; int8 activations per token or per tensor), the weight compressed to an
-:class:`~flexcim.golden.nm.NMTensor`, and written by :func:`flexcim.golden.layer_io.save_layer`.
+:class:`~flexcim.spec.nm.NMTensor`, and written by :func:`flexcim.golden.layer_io.save_layer`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from flexcim.flow.act import topk_activations
 from flexcim.flow.model import decoder_blocks
 from flexcim.flow.quant import W8A8Config, quantize_input, quantize_weight
 from flexcim.golden.layer_io import SparseLayer, save_layer
-from flexcim.golden.nm import NMPattern, NMTensor, satisfies
+from flexcim.spec.nm import NMPattern, NMTensor, satisfies
 from torch import nn
 
 from flexcim.errors import FlexCimError

@@ -24,7 +24,7 @@ from flexcim.flow.eval import perplexity
 from flexcim.flow.model import LoadedModel, decoder_blocks, linear_layers, load_model
 from flexcim.flow.select import Plan, SelectConfig, select
 from flexcim.flow.text import Corpus, load_corpus, token_windows
-from flexcim.golden.nm import NMPattern
+from flexcim.spec.nm import NMPattern
 from torch import nn
 
 from flexcim.errors import FlexCimError

@@ -2,7 +2,7 @@
 
 Weights are ``[out_features, in_features]`` = ``[C, K]``; groups of ``m`` run along ``K`` inside
 each output row and ``n_keep`` of every group survive.  Selection matches
-:func:`flexcim.golden.nm.topn_mask` exactly: a stable sort, ties to the lowest index.
+:func:`flexcim.spec.nm.topn_mask` exactly: a stable sort, ties to the lowest index.
 
 Metrics (scores; larger = more important):
 
@@ -50,7 +50,7 @@ def wanda_scores(weight: torch.Tensor, act_sq_mean: torch.Tensor) -> torch.Tenso
 def nm_mask(scores: torch.Tensor, *, n_keep: int, m: int) -> torch.Tensor:
     """Boolean mask keeping the ``n_keep`` largest scores of every group of ``m`` (last axis).
 
-    Ties go to the lowest index, so the result equals ``golden.nm.topn_mask``.
+    Ties go to the lowest index, so the result equals ``spec.nm.topn_mask``.
     """
     k = scores.shape[-1]
     _check_group(k, n_keep, m, "last axis")

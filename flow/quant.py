@@ -72,7 +72,7 @@ class W8A8Config:
 
     @classmethod
     def from_hw(cls, hw_config, act_granularity: str = DEFAULT_GRANULARITY) -> W8A8Config:
-        """The config for a :class:`flexcim.hw.config.HwConfig` (its ``acc_bits``)."""
+        """The config for a :class:`flexcim.spec.config.HwConfig` (its ``acc_bits``)."""
         return cls(act_granularity=act_granularity, acc_bits=hw_config.acc_bits)
 
     def to_dict(self) -> dict:

@@ -35,7 +35,7 @@ import math
 import os
 
 import torch
-from flexcim.golden.nm import NMPattern
+from flexcim.spec.nm import NMPattern
 
 from flexcim.errors import FlexCimError
 from flexcim.fileio import atomic_write, check_output

@@ -1,28 +1,25 @@
-"""The bit-exact golden model: N:M format, quantization, layer files and the macro's arithmetic.
+"""The bit-exact golden model: quantization, reference pruning, layer files and the macro's
+arithmetic, on the N:M format of :mod:`flexcim.spec.nm`.
 
-The performance and energy models live in :mod:`flexcim.golden.perf` and are imported on
-demand (they depend on :mod:`flexcim.hw.config`, which depends on this package).
+The performance and energy models live in :mod:`flexcim.golden.perf` and
+:mod:`flexcim.golden.energy` and are imported on demand.
 """
 
 from flexcim.golden.layer_io import SparseLayer, load_layer, save_layer
 from flexcim.golden.matmul import sparse_matmul, wrap
-from flexcim.golden.nm import NMPattern, NMTensor, act_topk, compress, nm_prune, satisfies
+from flexcim.golden.prune import act_topk, nm_prune
 from flexcim.golden.quant import act_scale, act_scales, dequantize, quantize_act, quantize_weight
 
 __all__ = [
-    "NMPattern",
-    "NMTensor",
     "SparseLayer",
     "act_scale",
     "act_scales",
     "act_topk",
-    "compress",
     "dequantize",
     "load_layer",
     "nm_prune",
     "quantize_act",
     "quantize_weight",
-    "satisfies",
     "save_layer",
     "sparse_matmul",
     "wrap",

@@ -86,8 +86,8 @@ from collections.abc import Mapping
 
 import numpy as np
 from flexcim.golden import perf
-from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import ACT_BITS, WEIGHT_BITS, HwConfig
+from flexcim.spec.config import ACT_BITS, WEIGHT_BITS, HwConfig
+from flexcim.spec.nm import NMPattern
 
 from flexcim.errors import FlexCimError
 
@@ -153,30 +153,29 @@ class Activity:
 EVENTS = ("compute_cycles", "passes", "act_beats", "weight_beats", "route_bits", "select_muxes",
           "quiet_faults")
 """The events the model multiplies by per-event bits; the RTL counters count the same ones
-(:data:`flexcim.hw.layouts.COUNTERS`)."""
+(:data:`flexcim.spec.layouts.COUNTERS`)."""
 
 
 @functools.lru_cache(maxsize=64)
-def route_stages(cfg: HwConfig, pattern) -> int:
+def route_stages(cfg: HwConfig, pattern: NMPattern) -> int:
     """Two-input stages that switch per compute cycle and slice bit in the distribution unit
     for ``pattern``: over the ``M`` driven lanes of every row, ``ceil(log2(alternatives))``."""
-    pattern = NMPattern.parse(pattern)
     return sum(_log2_ceil(cfg.route_alternatives(r, i))
                for r in range(cfg.rows_total) for i in range(pattern.m))
 
 
-def select_gates(cfg: HwConfig, pattern) -> int:
+def select_gates(cfg: HwConfig, pattern: NMPattern) -> int:
     """Selection gates that switch per cell, compute cycle and slice bit for ``pattern``: the
     enabled lane's AND and one OR or chain gate per level up to the tap, ``1 +
     ceil(log2 M)``; 0 for 1:1 (the bypass) and on a dense-only macro."""
-    level = _log2_ceil(NMPattern.parse(pattern).m)
+    level = _log2_ceil(pattern.m)
     return 1 + level if level and cfg.index_bits else 0
 
 
-def decode_gates(cfg: HwConfig, pattern) -> int:
+def decode_gates(cfg: HwConfig, pattern: NMPattern) -> int:
     """Decoder gates of one cell that can switch when a new word is read, for ``pattern``:
     the masking AND and two one-hot lines per live index bit, ``3 ceil(log2 M)`` (0 for 1:1)."""
-    return 3 * _log2_ceil(NMPattern.parse(pattern).m) if cfg.index_bits else 0
+    return 3 * _log2_ceil(pattern.m) if cfg.index_bits else 0
 
 
 def command_events(cfg: HwConfig, cmd: perf.Command) -> dict[str, int]:
@@ -237,7 +236,7 @@ def mac_cycles(cfg: HwConfig, x: np.ndarray, w) -> int:
     ``sum over W[c,k] != 0 of sum_t nonzero_slices(x[t, k])``, independent of the schedule.
     """
     from flexcim.golden.matmul import check_activations
-    from flexcim.golden.nm import NMTensor
+    from flexcim.spec.nm import NMTensor
 
     dense = w.decompress() if isinstance(w, NMTensor) else np.asarray(w)
     x = check_activations(x, dense.shape[1])
@@ -249,7 +248,7 @@ def gated_density(cfg: HwConfig, x: np.ndarray, w) -> float:
     """:func:`mac_cycles` over all cell-cycles of the layer: the exact fraction of the
     ``cell_mac`` and ``adder_tree`` activity a zero-gated macro performs (the ``act_density``
     that makes :func:`layer_cost` exact for these operands)."""
-    from flexcim.golden.nm import NMTensor
+    from flexcim.spec.nm import NMTensor
 
     if not isinstance(w, NMTensor):
         raise FlexCimError(f"weight must be an NMTensor, not {type(w).__name__}")
@@ -451,7 +450,7 @@ def pattern_on(cfg: HwConfig, layer: PlanLayer) -> NMPattern:
     sparse pattern is 2:4, 2:4 when :func:`runs_as_24`; dense otherwise."""
     if cfg.supports(layer.pattern):
         return layer.pattern
-    if cfg.supports("2:4") and runs_as_24(layer):
+    if cfg.supports(NMPattern(2, 4)) and runs_as_24(layer):
         return NMPattern(2, 4)
     return NMPattern(1, 1)
 
@@ -585,7 +584,7 @@ def format_pattern_energies(rows: list[dict], reference: str | None = None) -> s
 
 
 def _energy_cmd(args) -> int:
-    from flexcim.hw.config import preset
+    from flexcim.spec.config import preset
 
     from flexcim.fileio import atomic_write, check_output
 

@@ -6,7 +6,7 @@ the cocotb driver on Verilator/Icarus (flexcim.sim).  An engine is one callable,
 
 ``execute(cmds, weight_beats, act_beats) -> result_beats``
 
-taking three lists of packed beats (Python ints, layouts of :mod:`flexcim.hw.layouts`) in
+taking three lists of packed beats (Python ints, layouts of :mod:`flexcim.spec.layouts`) in
 stream order for a whole layer and returning the result beats in the order the macro emitted
 them.  The three input streams are independent: an engine may present them with any gaps, as
 long as each stream's order is kept.  The host checks that exactly one result beat per token
@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from flexcim.golden import perf
 from flexcim.golden.matmul import check_activations, wrap
-from flexcim.golden.nm import NMTensor
-from flexcim.hw import layouts
-from flexcim.hw.config import HwConfig
+from flexcim.spec import layouts
+from flexcim.spec.config import HwConfig
+from flexcim.spec.nm import NMTensor
 
 from flexcim.errors import FlexCimError
 

@@ -26,7 +26,7 @@ import json
 import os
 
 import numpy as np
-from flexcim.golden.nm import NMPattern, NMTensor, satisfies
+from flexcim.spec.nm import NMPattern, NMTensor, satisfies
 
 from flexcim.errors import FlexCimError
 from flexcim.fileio import atomic_path

@@ -16,7 +16,7 @@ makes K- and C-tiling on the host exact (sim/ adds partial results with the same
 from __future__ import annotations
 
 import numpy as np
-from flexcim.golden.nm import NMTensor
+from flexcim.spec.nm import NMTensor
 
 from flexcim.errors import FlexCimError
 

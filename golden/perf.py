@@ -19,7 +19,8 @@ with no input gaps and no output back-pressure:
   ``weight_overlap``: the word of its first pass; each later pass ``t`` then starts after
   ``D_t`` too, so a pass may wait for its word);
 * the controller accepts the next command the cycle after the last compute cycle, and a token's
-  result leaves the result stream :data:`RESULT_LATENCY` cycles after its last compute cycle.
+  result leaves the result stream :data:`~flexcim.spec.timing.RESULT_LATENCY` cycles after its
+  last compute cycle.
 
 Per token the steady-state period is therefore ``max(X, L)``: a pattern is *input-bandwidth-
 bound* when ``L > X`` (:func:`bandwidth_bound`).  The RTL matches these formulas exactly
@@ -30,14 +31,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import HwConfig
+from flexcim.spec.config import HwConfig
+from flexcim.spec.nm import NMPattern
+from flexcim.spec.timing import RESULT_LATENCY
 
 from flexcim.errors import FlexCimError
-
-RESULT_LATENCY = 2
-"""Cycles from a token's last compute cycle to its result handshake: the sub-macros' registered
-column sums, then the merging unit writes the result FIFO, which presents it the next cycle."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +242,6 @@ def speedup(cfg: HwConfig, pattern, tokens: int, k: int, c: int, dense: HwConfig
 
 
 __all__ = [
-    "RESULT_LATENCY",
     "Command",
     "CommandTiming",
     "LayerEstimate",

@@ -2,7 +2,7 @@
 prefill and the decode steps of a whole decoder LLM (docs/architecture.md, section 8).
 
 The accelerator (:class:`Accelerator`) has ``macros`` identical macros of one
-:class:`~flexcim.hw.config.HwConfig`, an on-chip weight buffer (SRAM) fed by DRAM, an on-chip
+:class:`~flexcim.spec.config.HwConfig`, an on-chip weight buffer (SRAM) fed by DRAM, an on-chip
 activation SRAM, and an attention engine.  A *step* processes ``tokens`` new tokens against a
 KV cache of ``kv_len`` earlier ones: the prefill of a prompt is one step with ``kv_len = 0``,
 each decoded token one step with ``tokens = 1`` (:func:`step_cost`).
@@ -16,13 +16,13 @@ What runs where, and what is charged:
   token blocks) dealt round-robin to the macros.  A macro's time is the sum of its commands'
   exact cycles (:func:`flexcim.golden.perf.command_timing`); with one macro the projection
   takes exactly :func:`flexcim.golden.perf.layer_cycles`, which the RTL matches.
-  How a macro loads its weights is the :class:`~flexcim.hw.config.HwConfig`'s, as the RTL
+  How a macro loads its weights is the :class:`~flexcim.spec.config.HwConfig`'s, as the RTL
   does it: ``weight_port_rows`` cell rows per cycle, and with ``weight_overlap`` a token's pass
   starts as soon as its weight word is in (the compute chases the loader inside a command;
   the next command's load still waits for the previous command's last compute cycle).  The
   cocotb and amaranth.sim regressions check these cycles against the RTL.
 * **Weights** are stored compressed exactly as the macro's weight beats carry them
-  (:func:`flexcim.hw.layouts.weight_layout`: ``cols`` values of 8 bits and ``cols`` indices of
+  (:func:`flexcim.spec.layouts.weight_layout`: ``cols`` values of 8 bits and ``cols`` indices of
   ``index_bits``, padding of partial tiles and passes included), or with
   ``Accelerator(compact_indices=True)`` with ``log2 M`` index bits per kept weight (none for a
   dense block: the RTL ignores the index bits above, tested with garbage in them), and stream
@@ -76,9 +76,10 @@ from pathlib import Path
 
 import numpy as np
 from flexcim.golden import energy, perf
-from flexcim.golden.nm import NMPattern
-from flexcim.hw import layouts
-from flexcim.hw.config import ACT_BITS, WEIGHT_BITS, HwConfig
+from flexcim.spec import layouts
+from flexcim.spec.config import ACT_BITS, WEIGHT_BITS, HwConfig
+from flexcim.spec.nm import NMPattern
+from flexcim.spec.timing import RESULT_LATENCY
 
 from flexcim.errors import FlexCimError
 
@@ -365,7 +366,7 @@ class Accelerator:
         memory system stores the beats as the macro receives them.
 
     The macros' weight port (``cfg.weight_port_rows``) and its overlap with compute
-    (``cfg.weight_overlap``) are fields of the :class:`~flexcim.hw.config.HwConfig`, as built.
+    (``cfg.weight_overlap``) are fields of the :class:`~flexcim.spec.config.HwConfig`, as built.
     """
 
     cfg: HwConfig
@@ -411,7 +412,7 @@ CATEGORIES = ("compute", "weight traffic", "activation traffic", "attention", "s
 
 @functools.lru_cache(maxsize=64)
 def weight_beat_bits(cfg: HwConfig) -> int:
-    """Bits of one weight beat: ``weight_port_rows * cols`` values and indices (hw.layouts)."""
+    """Bits of one weight beat: ``weight_port_rows * cols`` values and indices (spec.layouts)."""
     return layouts.weight_layout(cfg).size
 
 
@@ -490,7 +491,7 @@ def projection_cost(acc: Accelerator, pattern: NMPattern, tokens: int, c: int, k
     busiest = np.lexsort((bare, serial))[-1]
     time, compute = int(serial[busiest]), int(bare[busiest])
     port_cycles = time - compute
-    macro_cycles = time + perf.RESULT_LATENCY
+    macro_cycles = time + RESULT_LATENCY
 
     groups = Counter((cmd.k, cmd.tokens, cmd.load_weights) for cmd in cmds)
     macro_pj = dict.fromkeys(energy.ACTIONS, 0.0)

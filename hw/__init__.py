@@ -1,9 +1,6 @@
 """The FlexCiM hardware generator (Amaranth HDL 0.5).
 
-Importing this package loads only the configuration; the Amaranth components live in their own
-modules so that golden/ and flow/ can use :class:`HwConfig` without importing Amaranth.
+The configuration it generates from (:class:`~flexcim.spec.config.HwConfig`) and the payload
+layouts of its streams are the spec's (:mod:`flexcim.spec`); importing this package loads
+nothing, the Amaranth components live in their own modules.
 """
-
-from flexcim.hw.config import PRESETS, HwConfig, preset
-
-__all__ = ["PRESETS", "HwConfig", "preset"]

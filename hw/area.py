@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from flexcim.hw import synth
-from flexcim.hw.config import WEIGHT_BITS, HwConfig, preset
+from flexcim.spec.config import WEIGHT_BITS, HwConfig, preset
 
 from flexcim.errors import FlexCimError, WorkError
 

@@ -15,8 +15,8 @@ from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
-from flexcim.hw.config import WEIGHT_BITS
-from flexcim.hw.layouts import word_layout
+from flexcim.spec.config import WEIGHT_BITS
+from flexcim.spec.layouts import word_layout
 
 
 def ceil_log2(n: int) -> int:
@@ -187,7 +187,7 @@ class CellRow(wiring.Component):
     Members
     -------
     we, waddr, wdata : In
-        Write word ``wdata`` (:func:`~flexcim.hw.layouts.word_layout`) at ``waddr``.
+        Write word ``wdata`` (:func:`~flexcim.spec.layouts.word_layout`) at ``waddr``.
     raddr : In
         Word of the *next* cycle's pass: the words are read synchronously (an SRAM or block-RAM
         read port with its output register), so the word addressed in cycle ``t`` multiplies
@@ -371,7 +371,7 @@ class SubMacro(wiring.Component):
     Members
     -------
     we, wrow, waddr, wdata : In
-        Write the ``W`` row words of ``wdata`` (:func:`~flexcim.hw.layouts.word_layout` of
+        Write the ``W`` row words of ``wdata`` (:func:`~flexcim.spec.layouts.word_layout` of
         ``W * cols`` columns, element ``j * cols + c`` for row ``j``) into word ``waddr`` of rows
         ``wrow * W .. wrow * W + W - 1``: one write per cycle, ``W`` rows at once.
     raddr, tap, top : In

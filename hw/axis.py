@@ -16,7 +16,7 @@ act       ``s_axis_act``     the last activation beat of a command; ignored
 result    ``m_axis_result``  driven: high on the last result beat (last token) of a command
 ========  =================  ============================================================
 
-``tdata`` is the native payload (:mod:`flexcim.hw.layouts`, same bit offsets) zero-padded to a
+``tdata`` is the native payload (:mod:`flexcim.spec.layouts`, same bit offsets) zero-padded to a
 whole number of bytes: the payload in the low bits; the wrapper ignores the padding bits of an
 input and drives those of the output to 0.  The macro counts the beats of a command itself, so
 input ``tlast`` carries no information it needs: it is accepted and ignored (a master that
@@ -30,9 +30,9 @@ from amaranth.hdl import ClockDomain, Module, Mux, Signal
 from amaranth.lib import fifo, wiring
 from amaranth.lib.wiring import In, Out
 from flexcim.hw.array import validating
-from flexcim.hw.config import HwConfig
-from flexcim.hw.layouts import counters_layout
 from flexcim.hw.top import RESULT_FIFO_DEPTH, FlexCiM
+from flexcim.spec.config import HwConfig
+from flexcim.spec.layouts import counters_layout
 
 from flexcim.errors import FlexCimError
 

@@ -17,7 +17,7 @@ from amaranth.hdl import Array, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
 from flexcim.hw.array import index_shape, validating
-from flexcim.hw.config import ACT_BITS
+from flexcim.spec.config import ACT_BITS
 
 
 class ActivationBuffer(wiring.Component):

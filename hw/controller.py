@@ -26,8 +26,8 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 from flexcim.hw.array import index_shape
-from flexcim.hw.config import HwConfig
-from flexcim.hw.layouts import cmd_layout
+from flexcim.spec.config import HwConfig
+from flexcim.spec.layouts import cmd_layout
 
 
 def lookup(m: Module, index, values, target) -> None:
@@ -56,7 +56,7 @@ class Controller(wiring.Component):
     Members
     -------
     cmd : In(stream)
-        The command stream (:func:`~flexcim.hw.layouts.cmd_layout`).
+        The command stream (:func:`~flexcim.spec.layouts.cmd_layout`).
     w_valid, w_ready : In, Out
         Handshake of the weight stream; ``w_we`` with ``w_sub``, ``w_row``, ``w_word`` address
         the group of ``weight_port_rows`` cell rows (``w_row``: the group in sub-macro

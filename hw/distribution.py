@@ -15,16 +15,16 @@ import operator
 from amaranth.hdl import Module, Mux, Signal, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.wiring import In, Out
-from flexcim.golden.nm import NMPattern
 from flexcim.hw.array import or_tree, validating
-from flexcim.hw.config import route
+from flexcim.spec.config import route
+from flexcim.spec.nm import NMPattern
 
 
 class Distribution(wiring.Component):
     """Pattern-selected routing of window lanes to row lanes (combinational, latency 0).
 
     Every row lane is a one-hot AND-OR multiplexer over the distinct window lanes the patterns
-    route to it (:func:`~flexcim.hw.config.route`), selected by the decoded pattern code: with
+    route to it (:func:`~flexcim.spec.config.route`), selected by the decoded pattern code: with
     the code fixed for a command, only the selected input's path switches, and a lane past the
     command's M has no selected input, so it stays 0 (the cells' selection relies on that).
 

@@ -2,7 +2,7 @@
 
 The Verilog is written with ``emit_src=False`` (no machine paths), so the same config gives
 the same bytes on every machine.  Its top module is named per configuration
-(:func:`~flexcim.hw.config.module_name`: ``flexcim_<preset>`` or ``flexcim_<digest>``, or
+(:func:`~flexcim.spec.config.module_name`: ``flexcim_<preset>`` or ``flexcim_<digest>``, or
 ``--name``), and Amaranth prefixes every submodule with it, so two configurations drop into
 one simulation or synthesis run.  Beside ``OUT.v``:
 
@@ -35,7 +35,7 @@ import os
 import re
 from pathlib import Path
 
-from flexcim.hw.config import HwConfig, from_args, module_name
+from flexcim.spec.config import HwConfig, from_args, module_name
 
 from flexcim.errors import FlexCimError
 from flexcim.fileio import atomic_paths, check_output
@@ -114,7 +114,7 @@ def top_class(bus: str):
 
 
 def default_name(cfg: HwConfig, counters: bool = False, bus: str = "native") -> str:
-    """:func:`~flexcim.hw.config.module_name`, with ``_axis`` for the AXI4-Stream wrapper
+    """:func:`~flexcim.spec.config.module_name`, with ``_axis`` for the AXI4-Stream wrapper
     (another port list: it must not share the native top's name)."""
     name = module_name(cfg, counters=counters)
     return name + "_axis" if check_bus(bus) == "axis" else name
@@ -145,7 +145,7 @@ def to_verilog(cfg: HwConfig, top: str, counters: bool = False, bus: str = "nati
 
 def counter_fields() -> list[dict]:
     """The bit fields of the ``counters`` port (low bits first) and what each counts."""
-    from flexcim.hw.layouts import COUNTERS, counters_layout
+    from flexcim.spec.layouts import COUNTERS, counters_layout
 
     return [{"name": name, "offset": field.offset, "width": field.width,
              "counts": COUNTERS[name]} for name, field in counters_layout()]
@@ -193,10 +193,10 @@ def export(cfg: HwConfig, out: str | os.PathLike, name: str | None = None, *,
            counters: bool = False, inputs: tuple = (), bus: str = "native") -> dict:
     """Write ``out`` (.v) and its four companions (:func:`output_files`); returns the sidecar.
 
-    ``name`` is the module name (default :func:`default_name`).  With ``counters``, the macro
-    has its activity counters and the sidecar their fields.  ``bus="axis"`` writes the
-    AXI4-Stream wrapper (:mod:`flexcim.hw.axis`) and describes its ports.  ``inputs`` (e.g.
-    the ``--config`` file) may not be overwritten by any of the files."""
+    ``name`` is the module name (default :func:`default_name`).  With
+    ``counters``, the macro has its activity counters and the sidecar their fields.
+    ``bus="axis"`` writes the AXI4-Stream wrapper (:mod:`flexcim.hw.axis`) and describes its
+    ports.  ``inputs`` (e.g. the ``--config`` file) may not be overwritten by any of the files."""
     from flexcim.hw import interface
 
     from flexcim import __version__

@@ -1,5 +1,5 @@
 """What an integrator needs without Python: the macro's interface as data, a C header and a
-SystemVerilog package, all generated from the one layout definition (:mod:`flexcim.hw.layouts`,
+SystemVerilog package, all generated from the one layout definition (:mod:`flexcim.spec.layouts`,
 through the stream signatures of :class:`~flexcim.hw.top.FlexCiM`) and the :class:`HwConfig`.
 
 :func:`describe` is the ``interface`` section of the ``flexcim verilog`` sidecar: every payload
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from amaranth.hdl import Shape
 from amaranth.lib import data
-from flexcim.hw.config import ACT_BITS, HwConfig
+from flexcim.spec.config import ACT_BITS, HwConfig
 
 from flexcim.errors import FlexCimError
 
@@ -103,8 +103,8 @@ BEAT_ORDER = [
 
 def describe(cfg: HwConfig, counters: bool = False) -> dict:
     """The ``interface`` section of the sidecar (see the module docstring)."""
-    from flexcim.golden.perf import RESULT_LATENCY
     from flexcim.hw.top import RESULT_FIFO_DEPTH
+    from flexcim.spec.timing import RESULT_LATENCY
 
     return {
         "streams": streams(cfg, counters),

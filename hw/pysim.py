@@ -13,10 +13,10 @@ from __future__ import annotations
 import random
 
 from amaranth.sim import Simulator
-from flexcim.golden import perf
-from flexcim.hw import layouts
-from flexcim.hw.config import HwConfig
 from flexcim.hw.top import FlexCiM
+from flexcim.spec import layouts
+from flexcim.spec.config import HwConfig
+from flexcim.spec.timing import RESULT_LATENCY
 
 from flexcim.errors import WorkError
 
@@ -46,7 +46,7 @@ class PySim:
     error : bool
         The macro's sticky ``error`` output at the end of the last run.
     counters : dict of str to int or None
-        With ``counters``: the activity counters (:data:`flexcim.hw.layouts.COUNTERS`) at the
+        With ``counters``: the activity counters (:data:`flexcim.spec.layouts.COUNTERS`) at the
         end of the last run (each run elaborates a fresh macro, so they count that run only).
     """
 
@@ -118,7 +118,7 @@ class PySim:
                 cycle += 1
                 if len(results) >= expected:
                     drain += 1  # keep watching: a duplicated result would show up here
-                    if drain > 4 * perf.RESULT_LATENCY + 8:
+                    if drain > 4 * RESULT_LATENCY + 8:
                         break
             state["done"] = True
             self.error = bool(ctx.get(dut.error))

@@ -507,7 +507,7 @@ def config_verilog(cfg) -> tuple[str, str]:
             f"synthesise a Verilog file with --verilog F.v --top T instead"
         ) from None
     from amaranth.back import verilog
-    from flexcim.hw.config import module_name
+    from flexcim.spec.config import module_name
 
     top = module_name(cfg)
     return verilog.convert(FlexCiM(cfg), name=top, emit_src=False), top
@@ -571,7 +571,7 @@ def format_generic(report: dict, depth: int = 2) -> str:
 
 # --------------------------------------------------------------------------- CLI
 def _synth_cmd(args: argparse.Namespace) -> int:
-    from flexcim.hw.config import HwConfig, preset
+    from flexcim.spec.config import HwConfig, preset
 
     config = None
     if args.preset is not None:

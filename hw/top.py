@@ -23,25 +23,26 @@ from flexcim.hw.array import (
     validating,
 )
 from flexcim.hw.buffer import ActivationBuffer
-from flexcim.hw.config import HwConfig
 from flexcim.hw.controller import Controller, lookup
 from flexcim.hw.distribution import Distribution
-from flexcim.hw.layouts import (
+from flexcim.hw.merging import Merging
+from flexcim.spec.config import HwConfig
+from flexcim.spec.layouts import (
     act_layout,
     cmd_layout,
     counters_layout,
     result_layout,
     weight_layout,
 )
-from flexcim.hw.merging import Merging
 
 RESULT_FIFO_DEPTH = 4
 """Results the macro can hold while the result stream is stalled; with the pipeline latency
-of perf.RESULT_LATENCY this keeps one-cycle tokens stall-free when the stream is ready."""
+of RESULT_LATENCY (flexcim.spec.timing) this keeps one-cycle tokens stall-free when the stream
+is ready."""
 
 
 class FlexCiM(wiring.Component):
-    """A FlexCiM macro generated from a :class:`~flexcim.hw.config.HwConfig`.
+    """A FlexCiM macro generated from a :class:`~flexcim.spec.config.HwConfig`.
 
     Parameters
     ----------
@@ -56,14 +57,14 @@ class FlexCiM(wiring.Component):
     Members
     -------
     cmd : In(stream), weights : In(stream), act : In(stream)
-        Input streams (payloads in :mod:`flexcim.hw.layouts`).
+        Input streams (payloads in :mod:`flexcim.spec.layouts`).
     result : Out(stream)
-        One beat per token, in order; ``perf.RESULT_LATENCY`` cycles after the token's last
-        compute cycle when the stream is ready.
+        One beat per token, in order; :data:`~flexcim.spec.timing.RESULT_LATENCY` cycles after
+        the token's last compute cycle when the stream is ready.
     error : Out
         Sticky: a command was rejected (pattern code, ``k`` or ``tokens`` out of range).
-    counters : Out, :func:`~flexcim.hw.layouts.counters_layout` (only with ``counters``)
-        Free-running counts since reset (:data:`~flexcim.hw.layouts.COUNTERS`), registered:
+    counters : Out, :func:`~flexcim.spec.layouts.counters_layout` (only with ``counters``)
+        Free-running counts since reset (:data:`~flexcim.spec.layouts.COUNTERS`), registered:
         an event shows up the cycle after it happened.  Read them once after a layer.
 
     Throughput: one activation bit-slice of every cell per cycle; a token of ``k`` inputs takes

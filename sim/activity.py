@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 from flexcim.golden import energy
-from flexcim.golden.nm import NMTensor, act_topk, nm_prune
-from flexcim.hw.config import preset
+from flexcim.golden.prune import act_topk, nm_prune
+from flexcim.spec.config import preset
+from flexcim.spec.nm import NMTensor
 
 from flexcim.errors import FlexCimError
 

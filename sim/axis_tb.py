@@ -33,13 +33,13 @@ import cocotb
 import numpy as np
 from flexcim.golden import perf, sparse_matmul
 from flexcim.golden.host import MacroModel, collect, layer_streams
-from flexcim.golden.nm import NMTensor
 from flexcim.hw.axis import axis_ports
-from flexcim.hw.config import HwConfig
-from flexcim.hw.layouts import COUNTER_BITS, unpack_counters
 from flexcim.sim.runner import CLOCK_PERIOD_NS
 from flexcim.sim.streams import ClockedLoop, random_pauses
 from flexcim.sim.tb import LayerResult, _case, _timeout_ns, _write_out, check_activity
+from flexcim.spec.config import HwConfig
+from flexcim.spec.layouts import COUNTER_BITS, unpack_counters
+from flexcim.spec.nm import NMTensor
 
 
 class Handshakes:

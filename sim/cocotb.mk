@@ -7,7 +7,7 @@ PATTERN ?= 2:4
 TOPLEVEL_LANG = verilog
 VERILOG_SOURCES = $(DIR)/flexcim_top.v
 # The module name comes from the config, as flexcim.sim.regress.toplevel names it.
-COCOTB_TOPLEVEL = $(shell python -c 'from flexcim.hw.config import HwConfig; from flexcim.sim.regress import toplevel; print(toplevel(HwConfig.load("$(DIR)/hw_config.json")))')
+COCOTB_TOPLEVEL = $(shell python -c 'from flexcim.spec.config import HwConfig; from flexcim.sim.regress import toplevel; print(toplevel(HwConfig.load("$(DIR)/hw_config.json")))')
 COCOTB_TEST_MODULES = flexcim.sim.tb
 SIM_BUILD = $(DIR)/sim_build-$(SIM)
 COCOTB_RESULTS_FILE = $(DIR)/results-$(SIM).xml

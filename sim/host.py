@@ -18,8 +18,6 @@ import uuid
 
 import numpy as np
 from flexcim.golden.matmul import check_activations
-from flexcim.golden.nm import NMTensor
-from flexcim.hw.config import HwConfig, from_args
 from flexcim.sim import runner
 from flexcim.sim.regress import (
     TB_MODULE,
@@ -28,6 +26,8 @@ from flexcim.sim.regress import (
     top_verilog,
     toplevel,
 )
+from flexcim.spec.config import HwConfig, from_args
+from flexcim.spec.nm import NMTensor
 
 from flexcim.errors import FlexCimError, WorkError
 

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 from flexcim.golden import perf
-from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import PRESETS, HwConfig, from_args, module_name, preset, preset_name
 from flexcim.sim import runner
+from flexcim.spec.config import PRESETS, HwConfig, from_args, module_name, preset, preset_name
+from flexcim.spec.nm import NMPattern
 
 from flexcim.errors import FlexCimError
 from flexcim.fileio import atomic_write
@@ -38,14 +38,17 @@ AXIS_TB_MODULE = "flexcim.sim.axis_tb"
 
 def hw_digest() -> str:
     """A digest of the generator's sources: a changed generator gets a fresh build directory
-    (the cached Verilog is only reused while hw/ is unchanged)."""
+    (the cached Verilog is only reused while hw/ and the spec it reads are unchanged)."""
     import hashlib
 
     import flexcim.hw
+    import flexcim.spec
 
     h = hashlib.sha1()
-    for path in sorted(Path(flexcim.hw.__file__).parent.glob("*.py")):
-        h.update(path.name.encode() + path.read_bytes())
+    for package in (flexcim.hw, flexcim.spec):
+        folder = Path(package.__file__).parent
+        for path in sorted(folder.glob("*.py")):
+            h.update(f"{package.__name__}/{path.name}".encode() + path.read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -95,7 +98,7 @@ def save_layer_data(path: Path, x, w) -> Path:
 def load_layer_data(path: Path):
     """``(x, w)`` of a :func:`save_layer_data` file."""
     import numpy as np
-    from flexcim.golden.nm import NMTensor
+    from flexcim.spec.nm import NMTensor
 
     with np.load(path, allow_pickle=False) as f:
         w = NMTensor(values=f["values"], indices=f["indices"], pattern=str(f["pattern"]),

@@ -2,7 +2,7 @@
 
 Amaranth flattens an ``amaranth.lib.stream`` interface into ``<name>__payload``,
 ``<name>__valid`` and ``<name>__ready`` ports.  The classes here move whole packed beats (Python
-ints, packed once with NumPy by :mod:`flexcim.hw.layouts`) through those ports, one beat per
+ints, packed once with NumPy by :mod:`flexcim.spec.layouts`) through those ports, one beat per
 cycle at most, with no per-field awaits: that is what makes a 576x576x128 projection checkable
 on Verilator in well under a minute.
 

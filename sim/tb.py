@@ -16,7 +16,7 @@ The tests below read their parameters from the environment (set by :mod:`flexcim
 the pytest runner tests, ``make sim`` and the host driver):
 
 ===================  =====================================================================
-``FLEXCIM_HW_CONFIG``  the :class:`~flexcim.hw.config.HwConfig` as JSON (required)
+``FLEXCIM_HW_CONFIG``  the :class:`~flexcim.spec.config.HwConfig` as JSON (required)
 ``FLEXCIM_CASE``       JSON: ``pattern``, ``tokens``, ``k``, ``c``, optional ``act_pattern``
                        (an N:M top-k applied to the random activations), ``idle`` and
                        ``backpressure`` probabilities of the stalled run
@@ -41,8 +41,7 @@ import cocotb
 import numpy as np
 from flexcim.golden import energy, perf, sparse_matmul
 from flexcim.golden.host import MacroModel, collect, layer_streams
-from flexcim.golden.nm import NMPattern, NMTensor, act_topk, nm_prune
-from flexcim.hw.config import HwConfig
+from flexcim.golden.prune import act_topk, nm_prune
 from flexcim.sim.runner import CLOCK_PERIOD_NS
 from flexcim.sim.streams import (
     ClockedLoop,
@@ -52,6 +51,8 @@ from flexcim.sim.streams import (
     no_pauses,
     random_pauses,
 )
+from flexcim.spec.config import HwConfig
+from flexcim.spec.nm import NMPattern, NMTensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,7 @@ class LayerResult:
         Compute cycles alone: ``cycles`` can at best reach this.
     commands : int
     activity : dict
-        The RTL's activity counters over the layer (:data:`flexcim.hw.layouts.COUNTERS`), the
+        The RTL's activity counters over the layer (:data:`flexcim.spec.layouts.COUNTERS`), the
         energy model's estimate of the active cell-cycles from the global non-zero fraction
         of ``x`` (``mac_estimate = compute_cycles * cells * act_density``) and their ratio.
     """
@@ -175,7 +176,7 @@ class TB:
         self.loop = ClockedLoop(dut.clk, [self.cmd, self.weights, self.act, self.result])
 
     def _describe(self, expected: int, got: int) -> str:
-        from flexcim.hw.layouts import unpack_result
+        from flexcim.spec.layouts import unpack_result
 
         e, g = unpack_result(self.cfg, [expected])[0], unpack_result(self.cfg, [got])[0]
         cols = np.flatnonzero(e != g)
@@ -237,14 +238,14 @@ class TB:
 
     def counters(self) -> dict[str, int]:
         """The macro's activity counters now (one read of one port)."""
-        from flexcim.hw.layouts import unpack_counters
+        from flexcim.spec.layouts import unpack_counters
 
         return unpack_counters(self.dut.counters.value.to_unsigned())
 
     def check_activity(self, before: dict[str, int], commands, x: np.ndarray, w: NMTensor
                        ) -> dict:
         """The counters since ``before`` through :func:`check_activity`."""
-        from flexcim.hw.layouts import COUNTER_BITS
+        from flexcim.spec.layouts import COUNTER_BITS
 
         now = self.counters()
         measured = {k: (now[k] - before[k]) % (1 << COUNTER_BITS) for k in now}

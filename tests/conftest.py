@@ -2,7 +2,7 @@ import os
 
 import numpy as np
 import pytest
-from flexcim.golden.nm import nm_prune
+from flexcim.golden.prune import nm_prune
 from hypothesis import HealthCheck, settings
 
 # Deterministic in CI (the same examples every run); widen locally with HYPOTHESIS_PROFILE=dev.

@@ -3,7 +3,7 @@ import sys
 
 import numpy as np
 import pytest
-from flexcim.golden.nm import nm_prune
+from flexcim.golden.prune import nm_prune
 
 from flexcim.cli import main
 

@@ -111,7 +111,8 @@ def test_fuzz_matmul(x_kind, w_kind, t, k, c, pattern, output, acc_bits, stats, 
         (d / "ro.npy").write_bytes(b"read-only")
         os.chmod(d / "ro.npy", 0o444)
         if (d / "w.npy").is_file() and w_kind == "good":  # often make it satisfy the pattern
-            from flexcim.golden.nm import NMPattern, nm_prune
+            from flexcim.golden.prune import nm_prune
+            from flexcim.spec.nm import NMPattern
 
             try:
                 np.save(d / "w.npy", nm_prune(np.load(d / "w.npy"), NMPattern.parse(pattern)))
@@ -204,7 +205,8 @@ def test_fuzz_layer_files(meta, drop, scale, act_rows):
     """Layer files with any metadata string and missing or odd tensors: the reader raises one
     line naming the file, or returns a layer that passes every check."""
     from flexcim.golden.layer_io import load_layer
-    from flexcim.golden.nm import act_topk, compress, nm_prune
+    from flexcim.golden.prune import act_topk, nm_prune
+    from flexcim.spec.nm import compress
     from safetensors.numpy import save_file
 
     from flexcim.errors import FlexCimError

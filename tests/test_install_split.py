@@ -69,16 +69,16 @@ def test_hw_and_golden_commands_run_without_the_flow_extra(operands):
 
 
 def test_hw_golden_sim_modules_and_parser_import_nothing_of_the_flow_extra(tmp_path):
-    # Every module of golden/, hw/ and sim/ (the RTL engine and the regressions too) and the
-    # whole command line's parser; golden/ and hw/ must not even load flexcim.flow.
+    # Every module of spec/, golden/, hw/ and sim/ (the RTL engine and the regressions too) and
+    # the whole command line's parser; spec/, golden/ and hw/ must not even load flexcim.flow.
     code = """
 import importlib, pkgutil
-import flexcim.golden, flexcim.hw, flexcim.sim
+import flexcim.spec, flexcim.golden, flexcim.hw, flexcim.sim
 def load(pkg):
     for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + "."):
         importlib.import_module(m.name)
-load(flexcim.golden); load(flexcim.hw)
-assert not [m for m in sys.modules if m.startswith("flexcim.flow")], "golden/hw load flow/"
+load(flexcim.spec); load(flexcim.golden); load(flexcim.hw)
+assert not [m for m in sys.modules if m.startswith("flexcim.flow")], "spec/golden/hw load flow/"
 load(flexcim.sim)
 from flexcim.cli import build_parser
 build_parser()
@@ -88,7 +88,7 @@ build_parser()
     assert blocked == []
 
 
-@pytest.mark.parametrize("folder", ["golden", "hw"])
+@pytest.mark.parametrize("folder", ["spec", "golden", "hw"])
 def test_golden_and_hw_never_import_flow_or_its_extra(folder):
     # Also the imports inside functions (which the module import above does not run).
     bad = []

@@ -49,7 +49,7 @@ def test_demo_writes_report(tmp_path, capsys):
 
 def test_prefill_comparison_orders_the_macros():
     from flexcim.golden import energy, perf
-    from flexcim.hw.config import preset
+    from flexcim.spec.config import preset
 
     from flexcim.demo import prefill_comparison
 

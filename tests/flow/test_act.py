@@ -3,7 +3,8 @@ import pytest
 import torch
 from flexcim.flow import act
 from flexcim.flow.model import linear_layers, tiny_llama
-from flexcim.golden.nm import NMPattern, act_topk
+from flexcim.golden.prune import act_topk
+from flexcim.spec.nm import NMPattern
 
 from flexcim.errors import FlexCimError
 

@@ -8,8 +8,8 @@ import torch
 from flexcim.flow import auto, calib, pipeline, prune
 from flexcim.flow.model import decoder_blocks, linear_layers
 from flexcim.flow.select import SelectConfig
-from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import PRESETS
+from flexcim.spec.config import PRESETS
+from flexcim.spec.nm import NMPattern
 from torch import nn
 
 from flexcim.errors import FlexCimError

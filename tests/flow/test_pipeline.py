@@ -4,7 +4,7 @@ import torch
 from flexcim.flow import calib, pipeline, prune
 from flexcim.flow.model import linear_layers
 from flexcim.flow.select import SelectConfig
-from flexcim.golden.nm import nm_prune
+from flexcim.golden.prune import nm_prune
 
 from flexcim.errors import FlexCimError
 

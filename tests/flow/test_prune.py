@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from flexcim.flow import prune
-from flexcim.golden.nm import topn_mask
+from flexcim.spec.nm import topn_mask
 
 from flexcim.errors import FlexCimError
 

@@ -167,7 +167,7 @@ def test_pattern_m_must_divide_input_width():
 
 
 def test_hardware_aware_cost_records_cycles(blocks, scores):
-    from flexcim.hw.config import DEFAULT
+    from flexcim.spec.config import DEFAULT
 
     config = sel.SelectConfig(method="flow", target=0.5, hw_config=DEFAULT, hw_weight=100.0,
                               keep_ends_dense=False,

@@ -15,7 +15,7 @@ from flexcim.flow.quant import (
     w8a8_linear,
 )
 from flexcim.golden.matmul import sparse_matmul
-from flexcim.golden.nm import NMPattern, NMTensor
+from flexcim.spec.nm import NMPattern, NMTensor
 
 from flexcim.errors import FlexCimError
 

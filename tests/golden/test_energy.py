@@ -5,8 +5,9 @@ import json
 import numpy as np
 import pytest
 from flexcim.golden import energy, perf
-from flexcim.golden.nm import NMPattern, NMTensor, act_topk, nm_prune
-from flexcim.hw.config import PRESETS
+from flexcim.golden.prune import act_topk, nm_prune
+from flexcim.spec.config import PRESETS
+from flexcim.spec.nm import NMPattern, NMTensor
 
 from flexcim.errors import FlexCimError
 
@@ -44,8 +45,8 @@ def test_only_the_lanes_of_the_commands_m_switch():
     """Two patterns by hand: row r's lane 0 is window lane r (1:1) or (r div 2)*4 (2:4): two
     alternatives (one stage) except row 0; lanes 1..3 are 2:4's or tied low (one stage)."""
     cfg = TINY.replace(patterns=("1:1", "2:4"))
-    assert energy.route_stages(cfg, "2:4") == 7 + 8 * 3
-    assert energy.route_stages(cfg, "1:1") == 7
+    assert energy.route_stages(cfg, NMPattern(2, 4)) == 7 + 8 * 3
+    assert energy.route_stages(cfg, NMPattern(1, 1)) == 7
     dense_cmd = perf.Command(NMPattern(1, 1), k=8, tokens=1, load_weights=False, c=4)
     sparse_cmd = perf.Command(NMPattern(2, 4), k=16, tokens=3, load_weights=False, c=4)
     # 1:1 bypasses the cells' trees: only the distribution's 7 stages per cycle and bit.
@@ -64,9 +65,10 @@ def test_only_the_lanes_of_the_commands_m_switch():
 def test_the_cell_selection_switches_log2_m_gates_not_m():
     """1 + log2 M gates per cell and cycle (a one-hot AND-OR network), where a multiplexer
     tree switched M - 1: 8:16 on tiny switches 5, not 15; the decoder 3 log2 M per pass."""
-    assert [energy.select_gates(TINY, p) for p in ("1:1", "1:2", "2:4", "4:8", "8:16")] == [
+    patterns = [NMPattern.parse(p) for p in ("1:1", "1:2", "2:4", "4:8", "8:16")]
+    assert [energy.select_gates(TINY, p) for p in patterns] == [
         0, 2, 3, 4, 5]
-    assert [energy.decode_gates(TINY, p) for p in ("1:1", "1:2", "2:4", "4:8", "8:16")] == [
+    assert [energy.decode_gates(TINY, p) for p in patterns] == [
         0, 3, 6, 9, 12]
     cmd = perf.Command(NMPattern(8, 16), k=32, tokens=2, load_weights=False, c=4)
     events = energy.command_events(TINY, cmd)
@@ -76,8 +78,8 @@ def test_the_cell_selection_switches_log2_m_gates_not_m():
     assert energy.command_activity(TINY, cmd).counts["distribution"] == (
         (events["route_bits"] + events["select_muxes"]) * 2 + events["passes"] * TINY.cells * 12)
     # A dense-only macro has no selection at all.
-    assert energy.select_gates(PRESETS["dense"], "1:1") == energy.decode_gates(
-        PRESETS["dense"], "1:1") == 0
+    assert energy.select_gates(PRESETS["dense"], NMPattern(1, 1)) == energy.decode_gates(
+        PRESETS["dense"], NMPattern(1, 1)) == 0
 
 
 def test_zero_activations_gate_only_the_cells_and_adder_trees():
@@ -207,7 +209,7 @@ def _mac_cycles_by_cell(cfg, x, w):
     q -> row q mod R_tot, word q div R_tot; row r of pass p sees the M lanes from
     p*pass_width + (r div N)*M; slice s of the selected activation), cell by cell."""
     from flexcim.golden.host import weight_tile
-    from flexcim.hw.layouts import weight_rows
+    from flexcim.spec.layouts import weight_rows
 
     b = cfg.act_bits_per_cycle
     count = 0
@@ -285,7 +287,7 @@ def test_layer_events_count_what_the_model_multiplies():
         "passes": sum(c.tokens * TINY.passes("1:4", c.k) for c in cmds),
         "act_beats": sum(c.tokens * -(-c.k // TINY.in_lanes) for c in cmds),
         "weight_beats": sum(TINY.passes("1:4", c.k) * 8 for c in cmds if c.load_weights),
-        "route_bits": perf.ideal_cycles(TINY, cmds) * energy.route_stages(TINY, "1:4"),
+        "route_bits": perf.ideal_cycles(TINY, cmds) * energy.route_stages(TINY, NMPattern(1, 4)),
         "select_muxes": perf.ideal_cycles(TINY, cmds) * TINY.cells * 3,
         "quiet_faults": 0,
     }

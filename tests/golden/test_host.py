@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 from flexcim.golden import host, perf
 from flexcim.golden.matmul import sparse_matmul
-from flexcim.golden.nm import NMTensor, nm_prune
-from flexcim.hw import layouts
-from flexcim.hw.config import preset
+from flexcim.golden.prune import nm_prune
+from flexcim.spec import layouts
+from flexcim.spec.config import preset
+from flexcim.spec.nm import NMTensor
 
 from flexcim.errors import FlexCimError
 

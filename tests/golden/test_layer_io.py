@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 from flexcim.golden.layer_io import SparseLayer, load_layer, save_layer
-from flexcim.golden.nm import NMPattern, act_topk, compress, nm_prune
+from flexcim.golden.prune import act_topk, nm_prune
+from flexcim.spec.nm import NMPattern, compress
 
 from flexcim.errors import FlexCimError
 

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 from flexcim.golden.matmul import result_dtype, sparse_matmul, wrap
-from flexcim.golden.nm import NMPattern, compress, nm_prune
+from flexcim.golden.prune import nm_prune
+from flexcim.spec.nm import NMPattern, compress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp

@@ -3,8 +3,9 @@ import itertools
 
 import pytest
 from flexcim.golden import perf
-from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import DEFAULT, preset
+from flexcim.spec.config import DEFAULT, preset
+from flexcim.spec.nm import NMPattern
+from flexcim.spec.timing import RESULT_LATENCY
 
 from flexcim.errors import FlexCimError
 
@@ -61,7 +62,7 @@ def tick_model(cfg, cmd):
             full[set_full] = True
         if clear_full is not None:
             full[clear_full] = False
-    return last_end + 1, last_end + perf.RESULT_LATENCY
+    return last_end + 1, last_end + RESULT_LATENCY
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 from flexcim.golden import energy, host, perf, system
-from flexcim.golden.nm import NMPattern, NMTensor, nm_prune
-from flexcim.hw.config import PRESETS
+from flexcim.golden.prune import nm_prune
+from flexcim.spec.config import PRESETS
+from flexcim.spec.nm import NMPattern, NMTensor
 
 from flexcim.errors import FlexCimError
 

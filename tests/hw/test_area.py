@@ -2,7 +2,7 @@
 
 import pytest
 from flexcim.hw import area, synth
-from flexcim.hw.config import HwConfig
+from flexcim.spec.config import HwConfig
 
 from flexcim.errors import FlexCimError
 

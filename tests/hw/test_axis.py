@@ -5,8 +5,8 @@ import json
 
 import pytest
 from flexcim.hw.axis import MAX_TDATA_BITS, AxisFlexCiM
-from flexcim.hw.config import preset
 from flexcim.hw.export import default_name
+from flexcim.spec.config import preset
 
 from flexcim.cli import main
 from flexcim.errors import FlexCimError

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 from flexcim.golden import energy, host, perf
 from flexcim.golden.matmul import sparse_matmul
-from flexcim.golden.nm import NMTensor, act_topk, nm_prune
-from flexcim.hw import layouts
-from flexcim.hw.config import preset
+from flexcim.golden.prune import act_topk, nm_prune
 from flexcim.hw.export import port_map
 from flexcim.hw.pysim import PySim
 from flexcim.hw.top import FlexCiM
+from flexcim.spec import layouts
+from flexcim.spec.config import preset
+from flexcim.spec.nm import NMTensor
 
 TINY = preset("tiny")
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 from flexcim.hw import tools
-from flexcim.hw.config import PRESETS, HwConfig, preset
 from flexcim.hw.export import export
+from flexcim.spec.config import PRESETS, HwConfig, preset
 
 from flexcim.cli import main
 from flexcim.errors import WorkError
@@ -89,7 +89,7 @@ def test_single_pattern_and_one_entry_indices_lint_clean(name, tmp_path):
 def test_counters_on_request_with_their_fields_in_the_sidecar(tiny_export, tmp_path):
     """--counters adds the 'counters' port (lint-clean) and documents its bit fields; without
     it the module has no such port."""
-    from flexcim.hw.layouts import COUNTER_BITS, COUNTERS
+    from flexcim.spec.layouts import COUNTER_BITS, COUNTERS
 
     assert "counters" not in tiny_export.read_text()
     out = tmp_path / "counted.v"

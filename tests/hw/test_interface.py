@@ -1,6 +1,6 @@
 """What an integrator reads without Python: module names unique per configuration (two of them
 in one Icarus and one Yosys run), the sidecar's interface section, the C header and the
-SystemVerilog package, each checked against flexcim.hw.layouts."""
+SystemVerilog package, each checked against flexcim.spec.layouts."""
 
 import json
 import re
@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flexcim.golden.nm import NMTensor, nm_prune
-from flexcim.hw import interface, layouts, tools
-from flexcim.hw.config import PRESETS, config_digest, module_name, preset
+from flexcim.golden.prune import nm_prune
+from flexcim.hw import interface, tools
 from flexcim.hw.export import check_name, export, output_files
+from flexcim.spec import layouts
+from flexcim.spec.config import PRESETS, config_digest, module_name, preset
+from flexcim.spec.nm import NMTensor
 
 from flexcim.cli import main
 from flexcim.errors import FlexCimError

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 from amaranth.sim import Simulator
-from flexcim.golden.nm import NMPattern
 from flexcim.hw.array import AdderTree, CellRow, SubMacro, forced_index_bits
 from flexcim.hw.buffer import ActivationBuffer
-from flexcim.hw.config import preset
 from flexcim.hw.distribution import Distribution
 from flexcim.hw.merging import Merging
+from flexcim.spec.config import preset
+from flexcim.spec.nm import NMPattern
 
 
 def run(dut, bench, clock=True):

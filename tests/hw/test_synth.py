@@ -197,7 +197,7 @@ def test_tiny_preset_maps_onto_the_parts_of_the_macro(tmp_path):
     flip-flops and memory bits are equal, and the totals agree to 0.1%."""
     pytest.importorskip("flexcim.hw.top", reason="the FlexCiM top has not landed yet")
     from flexcim.hw import area
-    from flexcim.hw.config import preset
+    from flexcim.spec.config import preset
 
     cfg = preset("tiny").replace(max_k=32)
     report = synth.synthesize(config=cfg, workdir=tmp_path / "full", dedup=False)

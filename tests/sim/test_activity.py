@@ -1,7 +1,7 @@
 """sim.activity: the measured layers and the table format (the RTL runs are make regress's)."""
 
-from flexcim.hw.config import preset
 from flexcim.sim import activity
+from flexcim.spec.config import preset
 
 
 def test_random_cases_fill_whole_tiles_and_prune_activations_when_asked():

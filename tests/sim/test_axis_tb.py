@@ -36,8 +36,8 @@ def test_layer_through_axis_wrapper(case):
 
 
 def test_regress_runs_every_tiny_pattern_through_the_wrapper_on_both_simulators():
-    from flexcim.hw.config import preset
     from flexcim.sim.regress import sweep
+    from flexcim.spec.config import preset
 
     axis = {(c.sim, c.pattern) for c in sweep() if c.bus == "axis"}
     assert axis == {(s, str(p)) for s in runner.SIMULATORS for p in preset("tiny").patterns}

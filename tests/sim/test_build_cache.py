@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flexcim.golden import NMTensor, sparse_matmul
-from flexcim.golden.nm import nm_prune
-from flexcim.hw.config import preset
+from flexcim.golden import sparse_matmul
+from flexcim.golden.prune import nm_prune
 from flexcim.sim import runner
+from flexcim.spec.config import preset
+from flexcim.spec.nm import NMTensor
 
 from flexcim import fileio
 

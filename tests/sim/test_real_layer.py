@@ -10,10 +10,10 @@ preset.  (The real SmolLM2 projection runs whole through ``python -m flexcim.sim
 import numpy as np
 import pytest
 from flexcim.golden.layer_io import load_layer
-from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import preset
 from flexcim.sim import runner
 from flexcim.sim.host import layer_operands, run_rtl
+from flexcim.spec.config import preset
+from flexcim.spec.nm import NMPattern
 
 from flexcim.errors import FlexCimError
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flexcim.golden import energy, sparse_matmul
 from flexcim.golden.layer_io import load_layer
-from flexcim.golden.nm import satisfies
-from flexcim.hw.config import preset
 from flexcim.sim import runner
 from flexcim.sim.host import layer_operands, run_rtl
+from flexcim.spec.config import preset
+from flexcim.spec.nm import satisfies
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 pytest.importorskip("torch")

@@ -9,10 +9,11 @@ import json
 
 import numpy as np
 import pytest
-from flexcim.golden import NMTensor, nm_prune, sparse_matmul
-from flexcim.hw.config import module_name, preset
+from flexcim.golden import nm_prune, sparse_matmul
 from flexcim.sim import runner
 from flexcim.sim.regress import TB_MODULE, Case, run_case, top_verilog, toplevel
+from flexcim.spec.config import module_name, preset
+from flexcim.spec.nm import NMTensor
 
 from flexcim import cli
 from flexcim.errors import FlexCimError

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
-from flexcim.golden.nm import NMTensor, nm_prune
-from flexcim.hw import layouts
-from flexcim.hw.config import PRESETS, preset
+from flexcim.golden.prune import nm_prune
+from flexcim.spec import layouts
+from flexcim.spec.config import PRESETS, preset
+from flexcim.spec.nm import NMTensor
 
 from flexcim.errors import FlexCimError
 

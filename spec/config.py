@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 
-from flexcim.golden.nm import NMPattern
+from flexcim.spec.nm import NMPattern
 
 from flexcim.errors import FlexCimError
 

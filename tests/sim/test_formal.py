@@ -1,4 +1,4 @@
-"""hw/formal.py: the fast subset of the formal proofs (``make formal`` runs them all).
+"""sim/formal.py: the fast subset of the formal proofs (``make formal`` runs them all).
 
 The proofs run on the real components; every property of the subset is paired with a mutant
 that must be refuted (FAIL with a counterexample trace), so a harness that proves nothing (a
@@ -10,9 +10,9 @@ import importlib.util
 import json
 
 import pytest
-from flexcim.golden.nm import NMPattern
-from flexcim.hw import formal
-from flexcim.hw.config import HwConfig, preset
+from flexcim.sim import formal
+from flexcim.spec.config import HwConfig, preset
+from flexcim.spec.nm import NMPattern
 
 from flexcim.cli import main
 from flexcim.errors import FlexCimError

@@ -25,8 +25,8 @@ from __future__ import annotations
 import numpy as np
 from amaranth.hdl import signed, unsigned
 from amaranth.lib import data
-from flexcim.golden.nm import NMTensor
-from flexcim.hw.config import ACT_BITS, WEIGHT_BITS, HwConfig
+from flexcim.spec.config import ACT_BITS, WEIGHT_BITS, HwConfig
+from flexcim.spec.nm import NMTensor
 
 from flexcim.errors import FlexCimError
 

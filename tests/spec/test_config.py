@@ -1,8 +1,8 @@
 import json
 
 import pytest
-from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import DEFAULT, PRESETS, HwConfig, preset
+from flexcim.spec.config import DEFAULT, PRESETS, HwConfig, preset
+from flexcim.spec.nm import NMPattern
 
 from flexcim.errors import FlexCimError
 
@@ -123,7 +123,7 @@ def test_command_limits():
 def test_weight_port_fields_round_trip_and_old_configs_keep_their_json():
     """The fields at their original values (1 row, no overlap) are left out of the JSON, so
     every configuration written before they existed keeps its JSON, digest and module name."""
-    from flexcim.hw.config import config_digest
+    from flexcim.spec.config import config_digest
 
     old = DEFAULT.to_dict()
     assert "weight_port_rows" not in old and "weight_overlap" not in old

@@ -1,7 +1,7 @@
 """Formal proofs of the FlexCiM macro with SymbiYosys, entirely from PyPI.
 
 Every job is an Amaranth harness around the *real* generated components (the same classes
-``flexcim verilog`` emits, built from the same :class:`~flexcim.hw.config.HwConfig`): it drives
+``flexcim verilog`` emits, built from the same :class:`~flexcim.spec.config.HwConfig`): it drives
 their inputs with free values (``AnySeq``/``AnyConst``), constrains the environment with
 ``Assume`` and states the property with ``Assert``.  The harness goes to RTLIL through
 ``amaranth.back.rtlil`` and is checked by ``yowasp-sby`` with the ``smtbmc boolector`` engine
@@ -69,8 +69,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flexcim.golden import perf
-from flexcim.golden.nm import NMPattern
-from flexcim.hw.config import ACT_BITS, WEIGHT_BITS, HwConfig, preset
+from flexcim.spec.config import ACT_BITS, WEIGHT_BITS, HwConfig, preset
+from flexcim.spec.nm import NMPattern
 
 from flexcim.errors import FlexCimError, WorkError
 
@@ -271,7 +271,7 @@ class CellHarness(Harness):
 
     def build(self, m, platform):
         from flexcim.hw.array import CellRow
-        from flexcim.hw.layouts import word_layout
+        from flexcim.spec.layouts import word_layout
 
         hdl, _, _ = _amaranth()
         cfg = self._cfg
@@ -508,13 +508,13 @@ class DotHarness(Harness):
 
     name = "dot"
 
-    def __init__(self, cfg: HwConfig, *, pattern=None, k: int | None = None,
+    def __init__(self, cfg: HwConfig, *, pattern: NMPattern | None = None, k: int | None = None,
                  tokens: int = DOT_TOKENS,
                  substitutes: dict | None = None,
                  act_range: tuple[int, int] | None = DOT_ACT_RANGE,
                  weight_range: tuple[int, int] | None = DOT_WEIGHT_RANGE):
         super().__init__(cfg, substitutes=substitutes)
-        self._pattern = NMPattern.parse(pattern) if pattern is not None else cfg.patterns[-1]
+        self._pattern = pattern if pattern is not None else cfg.patterns[-1]
         self._k = k if k is not None else perf.k_chunk(cfg, self._pattern)
         cfg.check_command(self._pattern, self._k, tokens)
         self._tokens = tokens
@@ -522,7 +522,7 @@ class DotHarness(Harness):
         self._weight_range = weight_range
 
     def build(self, m, platform):
-        from flexcim.hw.layouts import pack_cmd
+        from flexcim.spec.layouts import pack_cmd
 
         hdl, _, _ = _amaranth()
         cfg, p, k, tokens = self._cfg, self._pattern, self._k, self._tokens
@@ -619,10 +619,9 @@ DOT_SLACK = 3
 to this many stall cycles in total reach every result inside the bound."""
 
 
-def dot_depth(cfg: HwConfig, pattern) -> int:
+def dot_depth(cfg: HwConfig, pattern: NMPattern) -> int:
     """Depth of the ``dot`` job of ``pattern``: its last result with ideal streams, plus
     :data:`DOT_SLACK`, plus 1 (the cycle of the handshake is step ``last_result``)."""
-    pattern = NMPattern.parse(pattern)
     cmd = perf.Command(pattern=pattern, k=perf.k_chunk(cfg, pattern),
                        tokens=min(DOT_TOKENS, cfg.max_tokens), load_weights=True)
     return perf.command_timing(cfg, cmd).last_result + 1 + DOT_SLACK
@@ -795,7 +794,7 @@ def jobs_for(cfg: HwConfig, label: str, *, props=PROPERTIES,
         if prop == "liveness":
             return "bmc", bounded(liveness_depth(cfg))
         if prop.startswith("dot"):
-            return "bmc", bounded(dot_depth(cfg, prop[4:-1]))
+            return "bmc", bounded(dot_depth(cfg, NMPattern.parse(prop[4:-1])))
         raise FlexCimError(f"unknown property {prop!r}; expected one of {', '.join(HARNESSES)}")
 
     # One end-to-end job per pattern: its command is fixed, so the solver sees constants.
@@ -805,7 +804,8 @@ def jobs_for(cfg: HwConfig, label: str, *, props=PROPERTIES,
     for prop in props:
         mode, d = plan(prop)
         if prop.startswith("dot"):
-            make = lambda p=prop[4:-1]: DotHarness(cfg, pattern=p)  # noqa: E731
+            pattern = NMPattern.parse(prop[4:-1])
+            make = lambda p=pattern: DotHarness(cfg, pattern=p)  # noqa: E731
         else:
             make = lambda prop=prop: HARNESSES[prop](cfg)  # noqa: E731
         out.append(Job(label, prop, mode, d, "PASS", make=make))
@@ -1076,7 +1076,7 @@ def full_plan(seed: int = 16, *, dot: bool = False) -> list[Job]:
 
 
 def _formal_cmd(args: argparse.Namespace) -> int:
-    from flexcim.hw.config import HwConfig
+    from flexcim.spec.config import HwConfig
 
     if args.depth is not None and args.depth < 1:
         raise FlexCimError(f"--depth must be a positive cycle count, not {args.depth}")

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
-from flexcim.golden.nm import NMPattern, NMTensor, act_topk, compress, nm_prune, satisfies
+from flexcim.golden.prune import act_topk, nm_prune
+from flexcim.spec.nm import NMPattern, NMTensor, compress, satisfies
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
