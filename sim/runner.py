@@ -126,6 +126,11 @@ def prepare_environment() -> None:
     if "CFG_CXXFLAGS_PCH_I" not in os.environ.get("MAKEFLAGS", ""):
         os.environ["MAKEFLAGS"] = " ".join(
             filter(None, [os.environ.get("MAKEFLAGS", ""), "CFG_CXXFLAGS_PCH_I=-include"]))
+    # ccache (make setup installs it with iverilog) keeps the Verilator runtime and cocotb's
+    # harness objects that every build compiles anew: 16 s -> 2.5 s for a small design's
+    # rebuild in a fresh folder.  OBJCACHE set by the user (even empty) wins.
+    if "OBJCACHE" not in os.environ and shutil.which("ccache"):
+        os.environ["OBJCACHE"] = "ccache"
     # Verilator's generated makefile calls `python`; a venv provides it next to sys.executable.
     bindir = str(Path(sys.executable).parent)
     if bindir not in os.environ["PATH"].split(os.pathsep):

@@ -260,11 +260,11 @@ def _env_json(name: str, default=None):
     return json.loads(text) if text else default
 
 
-def _timeout_ns() -> float:
+def timeout_ns() -> float:
     return float(os.environ.get("FLEXCIM_TIMEOUT_NS", 5e6))
 
 
-def _case(cfg: HwConfig):
+def case_layer(cfg: HwConfig):
     """The layer of this run: the host's data file, or a random case from FLEXCIM_CASE."""
     path = os.environ.get("FLEXCIM_DATA")
     if path:
@@ -282,7 +282,7 @@ def _case(cfg: HwConfig):
     return x, w, case
 
 
-def _write_out(result: LayerResult, extra: dict) -> None:
+def write_out(result: LayerResult, extra: dict) -> None:
     path = os.environ.get("FLEXCIM_OUT")
     if not path:
         return
@@ -294,37 +294,48 @@ def _write_out(result: LayerResult, extra: dict) -> None:
         np.save(out.with_suffix(".npy"), result.y)
 
 
-@cocotb.test(timeout_time=_timeout_ns(), timeout_unit="ns")
-async def full_rate(dut):
+async def run_full_rate(dut, tb_class=None, what: str = "full rate") -> None:
     """No stalls: bit-exact against golden, cycles equal to golden.perf's (every weight port
-    and overlap setting: the model is exact, golden/perf.py)."""
+    and overlap setting: the model is exact, golden/perf.py).  ``tb_class`` drives the ports
+    (:class:`TB` for the native top; the AXI4-Stream wrapper's testbench passes its own)."""
     cfg = HwConfig.from_json(os.environ["FLEXCIM_HW_CONFIG"])
-    x, w, _ = _case(cfg)
-    tb = TB(dut, cfg, random.Random(cocotb.RANDOM_SEED))
+    x, w, _ = case_layer(cfg)
+    tb = (tb_class or TB)(dut, cfg, random.Random(cocotb.RANDOM_SEED))
     await tb.start()
     result = await tb.run_layer(x, w)
-    dut._log.info("full rate: %d cycles measured, %d modelled (%+.2f %%), utilization %.1f %%",
+    dut._log.info("%s: %d cycles measured, %d modelled (%+.2f %%), utilization %.1f %%", what,
                   result.cycles, result.model_cycles, 100 * (result.cycles /
                                                           result.model_cycles - 1),
                   100 * result.utilization)
     dut._log.info("activity counters equal the model; active cell-cycles %d, global-density "
                   "estimate %.0f (RTL/estimate %.3f)", result.activity["mac_cycles"],
                   result.activity["mac_estimate"], result.activity["mac_ratio"] or 0)
-    _write_out(result, {"full_rate": result.stats()})
+    write_out(result, {"full_rate": result.stats()})
     assert result.cycles == result.model_cycles, (
-        f"measured {result.cycles} cycles, golden.perf predicts {result.model_cycles}"
+        f"{what}: measured {result.cycles} cycles, golden.perf predicts {result.model_cycles}"
     )
 
 
-@cocotb.test(timeout_time=_timeout_ns(), timeout_unit="ns")
-async def random_stalls(dut):
+async def run_random_stalls(dut, tb_class=None) -> None:
     """Random idle cycles on every input and random back-pressure: still bit-exact, and never
     faster than the model allows."""
     cfg = HwConfig.from_json(os.environ["FLEXCIM_HW_CONFIG"])
-    x, w, case = _case(cfg)
-    tb = TB(dut, cfg, random.Random(cocotb.RANDOM_SEED + 1), idle=case.get("idle", 0.2),
-            backpressure=case.get("backpressure", 0.2))
+    x, w, case = case_layer(cfg)
+    tb = (tb_class or TB)(dut, cfg, random.Random(cocotb.RANDOM_SEED + 1),
+                          idle=case.get("idle", 0.2), backpressure=case.get("backpressure", 0.2))
     await tb.start()
     result = await tb.run_layer(x, w)
-    _write_out(result, {"random_stalls": result.stats()})
+    write_out(result, {"random_stalls": result.stats()})
     assert result.cycles >= result.model_cycles
+
+
+@cocotb.test(timeout_time=timeout_ns(), timeout_unit="ns")
+async def full_rate(dut):
+    """No stalls: bit-exact, cycles equal to golden.perf's."""
+    await run_full_rate(dut)
+
+
+@cocotb.test(timeout_time=timeout_ns(), timeout_unit="ns")
+async def random_stalls(dut):
+    """Random idle cycles and back-pressure: bit-exact, never faster than the model."""
+    await run_random_stalls(dut)

@@ -5,6 +5,8 @@ initial values (Yosys's backend relies on Verilog-2005 declaration-initialiser e
 FlexCiM controller's pass width stayed X for the dense pattern (code 0) and dense layers hung.
 """
 
+import os
+
 import pytest
 from amaranth import Array, Module, Signal
 from amaranth.lib import wiring
@@ -47,3 +49,23 @@ def test_icarus_compiles_verilog_2005():
     assert "-g2005" not in runner.build_args("verilator")
     with pytest.raises(runner.FlexCimError, match="simulator must be one of"):
         runner.build_args("xcelium")
+
+
+def test_verilator_builds_use_ccache_when_it_is_there_unless_told_otherwise(monkeypatch, tmp_path):
+    """OBJCACHE=ccache reaches Verilator's makefiles when ccache is on PATH; a user's OBJCACHE,
+    even empty, is kept; without ccache nothing is set."""
+    fake = tmp_path / "ccache"
+    fake.write_text("#!/bin/sh\nexec \"$@\"\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("OBJCACHE", raising=False)
+    runner.prepare_environment()
+    assert os.environ["OBJCACHE"] == "ccache"
+    monkeypatch.setenv("OBJCACHE", "")
+    runner.prepare_environment()
+    assert os.environ["OBJCACHE"] == ""
+    monkeypatch.delenv("OBJCACHE")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(runner, "verilator_bin_dir", lambda: None)
+    runner.prepare_environment()
+    assert "OBJCACHE" not in os.environ
