@@ -691,14 +691,14 @@ def stage_area(ctx: Context) -> None:
                            "and the next demo includes the area table")
     with open(path) as f:
         result = json.load(f)
-    order = ("dense", "fixed24", "default")  # baselines first, as make synth prints them
+    order = ("dense", "fixed24", "flex8", "default")  # baselines first, as make synth prints them
     names = sorted(result["presets"], key=lambda n: order.index(n) if n in order else len(order))
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
     ctx.report.record("area", result)
     ctx.report.section(
         "Area (from `make synth`)",
-        f"Measured by `make synth` on {stamp} (`{path}`); dense vs fixed-2:4 vs FlexCiM at "
-        "equal cell count, NAND2-equivalents per part. See docs/architecture.md section 6.",
+        f"Measured by `make synth` on {stamp} (`{path}`); dense vs fixed-2:4 vs flex8 vs "
+        "FlexCiM at equal cell count, NAND2-equivalents per part. See docs/architecture.md section 6.",
         markdown(result, names).split("\n", 1)[1],
     )
 
