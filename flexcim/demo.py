@@ -698,7 +698,8 @@ def stage_area(ctx: Context) -> None:
     ctx.report.section(
         "Area (from `make synth`)",
         f"Measured by `make synth` on {stamp} (`{path}`); dense vs fixed-2:4 vs flex8 vs "
-        "FlexCiM at equal cell count, NAND2-equivalents per part. See docs/architecture.md section 6.",
+        "FlexCiM at equal cell count, NAND2-equivalents per part. See docs/architecture.md "
+        "section 6.",
         markdown(result, names).split("\n", 1)[1],
     )
 
