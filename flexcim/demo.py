@@ -608,6 +608,26 @@ def pick_rtl_layer(plan, cfg) -> tuple[str, str]:
     return candidates[0]
 
 
+def weight_traffic(cfg, pattern, shape: dict, activity: dict) -> dict:
+    """The weight bits one projection moved into the macro, three ways (issue 17): the RTL's
+    ``weight_beats`` counter times the beat width; the system model's count
+    (:func:`flexcim.golden.system.projection_cost`, what the decode figures charge); and the
+    plan's own ``C * K * N/M`` kept weights with their value and index bits (the format's
+    bound, reached when no beat carries padding).  ``dense_bits`` is ``C * K`` int8 values."""
+    from flexcim.golden.system import Accelerator, projection_cost, weight_beat_bits
+    from flexcim.spec.nm import NMPattern
+
+    p = NMPattern.parse(pattern)
+    c, k, t = shape["out_features"], shape["in_features"], shape["tokens"]
+    kept = c * k // p.m * p.n
+    return {
+        "rtl_bits": activity["weight_beats"] * weight_beat_bits(cfg),
+        "model_bits": projection_cost(Accelerator(cfg=cfg, macros=1), p, t, c, k).weight_bits,
+        "plan_bits": kept * (8 + cfg.index_bits),
+        "dense_bits": c * k * 8,
+    }
+
+
 def stage_rtl(ctx: Context) -> None:
     """One real projection sparsified by the auto plan, with 8:16-pruned real activations, on
     Verilator."""
@@ -649,6 +669,8 @@ def stage_rtl(ctx: Context) -> None:
               "act_zero_fraction": float(np.mean(layer.act == 0)), **{
                   k: st.get(k) for k in ("cycles", "model_cycles", "utilization", "build_s",
                                          "sim_s", "wall_s", "dense_macs_per_s")}}
+    traffic = weight_traffic(cfg, pattern, st["shape"], st["activity"])
+    record["weight_traffic"] = traffic
     ctx.report.record("rtl", record)
     ctx.report.section(
         "One real layer on the RTL (Verilator)",
@@ -669,10 +691,16 @@ def stage_rtl(ctx: Context) -> None:
          ["utilization", st["utilization"]],
          ["zero activations after top-k", record["act_zero_fraction"]],
          ["int8 result vs float layer (relative L2 error)", rel],
+         ["weight bits moved: RTL counter (beats x beat width) / system model / plan's "
+          "N:M values + indices / dense int8",
+          "{rtl_bits:,} / {model_bits:,} / {plan_bits:,} / {dense_bits:,}".format(**traffic)],
          ["Verilator build / simulation (s)", f"{st['build_s']:.1f} / {st['sim_s']:.1f}"]],
     )
     if not (exact and golden_exact):
         raise WorkError(f"the RTL disagrees with the reference on {name}")
+    if traffic["rtl_bits"] != traffic["model_bits"]:
+        raise WorkError(f"the RTL moved {traffic['rtl_bits']} weight bits on {name}, the "
+                        f"system model charges {traffic['model_bits']}")
 
 
 AREA_DIR = "out/synth"
