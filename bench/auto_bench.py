@@ -75,6 +75,11 @@ def main(argv=None) -> int:
     parser.add_argument("--val-windows", type=int, default=8)
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
     parser.add_argument("--skip-sparsegpt", action="store_true")
+    parser.add_argument("--only-sparsegpt", action="store_true",
+                        help="test rows with SparseGPT only (e.g. beside a --skip-sparsegpt run)")
+    parser.add_argument("--methods", default="auto,uniform,owl,flow", metavar="M,M",
+                        help="methods tested (default all four)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--sensitivity-from", metavar="JSON",
                         help="reuse the sensitivity of an earlier run (same model, text, seed "
                              "and windows)")
@@ -85,8 +90,15 @@ def main(argv=None) -> int:
                              "levels are added to the sensitivity measurement)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     targets = [float(t) for t in args.targets.split(",")]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - {"auto", "uniform", "owl", "flow"})
+    if unknown or not methods:
+        raise FlexCimError(f"--methods {args.methods!r}: expected some of auto, uniform, owl, "
+                           "flow")
+    if args.skip_sparsegpt and args.only_sparsegpt:
+        raise FlexCimError("--skip-sparsegpt and --only-sparsegpt exclude each other")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -151,19 +163,21 @@ def main(argv=None) -> int:
 
     made: dict = {}  # (method, variant, target, macro) -> plan: validation's serve the test
 
-    def plan_for(method: str, variant: str, target: float, macro: str = "default"):
-        key = (method, variant, target, macro)
+    def plan_for(method: str, variant: str, target: float, macro: str = "default",
+                 metric: str = "wanda"):
+        # auto's choice between its candidates prunes them as the plan will be pruned
+        key = (method, variant, target, macro, metric if method == "auto" else "wanda")
         if key not in made:
-            made[key] = make(method, variant, target, macro)
+            made[key] = make(*key)
         return made[key]
 
-    def make(method: str, variant: str, target: float, macro: str):
+    def make(method: str, variant: str, target: float, macro: str, metric: str):
         if method == "auto":  # variant: granularity, "-norefine" without the local search
             granularity, _, norefine = variant.partition("-")
             return pipeline.make_plan(model, cw, SelectConfig(
                 method="auto", target=target, hw_config=PRESETS[macro],
                 granularity=granularity, refine_steps=0 if norefine else args.refine_steps),
-                sensitivity=sens, progress=False)
+                sensitivity=sens, progress=False, metric=metric)
         if method == "uniform":
             return pipeline.make_plan(model, None, SelectConfig(method="uniform",
                                                                 pattern=variant), stats=stats,
@@ -222,18 +236,21 @@ def main(argv=None) -> int:
 
     # 3. test: the chosen variants, Wanda and SparseGPT; auto also on fixed24's patterns
     tests = []
-    metrics = ["wanda"] + ([] if args.skip_sparsegpt else ["sparsegpt"])
+    metrics = [m for m in ("wanda", "sparsegpt") if not (
+        (m == "sparsegpt" and args.skip_sparsegpt) or (m == "wanda" and args.only_sparsegpt))]
     for t in targets:
         plans = [*(("auto", chosen["auto"], name) for name in macros),
                  ("uniform", chosen["uniform"][str(t)], "default"),
                  ("owl", chosen["owl"], "default"), ("flow", chosen["flow"], "default")]
         for method, v, macro in plans:
-            try:
-                plan = plan_for(method, v, t, macro)
-            except FlexCimError as exc:
-                log.info("%s %s on %s at %g: %s", method, v, macro, t, exc)
+            if method not in methods:
                 continue
             for metric in metrics:
+                try:
+                    plan = plan_for(method, v, t, macro, metric)
+                except FlexCimError as exc:
+                    log.info("%s %s on %s at %g: %s", method, v, macro, t, exc)
+                    break
                 row = {"method": method, "variant": v, "macro": macro, "target": t,
                        "metric": metric, "achieved": plan.achieved_sparsity,
                        "patterns": sorted(set(plan.layers.values())),

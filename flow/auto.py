@@ -19,8 +19,10 @@ instead, on the calibration text only:
    pruned-parameter units (:func:`solve_units`).  Different projections of one block may get
    different patterns: the macro takes a pattern per command, so this costs nothing in hardware.
 4. **Choice and local search** (granularity ``best``, the default): the projection and block
-   allocations and the macro's uniform pattern at the target are compared on the calibration
-   loss of other calibration windows (``loss_windows``), the lowest is kept, and :func:`refine`
+   allocations, three allocations shrunk toward uniform sparsity (:data:`SHRINKS`) and the
+   macro's uniform pattern at the target are compared on the calibration loss of other
+   calibration windows (``loss_windows``), each pruned as the plan will be (the ``metric``:
+   :func:`one_shot_pruner`), the lowest is kept, and :func:`refine`
    then swaps levels between projections while that loss falls (the additive cost ignores how
    the harms of two pruned projections interact).  The searched plan replaces the chosen one
    only if it also has the lower loss on the calibration windows the search never saw
@@ -41,14 +43,20 @@ import logging
 import math
 import pathlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from flexcim.flow import calib
 from flexcim.flow.eval import nll_sum
 from flexcim.flow.model import Block, _block_list, cache_dir, decoder_blocks
-from flexcim.flow.prune import nm_mask, wanda_scores
+from flexcim.flow.prune import (
+    magnitude_scores,
+    nm_mask,
+    prune_nm,
+    sparsegpt_nm,
+    wanda_scores,
+)
 from flexcim.spec.nm import NMPattern
 from torch import nn
 from tqdm import tqdm
@@ -59,6 +67,10 @@ from flexcim.fileio import atomic_write
 log = logging.getLogger("flexcim.flow")
 
 GRANULARITIES = ("projection", "block")
+SHRINKS = (4.0, 16.0, 64.0)
+"""The pulls toward uniform sparsity (:func:`allocate`'s ``shrink``) of the extra candidates
+``auto`` compares with granularity ``best``: on SmolLM2's validation text the additive cost
+over-spreads the sparsity at 50 % (docs/flow.md, "Shrinking toward uniform")."""
 
 
 def levels_of(patterns, widths: list[int]) -> tuple[NMPattern, ...]:
@@ -195,10 +207,15 @@ class LossProbe:
         return nm_mask(scores, n_keep=pattern.n, m=pattern.m)
 
 
+PruneFn = Callable[[str, torch.Tensor, NMPattern], torch.Tensor]
+
+
 @contextlib.contextmanager
-def pruned(layers: dict[str, nn.Linear], patterns: dict[str, NMPattern], probe: LossProbe
-           ) -> Iterator[None]:
-    """Temporarily prune ``layers`` to ``patterns`` with Wanda masks (weights restored after)."""
+def pruned(layers: dict[str, nn.Linear], patterns: dict[str, NMPattern], probe: LossProbe,
+           prune_fn: PruneFn | None = None) -> Iterator[None]:
+    """Temporarily prune ``layers`` to ``patterns`` (weights restored after): with Wanda masks
+    of the probe's dense statistics, or ``prune_fn(name, dense weight, pattern)``'s weight
+    (:func:`one_shot_pruner`)."""
     saved = {}
     try:
         for name, pattern in patterns.items():
@@ -206,7 +223,10 @@ def pruned(layers: dict[str, nn.Linear], patterns: dict[str, NMPattern], probe: 
                 continue
             w = layers[name].weight
             saved[name] = w.detach().clone()
-            w.data.mul_(probe.wanda_mask(name, saved[name], pattern).to(w.dtype))
+            if prune_fn is None:
+                w.data.mul_(probe.wanda_mask(name, saved[name], pattern).to(w.dtype))
+            else:
+                w.data.copy_(prune_fn(name, saved[name], pattern))
         yield
     finally:
         for name, w in saved.items():
@@ -445,9 +465,16 @@ def solve_units(costs: list[list[float]], units: list[list[int]], target: int
 
 
 def allocate(blocks: list[Block], sensitivity: Sensitivity, target: float
-             ) -> tuple[dict[str, NMPattern], float, str]:
+             , shrink: float = 0.0) -> tuple[dict[str, NMPattern], float, str]:
     """The projection patterns minimising the measured cost at mean parameter sparsity
-    ``target`` (exact when reachable, else the nearest with a message)."""
+    ``target`` (exact when reachable, else the nearest with a message).
+
+    ``shrink`` > 0 pulls the plan toward uniform sparsity: each projection's cost at a level
+    gains ``shrink * C * w * (s - target)**2``, with ``w`` its share of the parameters, ``s``
+    the level's sparsity and ``C`` the summed cost of the unshrunk allocation (so the pull is
+    relative to what the measurement predicts, whatever the model).  The measured costs are
+    additive estimates; where they disagree with how the harms of many pruned projections
+    combine, a plan nearer uniform can be better (see :data:`SHRINKS`)."""
     levels = [NMPattern.parse(p) for p in sensitivity.levels]
     costs = sensitivity.unit_costs(blocks)
     names = list(costs)
@@ -466,7 +493,14 @@ def allocate(blocks: list[Block], sensitivity: Sensitivity, target: float
         raise FlexCimError(f"target sparsity {target:g} is outside [0, {max_sparsity:.4g}], the "
                            f"range reachable with the patterns {sensitivity.levels}")
     wanted = round(target * total_params / grain)
-    picks, total = solve_units([costs[n] for n in names], units, wanted)
+    table = [costs[n] for n in names]
+    picks, total = solve_units(table, units, wanted)
+    if shrink > 0:
+        predicted = sum(row[o] for row, o in zip(table, picks, strict=True))
+        table = [[c + shrink * predicted * params[n] / total_params
+                  * (p.sparsity - target) ** 2 for c, p in zip(row, levels, strict=True)]
+                 for n, row in zip(names, table, strict=True)]
+        picks, total = solve_units(table, units, wanted)
     achieved = total * grain / total_params
     message = "" if abs(achieved - target) < 1e-9 else (
         f"target sparsity {target:g} is not reachable exactly with the patterns "
@@ -476,19 +510,46 @@ def allocate(blocks: list[Block], sensitivity: Sensitivity, target: float
 
 def calibration_losses(model: nn.Module, windows: torch.Tensor,
                        plans: dict[str, dict[str, NMPattern]], *, batch_size: int = 8,
-                       probe: LossProbe | None = None) -> dict[str, float]:
+                       probe: LossProbe | None = None, prune_fn: PruneFn | None = None
+                       ) -> dict[str, float]:
     """Mean loss on ``windows`` with each candidate plan applied (Wanda masks of the dense
-    model), computed from the first pruned block on; the model is left as it was.  ``probe``
-    reuses a dense :class:`LossProbe` on ``windows``."""
+    model, or ``prune_fn``'s weights), computed from the first pruned block on; the model is
+    left as it was.  ``probe`` reuses a dense :class:`LossProbe` on ``windows``."""
     probe = probe or LossProbe(model, windows, batch_size=batch_size)
     layers = {n: m for b in probe.blocks for n, m in b.linears.items()}
     index = {n: b.index for b in probe.blocks for n in b.linears}
     losses = {}
     for key, patterns in plans.items():
         sparse = [index[n] for n, p in patterns.items() if not p.is_dense]
-        with pruned(layers, patterns, probe):
+        with pruned(layers, patterns, probe, prune_fn):
             losses[key] = probe.loss(min(sparse, default=0))
     return losses
+
+
+def one_shot_pruner(model: nn.Module, windows: torch.Tensor, metric: str, *,
+                    progress: bool = True) -> PruneFn | None:
+    """How the plan will be pruned, for ``auto``'s choice between candidate plans: ``None`` for
+    Wanda (the probe's masks), else a function giving a projection's weight pruned by
+    ``metric`` one-shot from the dense model's statistics on ``windows`` (SparseGPT: each
+    projection's ``X^T X``, one calibration pass; results cached per projection and pattern,
+    since candidate plans share most of them)."""
+    if metric == "wanda":
+        return None
+    if metric == "magnitude":
+        return lambda _name, weight, p: prune_nm(weight, magnitude_scores(weight), n_keep=p.n,
+                                                 m=p.m)
+    if metric != "sparsegpt":
+        raise FlexCimError(f"unknown metric {metric!r}; expected wanda, magnitude or sparsegpt")
+    stats = calib.calibrate(model, windows, hessian=True, keep_hessians=True, progress=progress)
+    done: dict[tuple[str, str], torch.Tensor] = {}
+
+    def prune_fn(name: str, weight: torch.Tensor, p: NMPattern) -> torch.Tensor:
+        key = (name, str(p))
+        if key not in done:
+            done[key] = sparsegpt_nm(weight, stats[name].hessian, n_keep=p.n, m=p.m)
+        return done[key]
+
+    return prune_fn
 
 
 @torch.no_grad()
@@ -610,12 +671,15 @@ def macro_patterns(config) -> tuple[NMPattern, ...]:
 
 
 def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
-              sensitivity: Sensitivity | None = None, progress: bool = True):
+              sensitivity: Sensitivity | None = None, progress: bool = True,
+              metric: str = "wanda"):
     """The ``auto`` :class:`~flexcim.flow.select.Plan` for ``config.target``.
 
     ``sensitivity`` reuses a measurement (it depends on the model, the calibration windows and
     the pattern levels only); otherwise the first ``config.sens_windows`` of ``windows`` are
-    measured.
+    measured.  ``metric`` is how the plan will be pruned: the choice between candidate plans
+    and the local search's held-out check compare the plans pruned that way
+    (:func:`one_shot_pruner`); the sensitivity and the search's steps use Wanda masks.
     """
     from flexcim.flow.select import Plan
 
@@ -641,6 +705,10 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
             s = sensitivity if granularity == "projection" else dataclasses.replace(
                 sensitivity, kind_cost={})
             candidates[granularity] = (s, *allocate(blocks, s, config.target))
+    if config.granularity == "best":
+        for shrink in SHRINKS:
+            candidates[f"shrink{shrink:g}"] = (sensitivity, *allocate(
+                blocks, sensitivity, config.target, shrink=shrink))
     uniform = [p for p in levels if abs(p.sparsity - config.target) < 1e-9]
     if config.granularity == "best" and uniform:
         names = [n for b in blocks for n in b.linears]
@@ -656,10 +724,13 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     probe = None  # one dense pass on the loss windows serves the choice and the search
     if windows is not None and (len(distinct) > 1 or config.refine_steps):
         probe = LossProbe(model, loss_windows(windows, config))
+    prune_fn = None
+    if probe is not None and (len(distinct) > 1 or config.refine_steps):
+        prune_fn = one_shot_pruner(model, windows, metric, progress=progress)
     if len(distinct) > 1 and probe is not None:
         losses = calibration_losses(model, probe.windows,
                                     {k: candidates[k][1] for k in distinct.values()},
-                                    probe=probe)
+                                    probe=probe, prune_fn=prune_fn)
         choice = {k: losses[distinct[same[k]]] for k in candidates}
         chosen = min(choice, key=choice.get)
         log.info("auto: calibration loss per candidate plan %s; keeping %s",
@@ -678,7 +749,8 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
             # The search accepts any swap that lowers the loss on its own windows, noise
             # included; at 25 % it moved off the uniform plan and lost on the test windows
             # (docs/flow.md). Keep its plan only if calibration windows it never saw agree.
-            check = calibration_losses(model, held, {"start": start, "refined": patterns})
+            check = calibration_losses(model, held, {"start": start, "refined": patterns},
+                                       prune_fn=prune_fn)
             refined["guard"] = {"windows": int(held.shape[0]), "loss_start": check["start"],
                                 "loss_refined": check["refined"],
                                 "kept": check["refined"] < check["start"]}
@@ -712,6 +784,7 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
         settings["hw_config"] = config.hw_config.to_dict()
     settings["chosen"] = chosen
     settings["candidate_losses"] = choice
+    settings["choice_metric"] = metric
     settings["refine"] = refined
     settings["sensitivity"] = {"seconds": round(sensitivity.seconds, 1),
                                "evaluations": sensitivity.evaluations,

@@ -111,7 +111,7 @@ def make_plan(model: nn.Module, windows: torch.Tensor | None, config: SelectConf
         from flexcim.flow import auto
 
         plan = auto.auto_plan(model, windows, config, sensitivity=sensitivity,
-                              progress=progress)
+                              progress=progress, metric=metric)
         plan.settings["metric"] = metric
         log.info("auto plan: target %.4g, achieved %.4g, %s (%.1f s)", plan.target_sparsity,
                  plan.achieved_sparsity, " ".join(b["pattern"] for b in plan.blocks),

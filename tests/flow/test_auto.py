@@ -158,6 +158,46 @@ def test_allocate_keeps_the_sensitive_projection_dense_and_counts_parameters(tin
         auto.allocate(blocks, sens, 0.8)
 
 
+def test_shrink_pulls_the_allocation_toward_uniform_sparsity(tiny):
+    """The shrunk cost by hand on a brute-forced two-level problem, its spread falls as the
+    pull grows, and a strong pull gives the uniform plan."""
+    blocks = decoder_blocks(tiny)
+    params = {n: m.weight.numel() for n, m in linear_layers(tiny).items()}
+    total = sum(params.values())
+    kinds = sorted({auto.projection_kind(n, b) for b in blocks for n in b.linears})
+    sens = auto.Sensitivity(levels=["1:1", "4:8", "2:8"],
+                            block_cost=[[0.0, 0.2 + b, 0.5 + 4 * b] for b in range(len(blocks))],
+                            kind_cost={k: [0.0, 1.0 + i, 3.0 + i] for i, k in enumerate(kinds)},
+                            dense_loss=1.0, seconds=0.0, evaluations=0)
+
+    def spread(patterns):
+        return sum(params[n] * (p.sparsity - 0.5) ** 2 for n, p in patterns.items()) / total
+
+    base, achieved, _ = auto.allocate(blocks, sens, 0.5)
+    assert auto.allocate(blocks, sens, 0.5, shrink=0.0)[0] == base
+    assert spread(base) > 0  # the measured costs spread the sparsity
+    spreads = [spread(auto.allocate(blocks, sens, 0.5, shrink=s)[0])
+               for s in (0.0, 1.0, 4.0, 16.0, 1e6)]
+    assert spreads == sorted(spreads, reverse=True) and spreads[-1] == 0.0
+    strong = auto.allocate(blocks, sens, 0.5, shrink=1e6)
+    assert set(strong[0].values()) == {NMPattern(4, 8)} and strong[1] == pytest.approx(0.5)
+    # the shrunk objective, evaluated by hand, is minimal among all plans that swap one
+    # dense projection with one 2:8 projection of the same size (a feasible neighbourhood)
+    costs = sens.unit_costs(blocks)
+    level = {str(p): i for i, p in enumerate(NMPattern.parse(x) for x in sens.levels)}
+    predicted = sum(costs[n][level[str(p)]] for n, p in base.items())
+
+    def objective(patterns, shrink):
+        return sum(costs[n][level[str(p)]] + shrink * predicted * params[n] / total
+                   * (p.sparsity - 0.5) ** 2 for n, p in patterns.items())
+
+    plan = auto.allocate(blocks, sens, 0.5, shrink=4.0)[0]
+    for a, b in itertools.permutations(plan, 2):
+        if (params[a] == params[b] and plan[a].is_dense and plan[b] == NMPattern(2, 8)):
+            swapped = {**plan, a: NMPattern(4, 8), b: NMPattern(4, 8)}
+            assert objective(swapped, 4.0) >= objective(plan, 4.0) - 1e-12
+
+
 def test_levels_take_the_largest_m_per_sparsity():
     levels = auto.levels_of(PRESETS["default"].patterns, [576, 1536])
     assert [str(p) for p in levels] == ["1:1", "12:16", "8:16", "6:16", "4:16", "2:16"]
@@ -298,7 +338,8 @@ def test_best_granularity_keeps_the_candidate_with_the_lowest_calibration_loss(t
                           hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
     plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
     losses = plan.settings["candidate_losses"]
-    assert set(losses) == {"projection", "block", "uniform"}  # 4:8 is at the target
+    shrunk = {f"shrink{s:g}" for s in auto.SHRINKS}
+    assert set(losses) == {"projection", "block", "uniform", *shrunk}  # 4:8 is at the target
     assert plan.settings["chosen"] == min(losses, key=losses.get)
     # the recorded loss of the kept plan, recomputed by hand: Wanda masks + HF's own loss
     stats = calib.calibrate(tiny, tiny_windows, progress=False)
@@ -308,7 +349,35 @@ def test_best_granularity_keeps_the_candidate_with_the_lowest_calibration_loss(t
     # off the uniform levels only the two allocations compete
     plan = pipeline.make_plan(tiny, tiny_windows, dataclasses.replace(config, target=0.375),
                               progress=False)
-    assert set(plan.settings["candidate_losses"]) == {"projection", "block"}
+    assert set(plan.settings["candidate_losses"]) == {"projection", "block", *shrunk}
+
+
+@pytest.mark.parametrize("metric", ["sparsegpt", "magnitude"])
+def test_the_choice_compares_the_candidates_pruned_with_the_plans_metric(tiny, tiny_windows,
+                                                                         metric):
+    config = SelectConfig(method="auto", target=0.5, sens_windows=3, refine_steps=0,
+                          hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
+    wanda = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False, metric=metric)
+    assert plan.settings["choice_metric"] == metric and plan.settings["metric"] == metric
+    losses = plan.settings["candidate_losses"]
+    assert set(losses) == {"projection", "block", "uniform",
+                           *(f"shrink{s:g}" for s in auto.SHRINKS)}
+    assert plan.settings["chosen"] == min(losses, key=losses.get)
+    # the same candidates (the sensitivity is Wanda's), other losses: the metric is used
+    assert all(losses[k] != pytest.approx(v, rel=1e-6)
+               for k, v in wanda.settings["candidate_losses"].items())
+    # the kept plan's loss by hand: pipeline's one-shot pruning from the dense statistics of
+    # every calibration window (X^T X for SparseGPT) + Hugging Face's own loss
+    stats = calib.calibrate(tiny, tiny_windows, hessian=True, keep_hessians=True,
+                            progress=False)
+    layers = linear_layers(tiny)
+    before = {n: m.weight.detach().clone() for n, m in layers.items()}
+    pipeline.apply_plan(tiny, plan, None, metric=metric, stats=stats, progress=False)
+    assert reference_loss(tiny, tiny_windows) == pytest.approx(losses[plan.settings["chosen"]],
+                                                               rel=1e-5)
+    for n, m in layers.items():
+        m.weight.data.copy_(before[n])
 
 
 def test_candidates_that_are_the_same_plan_are_evaluated_once(tiny, tiny_windows,
@@ -331,7 +400,10 @@ def test_candidates_that_are_the_same_plan_are_evaluated_once(tiny, tiny_windows
     config = dataclasses.replace(config, target=0.25)
     plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
     losses = plan.settings["candidate_losses"]
-    assert evaluated == [["block", "projection"]] and set(losses) == {"projection", "block"}
+    shrunk = {f"shrink{s:g}" for s in auto.SHRINKS}
+    assert evaluated == [["block", "projection"]]  # the shrunk plans are one of the two here
+    assert set(losses) == {"projection", "block", *shrunk}
+    assert all(losses[k] in (losses["block"], losses["projection"]) for k in shrunk)
 
 
 def test_an_auto_plan_round_trips_and_a_bare_mixed_block_is_refused(tiny, tiny_windows,
