@@ -998,6 +998,8 @@ def run_jobs(jobs: list[Job], out: Path | None = None, *, parallel: int = 2,
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flexcim-formal-")))
             final = None
         else:
+            out = Path(out).absolute()  # the solver wrapper's folder goes on the jobs' PATH,
+            # and each job runs in its own folder: a relative one would not be found
             out.parent.mkdir(parents=True, exist_ok=True)
             root = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
             final = out

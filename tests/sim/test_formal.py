@@ -8,6 +8,7 @@ vacuous assumption, an assertion that cannot fire) fails this file.
 import dataclasses
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from flexcim.sim import formal
@@ -131,3 +132,14 @@ def test_a_false_property_is_not_reported_as_proven(tmp_path):
     assert outcome.result == "FAIL" and not outcome.ok
     assert "<-- unexpected" in formal.format_summary([outcome])
     assert (tmp_path / "f" / job.name / "trace.vcd").is_file()
+
+
+def test_a_relative_out_folder_finds_the_solver(tmp_path, monkeypatch):
+    """`make formal` passes out/formal, a relative path: the solver wrapper's folder must still
+    be on every job's PATH (each job runs in its own folder; was: every job an ERROR, "SMT
+    Solver 'boolector' not found in path")."""
+    monkeypatch.chdir(tmp_path)
+    job, = formal.jobs_for(formal.SMALLEST, "smallest", props=("distribution",), mutants=())
+    outcome, = formal.run_jobs([job], Path("out") / "formal", parallel=1, timeout=300)
+    assert outcome.result == "PASS", outcome.detail
+    assert (tmp_path / "out" / "formal" / "summary.json").is_file()
