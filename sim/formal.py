@@ -1002,6 +1002,8 @@ def run_jobs(jobs: list[Job], out: Path | None = None, *, parallel: int = 2,
             # and each job runs in its own folder: a relative one would not be found
             out.parent.mkdir(parents=True, exist_ok=True)
             root = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            # interrupted or failed: no half-built folder left (gone already once renamed)
+            stack.callback(shutil.rmtree, root, ignore_errors=True)
             final = out
         bin_dir = root / "bin"
         bin_dir.mkdir()

@@ -143,3 +143,15 @@ def test_a_relative_out_folder_finds_the_solver(tmp_path, monkeypatch):
     outcome, = formal.run_jobs([job], Path("out") / "formal", parallel=1, timeout=300)
     assert outcome.result == "PASS", outcome.detail
     assert (tmp_path / "out" / "formal" / "summary.json").is_file()
+
+
+def test_an_interrupted_run_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    job, = formal.jobs_for(formal.SMALLEST, "smallest", props=("distribution",), mutants=())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(formal, "run_job", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        formal.run_jobs([job], tmp_path / "out" / "formal", parallel=1, timeout=300)
+    assert list((tmp_path / "out").iterdir()) == []
