@@ -531,8 +531,8 @@ def one_shot_pruner(model: nn.Module, windows: torch.Tensor, metric: str, *,
     """How the plan will be pruned, for ``auto``'s choice between candidate plans: ``None`` for
     Wanda (the probe's masks), else a function giving a projection's weight pruned by
     ``metric`` one-shot from the dense model's statistics on ``windows`` (SparseGPT: each
-    projection's ``X^T X``, one calibration pass; results cached per projection and pattern,
-    since candidate plans share most of them)."""
+    projection's ``X^T X``, one calibration pass when first needed; results cached per
+    projection and pattern, since candidate plans share most of them)."""
     if metric == "wanda":
         return None
     if metric == "magnitude":
@@ -540,12 +540,15 @@ def one_shot_pruner(model: nn.Module, windows: torch.Tensor, metric: str, *,
                                                  m=p.m)
     if metric != "sparsegpt":
         raise FlexCimError(f"unknown metric {metric!r}; expected wanda, magnitude or sparsegpt")
-    stats = calib.calibrate(model, windows, hessian=True, keep_hessians=True, progress=progress)
+    stats: dict = {}  # the calibration pass, on the first call only (none if nothing compares)
     done: dict[tuple[str, str], torch.Tensor] = {}
 
     def prune_fn(name: str, weight: torch.Tensor, p: NMPattern) -> torch.Tensor:
         key = (name, str(p))
         if key not in done:
+            if not stats:
+                stats.update(calib.calibrate(model, windows, hessian=True, keep_hessians=True,
+                                             progress=progress))
             done[key] = sparsegpt_nm(weight, stats[name].hessian, n_keep=p.n, m=p.m)
         return done[key]
 
@@ -721,11 +724,9 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     same = {k: tuple(sorted((n, str(p)) for n, p in c[1].items()))
             for k, c in candidates.items()}
     distinct = {v: k for k, v in reversed(same.items())}  # plan -> its first candidate
-    probe = None  # one dense pass on the loss windows serves the choice and the search
+    probe = prune_fn = None  # one dense pass on the loss windows serves the choice and search
     if windows is not None and (len(distinct) > 1 or config.refine_steps):
         probe = LossProbe(model, loss_windows(windows, config))
-    prune_fn = None
-    if probe is not None and (len(distinct) > 1 or config.refine_steps):
         prune_fn = one_shot_pruner(model, windows, metric, progress=progress)
     if len(distinct) > 1 and probe is not None:
         losses = calibration_losses(model, probe.windows,

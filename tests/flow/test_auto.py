@@ -159,8 +159,8 @@ def test_allocate_keeps_the_sensitive_projection_dense_and_counts_parameters(tin
 
 
 def test_shrink_pulls_the_allocation_toward_uniform_sparsity(tiny):
-    """The shrunk cost by hand on a brute-forced two-level problem, its spread falls as the
-    pull grows, and a strong pull gives the uniform plan."""
+    """The spread of the sparsity falls as the pull grows, a strong pull gives the uniform
+    plan, and the shrunk objective, evaluated by hand, no one-swap neighbour improves."""
     blocks = decoder_blocks(tiny)
     params = {n: m.weight.numel() for n, m in linear_layers(tiny).items()}
     total = sum(params.values())
@@ -346,7 +346,7 @@ def test_best_granularity_keeps_the_candidate_with_the_lowest_calibration_loss(t
     pipeline.apply_plan(tiny, plan, None, stats=stats, progress=False)
     assert reference_loss(tiny, tiny_windows) == pytest.approx(losses[plan.settings["chosen"]],
                                                                rel=1e-5)
-    # off the uniform levels only the two allocations compete
+    # off the uniform levels only the allocations (plain and shrunk) compete
     plan = pipeline.make_plan(tiny, tiny_windows, dataclasses.replace(config, target=0.375),
                               progress=False)
     assert set(plan.settings["candidate_losses"]) == {"projection", "block", *shrunk}
