@@ -50,13 +50,7 @@ import torch
 from flexcim.flow import calib
 from flexcim.flow.eval import nll_sum
 from flexcim.flow.model import Block, _block_list, cache_dir, decoder_blocks
-from flexcim.flow.prune import (
-    magnitude_scores,
-    nm_mask,
-    prune_nm,
-    sparsegpt_nm,
-    wanda_scores,
-)
+from flexcim.flow.prune import nm_mask, prune_weight, wanda_scores
 from flexcim.spec.nm import NMPattern
 from torch import nn
 from tqdm import tqdm
@@ -536,8 +530,7 @@ def one_shot_pruner(model: nn.Module, windows: torch.Tensor, metric: str, *,
     if metric == "wanda":
         return None
     if metric == "magnitude":
-        return lambda _name, weight, p: prune_nm(weight, magnitude_scores(weight), n_keep=p.n,
-                                                 m=p.m)
+        return lambda _name, weight, p: prune_weight(weight, metric, n_keep=p.n, m=p.m)
     if metric != "sparsegpt":
         raise FlexCimError(f"unknown metric {metric!r}; expected wanda, magnitude or sparsegpt")
     stats: dict = {}  # the calibration pass, on the first call only (none if nothing compares)
@@ -549,7 +542,8 @@ def one_shot_pruner(model: nn.Module, windows: torch.Tensor, metric: str, *,
             if not stats:
                 stats.update(calib.calibrate(model, windows, hessian=True, keep_hessians=True,
                                              progress=progress))
-            done[key] = sparsegpt_nm(weight, stats[name].hessian, n_keep=p.n, m=p.m)
+            done[key] = prune_weight(weight, metric, n_keep=p.n, m=p.m,
+                                     hessian=stats[name].hessian)
         return done[key]
 
     return prune_fn
@@ -785,7 +779,6 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
         settings["hw_config"] = config.hw_config.to_dict()
     settings["chosen"] = chosen
     settings["candidate_losses"] = choice
-    settings["choice_metric"] = metric
     settings["refine"] = refined
     settings["sensitivity"] = {"seconds": round(sensitivity.seconds, 1),
                                "evaluations": sensitivity.evaluations,

@@ -158,13 +158,10 @@ def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
         if pattern is None or pattern.is_dense:
             return
         weight = layers[name].weight
-        if metric == "sparsegpt":
-            new = prune.sparsegpt_nm(weight, stats.hessian, n_keep=pattern.n, m=pattern.m)
-        else:
-            scores = (prune.magnitude_scores(weight) if metric == "magnitude"
-                      else prune.wanda_scores(weight, stats.act_sq_mean))
-            new = prune.prune_nm(weight, scores, n_keep=pattern.n, m=pattern.m)
-        weight.copy_(new)
+        weight.copy_(prune.prune_weight(
+            weight, metric, n_keep=pattern.n, m=pattern.m,
+            act_sq_mean=None if stats is None else stats.act_sq_mean,
+            hessian=stats.hessian if metric == "sparsegpt" else None))
 
     if metric == "magnitude" or stats is not None:
         for name in layers:

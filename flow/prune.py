@@ -113,6 +113,26 @@ def sparsegpt_nm(weight: torch.Tensor, hessian: torch.Tensor, *, n_keep: int, m:
     return w.to(weight.dtype)
 
 
+def prune_weight(weight: torch.Tensor, metric: str, *, n_keep: int, m: int,
+                 act_sq_mean: torch.Tensor | None = None,
+                 hessian: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight`` pruned to ``n_keep:m`` by ``metric`` (one of :data:`METRICS`): Wanda needs the
+    input's ``act_sq_mean``, SparseGPT its ``hessian`` (``X^T X``); magnitude neither."""
+    if metric == "sparsegpt":
+        if hessian is None:
+            raise FlexCimError("metric 'sparsegpt' needs the input's X^T X (calibration)")
+        return sparsegpt_nm(weight, hessian, n_keep=n_keep, m=m)
+    if metric == "wanda":
+        if act_sq_mean is None:
+            raise FlexCimError("metric 'wanda' needs the input's mean square (calibration)")
+        scores = wanda_scores(weight, act_sq_mean)
+    elif metric == "magnitude":
+        scores = magnitude_scores(weight)
+    else:
+        raise FlexCimError(f"metric must be one of {METRICS}, not {metric!r}")
+    return prune_nm(weight, scores, n_keep=n_keep, m=m)
+
+
 def _sparsegpt_columns(w: torch.Tensor, hinv: torch.Tensor, n_keep: int, m: int,
                        blocksize: int) -> None:
     """SparseGPT's lazy-batched column sweep, in place on ``w``."""

@@ -359,7 +359,7 @@ def test_the_choice_compares_the_candidates_pruned_with_the_plans_metric(tiny, t
                           hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
     wanda = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
     plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False, metric=metric)
-    assert plan.settings["choice_metric"] == metric and plan.settings["metric"] == metric
+    assert plan.settings["metric"] == metric
     losses = plan.settings["candidate_losses"]
     assert set(losses) == {"projection", "block", "uniform",
                            *(f"shrink{s:g}" for s in auto.SHRINKS)}

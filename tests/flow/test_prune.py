@@ -106,3 +106,28 @@ def test_bad_patterns():
         prune.nm_mask(w, n_keep=5, m=4)
     with pytest.raises(FlexCimError, match="do not match in_features=12"):
         prune.wanda_scores(w, torch.ones(8))
+
+
+def test_prune_weight_dispatches_each_metric_and_names_missing_statistics():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 16, generator=g)
+    x = torch.randn(64, 16, generator=g) * torch.linspace(0.1, 3.0, 16)
+    act_sq_mean, hessian = (x * x).mean(0), x.T @ x
+    # the reference: keep the 2 of every 4 inputs with the largest score, by a naive loop
+    for metric, score in (("magnitude", w.abs()), ("wanda", w.abs() * act_sq_mean.sqrt())):
+        want = torch.zeros_like(w)
+        for r in range(4):
+            for g0 in range(0, 16, 4):
+                keep = sorted(range(g0, g0 + 4), key=lambda j: (-float(score[r, j]), j))[:2]
+                want[r, keep] = w[r, keep]
+        got = prune.prune_weight(w, metric, n_keep=2, m=4, act_sq_mean=act_sq_mean)
+        assert torch.equal(got, want), metric
+    sgpt = prune.prune_weight(w, "sparsegpt", n_keep=2, m=4, hessian=hessian)
+    assert torch.equal(sgpt, prune.sparsegpt_nm(w, hessian, n_keep=2, m=4))
+    assert not torch.equal(sgpt, prune.prune_weight(w, "magnitude", n_keep=2, m=4))  # updated
+    with pytest.raises(FlexCimError, match="'wanda' needs"):
+        prune.prune_weight(w, "wanda", n_keep=2, m=4)
+    with pytest.raises(FlexCimError, match="'sparsegpt' needs"):
+        prune.prune_weight(w, "sparsegpt", n_keep=2, m=4)
+    with pytest.raises(FlexCimError, match="metric must be one of"):
+        prune.prune_weight(w, "obs", n_keep=2, m=4)
