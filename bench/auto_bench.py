@@ -79,6 +79,10 @@ def main(argv=None) -> int:
                         help="test rows with SparseGPT only (e.g. beside a --skip-sparsegpt run)")
     parser.add_argument("--methods", default="auto,uniform,owl,flow", metavar="M,M",
                         help="methods tested (default all four)")
+    parser.add_argument("--val-metric", choices=("wanda", "sparsegpt"), default="wanda",
+                        help="the metric of the validation stage (default wanda)")
+    parser.add_argument("--only-validation", action="store_true",
+                        help="stop after the validation stage (no test window is read)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--sensitivity-from", metavar="JSON",
                         help="reuse the sensitivity of an earlier run (same model, text, seed "
@@ -99,6 +103,11 @@ def main(argv=None) -> int:
                            "flow")
     if args.skip_sparsegpt and args.only_sparsegpt:
         raise FlexCimError("--skip-sparsegpt and --only-sparsegpt exclude each other")
+    if args.only_validation and (args.variants_from or args.text):
+        raise FlexCimError("--only-validation needs the validation text: not with "
+                           "--variants-from or --text")
+    if args.val_metric == "sparsegpt" and args.skip_sparsegpt:
+        raise FlexCimError("--val-metric sparsegpt needs SparseGPT: not with --skip-sparsegpt")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -118,7 +127,7 @@ def main(argv=None) -> int:
               "eval_windows": args.eval_windows, "val_windows": args.val_windows,
               "load_average_at_start": os.getloadavg()[0]}
     cw = pipeline.calibration_windows(session, count=args.calib_windows, seed=args.seed)
-    texts = {"test": ("held-out", args.eval_windows)}
+    texts = {} if args.only_validation else {"test": ("held-out", args.eval_windows)}
     if "emma" in session.corpus.evaluation and not args.variants_from:
         texts["val"] = ("emma", args.val_windows)
     windows = {key: token_windows(session.lm.tokenizer, session.corpus.evaluation[name],
@@ -205,26 +214,39 @@ def main(argv=None) -> int:
         for t in targets:
             candidates = {**variants, "uniform": uniform_patterns(t)}
             for method, names in candidates.items():
+                if method not in methods:
+                    continue
                 for v in names:
                     try:
-                        plan = plan_for(method, v, t)
+                        plan = plan_for(method, v, t, metric=args.val_metric)
                     except FlexCimError as exc:
                         log.info("%s %s at %g: %s", method, v, t, exc)
                         continue
-                    row = {"method": method, "variant": v, "target": t, "metric": "wanda",
-                           "macro": "default", "achieved": plan.achieved_sparsity,
-                           "ppl_val": measure(plan, "wanda", ["val"])["val"]}
+                    row = {"method": method, "variant": v, "target": t,
+                           "metric": args.val_metric, "macro": "default",
+                           "achieved": plan.achieved_sparsity,
+                           "patterns": sorted(set(plan.layers.values())),
+                           "ppl_val": measure(plan, args.val_metric, ["val"])["val"]}
+                    if method == "auto":
+                        row["chosen"] = plan.settings["chosen"]
                     rows.append(row)
                     log.info("[%5.0f s] val %-8s %-16s %.3f: %.3f", time.perf_counter() - started,
                              method, v, t, row["ppl_val"])
             result["validation"] = rows
             save()
+        if args.only_validation:
+            result["total_s"] = time.perf_counter() - started
+            save()
+            return 0
         for method, names in variants.items():
+            if method not in methods:
+                continue
             chosen[method] = min(names, key=lambda v, m=method: _geomean(
                 r["ppl_val"] for r in rows if r["method"] == m and r["variant"] == v))
-        chosen["uniform"] = {str(t): min(
-            (r for r in rows if r["method"] == "uniform" and r["target"] == t),
-            key=lambda r: r["ppl_val"])["variant"] for t in targets}
+        if "uniform" in methods:
+            chosen["uniform"] = {str(t): min(
+                (r for r in rows if r["method"] == "uniform" and r["target"] == t),
+                key=lambda r: r["ppl_val"])["variant"] for t in targets}
     else:
         previous = json.loads(pathlib.Path(args.variants_from).read_text())["chosen"] \
             if args.variants_from else None
@@ -239,9 +261,9 @@ def main(argv=None) -> int:
     metrics = [m for m in ("wanda", "sparsegpt") if not (
         (m == "sparsegpt" and args.skip_sparsegpt) or (m == "wanda" and args.only_sparsegpt))]
     for t in targets:
-        plans = [*(("auto", chosen["auto"], name) for name in macros),
-                 ("uniform", chosen["uniform"][str(t)], "default"),
-                 ("owl", chosen["owl"], "default"), ("flow", chosen["flow"], "default")]
+        plans = [*(("auto", chosen.get("auto"), name) for name in macros),
+                 ("uniform", chosen.get("uniform", {}).get(str(t)), "default"),
+                 ("owl", chosen.get("owl"), "default"), ("flow", chosen.get("flow"), "default")]
         for method, v, macro in plans:
             if method not in methods:
                 continue

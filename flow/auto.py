@@ -552,8 +552,8 @@ def one_shot_pruner(model: nn.Module, windows: torch.Tensor, metric: str, *,
 @torch.no_grad()
 def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPattern],
            levels: tuple[NMPattern, ...], *, steps: int, seed: int = 0, batch_size: int = 8,
-           progress: bool = True, probe: LossProbe | None = None
-           ) -> tuple[dict[str, NMPattern], dict]:
+           progress: bool = True, probe: LossProbe | None = None,
+           prune_fn: PruneFn | None = None) -> tuple[dict[str, NMPattern], dict]:
     """Local search on the calibration loss from ``patterns``, at exactly their sparsity.
 
     The additive cost the DP minimises ignores how the harms of two pruned projections
@@ -563,7 +563,8 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
     parameter count by the same amount (so the mean sparsity is exactly kept), measures the
     loss on ``windows`` from the earlier of the two blocks on, and keeps the swap if the loss
     falls.  A step costs a tail evaluation, a kept swap also a whole pass (the cached block
-    inputs follow the plan).  Wanda masks of the dense model's statistics on ``windows``.
+    inputs follow the plan).  Wanda masks of the dense model's statistics on ``windows``, or
+    ``prune_fn``'s weights (:func:`one_shot_pruner`).
     Returns the patterns and a record (loss before/after, steps, kept); the model is left as
     it was.  ``probe`` reuses a :class:`LossProbe` on ``windows`` (its cached inputs are
     replaced).
@@ -584,8 +585,12 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
     def put(name: str, level: int) -> None:
         w = layers[name].weight
         w.data.copy_(dense[name])
-        if not levels[level].is_dense:
+        if levels[level].is_dense:
+            return
+        if prune_fn is None:
             w.data.mul_(probe.wanda_mask(name, dense[name], levels[level]).to(w.dtype))
+        else:
+            w.data.copy_(prune_fn(name, dense[name], levels[level]))
 
     rng = np.random.default_rng(seed)
     names = sorted(state)

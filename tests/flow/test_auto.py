@@ -471,6 +471,33 @@ def test_refine_keeps_the_sparsity_lowers_the_loss_and_reports_it_truly(tiny, ti
                     steps=1, progress=False)
 
 
+def test_refine_prunes_each_step_with_the_given_pruner(tiny, tiny_windows):
+    blocks = decoder_blocks(tiny)
+    layers = linear_layers(tiny)
+    start = {}
+    for b in blocks:
+        start.update(dict.fromkeys(b.linears, LEVELS[2] if b.index == 0 else LEVELS[1]))
+    calls = set()
+
+    def magnitude(name, weight, p):  # an independent pruner: |W| top-n per group, naive
+        calls.add((name, str(p)))
+        groups = weight.reshape(weight.shape[0], -1, p.m)
+        keep = groups.abs().argsort(dim=-1, descending=True, stable=True)[..., : p.n]
+        mask = torch.zeros_like(groups).scatter_(-1, keep, 1.0)
+        return (groups * mask).reshape(weight.shape)
+
+    patterns, record = auto.refine(tiny, tiny_windows, start, LEVELS, steps=12, seed=2,
+                                   progress=False, prune_fn=magnitude)
+    assert {(n, str(p)) for n, p in start.items() if not p.is_dense} <= calls
+    probe = auto.LossProbe(tiny, tiny_windows)
+    for plan, key in ((start, "loss_before"), (patterns, "loss_after")):
+        with auto.pruned(layers, plan, probe, magnitude):
+            own = abs(reference_loss(tiny, tiny_windows) - record[key])
+        with auto.pruned(layers, plan, probe):  # Wanda's masks give another loss
+            other = abs(reference_loss(tiny, tiny_windows) - record[key])
+        assert own < 1e-5 * record[key] and other > 10 * own
+
+
 def test_auto_plan_records_its_refinement(tiny, tiny_windows):
     config = SelectConfig(method="auto", target=0.5, sens_windows=3, refine_steps=6,
                           loss_windows=2,
