@@ -44,6 +44,9 @@ class Merging(wiring.Component):
         ``done``.
     done : Out
         ``valid & last``: ``result`` is a token's final result (latency 0 from the last slice).
+    acc : Out, ``cols`` x signed ``acc_bits``
+        The accumulator registers themselves (what ``result`` adds to unless ``first``): for
+        observation, e.g. the formal proof's invariant; unconnected in the macro.
     """
 
     def __init__(self, *, sub_macros: int, cols: int, psum_bits: int, slice_bits: int,
@@ -68,6 +71,7 @@ class Merging(wiring.Component):
             "last": In(1),
             "result": Out(data.ArrayLayout(signed(self._acc_bits), self._cols)),
             "done": Out(1),
+            "acc": Out(data.ArrayLayout(signed(self._acc_bits), self._cols)),
         })
 
     def elaborate(self, platform):
@@ -82,7 +86,8 @@ class Merging(wiring.Component):
                 weighted = Array([total << (s * self._b) for s in range(self._slices)])[self.slice]
             acc = Signal(signed(self._acc_bits), name=f"acc{c}")
             # Addition modulo 2**acc_bits: truncating the sum is the two's-complement wrap.
-            m.d.comb += self.result[c].eq(Mux(self.first, 0, acc) + weighted)
+            m.d.comb += [self.result[c].eq(Mux(self.first, 0, acc) + weighted),
+                         self.acc[c].eq(acc)]
             with m.If(self.valid):
                 m.d.sync += acc.eq(self.result[c])
         m.d.comb += self.done.eq(self.valid & self.last)

@@ -71,8 +71,10 @@ def test_jobs_plan_modes_and_depths():
                            mutants=formal.MUTANTS)
     by = {j.prop: j for j in jobs}
     assert by["distribution"].mode == "prove"
+    assert by["merging"].mode == "prove" and by["merging"].depth == 2  # k-induction
     assert all(j.mode == "bmc" and j.depth >= 3 for j in jobs
-               if not j.prop.startswith("distribution"))
+               if not j.prop.startswith(("distribution", "merging")))
+    assert by["merging!slice-off-by-one"].mode == "bmc"
     assert by["distribution!lane-off-by-one"].mode == "bmc"  # a refutation needs a trace
     assert {j.expect for j in jobs if "!" in j.prop} == {"FAIL"}
     assert {j.prop.split("!")[0].split("[")[0] for j in jobs if "!" in j.prop} == {
@@ -95,6 +97,8 @@ FAST = [
     ("smallest", formal.SMALLEST, "cell", None, None),
     ("smallest", formal.SMALLEST, "cell", "unsigned-top-slice", None),
     ("smallest", formal.SMALLEST, "merging", "slice-off-by-one", None),
+    ("tiny", preset("tiny"), "merging", None, None),  # unbounded, by induction
+    ("smallest", formal.SMALLEST, "merging", "stale-accumulator", None),
     ("smallest", formal.SMALLEST, "streams", None, 8),
 ]
 
