@@ -99,6 +99,10 @@ FAST = [
     ("smallest", formal.SMALLEST, "merging", "slice-off-by-one", None),
     ("tiny", preset("tiny"), "merging", None, None),  # unbounded, by induction
     ("smallest", formal.SMALLEST, "merging", "stale-accumulator", None),
+    # bit-parallel (8-bit slices): one-set-bit weights, still refuting a sign error
+    ("parallel", formal.SMALLEST.replace(act_bits_per_cycle=8), "cell", None, None),
+    ("parallel", formal.SMALLEST.replace(act_bits_per_cycle=8), "cell", "unsigned-top-slice",
+     None),
     ("smallest", formal.SMALLEST, "streams", None, 8),
 ]
 
