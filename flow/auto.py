@@ -23,8 +23,8 @@ instead, on the calibration text only:
    macro's uniform pattern at the target are compared on the calibration loss of other
    calibration windows (``loss_windows``), each pruned as the plan will be (the ``metric``:
    :func:`one_shot_pruner`), the lowest is kept, and :func:`refine`
-   then swaps levels between projections while that loss falls (the additive cost ignores how
-   the harms of two pruned projections interact).  The searched plan replaces the chosen one
+   then swaps levels between projections while that loss falls, pruning the same way (the
+   additive cost ignores how the harms of two pruned projections interact).  The searched plan replaces the chosen one
    only if it also has the lower loss on the calibration windows the search never saw
    (:func:`heldout_windows`).
 
@@ -680,8 +680,8 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     ``sensitivity`` reuses a measurement (it depends on the model, the calibration windows and
     the pattern levels only); otherwise the first ``config.sens_windows`` of ``windows`` are
     measured.  ``metric`` is how the plan will be pruned: the choice between candidate plans
-    and the local search's held-out check compare the plans pruned that way
-    (:func:`one_shot_pruner`); the sensitivity and the search's steps use Wanda masks.
+    and the local search (its steps and its held-out check) compare the plans pruned that way
+    (:func:`one_shot_pruner`); the sensitivity uses Wanda masks.
     """
     from flexcim.flow.select import Plan
 
@@ -743,7 +743,7 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
         start = patterns
         patterns, refined = refine(model, probe.windows, patterns, levels,
                                    steps=config.refine_steps, seed=config.refine_seed,
-                                   progress=progress, probe=probe)
+                                   progress=progress, probe=probe, prune_fn=prune_fn)
         held = heldout_windows(windows, config) if refined["kept"] else None
         if held is not None:
             # The search accepts any swap that lowers the loss on its own windows, noise

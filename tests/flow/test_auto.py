@@ -380,6 +380,22 @@ def test_the_choice_compares_the_candidates_pruned_with_the_plans_metric(tiny, t
         m.weight.data.copy_(before[n])
 
 
+@pytest.mark.parametrize("metric", ["sparsegpt", "magnitude"])
+def test_the_local_search_prunes_with_the_plans_metric(tiny, tiny_windows, metric):
+    config = SelectConfig(method="auto", target=0.5, sens_windows=3, refine_steps=4,
+                          loss_windows=2,
+                          hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
+    plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False, metric=metric)
+    # the search starts from the chosen candidate, on the same windows, pruned the same way
+    losses, refined = plan.settings["candidate_losses"], plan.settings["refine"]
+    assert refined["loss_before"] == pytest.approx(losses[plan.settings["chosen"]], rel=1e-6)
+    wanda = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    assert wanda.settings["refine"]["loss_before"] == pytest.approx(
+        wanda.settings["candidate_losses"][wanda.settings["chosen"]], rel=1e-6)
+    assert refined["loss_before"] != pytest.approx(wanda.settings["refine"]["loss_before"],
+                                                   rel=1e-6)
+
+
 def test_candidates_that_are_the_same_plan_are_evaluated_once(tiny, tiny_windows,
                                                               monkeypatch):
     evaluated = []
