@@ -24,9 +24,9 @@ instead, on the calibration text only:
    calibration windows (``loss_windows``), each pruned as the plan will be (the ``metric``:
    :func:`one_shot_pruner`), the lowest is kept, and :func:`refine`
    then swaps levels between projections while that loss falls, pruning the same way (the
-   additive cost ignores how the harms of two pruned projections interact).  The searched plan replaces the chosen one
-   only if it also has the lower loss on the calibration windows the search never saw
-   (:func:`heldout_windows`).
+   additive cost ignores how the harms of two pruned projections interact).  The searched
+   plan replaces the chosen one only if it also has the lower loss on the calibration windows
+   the search never saw (:func:`heldout_windows`).
 
 The measurements depend only on the model and the calibration windows, not on the target, so
 :class:`Sensitivity` is computed once and every target's allocation then costs milliseconds;
