@@ -204,6 +204,16 @@ class LossProbe:
 PruneFn = Callable[[str, torch.Tensor, NMPattern], torch.Tensor]
 
 
+def _write_pruned(weight: torch.Tensor, name: str, dense: torch.Tensor, pattern: NMPattern,
+                  probe: LossProbe, prune_fn: PruneFn | None) -> None:
+    """Set ``weight`` to ``dense`` pruned to the (sparse) ``pattern``: with the Wanda mask of
+    the probe's dense statistics, or ``prune_fn``'s weight."""
+    if prune_fn is None:
+        weight.data.copy_(dense * probe.wanda_mask(name, dense, pattern).to(weight.dtype))
+    else:
+        weight.data.copy_(prune_fn(name, dense, pattern))
+
+
 @contextlib.contextmanager
 def pruned(layers: dict[str, nn.Linear], patterns: dict[str, NMPattern], probe: LossProbe,
            prune_fn: PruneFn | None = None) -> Iterator[None]:
@@ -215,12 +225,8 @@ def pruned(layers: dict[str, nn.Linear], patterns: dict[str, NMPattern], probe: 
         for name, pattern in patterns.items():
             if pattern.is_dense:
                 continue
-            w = layers[name].weight
-            saved[name] = w.detach().clone()
-            if prune_fn is None:
-                w.data.mul_(probe.wanda_mask(name, saved[name], pattern).to(w.dtype))
-            else:
-                w.data.copy_(prune_fn(name, saved[name], pattern))
+            saved[name] = layers[name].weight.detach().clone()
+            _write_pruned(layers[name].weight, name, saved[name], pattern, probe, prune_fn)
         yield
     finally:
         for name, w in saved.items():
@@ -583,14 +589,10 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
     dense = {n: layers[n].weight.detach().clone() for n in state}
 
     def put(name: str, level: int) -> None:
-        w = layers[name].weight
-        w.data.copy_(dense[name])
         if levels[level].is_dense:
-            return
-        if prune_fn is None:
-            w.data.mul_(probe.wanda_mask(name, dense[name], levels[level]).to(w.dtype))
+            layers[name].weight.data.copy_(dense[name])
         else:
-            w.data.copy_(prune_fn(name, dense[name], levels[level]))
+            _write_pruned(layers[name].weight, name, dense[name], levels[level], probe, prune_fn)
 
     rng = np.random.default_rng(seed)
     names = sorted(state)

@@ -160,7 +160,7 @@ def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
         weight = layers[name].weight
         weight.copy_(prune.prune_weight(
             weight, metric, n_keep=pattern.n, m=pattern.m,
-            act_sq_mean=None if stats is None else stats.act_sq_mean,
+            act_sq_mean=stats.act_sq_mean if metric == "wanda" else None,
             hessian=stats.hessian if metric == "sparsegpt" else None))
 
     if metric == "magnitude" or stats is not None:
