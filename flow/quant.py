@@ -47,6 +47,11 @@ DEFAULT_GRANULARITY = "token"
 tensor on SmolLM2."""
 
 _EXACT_TERMS = 2**38  # as golden.matmul: float64 sums of int8 x int8 products stay exact
+_F32_CHUNK = 1024
+"""Terms per float32 product: a partial sum of at most 1024 int8 x int8 products is at most
+1024 x 128 x 128 = 2**24 in magnitude, an integer that float32 holds exactly, in whatever
+order the BLAS adds.  Longer reductions add the chunks'
+sums in float64.  Twice as fast as one float64 product, and as exact."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +120,24 @@ def integer_matmul(qx: torch.Tensor, qw: torch.Tensor, acc_bits: int) -> torch.T
         raise FlexCimError(f"integer_matmul takes int8 operands, not {qx.dtype} and {qw.dtype}")
     if qw.shape[-1] >= _EXACT_TERMS:
         raise FlexCimError(f"in_features={qw.shape[-1]} is too large for exact accumulation")
-    y = (qx.double() @ qw.double().T).to(torch.int64)  # integers below 2**53: exact
+    y = exact_sums(qx.to(torch.float32), qw.to(torch.float32).T)
     if qw.shape[-1] * 128 * 128 < 2 ** (check_acc_bits(acc_bits) - 1):
         return y  # no sum of K int8 products can reach the wrap: it is the identity
     return torch.from_numpy(wrap(y.numpy(), acc_bits).astype(np.int64))
+
+
+def exact_sums(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """``x @ w_t`` as int64 for float32 tensors holding int8 values (``x`` ``[..., K]``,
+    ``w_t`` ``[K, C]``), exact: float32 products over chunks of :data:`_F32_CHUNK` terms,
+    summed in float64."""
+    k = x.shape[-1]
+    if k <= _F32_CHUNK:
+        return (x @ w_t).to(torch.int64)
+    total = None
+    for lo in range(0, k, _F32_CHUNK):
+        part = (x[..., lo:lo + _F32_CHUNK] @ w_t[lo:lo + _F32_CHUNK]).double()
+        total = part if total is None else total + part
+    return total.to(torch.int64)
 
 
 def accumulator_overflows(layers: dict[str, nn.Linear], acc_bits: int) -> dict[str, int]:
@@ -183,10 +202,11 @@ def w8a8(model: nn.Module, config: W8A8Config, *, capture: str | None = None
     """Run every decoder projection of ``model`` in W8A8 inside a ``with`` block.
 
     Weights are quantized when the block opens: apply a weight plan first.  Activation pruning
-    composes in either order (its pre-hooks run before the forward hooks installed here).
+    composes in either order (its pre-hooks run before the replaced forward).
     ``capture`` names a projection whose int8 operands and integer sums are recorded (yielded as
     a :class:`Capture`; None otherwise).  An ``acc_bits`` that some projection could overflow is
-    rejected before anything runs.  Hooks are removed on exit, also after an exception.
+    rejected before anything runs.  The float forwards are restored on exit, also after an
+    exception.
     """
     layers = linear_layers(model)
     if capture is not None and capture not in layers:
@@ -194,28 +214,34 @@ def w8a8(model: nn.Module, config: W8A8Config, *, capture: str | None = None
     check_accumulator(layers, config.acc_bits)
     record = None if capture is None else Capture(capture)
 
-    def factory(name: str, qw: torch.Tensor, scale_w: torch.Tensor):
-        def hook(module, args, _output):
-            y, qx, scale_x, acc = w8a8_parts(args[0], qw, scale_w, module.bias, config)
+    def factory(name: str, module: nn.Linear, qw: torch.Tensor, scale_w: torch.Tensor):
+        def forward(x):
+            y, qx, scale_x, acc = w8a8_parts(x, qw, scale_w, module.bias, config)
             if record is not None and name == capture:
                 record.act.append(qx.reshape(-1, qx.shape[-1]))
                 record.act_scale.append(scale_x.reshape(-1))
                 record.acc.append(acc.reshape(-1, acc.shape[-1]))
             return y
 
-        return hook
+        return forward
 
-    handles = []
+    # The float product is replaced, not computed and thrown away: the module's forward is
+    # shadowed by an instance attribute (pre-hooks, e.g. activation pruning, and forward hooks
+    # still run around it) and the attribute is deleted on exit.
+    patched = []
     try:
         for name, layer in layers.items():
+            if "forward" in vars(layer):
+                raise FlexCimError(f"{name} already has its forward replaced (nested w8a8?)")
             qw, scale_w = quantize_weight(layer.weight)
             if record is not None and name == capture:
                 record.weight, record.weight_scale = qw, scale_w
-            handles.append(layer.register_forward_hook(factory(name, qw, scale_w)))
+            layer.forward = factory(name, layer, qw, scale_w)
+            patched.append(layer)
         yield record
     finally:
-        for handle in handles:
-            handle.remove()
+        for layer in patched:
+            del layer.forward
 
 
 @contextlib.contextmanager

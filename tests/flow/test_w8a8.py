@@ -75,6 +75,24 @@ def test_integer_matmul_is_exact_beyond_float32_and_wraps_like_the_accumulator()
         integer_matmul(qx.float(), qw, 32)
 
 
+@pytest.mark.parametrize("k", [1024, 1025, 2048 + 5])
+def test_exact_sums_over_chunk_boundaries_with_the_extreme_operands(k):
+    # float32 chunks of 1024 terms: at the boundary and past it, with -128 and 127 (the largest
+    # products) placed so every chunk's sum is extreme, against an int64 reference
+    g = torch.Generator().manual_seed(k)
+    qx = torch.randint(-128, 128, (3, k), generator=g, dtype=torch.int8)
+    qw = torch.randint(-128, 128, (4, k), generator=g, dtype=torch.int8)
+    qx[0], qw[0] = -128, -128  # + 2**14 per term: 2**24 in a full chunk
+    qx[1, 1::2] = 127
+    qw[1, ::3] = -128
+    qx[2], qw[2] = 127, 127
+    qw[2, 0] = 126  # odd sums: past 2**24 one float32 product over all k terms would round
+    reference = qx.numpy().astype(np.int64) @ qw.numpy().astype(np.int64).T
+    assert int(reference[0, 0]) == k * 2**14
+    assert int(reference[2, 2]) == k * 127 * 127 - 127
+    assert np.array_equal(integer_matmul(qx, qw, 48).numpy(), reference)
+
+
 def test_w8a8_linear_matches_an_independent_float64_reference():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 32, generator=g) * 3
@@ -135,7 +153,8 @@ def test_w8a8_context_on_the_tiny_model(tiny, tiny_windows):
         with act.activation_pruning(tiny, config), w8a8(tiny, W8A8Config(), capture=name) as cap:
             quant = tiny(input_ids=tiny_windows).logits
         after = tiny(input_ids=tiny_windows).logits
-    assert torch.equal(after, dense)  # hooks removed
+    assert torch.equal(after, dense)  # the float forwards are back
+    assert not any("forward" in vars(m) for m in linear_layers(tiny).values())
     assert not torch.equal(quant, dense)
     assert float((quant - dense).abs().max()) < 0.1 * float(dense.abs().max())
     # the captured operands: top-k'd inputs (4 of every 8 non-zero at most), the model's int8
@@ -147,6 +166,13 @@ def test_w8a8_context_on_the_tiny_model(tiny, tiny_windows):
     assert torch.equal(cap.weight, qw) and torch.equal(cap.weight_scale, sw)
     acc = torch.cat(cap.acc).numpy()
     assert np.array_equal(acc, qx.astype(np.int64) @ qw.numpy().astype(np.int64).T)
+    # one W8A8 context at a time; the refused one leaves the model float
+    with torch.no_grad(), w8a8(tiny, W8A8Config()):
+        with pytest.raises(FlexCimError, match="already has its forward replaced"):
+            with w8a8(tiny, W8A8Config()):
+                pass
+        assert not torch.equal(tiny(input_ids=tiny_windows).logits, dense)
+    assert not any("forward" in vars(m) for m in linear_layers(tiny).values())
 
 
 @pytest.mark.slow
