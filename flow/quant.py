@@ -185,9 +185,11 @@ def w8a8_linear(x: torch.Tensor, qw: torch.Tensor, scale_w: torch.Tensor,
 @dataclasses.dataclass
 class Capture:
     """What one projection computed inside :func:`w8a8`, call by call (one entry per call, each
-    flattened to rows): the int8 inputs, their scales, the wrapped integer sums."""
+    flattened to rows): the float inputs it received (after any activation pruning), their int8
+    quantization and scales, the wrapped integer sums."""
 
     name: str
+    inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)
     act: list[torch.Tensor] = dataclasses.field(default_factory=list)
     act_scale: list[torch.Tensor] = dataclasses.field(default_factory=list)
     acc: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -218,6 +220,7 @@ def w8a8(model: nn.Module, config: W8A8Config, *, capture: str | None = None
         def forward(x):
             y, qx, scale_x, acc = w8a8_parts(x, qw, scale_w, module.bias, config)
             if record is not None and name == capture:
+                record.inputs.append(x.detach().reshape(-1, x.shape[-1]).clone())
                 record.act.append(qx.reshape(-1, qx.shape[-1]))
                 record.act_scale.append(scale_x.reshape(-1))
                 record.acc.append(acc.reshape(-1, acc.shape[-1]))

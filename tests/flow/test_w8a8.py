@@ -255,3 +255,38 @@ def test_smoothing_keeps_the_float_model_and_helps_int8_with_an_outlier_channel(
     assert float((both - dense).norm()) < 0.5 * float((plain - dense).norm())
     with pytest.raises(FlexCimError, match=r"smoothing alpha must be in \[0, 1\], not 1.5"):
         smooth(tiny, tiny_windows, 1.5)
+
+
+def test_the_demos_rtl_operands_are_the_projections_operands_inside_the_w8a8_run(tiny,
+                                                                                  tiny_windows):
+    # What the demo drives the RTL with (flexcim.demo.captured_operands), on the tiny model: a
+    # projection pruned to 2:4 with 4:8 activations, captured inside a W8A8 run.  golden's
+    # sparse_matmul of those operands must give the sums the run computed, and flow export's
+    # build_layer must quantize the same float inputs and weight to the same int8 operands.
+    from flexcim.flow.export import build_layer
+
+    from flexcim.demo import captured_operands
+
+    name = "model.layers.1.mlp.down_proj"
+    layer = linear_layers(tiny)[name]
+    with torch.no_grad():
+        w = layer.weight.reshape(-1, 4)
+        drop = w.abs().argsort(dim=1)[:, :2]  # the two smallest of every group of 4
+        layer.weight.copy_(w.scatter(1, drop, 0.0).reshape(layer.weight.shape))
+        config = act.ActConfig(pattern="4:8", projections=("down",))
+        with act.activation_pruning(tiny, config), w8a8(tiny, W8A8Config(), capture=name) as cap:
+            tiny(input_ids=tiny_windows)
+    ops = captured_operands(cap, "2:4", 5)
+    assert ops["act"].shape == (5, layer.in_features)
+    assert ops["sums"].shape == (5, layer.out_features)
+    assert str(ops["weight"].pattern) == "2:4"
+    assert np.array_equal(ops["weight"].decompress(), cap.weight.numpy())
+    assert np.array_equal(sparse_matmul(ops["act"], ops["weight"], 32), ops["sums"])
+    assert np.array_equal(ops["sums"], torch.cat(cap.acc)[:5].numpy())
+    assert ((ops["x"].reshape(-1, 8) != 0).sum(1) <= 4).all()  # inputs after the top-k
+    exported = build_layer(name, layer.weight, NMPattern.parse("2:4"), ops["x"],
+                           act_pattern=NMPattern.parse("4:8"))
+    assert exported.weight.equals(ops["weight"])
+    assert np.array_equal(exported.act, ops["act"])
+    assert np.array_equal(exported.act_scale, ops["act_scale"])
+    assert np.array_equal(exported.weight_scale, ops["weight_scale"])
