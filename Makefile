@@ -84,7 +84,7 @@ bench: $(STAMP)
 
 .PHONY: bench-flow
 bench-flow: $(STAMP)
-	$(BIN)/python bench/auto_bench.py --out out/bench/auto
+	$(BIN)/python bench/auto_bench.py --out out/bench/auto --w8a8
 	$(BIN)/python bench/flow_bench.py --out out/bench/flow
 
 synth: $(STAMP)

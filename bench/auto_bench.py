@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     parser.add_argument("--extra-macros", default="", metavar="P,P",
                         help="presets whose auto plans are also tested, e.g. flex8 (their "
                              "levels are added to the sensitivity measurement)")
+    parser.add_argument("--w8a8", action="store_true",
+                        help="also measure every test plan in W8A8, the macro's arithmetic "
+                             "(flow.quant, scales per token; rows gain ppl_test_w8a8)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -114,6 +117,7 @@ def main(argv=None) -> int:
     from flexcim.flow import auto, calib, pipeline
     from flexcim.flow.eval import perplexity
     from flexcim.flow.model import linear_layers
+    from flexcim.flow.quant import W8A8Config, w8a8
     from flexcim.flow.text import token_windows
     from flexcim.spec.config import PRESETS
 
@@ -202,6 +206,9 @@ def main(argv=None) -> int:
         pipeline.apply_plan(model, plan, None, metric=metric, stats=stats, progress=False)
         pipeline.check_plan(model, plan)
         row = {key: perplexity(model, windows[key], progress=False) for key in keys}
+        if args.w8a8 and "test" in keys:
+            with w8a8(model, W8A8Config()):
+                row["test_w8a8"] = perplexity(model, windows["test"], progress=False)
         restore()
         return row
 
@@ -300,11 +307,16 @@ def summary(tests: list[dict]) -> list[dict]:
         if a["method"] != "auto" or a["macro"] != "default":
             continue
         row = {"target": a["target"], "metric": a["metric"], "auto": a["ppl_test"]}
+        if "ppl_test_w8a8" in a:
+            row["auto w8a8"] = a["ppl_test_w8a8"]
         for b in tests:
             if (b["target"], b["metric"]) == (a["target"], a["metric"]) and b is not a:
                 name = b["method"] if b["macro"] == "default" else f"{b['method']}-{b['macro']}"
                 row[name] = b["ppl_test"]
                 row[f"vs {name}"] = 1 - a["ppl_test"] / b["ppl_test"]
+                if "ppl_test_w8a8" in a and "ppl_test_w8a8" in b:
+                    row[f"{name} w8a8"] = b["ppl_test_w8a8"]
+                    row[f"vs {name} w8a8"] = 1 - a["ppl_test_w8a8"] / b["ppl_test_w8a8"]
         rows.append(row)
     return rows
 
