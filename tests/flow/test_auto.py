@@ -593,3 +593,52 @@ def test_auto_keeps_the_plan_before_the_search_when_held_out_windows_disagree(
     plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
     assert plan.settings["refine"]["guard"]["kept"] is True
     assert _plan_patterns(plan) == worse
+
+
+def test_sparsegpt_plans_are_judged_on_windows_its_hessians_did_not_see(tiny, tiny_windows,
+                                                                        monkeypatch):
+    # SparseGPT fit to the windows that judge it flatters the plans it adapts most (measured on
+    # SmolLM2: docs/flow.md).  6 windows: sensitivity 0-1, loss windows 2-3, held-out 0-1, 4-5.
+    fitted = []
+    real = auto.one_shot_pruner
+
+    def spy(model, windows, metric, **kw):
+        fitted.append([next(i for i, v in enumerate(tiny_windows) if torch.equal(v, w))
+                       for w in windows])
+        return real(model, windows, metric, **kw)
+
+    monkeypatch.setattr(auto, "one_shot_pruner", spy)
+    config = SelectConfig(method="auto", target=0.5, sens_windows=2, loss_windows=2,
+                          refine_steps=0,
+                          hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
+    plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False, metric="sparsegpt")
+    assert fitted == [[0, 1, 4, 5]]
+    losses = plan.settings["candidate_losses"]
+    layers = linear_layers(tiny)
+    before = {n: m.weight.detach().clone() for n, m in layers.items()}
+
+    def loss_by_hand(fit: list[int]) -> float:
+        stats = calib.calibrate(tiny, tiny_windows[fit], hessian=True, keep_hessians=True,
+                                progress=False)
+        pipeline.apply_plan(tiny, plan, None, metric="sparsegpt", stats=stats, progress=False)
+        loss = reference_loss(tiny, tiny_windows[2:4])
+        for n, m in layers.items():
+            m.weight.data.copy_(before[n])
+        return loss
+
+    assert loss_by_hand([0, 1, 4, 5]) == pytest.approx(losses[plan.settings["chosen"]],
+                                                       rel=1e-5)
+    # fit to every window, the loss windows included (as before), the loss differs
+    assert loss_by_hand(list(range(6))) != pytest.approx(losses[plan.settings["chosen"]],
+                                                         rel=1e-4)
+    # Wanda's choice is unchanged: no fitted pruner at all
+    fitted.clear()
+    pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    assert fitted == [list(range(6))]
+    # the local search's held-out check: fit to the loss windows, judged on the others
+    fitted.clear()
+    config = dataclasses.replace(config, refine_steps=6)
+    plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False, metric="sparsegpt")
+    assert plan.settings["refine"]["kept"] > 0  # else there is no check to test
+    assert fitted == [[0, 1, 4, 5], [2, 3]]
+    assert plan.settings["refine"]["guard"]["windows"] == 4
