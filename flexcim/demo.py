@@ -533,7 +533,8 @@ def stage_flow(ctx: Context) -> None:
                     w8_act, record = ppl_w8a8(True, capture=rtl_layer[0])
                     w8 = (w8[0], w8_act)
                     kept["rtl_capture"] = {"name": rtl_layer[0], "pattern": rtl_layer[1],
-                                           "record": record, "ppl_w8a8_act": w8_act}
+                                           "record": record, "ppl_w8a8_act": w8_act,
+                                           "quant": quant}
                 rows.append([name, plan.achieved_sparsity,
                              " ".join(sorted(set(plan.layers.values()))), *result, *w8])
                 energy_plans[f"{name} ({plan.achieved_sparsity:.0%})"] = energy_plan
@@ -694,7 +695,6 @@ def stage_rtl(ctx: Context) -> None:
     """One real projection sparsified by the auto plan, with 8:16-pruned real activations, on
     Verilator."""
     from flexcim.flow.export import build_layer
-    from flexcim.flow.quant import W8A8Config
     from flexcim.golden import sparse_matmul
     from flexcim.sim import runner
     from flexcim.sim.host import run_rtl
@@ -719,7 +719,7 @@ def stage_rtl(ctx: Context) -> None:
     act_pruned = name in ctx.results["act_layers"]
     exported = build_layer(name, float_weight, p, x,
                            act_pattern=NMPattern.parse(ACT_PATTERN) if act_pruned else None,
-                           quant=W8A8Config.from_hw(preset(RTL_PRESET)))
+                           quant=captured["quant"])
     same_quantization = bool(exported.weight.equals(weight)
                              and np.array_equal(exported.act, act)
                              and np.array_equal(exported.act_scale, act_scale)

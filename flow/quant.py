@@ -50,8 +50,8 @@ _EXACT_TERMS = 2**38  # as golden.matmul: float64 sums of int8 x int8 products s
 _F32_CHUNK = 1024
 """Terms per float32 product: a partial sum of at most 1024 int8 x int8 products is at most
 1024 x 128 x 128 = 2**24 in magnitude, an integer that float32 holds exactly, in whatever
-order the BLAS adds.  Longer reductions add the chunks'
-sums in float64.  Twice as fast as one float64 product, and as exact."""
+order the BLAS adds.  Longer reductions add the chunks' sums in float64.  Twice as fast as one
+float64 product, and as exact."""
 
 
 @dataclasses.dataclass(frozen=True)
