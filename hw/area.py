@@ -37,6 +37,7 @@ from flexcim.hw import synth
 from flexcim.spec.config import WEIGHT_BITS, HwConfig, preset
 
 from flexcim.errors import FlexCimError, WorkError
+from flexcim.fileio import atomic_paths, atomic_write
 
 log = logging.getLogger("flexcim.area")
 
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.monotonic()
             reports[name] = synth.synthesize(config=configs[name], workdir=out / name)
             reports[name]["config"] = configs[name].to_dict()
-            path.write_text(json.dumps(reports[name], indent=2, sort_keys=True))
+            atomic_write(path, json.dumps(reports[name], indent=2, sort_keys=True))
             log.info("[%d/%d] %s: %.0f NAND2-eq in %.0f s", i, len(names), name,
                      reports[name]["total"]["nand2"], time.monotonic() - start)
         result = compare(reports, configs, base=names[0])
@@ -253,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         markdown(result, names),
         "",
     ])
-    (out / "area.json").write_text(json.dumps(result, indent=2, sort_keys=True))
-    (out / "area.md").write_text(text)
+    with atomic_paths([out / "area.json", out / "area.md"]) as (js, md):
+        js.write_text(json.dumps(result, indent=2, sort_keys=True))
+        md.write_text(text)
     print(text)
     flex = [n for n in names if n != names[0]]
     for n in flex:

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from flexcim.errors import FlexCimError, WorkError
+from flexcim.fileio import atomic_write
 
 log = logging.getLogger("flexcim.synth")
 
@@ -591,7 +592,7 @@ def _synth_cmd(args: argparse.Namespace) -> int:
         raise FlexCimError(f"output directory {os.fspath(out.parent)!r} does not exist")
     report = synthesize(target=args.target, verilog=args.verilog, top=args.top, config=config,
                         workdir=args.workdir, dedup=not args.no_dedup)
-    out.write_text(json.dumps(report, indent=2, sort_keys=True))
+    atomic_write(out, json.dumps(report, indent=2, sort_keys=True))
     if args.target == "generic":
         print(format_generic(report))
     else:

@@ -23,6 +23,7 @@ from flexcim.spec.config import preset
 from flexcim.spec.nm import NMTensor
 
 from flexcim.errors import FlexCimError
+from flexcim.fileio import atomic_write
 
 REAL_EXTRA = ("model.layers.3.self_attn.o_proj", "model.layers.3.mlp.down_proj")
 """Further projections of the same block, whole on ``default``: the attention output and the
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+        atomic_write(args.json, json.dumps(rows, indent=2))
     return 0
 
 

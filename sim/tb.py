@@ -54,6 +54,8 @@ from flexcim.sim.streams import (
 from flexcim.spec.config import HwConfig
 from flexcim.spec.nm import NMPattern, NMTensor
 
+from flexcim.fileio import atomic_path, atomic_write
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerResult:
@@ -289,9 +291,10 @@ def write_out(result: LayerResult, extra: dict) -> None:
     out = Path(path)
     records = json.loads(out.read_text()) if out.is_file() else {}
     records.update(extra)
-    out.write_text(json.dumps(records, indent=2, sort_keys=True))
+    atomic_write(out, json.dumps(records, indent=2, sort_keys=True))
     if "full_rate" in extra:
-        np.save(out.with_suffix(".npy"), result.y)
+        with atomic_path(out.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
+            np.save(f, result.y)
 
 
 async def run_full_rate(dut, tb_class=None, what: str = "full rate") -> None:
