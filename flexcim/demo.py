@@ -138,13 +138,14 @@ def stage_performance(ctx: Context) -> None:
          f"energy, {ACT_PATTERN} act. (uJ)", f"energy vs fixed24, {ACT_PATTERN} act."],
         rows,
     )
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), layout="constrained")
     for ax, key, label in ((axes[0], "cycles", "prefill cycles (millions)"),
                            (axes[1], "energy_pj", "prefill energy (uJ)")):
         scale = 1e6
         ax.bar(MACROS, [dense_act[m][key] / scale for m in MACROS],
                color=["tab:green", "tab:gray", "tab:blue"])
         ax.set_ylabel(label)
+        ax.margins(y=0.12)  # room above the bars for the ratios
         for i, m in enumerate(MACROS):
             ax.annotate(f"{dense_act['fixed24'][key] / dense_act[m][key]:.2f}x",
                         (i, dense_act[m][key] / scale), ha="center", va="bottom")
@@ -192,23 +193,30 @@ def _iso_accuracy(ctx: Context, points: list[dict]) -> None:
         [[r["plan"], r["ppl"], f"{r['reference_fastest']} ({r['reference_fastest_ppl']:.1f})",
           r["latency_ratio"], r["reference_frugal"], r["energy_ratio"]] for r in w8a8_rows],
     )
-    colors = {"default": "tab:green", "dense": "tab:gray", "fixed24": "tab:blue"}
-    fig, axes = plt.subplots(1, len(MACROS), figsize=(12, 4.2), sharey=True, sharex=True)
+    fig, axes = plt.subplots(1, len(MACROS), figsize=(12, 4.4), sharey=True, sharex=True,
+                             layout="constrained")
+    methods = list(dict.fromkeys(p.get("method", p["name"]) for p in points))
+    style = {m: (f"C{i % 10}", "so^Dvx<>"[i % 8]) for i, m in enumerate(methods)}
     for ax, macro in zip(axes, MACROS, strict=True):
-        pts = sorted((p["prefill"][macro]["cycles"] / 1e6, p["ppl"], p["name"]) for p in points)
-        ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], color=colors[macro], s=18)
+        # one line per method through its targets (no per-point names: they collide)
+        for method in methods:
+            pts = sorted((p.get("sparsity", 0.0), p["prefill"][macro]["cycles"] / 1e6, p["ppl"])
+                         for p in points if p.get("method", p["name"]) == method)
+            color, marker = style[method]
+            ax.plot([x for _, x, _ in pts], [y for _, _, y in pts], color=color, marker=marker,
+                    ms=4, lw=0.8, alpha=0.8, label=method, ls="-" if len(pts) > 1 else "none")
         front = pareto_front(points, macro)
         ax.step([p["prefill"][macro]["cycles"] / 1e6 for p in front], [p["ppl"] for p in front],
-                where="post", color=colors[macro], alpha=0.6)
-        for x, y, name in pts:
-            ax.annotate(name, (x, y), fontsize=6, xytext=(-3, 3), textcoords="offset points",
-                        ha="right")
+                where="post", color="black", alpha=0.35, lw=3, label="Pareto front")
         ax.set_title(f"`{macro}` macro", fontsize=10)
-        ax.set_xlabel(f"prefill cycles, {PREFILL_TOKENS} tokens (millions)")
+        ax.set_xlabel(f"prefill cycles, {PREFILL_TOKENS} tokens (millions)", fontsize=9)
     axes[0].set_ylabel("perplexity (held-out Austen)")
     axes[0].set_yscale("log")
-    fig.suptitle("Every measured plan on every macro (lower left is better; line: Pareto front)",
-                 fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 7),
+               fontsize=8)
+    fig.suptitle("Every measured plan on every macro, one line per method through its targets "
+                 "(lower left is better)", fontsize=10)
     ctx.report.plot("iso_accuracy", fig, "Perplexity vs prefill latency per macro and plan")
 
 
@@ -320,7 +328,7 @@ def stage_system(ctx: Context) -> None:
         [[r["plan"], r["ppl"], r["prefill_s"] * 1e3, r["decode_uj"], r["decode_bound"],
           r["reference_fastest"], r["prefill_ratio"], r["reference_frugal"],
           r["decode_energy_ratio"]] for r in iso])
-    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), layout="constrained")
     colors = ["tab:green", "tab:red", "tab:orange", "tab:purple", "tab:gray"]
     for ax, (model, phase) in zip(axes, [(m, p) for m in result for p in ("prefill", "decode")],
                                   strict=True):
@@ -333,8 +341,8 @@ def stage_system(ctx: Context) -> None:
         ax.set_title(f"{model}, {phase}", fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
     axes[0].set_ylabel("energy per token (uJ)")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(CATEGORIES),
-               fontsize=8, bbox_to_anchor=(0.5, -0.06))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
+               ncol=len(CATEGORIES), fontsize=8)
     fig.suptitle(f"Where the energy of a token goes ({SYSTEM_MACROS} macros, auto plan)",
                  fontsize=10)
     ctx.report.plot("system_energy", fig, "Energy per token by category, prefill and decode")

@@ -7,6 +7,7 @@ hand: each table cell and plotted point comes from a value recorded in the JSON 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -15,8 +16,16 @@ from collections.abc import Sequence
 from flexcim.errors import FlexCimError
 from flexcim.fileio import atomic_path, atomic_paths
 
+log = logging.getLogger("flexcim.report")
+
 
 def _cell(value) -> str:
+    """A table cell: numbers formatted for reading; a ``|`` escaped and line breaks folded, so
+    the row keeps its columns."""
+    return " ".join(_format(value).replace("|", "\\|").split())
+
+
+def _format(value) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, bool):
@@ -39,9 +48,73 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
             raise FlexCimError(
                 f"table row has {len(row)} cells but there are {len(headers)} headers: {row!r}"
             )
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines = ["| " + " | ".join(_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def label_overlaps(fig, *, tolerance: float = 1.0) -> list[tuple[str, str]]:
+    """The texts of ``fig`` that collide, as pairs of names (empty: a clean figure).
+
+    The figure is drawn once to lay the texts out; two boxes collide when they overlap by more
+    than ``tolerance`` pixels in both directions.  Checked: every pair of visible texts (titles,
+    axis labels, tick labels, offset texts, annotations, legend and figure texts); every text
+    against the plotting area of a panel it does not belong to (a y label running into the
+    neighbouring panel); every annotation against the frame of its own panel (it must sit
+    inside).  Panels with one plotting area (``twinx``) count as one.
+    """
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+
+    def key(ax):
+        return tuple(ax.bbox.bounds)
+
+    owned: list[tuple[object, object]] = [(t, None) for t in fig.texts]
+    if getattr(fig, "_suptitle", None) is not None:
+        owned.append((fig._suptitle, None))
+    for legend in fig.legends:
+        owned += [(t, None) for t in legend.get_texts()]
+    inside = []
+    for ax in fig.axes:
+        panel = key(ax)
+        owned += [(t, panel) for t in (ax.title, ax._left_title, ax._right_title)]
+        owned += [(t, panel) for t in ax.texts]
+        inside += [(t, ax.bbox) for t in ax.texts]
+        for axis in (ax.xaxis, ax.yaxis):
+            owned += [(axis.label, panel), (axis.get_offset_text(), panel)]
+            low, high = sorted(axis.get_view_interval())
+            # ticks outside the view are laid out but not drawn
+            owned += [(t, panel) for tick in axis.get_major_ticks()
+                      if tick.get_visible() and low <= tick.get_loc() <= high
+                      for t in (tick.label1, tick.label2)]
+        if ax.get_legend() is not None:
+            owned += [(t, panel) for t in ax.get_legend().get_texts()]
+    boxes, seen = [], set()
+    for text, panel in owned:
+        if id(text) in seen or not text.get_visible() or not text.get_text().strip():
+            continue
+        seen.add(id(text))
+        boxes.append((text.get_text(), text.get_window_extent(renderer), panel))
+
+    def overlap(a, b) -> bool:
+        dx = min(a.x1, b.x1) - max(a.x0, b.x0)
+        dy = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return dx > tolerance and dy > tolerance
+
+    found = []
+    for i, (a, box_a, _) in enumerate(boxes):
+        found += [(a, b) for b, box_b, _ in boxes[i + 1:] if overlap(box_a, box_b)]
+    areas = {key(ax): (ax.get_title() or f"panel {i}", ax.bbox) for i, ax in enumerate(fig.axes)}
+    for name, box, panel in boxes:
+        found += [(name, f"plotting area of {title!r}") for k, (title, area) in areas.items()
+                  if k != panel and overlap(box, area)]
+    for text, area in inside:
+        box = text.get_window_extent(renderer)
+        if text.get_visible() and text.get_text().strip() and (
+                box.x0 < area.x0 - tolerance or box.x1 > area.x1 + tolerance
+                or box.y0 < area.y0 - tolerance or box.y1 > area.y1 + tolerance):
+            found.append((text.get_text(), "the frame of its panel"))
+    return found
 
 
 def pyplot():
@@ -92,6 +165,11 @@ class Report:
     def plot(self, name: str, fig, caption: str) -> str:
         """Save a matplotlib figure as ``name``.png, close it, and reference it in the report."""
         path = os.path.join(self.out_dir, f"{name}.png")
+        overlaps = label_overlaps(fig)
+        if overlaps:  # recorded and logged, never fatal: a report with a crowded plot beats none
+            self.data.setdefault("plot_label_overlaps", {})[name] = [list(o) for o in overlaps]
+            log.warning("plot %s: %d overlapping labels, e.g. %r and %r", name, len(overlaps),
+                        *overlaps[0])
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, bbox_inches="tight")
         pyplot().close(fig)

@@ -164,3 +164,128 @@ def test_system_stage_reports_prefill_and_decode(tmp_path):
     md, _ = report.write()
     text = open(md).read()
     assert "## Prefill and decode on an accelerator" in text and "system_energy.png" in text
+
+
+def _rendered_tables(text: str) -> list[list[list[str]]]:
+    """Every table markdown-it (GFM tables) renders from ``text``: rows of cell texts."""
+    from markdown_it import MarkdownIt
+
+    tables, row, cell = [], None, None
+    for token in MarkdownIt("commonmark").enable("table").parse(text):
+        if token.type == "table_open":
+            tables.append([])
+        elif token.type == "tr_open":
+            row = []
+        elif token.type == "tr_close":
+            tables[-1].append(row)
+        elif token.type in ("th_open", "td_open"):
+            cell = ""
+        elif token.type == "inline" and cell is not None:
+            cell = token.content
+        elif token.type in ("th_close", "td_close"):
+            row.append(cell)
+            cell = None
+    return tables
+
+
+def test_markdown_table_cells_survive_rendering():
+    # a pipe, a line break and markup in cells must not move any cell to another column
+    headers = ["plan", "a|b", "value"]
+    rows = [["uniform 2:4 | 4:8", "x\ny", 1.5], ["`a|b`", None, float("nan")],
+            ["**bold**", True, 7]]
+    (table,) = _rendered_tables(markdown_table(headers, rows))
+    assert table[0] == ["plan", "a|b", "value"]
+    assert table[1] == ["uniform 2:4 | 4:8", "x y", "1.5"]
+    assert table[2] == ["`a|b`", "n/a", "n/a"]
+    assert table[3] == ["**bold**", "yes", "7"]
+
+
+def test_label_overlaps_finds_colliding_texts_and_passes_a_clean_figure():
+    from flexcim.report import label_overlaps
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    assert label_overlaps(fig) == []
+    ax.annotate("first label", (0.5, 0.5))
+    ax.annotate("second label", (0.5, 0.5))
+    assert ("first label", "second label") in label_overlaps(fig)
+    ax.annotate("off the edge", (1.0, 1.0), ha="left")  # crosses the panel's frame
+    assert ("off the edge", "the frame of its panel") in label_overlaps(fig)
+    plt.close(fig)
+    # a y label running into the neighbouring panel
+    fig, axes = plt.subplots(1, 2, figsize=(3, 2))
+    axes[1].set_ylabel("a long y label of the second panel")
+    axes[1].plot([0, 1], [0, 100000])
+    assert any("plotting area" in b for _, b in label_overlaps(fig))
+    plt.close(fig)
+
+
+def test_demo_figures_and_tables_render_cleanly(tmp_path):
+    """The demo's plots of measured plans have no colliding labels and every table of its report
+    renders with all its columns, on plans clustered as the real ones are."""
+    import argparse
+
+    from flexcim.demo import (
+        Context,
+        _iso_accuracy,
+        _plot_sweep,
+        dense_energy_plan,
+        prefill_costs,
+        stage_performance,
+        stage_system,
+    )
+
+    shapes = {"self_attn.q_proj": [576, 576], "self_attn.k_proj": [192, 576],
+              "self_attn.v_proj": [192, 576], "self_attn.o_proj": [576, 576],
+              "mlp.gate_proj": [1536, 576], "mlp.up_proj": [1536, 576],
+              "mlp.down_proj": [576, 1536]}
+
+    def energy_plan(pattern_of):  # 30 blocks, a pattern per block index
+        return {"layers": [{"name": f"model.layers.{b}", "pattern": pattern_of(b),
+                            "linears": {f"model.layers.{b}.{k}": s for k, s in shapes.items()},
+                            "mask_24": pattern_of(b) == "2:4"} for b in range(30)]}
+
+    level = {0.375: "10:16", 0.5: "8:16", 0.625: "6:16", 0.75: "4:16"}
+    ppl = {"auto": (55, 81, 212, 485), "uniform N:16": (54, 89, 280, 4105),
+           "OWL": (64, 117, 545, 18500), "FLOW": (115, 167, 271, 6540),
+           "auto on {1:1, 2:4}": (77, 168, None, None)}
+    points, plans = [], {}
+    for method, values in ppl.items():
+        for (target, pattern), value in zip(level.items(), values, strict=True):
+            if value is None:
+                continue
+            fixed = method == "auto on {1:1, 2:4}"
+            ends = method != "uniform N:16"  # every selector but uniform keeps the ends dense
+            plan = energy_plan(lambda b, p=pattern, t=target, f=fixed, e=ends:
+                               ("2:4" if b % 4 < 4 * t / 0.5 else "1:1") if f else
+                               ("1:1" if e and b in (0, 29) else
+                                p if p != "10:16" else "8:16"))
+            name = f"{method} ({target:.0%})"
+            plans[name] = plan
+            points.append({"name": name, "method": method, "target": target,
+                           "sparsity": target, "ppl": float(value),
+                           "ppl_w8a8": float(value) * 1.05 if method.startswith("auto") else None,
+                           "prefill": prefill_costs(plan)})
+    plans["dense"] = dense_energy_plan(plans["auto (50%)"])
+    points.insert(0, {"name": "dense", "method": "dense", "sparsity": 0.0, "ppl": 40.6,
+                      "ppl_w8a8": 42.6, "prefill": prefill_costs(plans["dense"])})
+    report = Report(str(tmp_path), "T")
+    ctx = Context(argparse.Namespace(), report,
+                  {"energy_plan": plans["auto (50%)"], "act_layers": ["q_proj", "down_proj"],
+                   "points": points, "energy_plans": plans})
+    stage_performance(ctx)  # its bar charts and the equal-accuracy plot of every method
+    stage_system(ctx)
+    _plot_sweep(ctx, (40.6, 42.7), points[1:])
+    assert report.data.get("plot_label_overlaps") is None
+    md, _ = report.write()
+    text = open(md).read()
+    tables = _rendered_tables(text)
+    blocks = [b for b in text.split("\n\n") if b.lstrip().startswith("|")]
+    assert len(tables) == len(blocks) >= 4  # every pipe block renders as a table
+    for table in tables:
+        assert all(len(row) == len(table[0]) and all(c.strip() for c in row) for row in table)
+    _iso_accuracy(ctx, points)  # the same again: a crowded figure would be recorded
+    assert report.data.get("plot_label_overlaps") is None
