@@ -27,8 +27,10 @@ Run: ``python -m flexcim.hw.area [--presets dense,fixed24,flex8,default] [--out 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -203,6 +205,15 @@ def markdown(result: dict, names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _synthesise(name: str, cfg: HwConfig, workdir: Path) -> dict:
+    """One preset's generic synthesis (a worker process of :func:`main`)."""
+    log.info("synthesising preset %s (%d cells, patterns %s)", name, cfg.cells,
+             " ".join(str(p) for p in cfg.patterns))
+    report = synth.synthesize(config=cfg, workdir=workdir)
+    report["config"] = cfg.to_dict()
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", default="dense,fixed24,flex8,default",
@@ -210,7 +221,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out/synth", help="output folder")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse reports already in --out instead of synthesising again")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="presets synthesised at once (default: the number of CPUs)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        print(f"flexcim.hw.area: error: --jobs must be at least 1, not {args.jobs}",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,24 +235,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configs = {n: preset(n) for n in names}
         reports = {}
-        for i, name in enumerate(names, 1):
+        todo = []
+        for name in names:
             path = out / f"{name}.json"
             if args.reuse and path.is_file():
                 reports[name] = json.loads(path.read_text())
-                log.info("[%d/%d] %s: reusing %s", i, len(names), name, path)
-                continue
-            log.info("[%d/%d] synthesising preset %s (%d cells)", i, len(names), name,
-                     configs[name].cells)
-            start = time.monotonic()
-            reports[name] = synth.synthesize(config=configs[name], workdir=out / name)
-            reports[name]["config"] = configs[name].to_dict()
-            atomic_write(path, json.dumps(reports[name], indent=2, sort_keys=True))
-            log.info("[%d/%d] %s: %.0f NAND2-eq in %.0f s", i, len(names), name,
-                     reports[name]["total"]["nand2"], time.monotonic() - start)
+                log.info("%s: reusing %s", name, path)
+            else:
+                todo.append(name)
+        # The richest pattern sets first (the largest buffers and selection networks take the
+        # longest), so the last job to start is a short one.
+        todo.sort(key=lambda n: -len(configs[n].patterns))
+        start = time.monotonic()
+        with concurrent.futures.ProcessPoolExecutor(max_workers=min(args.jobs, len(todo) or 1)
+                                                    ) as pool:
+            jobs = {pool.submit(_synthesise, n, configs[n], out / n): n for n in todo}
+            for job in concurrent.futures.as_completed(jobs):
+                name = jobs[job]
+                reports[name] = job.result()
+                atomic_write(out / f"{name}.json",
+                             json.dumps(reports[name], indent=2, sort_keys=True))
+                log.info("%s: %.0f NAND2-eq after %.0f s", name,
+                         reports[name]["total"]["nand2"], time.monotonic() - start)
         result = compare(reports, configs, base=names[0])
     except FlexCimError as exc:
         print(f"flexcim.hw.area: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     geometry = result["geometry"]
     note = ("all presets have the same cells: " + ", ".join(
         f"{g}={geometry[names[0]][g]}" for g in GEOMETRY)) if result["same_cells"] else (

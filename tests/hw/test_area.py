@@ -86,3 +86,9 @@ def test_compare_says_when_geometries_differ():
     r2 = report({"sub.row": kind(10, memory_bits=128)})
     assert not area.compare({"dense": r, "wide": r2}, {"dense": DENSE, "wide": other})[
         "same_cells"]
+
+
+def test_area_rejects_zero_jobs_before_any_work(tmp_path, capsys):
+    assert area.main(["--jobs", "0", "--out", str(tmp_path / "o")]) == 2
+    assert "--jobs must be at least 1, not 0" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "area.json").exists()
