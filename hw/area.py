@@ -143,6 +143,8 @@ def compare(reports: dict[str, dict], configs: dict[str, HwConfig], base: str = 
             **bits,
             "index_storage_nand2_ff": bits["index_bits"] * synth.nand2_eq("$_DFFE_PP_"),
             "index_storage_nand2_sram": bits["index_bits"] * synth.sram_bit_nand2(),
+            # reports written before the depth was measured have none
+            "logic_depth": report.get("logic_depth"),
         }
         rows[name]["core_buffer_sram_adjusted"] = rows[name]["core_sram_adjusted"] + buffer
     ref = rows[base]
@@ -202,6 +204,13 @@ def markdown(result: dict, names: list[str]) -> str:
         r = rows[n]
         lines.append(f"| {n} | {r['weight_bits']} | {r['index_bits']} | {r['memory_bits']} "
                      f"| {r['ff_bits']} |")
+    depths = [(n, rows[n]["logic_depth"]) for n in names if rows[n].get("logic_depth")]
+    if depths:
+        lines += ["", "| preset | longest path (gates) | from | to | gates per part, in path "
+                  "order |", "|---|---|---|---|---|"]
+        for n, d in depths:
+            stages = ", ".join(f"{kind} {count}" for kind, count in d["stages"])
+            lines.append(f"| {n} | {d['gates']} | `{d['start']}` | `{d['end']}` | {stages} |")
     return "\n".join(lines)
 
 

@@ -273,8 +273,64 @@ def _generic_script(verilog: Path, top: str) -> str:
         f"abc -g {ABC_GATES}",
         "opt_clean",
         "tee -q -o gate_stat.json stat -json",
+        # The longest combinational path between registers (or ports) of the whole netlist:
+        # flattened after mapping, so paths cross module boundaries (cheap: no resynthesis).
+        "flatten",
+        "tee -q -o ltp.txt ltp -noff",
         "",
     ])
+
+
+_LTP_HEAD_RE = re.compile(r"Longest topological path in \\?(\S+) \(length=(\d+)\):")
+_LTP_NODE_RE = re.compile(r"^\s*(\d+|ff): (\S+)(?: \[\d+\])?(?: \(via (\S+)\))?\s*$")
+
+
+def _instance_of(name: str) -> str:
+    """The hierarchical instance a flattened net or cell comes from: ``$flatten\\sub1.\\row10.
+    $abc$..`` and ``\\sub1.row10.products`` -> ``sub1.row10`` (top level: ``""``)."""
+    parts = name.removeprefix("$flatten").lstrip("\\").split(".")
+    kept = []
+    for part in parts[:-1]:
+        part = part.lstrip("\\")
+        if not part or part.startswith("$"):
+            break
+        kept.append(part)
+    return ".".join(kept)
+
+
+def logic_depth(ltp_text: str, top: str) -> dict:
+    """The longest register-to-register (or port) path from Yosys ``ltp -noff`` on the flattened
+    gate netlist: its length in gates of :data:`ABC_GATES`, where it starts and ends, and how
+    many of its gates each module kind (:func:`_kind`) contributes, in path order."""
+    head = _LTP_HEAD_RE.search(ltp_text)
+    if head is None:
+        raise WorkError("no 'Longest topological path' in Yosys' ltp output")
+    nodes = []
+    for line in ltp_text[head.end():].splitlines():
+        match = _LTP_NODE_RE.match(line)
+        if match is None:
+            if nodes:
+                break
+            continue
+        nodes.append(match.groups())
+    stages: list[list] = []
+    for index, _name, via in nodes:
+        if index in ("0", "ff") or via is None:
+            continue
+        inst = _instance_of(via)
+        kind = _kind(f"{top}.{inst}", top) if inst else "(top)"
+        if stages and stages[-1][0] == kind:
+            stages[-1][1] += 1
+        else:
+            stages.append([kind, 1])
+    start = next((n for i, n, _ in nodes if i == "0"), None)
+    end = next(((n, v) for i, n, v in nodes if i == "ff"), None)
+    return {
+        "gates": int(head.group(2)),
+        "start": start and start.lstrip("\\"),
+        "end": end and end[0].lstrip("\\"),
+        "stages": stages,
+    }
 
 
 def _strip(name: str) -> str:
@@ -424,6 +480,7 @@ def synth_generic(verilog: Path, top: str, workdir: Path, *, dedup: bool = True)
     gate_stat = json.loads((workdir / "gate_stat.json").read_text())
     rtl_stat = json.loads((workdir / "rtl_stat.json").read_text())
     report = area_report(gate_stat, rtl_stat, top)
+    report["logic_depth"] = logic_depth((workdir / "ltp.txt").read_text(), top)
     report.update(
         target="generic",
         top=top,
@@ -564,6 +621,10 @@ def format_generic(report: dict, depth: int = 2) -> str:
     t = report["total"]
     lines.append(f"{'total':<40} {'':>5} {t['nand2']:>11.0f} {100.0:>5.1f}% "
                  f"{t['logic_nand2']:>11.0f} {t['ff_bits']:>8} {t['memory_bits']:>8}")
+    ld = report.get("logic_depth")
+    if ld:
+        lines.append(f"longest path: {ld['gates']} gates, {ld['start']} -> {ld['end']} ("
+                     + ", ".join(f"{kind} {count}" for kind, count in ld["stages"]) + ")")
     if depth < 9 and any(k.count(".") >= depth for k in report["kinds"]):
         lines.append(f"(kinds nested deeper than {depth} levels are included in their parents' "
                      f"rows only through the report's 'tree'; see the JSON 'kinds' for all)")

@@ -126,6 +126,37 @@ def test_generic_tree_and_kinds_sum_the_modules(generic):
     assert synth.sram_bit_nand2() == pytest.approx(0.346 / 0.798)
 
 
+def test_generic_reports_the_longest_path_across_modules(generic):
+    depth = generic["logic_depth"]
+    # a -> xor_0 -> xor_1 -> y crosses two leaves: at least one gate in each, after flattening
+    assert depth["gates"] >= 2
+    assert sum(count for _, count in depth["stages"]) == depth["gates"]
+    assert {kind for kind, _ in depth["stages"]} <= {"xor", "reg", "(top)"}
+
+
+LTP = r"""
+9. Executing LTP pass (find longest path).
+
+Longest topological path in flexcim_dense (length=5):
+    0: \buffer.bank1_28 [7]
+    1: $flatten\buffer.$abc$1$new_n1 (via $flatten\buffer.$abc$1$blif$1$2)
+    2: \buffer.$65 (via $flatten\buffer.$abc$1$blif$1$3)
+    3: $flatten\sub1.\row10.$abc$2$new_n6 (via $flatten\sub1.\row10.$abc$2$blif$2$0)
+    4: \sub1.tree0.sum (via $flatten\sub1.\tree0.$abc$3$blif$3$835)
+    5: $flatten\sub1.$abc$4$MuxGate$7 (via $flatten\sub1.$abc$4$blif$4$228)
+   ff: \sub1.psums [0] (via $flatten\sub1.$auto$ff.cc:337:slice$8)
+
+"""
+
+
+def test_logic_depth_splits_the_path_by_module_kind():
+    depth = synth.logic_depth(LTP, "flexcim_dense")
+    assert depth == {"gates": 5, "start": "buffer.bank1_28", "end": "sub1.psums",
+                     "stages": [["buffer", 2], ["sub.row", 1], ["sub.tree", 1], ["sub", 1]]}
+    with pytest.raises(FlexCimError, match="ltp"):
+        synth.logic_depth("no path here", "top")
+
+
 def test_ice40_reports_luts_ffs_and_fmax(design, tmp_path):
     report = synth.synthesize(verilog=design, top="top", target="ice40", workdir=tmp_path)
     assert report["ffs"] == 12 + 64 or report["brams"] >= 1  # the memory may land in a BRAM
