@@ -202,12 +202,13 @@ def main(argv=None) -> int:
         return pipeline.make_plan(model, None, SelectConfig(method="flow", target=target),
                                   stats=stats, progress=False)
 
-    def measure(plan, metric: str, keys) -> dict:
+    def measure(plan, metric: str, keys, macro: str = "default") -> dict:
         pipeline.apply_plan(model, plan, None, metric=metric, stats=stats, progress=False)
         pipeline.check_plan(model, plan)
         row = {key: perplexity(model, windows[key], progress=False) for key in keys}
         if args.w8a8 and "test" in keys:
-            with w8a8(model, W8A8Config()):
+            # the accumulator of the macro the plan is for (baselines: the default macro's)
+            with w8a8(model, W8A8Config(acc_bits=PRESETS[macro].acc_bits)):
                 row["test_w8a8"] = perplexity(model, windows["test"], progress=False)
         restore()
         return row
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
                 row = {"method": method, "variant": v, "macro": macro, "target": t,
                        "metric": metric, "achieved": plan.achieved_sparsity,
                        "patterns": sorted(set(plan.layers.values())),
-                       **{f"ppl_{k}": p for k, p in measure(plan, metric, ["test"]).items()}}
+                       **{f"ppl_{k}": p for k, p in measure(plan, metric, ["test"], macro).items()}}
                 tests.append(row)
                 log.info("[%5.0f s] test %-8s %-16s %-8s %-9s %.3f: %.3f",
                          time.perf_counter() - started, method, v, macro, metric, t,
