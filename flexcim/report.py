@@ -69,32 +69,31 @@ def label_overlaps(fig, *, tolerance: float = 1.0) -> list[tuple[str, str]]:
     def key(ax):
         return tuple(ax.bbox.bounds)
 
-    owned: list[tuple[object, object]] = [(t, None) for t in fig.texts]
+    # (text, its panel or None for the figure, the area it must stay inside or None)
+    owned: list[tuple] = [(t, None, None) for t in fig.texts]
     if getattr(fig, "_suptitle", None) is not None:
-        owned.append((fig._suptitle, None))
+        owned.append((fig._suptitle, None, None))
     for legend in fig.legends:
-        owned += [(t, None) for t in legend.get_texts()]
-    inside = []
+        owned += [(t, None, None) for t in legend.get_texts()]
     for ax in fig.axes:
         panel = key(ax)
-        owned += [(t, panel) for t in (ax.title, ax._left_title, ax._right_title)]
-        owned += [(t, panel) for t in ax.texts]
-        inside += [(t, ax.bbox) for t in ax.texts]
+        owned += [(t, panel, None) for t in (ax.title, ax._left_title, ax._right_title)]
+        owned += [(t, panel, ax.bbox) for t in ax.texts]
         for axis in (ax.xaxis, ax.yaxis):
-            owned += [(axis.label, panel), (axis.get_offset_text(), panel)]
+            owned += [(axis.label, panel, None), (axis.get_offset_text(), panel, None)]
             low, high = sorted(axis.get_view_interval())
             # ticks outside the view are laid out but not drawn
-            owned += [(t, panel) for tick in axis.get_major_ticks()
+            owned += [(t, panel, None) for tick in axis.get_major_ticks()
                       if tick.get_visible() and low <= tick.get_loc() <= high
                       for t in (tick.label1, tick.label2)]
         if ax.get_legend() is not None:
-            owned += [(t, panel) for t in ax.get_legend().get_texts()]
+            owned += [(t, panel, None) for t in ax.get_legend().get_texts()]
     boxes, seen = [], set()
-    for text, panel in owned:
+    for text, panel, inside in owned:
         if id(text) in seen or not text.get_visible() or not text.get_text().strip():
             continue
         seen.add(id(text))
-        boxes.append((text.get_text(), text.get_window_extent(renderer), panel))
+        boxes.append((text.get_text(), text.get_window_extent(renderer), panel, inside))
 
     def overlap(a, b) -> bool:
         dx = min(a.x1, b.x1) - max(a.x0, b.x0)
@@ -102,18 +101,16 @@ def label_overlaps(fig, *, tolerance: float = 1.0) -> list[tuple[str, str]]:
         return dx > tolerance and dy > tolerance
 
     found = []
-    for i, (a, box_a, _) in enumerate(boxes):
-        found += [(a, b) for b, box_b, _ in boxes[i + 1:] if overlap(box_a, box_b)]
+    for i, (a, box_a, _, _) in enumerate(boxes):
+        found += [(a, b) for b, box_b, _, _ in boxes[i + 1:] if overlap(box_a, box_b)]
     areas = {key(ax): (ax.get_title() or f"panel {i}", ax.bbox) for i, ax in enumerate(fig.axes)}
-    for name, box, panel in boxes:
+    for name, box, panel, inside in boxes:
         found += [(name, f"plotting area of {title!r}") for k, (title, area) in areas.items()
                   if k != panel and overlap(box, area)]
-    for text, area in inside:
-        box = text.get_window_extent(renderer)
-        if text.get_visible() and text.get_text().strip() and (
-                box.x0 < area.x0 - tolerance or box.x1 > area.x1 + tolerance
-                or box.y0 < area.y0 - tolerance or box.y1 > area.y1 + tolerance):
-            found.append((text.get_text(), "the frame of its panel"))
+        if inside is not None and (
+                box.x0 < inside.x0 - tolerance or box.x1 > inside.x1 + tolerance
+                or box.y0 < inside.y0 - tolerance or box.y1 > inside.y1 + tolerance):
+            found.append((name, "the frame of its panel"))
     return found
 
 

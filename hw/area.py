@@ -209,8 +209,8 @@ def markdown(result: dict, names: list[str]) -> str:
         lines += ["", "| preset | longest path (gates) | from | to | gates per part, in path "
                   "order |", "|---|---|---|---|---|"]
         for n, d in depths:
-            stages = ", ".join(f"{kind} {count}" for kind, count in d["stages"])
-            lines.append(f"| {n} | {d['gates']} | `{d['start']}` | `{d['end']}` | {stages} |")
+            lines.append(f"| {n} | {d['gates']} | `{d['start']}` | `{d['end']}` | "
+                         f"{synth.stage_summary(d)} |")
     return "\n".join(lines)
 
 

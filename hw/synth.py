@@ -324,13 +324,18 @@ def logic_depth(ltp_text: str, top: str) -> dict:
         else:
             stages.append([kind, 1])
     start = next((n for i, n, _ in nodes if i == "0"), None)
-    end = next(((n, v) for i, n, v in nodes if i == "ff"), None)
+    end = next((n for i, n, _ in nodes if i == "ff"), None)
     return {
         "gates": int(head.group(2)),
         "start": start and start.lstrip("\\"),
-        "end": end and end[0].lstrip("\\"),
+        "end": end and end.lstrip("\\"),
         "stages": stages,
     }
+
+
+def stage_summary(depth: dict) -> str:
+    """``buffer 6, sub.row 11, ...``: the gates per part of a :func:`logic_depth` path."""
+    return ", ".join(f"{kind} {count}" for kind, count in depth["stages"])
 
 
 def _strip(name: str) -> str:
@@ -623,8 +628,8 @@ def format_generic(report: dict, depth: int = 2) -> str:
                  f"{t['logic_nand2']:>11.0f} {t['ff_bits']:>8} {t['memory_bits']:>8}")
     ld = report.get("logic_depth")
     if ld:
-        lines.append(f"longest path: {ld['gates']} gates, {ld['start']} -> {ld['end']} ("
-                     + ", ".join(f"{kind} {count}" for kind, count in ld["stages"]) + ")")
+        lines.append(f"longest path: {ld['gates']} gates, {ld['start']} -> {ld['end']} "
+                     f"({stage_summary(ld)})")
     if depth < 9 and any(k.count(".") >= depth for k in report["kinds"]):
         lines.append(f"(kinds nested deeper than {depth} levels are included in their parents' "
                      f"rows only through the report's 'tree'; see the JSON 'kinds' for all)")

@@ -54,7 +54,7 @@ from flexcim.sim.streams import (
 from flexcim.spec.config import HwConfig
 from flexcim.spec.nm import NMPattern, NMTensor
 
-from flexcim.fileio import atomic_path, atomic_write
+from flexcim.fileio import atomic_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,10 +291,13 @@ def write_out(result: LayerResult, extra: dict) -> None:
     out = Path(path)
     records = json.loads(out.read_text()) if out.is_file() else {}
     records.update(extra)
-    atomic_write(out, json.dumps(records, indent=2, sort_keys=True))
-    if "full_rate" in extra:
-        with atomic_path(out.with_suffix(".npy")) as tmp, open(tmp, "wb") as f:
-            np.save(f, result.y)
+    # the record and its outputs appear together: a record never describes another run's y
+    files = [out, out.with_suffix(".npy")] if "full_rate" in extra else [out]
+    with atomic_paths(files) as tmps:
+        tmps[0].write_text(json.dumps(records, indent=2, sort_keys=True))
+        if len(tmps) > 1:
+            with open(tmps[1], "wb") as f:
+                np.save(f, result.y)
 
 
 async def run_full_rate(dut, tb_class=None, what: str = "full rate") -> None:
