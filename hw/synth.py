@@ -176,6 +176,10 @@ def _yosys_name(name: str) -> str:
 
 # --------------------------------------------------------------------------- deduplication
 _ESCAPED_RE = re.compile(r"\\(\S+)(?=\s)")
+# Yosys' Verilog back-end names a dummy register per module with a design-wide counter
+# (``\$auto$verilog_backend.cc:2355:dump_module$7``): the only difference between the text of
+# two identical sub-macros, so it is left out of the comparison.
+_DUMMY_RE = re.compile(r"\\\$auto\$verilog_backend\.cc:\d+:dump_module\$\d+")
 
 
 def _split_modules(text: str) -> tuple[str, list[tuple[str, str]]]:
@@ -247,7 +251,7 @@ def dedup_modules(text: str, top: str) -> tuple[str, dict[str, int]]:
         block = _ESCAPED_RE.sub(child, bodies[name])
         renamed[name] = block
         own = "\\" + name if _yosys_name(name) != name else name
-        key = (_kind(name, top), block.replace(own, "\\@self", 1))
+        key = (_kind(name, top), _DUMMY_RE.sub("@dummy", block.replace(own, "\\@self", 1)))
         rep[name] = keys.setdefault(key, name)
         return rep[name]
 

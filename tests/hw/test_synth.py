@@ -277,3 +277,41 @@ def test_ice40_placement_overflow_names_a_config_that_fits(monkeypatch, tmp_path
     with pytest.raises(FlexCimError, match=r"7000 LUT4 and 3000 flip-flops .* HX8K") as info:
         synth.synthesize(target="ice40", verilog=verilog_file, top="top", workdir=tmp_path)
     assert synth.ICE40_FITS in str(info.value) and "max_k=32" not in str(info.value)
+
+
+def _dedup_design(dummy_a: int, dummy_b: int, leaf_b: str) -> str:
+    leaf = ("module \\t.mid{i}.leaf{j} (a, y);\n  input [3:0] a;\n  output [3:0] y;\n"
+            "  assign y = {expr};\nendmodule\n")
+    mid = ("module \\t.mid{i} (clk, a, y);\n  reg \\$auto$verilog_backend.cc:2355:dump_module${d}"
+           "  = 0;\n  input clk;\n  input [3:0] a;\n  output reg [3:0] y;\n  wire [3:0] p;\n"
+           "  wire [3:0] q;\n  \\t.mid{i}.leaf0  leaf0 (.a(a), .y(p));\n"
+           "  \\t.mid{i}.leaf1  leaf1 (.a(p), .y(q));\n  always @(posedge clk) y <= q;\n"
+           "endmodule\n")
+    top = ("module t(clk, a, y0, y1);\n  input clk;\n  input [3:0] a;\n  output [3:0] y0;\n"
+           "  output [3:0] y1;\n  \\t.mid0  mid0 (.clk(clk), .a(a), .y(y0));\n"
+           "  \\t.mid1  mid1 (.clk(clk), .a(a), .y(y1));\nendmodule\n")
+    return (leaf.format(i=0, j=0, expr="a ^ 4'd5") + leaf.format(i=0, j=1, expr="a + 4'd3")
+            + leaf.format(i=1, j=0, expr="a ^ 4'd5") + leaf.format(i=1, j=1, expr=leaf_b)
+            + mid.format(i=0, d=dummy_a) + mid.format(i=1, d=dummy_b) + top)
+
+
+def test_dedup_ignores_the_verilog_backends_dummy_register_names():
+    # Amaranth's Verilog (through Yosys) gives every module with a process a dummy register
+    # numbered across the design: identical sub-macros differ only there and must collapse.
+    text, counts = synth.dedup_modules(_dedup_design(6, 7, "a + 4'd3"), "t")
+    assert counts == {"t.mid0.leaf0": 2, "t.mid0.leaf1": 2, "t.mid0": 2, "t": 1}
+    assert synth.verilog_modules(text) == ["t.mid0.leaf0", "t.mid0.leaf1", "t.mid0", "t"]
+    # a real difference in a leaf keeps that leaf and both parents apart
+    text, counts = synth.dedup_modules(_dedup_design(6, 7, "a - 4'd3"), "t")
+    assert counts == {"t.mid0.leaf0": 2, "t.mid0.leaf1": 1, "t.mid1.leaf1": 1, "t.mid0": 1,
+                      "t.mid1": 1, "t": 1}
+
+
+def test_dedup_keeps_the_area_of_the_full_netlist(tmp_path):
+    design = tmp_path / "d.v"
+    design.write_text(_dedup_design(6, 7, "a + 4'd3"))
+    full = synth.synthesize(verilog=design, top="t", workdir=tmp_path / "full", dedup=False)
+    dedup = synth.synthesize(verilog=design, top="t", workdir=tmp_path / "dedup")
+    assert dedup["modules_deduplicated"] == 3
+    assert dedup["total"]["nand2"] == pytest.approx(full["total"]["nand2"])
+    assert dedup["total"]["ff_bits"] == full["total"]["ff_bits"] == 8
