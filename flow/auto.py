@@ -22,9 +22,7 @@ instead, on the calibration text only:
    allocations, three allocations shrunk toward uniform sparsity (:data:`SHRINKS`) and the
    macro's uniform pattern at the target are compared on the calibration loss of other
    calibration windows (``loss_windows``), each pruned as the plan will be (the ``metric``:
-   :func:`one_shot_pruner`; SparseGPT fit to the *other* calibration windows, since a pruner
-   fit to the windows it is judged on flatters the plans it adapts most), the lowest is kept,
-   and :func:`refine`
+   :func:`one_shot_pruner`), the lowest is kept, and :func:`refine`
    then swaps levels between projections while that loss falls, pruning the same way (the
    additive cost ignores how the harms of two pruned projections interact).  The searched
    plan replaces the chosen one only if it also has the lower loss on the calibration windows
@@ -667,22 +665,6 @@ def heldout_windows(windows: torch.Tensor, config) -> torch.Tensor | None:
     return windows[keep] if keep else None
 
 
-FITTED_METRICS = ("sparsegpt",)
-"""Metrics whose pruned weight is fit to the calibration data (SparseGPT's OBS update solves a
-least-squares problem on ``X^T X``).  Such a pruner is optimistic on its own windows, and the
-more so the more it prunes a projection, so ``auto`` compares plans on windows it was not fit to
-(:func:`_fit_windows`).  Wanda's masks only rank by activation norms; magnitude sees no data."""
-
-
-def _fit_windows(windows: torch.Tensor, config, metric: str) -> torch.Tensor:
-    """The calibration windows the choice's pruner is fit to: for a fitted metric the ones that
-    are not loss windows (measured: with SparseGPT fit to all 16, the loss windows ranked the
-    candidate plans nearly opposite to the test windows; docs/flow.md), all of them otherwise
-    or when there are no others."""
-    held = heldout_windows(windows, config)
-    return held if metric in FITTED_METRICS and held is not None else windows
-
-
 def macro_patterns(config) -> tuple[NMPattern, ...]:
     """The patterns ``auto`` may use: the target macro's (``hw_config``, default preset)."""
     if config.hw_config is not None:
@@ -746,8 +728,7 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     probe = prune_fn = None  # one dense pass on the loss windows serves the choice and search
     if windows is not None and (len(distinct) > 1 or config.refine_steps):
         probe = LossProbe(model, loss_windows(windows, config))
-        prune_fn = one_shot_pruner(model, _fit_windows(windows, config, metric), metric,
-                                   progress=progress)
+        prune_fn = one_shot_pruner(model, windows, metric, progress=progress)
     if len(distinct) > 1 and probe is not None:
         losses = calibration_losses(model, probe.windows,
                                     {k: candidates[k][1] for k in distinct.values()},
@@ -770,12 +751,8 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
             # The search accepts any swap that lowers the loss on its own windows, noise
             # included; at 25 % it moved off the uniform plan and lost on the test windows
             # (docs/flow.md). Keep its plan only if calibration windows it never saw agree.
-            # a fitted pruner is fit here to the loss windows, so that the held-out ones are
-            # new to it too
-            guard_fn = (one_shot_pruner(model, probe.windows, metric, progress=progress)
-                        if metric in FITTED_METRICS else prune_fn)
             check = calibration_losses(model, held, {"start": start, "refined": patterns},
-                                       prune_fn=guard_fn)
+                                       prune_fn=prune_fn)
             refined["guard"] = {"windows": int(held.shape[0]), "loss_start": check["start"],
                                 "loss_refined": check["refined"],
                                 "kept": check["refined"] < check["start"]}
