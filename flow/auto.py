@@ -50,7 +50,7 @@ import torch
 from flexcim.flow import calib
 from flexcim.flow.eval import nll_sum
 from flexcim.flow.model import Block, _block_list, cache_dir, decoder_blocks
-from flexcim.flow.prune import nm_mask, prune_weight, wanda_scores
+from flexcim.flow.prune import nm_rank, prune_weight, wanda_scores
 from flexcim.spec.nm import NMPattern
 from torch import nn
 from tqdm import tqdm
@@ -110,8 +110,8 @@ class LossProbe:
     :meth:`loss` ``(start)`` then runs the model with blocks ``0 .. start-1`` replaced by
     pass-throughs and the cached input of block ``start`` injected, so only the tail of the
     network is computed; blocks before ``start`` must be unchanged since construction (or since
-    the last :meth:`capture`).  The Wanda statistics (:meth:`wanda_mask`) stay the dense
-    model's.
+    the last :meth:`capture`).  The dense weights (``weights``, copied on construction) and
+    the Wanda statistics (:meth:`wanda_mask`) stay the dense model's.
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8):
@@ -126,6 +126,8 @@ class LossProbe:
         self.inputs: list[list[torch.Tensor]] = [[] for _ in self.blocks]
         self._tuple_output = False
         linears = {n: m for b in self.blocks for n, m in b.linears.items()}
+        self.weights = {n: m.weight.detach().clone() for n, m in linears.items()}
+        self._ranks: dict[tuple[str, int], torch.Tensor] = {}
         with calib.collecting(linears) as stats:
             self.dense = self.capture()
         self.stats = stats
@@ -196,20 +198,27 @@ class LossProbe:
             for i, module in enumerate(saved):
                 self._layers[i] = module
 
-    def wanda_mask(self, name: str, weight: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
-        scores = wanda_scores(weight, self.stats[name].act_sq_mean)
-        return nm_mask(scores, n_keep=pattern.n, m=pattern.m)
+    def wanda_mask(self, name: str, pattern: NMPattern) -> torch.Tensor:
+        """Wanda's ``pattern`` mask of the dense weight ``name``.  The ranks inside each group
+        are kept per projection and M (one sort serves every N of that M: the sensitivity, the
+        candidates and the search ask for the same masks again and again)."""
+        key = (name, pattern.m)
+        if key not in self._ranks:
+            scores = wanda_scores(self.weights[name], self.stats[name].act_sq_mean)
+            self._ranks[key] = nm_rank(scores, m=pattern.m)
+        return self._ranks[key] < pattern.n
 
 
 PruneFn = Callable[[str, torch.Tensor, NMPattern], torch.Tensor]
 
 
-def _write_pruned(weight: torch.Tensor, name: str, dense: torch.Tensor, pattern: NMPattern,
-                  probe: LossProbe, prune_fn: PruneFn | None) -> None:
-    """Set ``weight`` to ``dense`` pruned to the (sparse) ``pattern``: with the Wanda mask of
-    the probe's dense statistics, or ``prune_fn``'s weight."""
+def _write_pruned(weight: torch.Tensor, name: str, pattern: NMPattern, probe: LossProbe,
+                  prune_fn: PruneFn | None) -> None:
+    """Set ``weight`` to the probe's dense weight ``name`` pruned to the (sparse) ``pattern``:
+    with the Wanda mask of the probe's dense statistics, or ``prune_fn``'s weight."""
+    dense = probe.weights[name]
     if prune_fn is None:
-        weight.data.copy_(dense * probe.wanda_mask(name, dense, pattern).to(weight.dtype))
+        weight.data.copy_(dense * probe.wanda_mask(name, pattern).to(weight.dtype))
     else:
         weight.data.copy_(prune_fn(name, dense, pattern))
 
@@ -217,16 +226,16 @@ def _write_pruned(weight: torch.Tensor, name: str, dense: torch.Tensor, pattern:
 @contextlib.contextmanager
 def pruned(layers: dict[str, nn.Linear], patterns: dict[str, NMPattern], probe: LossProbe,
            prune_fn: PruneFn | None = None) -> Iterator[None]:
-    """Temporarily prune ``layers`` to ``patterns`` (weights restored after): with Wanda masks
-    of the probe's dense statistics, or ``prune_fn(name, dense weight, pattern)``'s weight
-    (:func:`one_shot_pruner`)."""
+    """Temporarily set ``layers`` to the probe's dense weights pruned to ``patterns`` (the
+    weights they had are restored after): with Wanda masks of the probe's dense statistics, or
+    ``prune_fn(name, dense weight, pattern)``'s weight (:func:`one_shot_pruner`)."""
     saved = {}
     try:
         for name, pattern in patterns.items():
             if pattern.is_dense:
                 continue
             saved[name] = layers[name].weight.detach().clone()
-            _write_pruned(layers[name].weight, name, saved[name], pattern, probe, prune_fn)
+            _write_pruned(layers[name].weight, name, pattern, probe, prune_fn)
         yield
     finally:
         for name, w in saved.items():
@@ -586,13 +595,13 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
     state = {n: rank[str(p)] for n, p in patterns.items()}
     pruned_params = {n: [layers[n].weight.numel() * (p.m - p.n) // p.m for p in levels]
                      for n in state}
-    dense = {n: layers[n].weight.detach().clone() for n in state}
+    dense = probe.weights
 
     def put(name: str, level: int) -> None:
         if levels[level].is_dense:
             layers[name].weight.data.copy_(dense[name])
         else:
-            _write_pruned(layers[name].weight, name, dense[name], levels[level], probe, prune_fn)
+            _write_pruned(layers[name].weight, name, levels[level], probe, prune_fn)
 
     rng = np.random.default_rng(seed)
     names = sorted(state)

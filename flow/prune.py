@@ -47,18 +47,27 @@ def wanda_scores(weight: torch.Tensor, act_sq_mean: torch.Tensor) -> torch.Tenso
     return weight.detach().float().abs() * act_sq_mean.float().clamp_min(0).sqrt()[None, :]
 
 
+def nm_rank(scores: torch.Tensor, *, m: int) -> torch.Tensor:
+    """Each score's place in its group of ``m`` (last axis), 0 for the largest: a stable
+    descending sort, ties to the lowest index.  ``nm_rank(s, m=m) < n`` is
+    ``nm_mask(s, n_keep=n, m=m)``, so one rank serves every N of one M (uint8 for M <= 256)."""
+    k = scores.shape[-1]
+    _check_group(k, 1, m, "last axis")
+    grouped = scores.reshape(-1, m)
+    order = torch.sort(grouped, dim=-1, descending=True, stable=True).indices
+    dtype = torch.uint8 if m <= 256 else torch.int64
+    rank = torch.empty(grouped.shape, dtype=dtype)
+    rank.scatter_(1, order, torch.arange(m, dtype=dtype).expand_as(order))
+    return rank.reshape(scores.shape)
+
+
 def nm_mask(scores: torch.Tensor, *, n_keep: int, m: int) -> torch.Tensor:
     """Boolean mask keeping the ``n_keep`` largest scores of every group of ``m`` (last axis).
 
     Ties go to the lowest index, so the result equals ``spec.nm.topn_mask``.
     """
-    k = scores.shape[-1]
-    _check_group(k, n_keep, m, "last axis")
-    grouped = scores.reshape(-1, m)
-    order = torch.sort(grouped, dim=-1, descending=True, stable=True).indices[:, :n_keep]
-    mask = torch.zeros_like(grouped, dtype=torch.bool)
-    mask.scatter_(1, order, True)
-    return mask.reshape(scores.shape)
+    _check_group(scores.shape[-1], n_keep, m, "last axis")
+    return nm_rank(scores, m=m) < n_keep
 
 
 def prune_nm(weight: torch.Tensor, scores: torch.Tensor, *, n_keep: int, m: int) -> torch.Tensor:

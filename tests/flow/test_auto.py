@@ -66,6 +66,12 @@ def test_pruned_applies_wanda_masks_and_restores(tiny, tiny_windows):
                            before["model.layers.1.mlp.up_proj"])
     for n, m in layers.items():
         assert torch.equal(m.weight, before[n]), n
+    # every N of one M from the one cached rank: 4:8 and 1:8 after 2:8, exact again
+    for n_keep in (4, 1):
+        with auto.pruned(layers, {name: NMPattern(n_keep, 8)}, probe):
+            assert torch.equal(layers[name].weight, prune.prune_nm(before[name], prune.wanda_scores(
+                before[name], probe.stats[name].act_sq_mean), n_keep=n_keep, m=8))
+    assert list(probe._ranks) == [(name, 8)]
 
 
 def test_sensitivity_equals_pruning_one_block_by_hand(tiny, tiny_windows):

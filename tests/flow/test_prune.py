@@ -27,6 +27,22 @@ def test_nm_mask_equals_golden_with_ties():
         assert np.array_equal(mine, topn_mask(scores, f"{n}:{m}"))
 
 
+def test_nm_rank_is_the_place_in_a_stable_descending_order():
+    scores = torch.tensor([[3.0, 1, 2, 5, 0, 0, 7, 7]])
+    assert prune.nm_rank(scores, m=4).tolist() == [[1, 3, 2, 0, 2, 3, 0, 1]]
+    # a naive rank: how many of the group beat the score, ties to the lower index
+    rng = np.random.default_rng(1)
+    s = rng.integers(0, 5, size=(6, 32)).astype(np.float32)
+    for m in (2, 4, 8, 16):
+        rank = prune.nm_rank(torch.from_numpy(s), m=m).numpy()
+        g = s.reshape(-1, m)
+        naive = np.array([[sum(g[r, j] > g[r, i] or (g[r, j] == g[r, i] and j < i)
+                               for j in range(m)) for i in range(m)] for r in range(len(g))])
+        assert np.array_equal(rank.reshape(-1, m), naive)
+        for n in range(1, m + 1):
+            assert np.array_equal(rank < n, topn_mask(s.astype(np.float64), f"{n}:{m}"))
+
+
 def test_wanda_uses_root_mean_square_not_mean_square():
     weight = torch.tensor([[4.0, 1.0, 1.0, 1.0]])
     act_sq_mean = torch.tensor([1.0, 9.0, 0.0, 0.0])
