@@ -117,7 +117,8 @@ def register(sub) -> None:
                    help="on-chip weight buffer (default 2048 KiB)")
     p.add_argument("--compact-indices", action="store_true",
                    help="DRAM and weight buffer store log2 M index bits per kept weight (none "
-                   "for dense blocks), zero-extended into the macros' beats (the RTL ignores the "
-                   "bits above)")
+                   "for dense blocks), zero-extended into the macros' beats by the weight "
+                   "unpacker (hw/unpack.py; each weight load's last packed word padded; the RTL "
+                   "ignores the index bits above)")
     p.add_argument("--json", metavar="OUT.json", help="write every figure there")
     p.set_defaults(func=_system)

@@ -25,7 +25,9 @@ What runs where, and what is charged:
   (:func:`flexcim.spec.layouts.weight_layout`: ``cols`` values of 8 bits and ``cols`` indices of
   ``index_bits``, padding of partial tiles and passes included), or with
   ``Accelerator(compact_indices=True)`` with ``log2 M`` index bits per kept weight (none for a
-  dense block: the RTL ignores the index bits above, tested with garbage in them), and stream
+  dense block: the RTL ignores the index bits above, tested with garbage in them) in the packed
+  stream of :func:`flexcim.spec.layouts.pack_compact`, which :mod:`flexcim.hw.unpack` expands
+  into the macro's beats (each load's last bus word padded), and stream
   from DRAM through the weight buffer every step unless the whole model fits the buffer (then
   they are resident and only read from it).  DRAM streaming runs concurrently with the macros
   (the buffer prefetches), so a projection takes ``max(busiest macro, weight bits / DRAM
@@ -358,10 +360,14 @@ class Accelerator:
     memory : MemorySystem
     compact_indices : bool
         Store (DRAM, weight buffer) ``log2 M`` index bits per kept weight, none for a dense
-        block, instead of the beat's ``index_bits``; the loader between the buffer and a macro
-        zero-extends them into its weight beats.  Legal because the RTL forces the index bits
-        at and above ``log2 M`` on every word it writes and never reads them: random garbage
-        there leaves every result exact (tests/hw/test_top.py,
+        block, instead of the beat's ``index_bits``: every weight load as the packed stream of
+        :func:`flexcim.spec.layouts.pack_compact` (bus words of the beat width, the load's
+        last word zero-padded), charged :func:`flexcim.spec.layouts.compact_bits` per load.
+        The unpacker between the buffer and a macro, :class:`flexcim.hw.unpack.WeightUnpacker`,
+        expands those words into the macro's weight beats with zero-extended indices, one beat
+        per cycle (tests/hw/test_unpack.py).  Legal because the RTL forces the index bits at and
+        above ``log2 M`` on every word it writes and never reads them: random garbage there
+        leaves every result exact (tests/hw/test_top.py,
         ``test_index_bits_at_and_above_log2_m_are_ignored_by_the_rtl``).  Default False: the
         memory system stores the beats as the macro receives them.
 
@@ -503,9 +509,10 @@ def projection_cost(acc: Accelerator, pattern: NMPattern, tokens: int, c: int, k
         for name, n in energy.command_events(cfg, cmd).items():
             events[name] += col_tiles * count * n
     weight_bits = events["weight_beats"] * weight_beat_bits(cfg)
-    if acc.compact_indices:  # log2 M index bits per kept weight in storage (see Accelerator)
-        weight_bits = (events["weight_beats"] * cfg.weight_port_rows * cfg.cols
-                       * (WEIGHT_BITS + (pattern.m - 1).bit_length()))
+    if acc.compact_indices:  # each load's packed stream, its last word padded (see Accelerator)
+        weight_bits = sum(col_tiles * count * layouts.compact_bits(
+            cfg, pattern, cfg.weight_beats(pattern, kk)) for (kk, _, load), count in groups.items()
+            if load)
     chunks = len(chunk)
     result_bits = col_tiles * sum(cmd.tokens for cmd in cmds) * layouts.result_layout(cfg).size
     dram = 0 if resident else acc.memory.dram_cycles(weight_bits)

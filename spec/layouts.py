@@ -18,6 +18,11 @@ result     ``cols`` x signed ``acc_bits``, output channel ``c`` of the tile in e
 
 The activity counters of a macro generated with ``counters=True`` (:func:`counters_layout`) are
 one read-only port, unpacked by :func:`unpack_counters`.
+
+The *packed* weight stream (:func:`compact_beat_layout`, :func:`compact_words`,
+:func:`pack_compact`) is the weight storage of an accelerator with compact indices: ``log2 M``
+index bits per weight instead of ``index_bits``; :class:`~flexcim.hw.unpack.WeightUnpacker`
+expands it into the macro's weight beats (docs/architecture.md, section 8).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 from amaranth.hdl import signed, unsigned
 from amaranth.lib import data
 from flexcim.spec.config import ACT_BITS, WEIGHT_BITS, HwConfig
-from flexcim.spec.nm import NMTensor
+from flexcim.spec.nm import NMPattern, NMTensor
 
 from flexcim.errors import FlexCimError
 
@@ -222,6 +227,151 @@ def unpack_weights(cfg: HwConfig, beats) -> tuple[np.ndarray, np.ndarray]:
     else:
         indices = np.zeros_like(values, dtype=np.uint8)
     return values.reshape(-1, cfg.cols), indices.reshape(-1, cfg.cols)
+
+
+# --------------------------------------------------------------------------- compact weights
+# The packed weight stream of one command, as a weight buffer stores it and the unpacker
+# (flexcim.hw.unpack.WeightUnpacker) expands it into the macro's weight beats: the beats in
+# order, each as ``compact_beat_layout`` (its ``W * cols`` values, then their indices in exactly
+# ``log2 M`` bits), concatenated LSB-first without gaps, cut into words of
+# ``compact_bus_bits`` (the macro's own beat width, so the unpacker never needs more input
+# bandwidth than the macro's port), the command's last word padded with zeros.
+def compact_index_bits(cfg: HwConfig, pattern) -> int:
+    """Index bits per weight in the packed stream of ``pattern``: ``log2 M`` (0 for 1:1), the
+    bits the RTL reads; it forces those at and above ``log2 M`` (hw/top.py).  Raises a
+    one-line FlexCimError for a pattern the macro does not support."""
+    cfg.pattern_code(pattern)
+    return (NMPattern.parse(pattern).m - 1).bit_length()
+
+
+def compact_beat_layout(cfg: HwConfig, pattern) -> data.StructLayout:
+    """One weight beat in the packed stream of ``pattern``: :func:`weight_layout`'s two fields
+    with ``log2 M``-bit indices, i.e. the beat's ``W * cols`` values first (the same bits as in
+    the macro's beat) and then its indices (none for 1:1)."""
+    return word_layout(cols=cfg.cols * cfg.weight_port_rows,
+                       index_bits=compact_index_bits(cfg, pattern))
+
+
+def compact_bus_bits(cfg: HwConfig) -> int:
+    """Width of one word of the packed stream: the macro's weight beat width
+    (``weight_layout(cfg).size``), never narrower than a packed beat."""
+    return weight_layout(cfg).size
+
+
+def compact_max_beats(cfg: HwConfig) -> int:
+    """The most weight beats one command loads: ``depth`` passes of ``beats_per_word``."""
+    return cfg.depth * cfg.beats_per_word
+
+
+def _check_beats(cfg: HwConfig, beats) -> int:
+    if isinstance(beats, bool) or not isinstance(beats, (int, np.integer)) or not (
+        1 <= beats <= compact_max_beats(cfg)
+    ):
+        raise FlexCimError(
+            f"a command loads 1..{compact_max_beats(cfg)} weight beats (depth={cfg.depth} "
+            f"passes of {cfg.beats_per_word}), not {beats!r}"
+        )
+    return int(beats)
+
+
+def compact_words(cfg: HwConfig, pattern, beats: int) -> int:
+    """Bus words of the packed stream of one command of ``beats`` weight beats:
+    ``ceil(beats * compact_beat_layout.size / compact_bus_bits)``."""
+    bits = _check_beats(cfg, beats) * compact_beat_layout(cfg, pattern).size
+    return -(-bits // compact_bus_bits(cfg))
+
+
+def compact_bits(cfg: HwConfig, pattern, beats: int) -> int:
+    """Bits a weight buffer stores and sends for one command of ``beats`` weight beats with
+    ``pattern``: :func:`compact_words` x :func:`compact_bus_bits`, the last word's padding
+    included (``beats * W * cols * (8 + log2 M)`` rounded up to whole words)."""
+    return compact_words(cfg, pattern, beats) * compact_bus_bits(cfg)
+
+
+def compact_cmd_layout(cfg: HwConfig) -> data.StructLayout:
+    """Command of the unpacker: the ``pattern`` code (as in :func:`cmd_layout`, absent when only
+    1:1 is supported) and the number of weight ``beats`` to produce."""
+    fields = {}
+    if cfg.pattern_bits:
+        fields["pattern"] = unsigned(cfg.pattern_bits)
+    fields["beats"] = unsigned(compact_max_beats(cfg).bit_length())
+    return data.StructLayout(fields)
+
+
+def pack_compact_cmd(cfg: HwConfig, pattern, beats: int) -> int:
+    """One unpacker command beat; refuses (one line) a pattern the macro lacks or a beat count
+    outside ``1..compact_max_beats``."""
+    layout = compact_cmd_layout(cfg)
+    code = cfg.pattern_code(pattern)
+    beat = _check_beats(cfg, beats) << _offset(layout, "beats")
+    if cfg.pattern_bits:
+        beat |= code << _offset(layout, "pattern")
+    return beat
+
+
+def pack_compact(cfg: HwConfig, pattern, beats) -> list[int]:
+    """The packed stream (bus words, Python ints) of one command's weight beats ``beats``
+    (:func:`pack_weights`' ints).  Refuses, in one line, a beat whose index has a bit at or
+    above ``log2 M`` set: the packed format cannot carry it (the macro would ignore it)."""
+    beats = [int(b) for b in beats]
+    lg = compact_index_bits(cfg, pattern)
+    n = cfg.cols * cfg.weight_port_rows
+    _check_beats(cfg, len(beats))
+    full, packed = weight_layout(cfg), compact_beat_layout(cfg, pattern)
+    chunks = [b & ((1 << n * WEIGHT_BITS) - 1) for b in beats]  # the values: same bits
+    if cfg.index_bits:
+        shift = _offset(full, "indices")
+        indices = _unpack_lanes([b >> shift for b in beats], n, cfg.index_bits, False)
+        if np.any(indices >> lg):
+            b, e = np.argwhere(indices >> lg)[0]
+            raise FlexCimError(
+                f"weight beat {b} holds index {indices[b, e]} in element {e}, not below "
+                f"M={NMPattern.parse(pattern).m}: the packed stream has {lg} index bits"
+            )
+        if lg:
+            shift = _offset(packed, "indices")
+            lanes = _pack_lanes(indices, lg)
+            chunks = [v | (int(i) << shift) for v, i in zip(chunks, lanes, strict=True)]
+    words, acc, held = [], 0, 0
+    width, bus = packed.size, compact_bus_bits(cfg)
+    for chunk in chunks:
+        acc |= chunk << held
+        held += width
+        while held >= bus:
+            words.append(acc & ((1 << bus) - 1))
+            acc >>= bus
+            held -= bus
+    if held:
+        words.append(acc)  # the zero padding of the last word
+    return words
+
+
+def unpack_compact(cfg: HwConfig, pattern, words, beats: int) -> list[int]:
+    """Inverse of :func:`pack_compact`: the ``beats`` weight beats (:func:`pack_weights`' ints,
+    indices zero-extended to ``index_bits``) that ``words`` carry.  The padding of the last word
+    is ignored, as by the RTL."""
+    words = [int(w) for w in words]
+    expected = compact_words(cfg, pattern, beats)
+    if len(words) != expected:
+        raise FlexCimError(
+            f"{beats} weight beats with pattern {NMPattern.parse(pattern)} take {expected} "
+            f"packed words, not {len(words)}"
+        )
+    lg = compact_index_bits(cfg, pattern)
+    n = cfg.cols * cfg.weight_port_rows
+    packed, bus = compact_beat_layout(cfg, pattern), compact_bus_bits(cfg)
+    stream = 0
+    for i, w in enumerate(words):
+        stream |= w << (i * bus)
+    width = packed.size
+    chunks = [(stream >> (b * width)) & ((1 << width) - 1) for b in range(beats)]
+    out = [c & ((1 << n * WEIGHT_BITS) - 1) for c in chunks]
+    if lg:
+        indices = _unpack_lanes([c >> _offset(packed, "indices") for c in chunks], n, lg, False)
+        lanes = _pack_lanes(indices, cfg.index_bits)
+        shift = _offset(weight_layout(cfg), "indices")
+        out = [v | (int(i) << shift) for v, i in zip(out, lanes, strict=True)]
+    return out
 
 
 def pack_act(cfg: HwConfig, x: np.ndarray) -> list[int]:

@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from flexcim.golden import system
+from flexcim.spec.config import PRESETS
 
 from flexcim.cli import main
 
@@ -65,7 +67,8 @@ def test_system_rejects_a_non_decoder_config_and_foreign_projections(tmp_path, c
 def test_system_weight_port_and_compact_indices_reach_the_model(tmp_path, capsys):
     """``--set weight_port_rows=9 --set weight_overlap=1`` builds the decode-ready macro (its
     fields in the JSON), ``--compact-indices`` charges log2 M index bits per kept weight: a
-    dense plan's decode moves 8 bits per weight on FlexCiM as on the dense accelerator."""
+    dense plan's decode moves 8 bits per weight on FlexCiM as on the dense accelerator, plus
+    the padding of each load's last packed word (what the system model charges)."""
     runs = {}
     for name, extra in (("plain", []), ("compact", ["--compact-indices"])):
         out = tmp_path / f"{name}.json"
@@ -77,5 +80,12 @@ def test_system_weight_port_and_compact_indices_reach_the_model(tmp_path, capsys
     plain, compact = (runs[n]["result"] for n in ("plain", "compact"))
     assert runs["compact"]["hw"]["weight_port_rows"] == 9 and runs["compact"]["compact_indices"]
     dense_bits = compact["dense"]["decode"]["weight_bits"]
-    assert compact["flexcim"]["decode"]["weight_bits"] == dense_bits
+    flex_bits = compact["flexcim"]["decode"]["weight_bits"]
+    cfg = PRESETS["default"].with_overrides(["weight_port_rows=9", "weight_overlap=1"])
+    model = system.step_cost(system.Accelerator(cfg, compact_indices=True),
+                             system.load_model_shape("smollm2-135m"), "1:1", tokens=1, kv_len=8)
+    assert flex_bits == model.weight_bits
+    # 8 bits per weight, as on the dense accelerator, plus the zero padding of each weight
+    # load's last packed word (spec.layouts.compact_bits; the dense macro's beats need none).
+    assert dense_bits < flex_bits < plain["flexcim"]["decode"]["weight_bits"]
     assert plain["flexcim"]["decode"]["weight_bits"] * 8 == dense_bits * 12  # 4-bit indices
