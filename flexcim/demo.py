@@ -225,6 +225,10 @@ SYSTEM_MODELS = ("smollm2-135m", "llama-2-7b")  # the demo's model and a 7B-clas
 SYSTEM_MACROS = 16
 DECODE_KV = 512  # KV cache length of the decode step
 ACCELERATORS = ("flexcim", "dense", "fixed24")  # golden.system.compare's keys
+COMPACT_WEIGHTS = True
+"""Every accelerator of the demo stores its weights packed, ``8 + log2 M`` bits per kept weight
+(``golden.system.Accelerator(compact_indices=True)``), expanded into the macro's beats by the
+RTL weight unpacker (``flexcim.hw.unpack``); the baselines get the same storage."""
 
 
 def system_comparison(plan, *, models=SYSTEM_MODELS, macros: int = SYSTEM_MACROS,
@@ -234,7 +238,7 @@ def system_comparison(plan, *, models=SYSTEM_MODELS, macros: int = SYSTEM_MACROS
     from flexcim.golden import system
     from flexcim.spec.config import preset
 
-    acc = system.Accelerator(preset("default"), macros=macros)
+    acc = system.Accelerator(preset("default"), macros=macros, compact_indices=COMPACT_WEIGHTS)
     return {m: system.compare(acc, system.load_model_shape(m), plan, tokens=tokens,
                               kv_len=kv_len) for m in models}
 
@@ -250,7 +254,8 @@ def system_iso_accuracy(points: list[dict], plans: dict, model: str, *,
     from flexcim.spec.config import preset
 
     shape = system.load_model_shape(model)
-    flex = system.Accelerator(preset("default"), macros=macros)
+    flex = system.Accelerator(preset("default"), macros=macros,
+                              compact_indices=COMPACT_WEIGHTS)
     accs = {"default": flex, "fixed24": flex.baseline(system.BASELINES["fixed24"])}
     costs = {}
     for p in points:
@@ -302,8 +307,10 @@ def stage_system(ctx: Context) -> None:
         "25.6 GB/s of DRAM at 20.3 pJ/bit, a 256-MAC attention engine and a 500 MHz clock "
         "(`flexcim.golden.system`; sources and assumptions in docs/architecture.md, section 8). "
         f"Prefill: {PREFILL_TOKENS} tokens; decode: one token with a KV cache of {DECODE_KV}. "
-        "Weights stream from DRAM every step, compressed as the macro's weight beats carry "
-        "them (values + indices). The macros do not overlap weight loading with compute (today's "
+        "Weights stream from DRAM every step, packed: 8 value bits and log2 M index bits per "
+        "kept weight (none for dense), expanded into the macro's beats by the RTL weight "
+        "unpacker (`flexcim.hw.unpack`; the baselines store theirs the same way). The macros "
+        "do not overlap weight loading with compute (today's "
         "RTL). The 7B-class row applies the same per-block plan to Llama-2-7B's shapes by "
         "relative depth (its perplexity there is not measured: no 7B weights offline). "
         "`bound` names what limits most of the step's cycles; energy shares are "
