@@ -381,9 +381,10 @@ def register(sub) -> None:
                         "--loss-windows")
     p.add_argument("--sens-windows", type=int, default=4, metavar="N",
                    help="auto: calibration windows used to measure sensitivity (default 4)")
-    p.add_argument("--refine-steps", type=int, default=48, metavar="N",
+    p.add_argument("--refine-steps", type=int, default=None, metavar="N",
                    help="auto: steps of the local search on the calibration loss after the "
-                        "exact allocation (default 48; 0: none)")
+                        "exact allocation (default: 48 up to a target of 50 %%, 192 above; "
+                        "0: none)")
     p.add_argument("--loss-windows", type=int, default=8, metavar="N",
                    help="auto: calibration windows (after the sensitivity's) on which candidate "
                         "plans are compared and the local search measures (default 8)")

@@ -369,9 +369,10 @@ class SelectConfig:
         the target, gives the lowest loss on the ``loss_windows`` calibration windows.
     sens_windows : int
         ``auto``: calibration windows used to measure sensitivity (the first ones).
-    refine_steps : int
+    refine_steps : int or None
         ``auto``: steps of the local search on the calibration loss after the exact allocation
-        (:func:`flexcim.flow.auto.refine`; 0: none).
+        (:func:`flexcim.flow.auto.refine`; 0: none; None, the default: 48 up to a target of
+        50 %, 192 above, :func:`flexcim.flow.auto.default_refine_steps`).
     loss_windows : int
         ``auto``: calibration windows on which the candidate plans are compared and the local
         search measures (those after the sensitivity's; 4 overfitted on validation, 8 did
@@ -399,7 +400,7 @@ class SelectConfig:
     hw_tokens: int = 128
     granularity: str = "best"
     sens_windows: int = 4
-    refine_steps: int = 48
+    refine_steps: int | None = None
     loss_windows: int = 8
     refine_seed: int = 0
     sens_cache: str | None = None
@@ -427,6 +428,8 @@ class SelectConfig:
                                  ("refine_steps", "refine steps", 0),
                                  ("loss_windows", "loss windows", 1)):
             value = getattr(self, name)
+            if name == "refine_steps" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 kind = "a positive" if low else "a non-negative"
                 raise FlexCimError(f"{label} must be {kind} integer, not {value!r}")

@@ -535,6 +535,23 @@ def test_auto_plan_records_its_refinement(tiny, tiny_windows):
         SelectConfig(method="auto", target=0.5, loss_windows=0)
 
 
+def test_default_refine_steps_follow_the_target(tiny, tiny_windows, monkeypatch):
+    """``refine_steps=None`` runs REFINE_STEPS up to REFINE_HIGH_ABOVE and REFINE_STEPS_HIGH
+    above it; the plan records the steps it ran, and an explicit count still wins."""
+    assert auto.default_refine_steps(0.5) == auto.REFINE_STEPS == 48
+    assert auto.default_refine_steps(0.25) == 48
+    assert auto.default_refine_steps(0.625) == auto.REFINE_STEPS_HIGH == 192
+    assert SelectConfig(method="auto", target=0.75).refine_steps is None
+    monkeypatch.setattr(auto, "REFINE_STEPS", 2)
+    monkeypatch.setattr(auto, "REFINE_STEPS_HIGH", 5)
+    hw = PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8"))
+    for target, explicit, steps in ((0.5, None, 2), (0.625, None, 5), (0.625, 3, 3)):
+        config = SelectConfig(method="auto", target=target, sens_windows=3, loss_windows=2,
+                              refine_steps=explicit, hw_config=hw)
+        plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+        assert plan.settings["refine"]["steps"] == steps == plan.settings["refine_steps"]
+
+
 @pytest.mark.parametrize("count,sens,loss", [(6, 3, 2), (16, 4, 8), (6, 4, 4), (5, 1, 4),
                                              (4, 4, 4)])
 def test_heldout_windows_are_every_calibration_window_but_the_loss_windows(count, sens, loss):
