@@ -30,24 +30,26 @@ from flexcim.spec.config import HwConfig
 from flexcim.spec.layouts import cmd_layout
 
 
-def lookup(m: Module, index, values, target) -> None:
-    """Drive ``target`` with the constant ``values[index]`` (combinational).
-
-    ``index`` must be known to stay below ``len(values)`` (the controller latches only valid
-    pattern codes).  The last value is the ``default`` branch, so the case statement covers
-    every index value (Verilator's CASEINCOMPLETE), and a single value is just a constant, so a
-    dense-only macro has no zero-width code signal at all (Verilator's ASCRANGE on ``[-1:0]``).
-    """
-    values = list(values)
-    if len(values) == 1:
-        m.d.comb += target.eq(values[0])
+def cases(m: Module, index, count: int):
+    """Yield ``0 .. count-1``, each inside ``m.Case(i)`` of a switch on ``index``, the last one
+    the ``default`` branch, so the case statement covers every index value (Verilator's
+    CASEINCOMPLETE); for one value no switch at all, so a dense-only macro has no zero-width
+    code signal (Verilator's ASCRANGE on ``[-1:0]``).  ``index`` must be known to stay below
+    ``count`` (the controller latches only valid pattern codes)."""
+    if count == 1:
+        yield 0
         return
     with m.Switch(index):
-        for i, value in enumerate(values[:-1]):
-            with m.Case(i):
-                m.d.comb += target.eq(value)
-        with m.Default():
-            m.d.comb += target.eq(values[-1])
+        for i in range(count):
+            with m.Case(i) if i < count - 1 else m.Default():
+                yield i
+
+
+def lookup(m: Module, index, values, target) -> None:
+    """Drive ``target`` with the constant ``values[index]`` (combinational; :func:`cases`)."""
+    values = list(values)
+    for i in cases(m, index, len(values)):
+        m.d.comb += target.eq(values[i])
 
 
 class Controller(wiring.Component):

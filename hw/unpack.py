@@ -23,7 +23,7 @@ from amaranth.hdl import Module, Mux, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 from flexcim.hw.array import validating
-from flexcim.hw.controller import lookup
+from flexcim.hw.controller import cases, lookup
 from flexcim.spec.config import WEIGHT_BITS, HwConfig
 from flexcim.spec.layouts import (
     compact_beat_layout,
@@ -150,7 +150,7 @@ class WeightUnpacker(wiring.Component):
         m.d.comb += out.payload.values.eq(buf[:base])
         if cfg.index_bits:
             # The bits at and above log2 M stay 0 here; the macro forces them (hw/top.py).
-            for i in _cases(m, sel, len(widths)):
+            for i in cases(m, sel, len(widths)):
                 lg = widths[i]
                 if lg:
                     m.d.comb += [out.payload.indices[e].eq(buf[base + e * lg:base + (e + 1) * lg])
@@ -166,10 +166,10 @@ class WeightUnpacker(wiring.Component):
         take = word.valid & word.ready
 
         drained = Signal(self.buffer_bits)
-        for i in _cases(m, sel, len(widths)):
+        for i in cases(m, sel, len(widths)):
             m.d.comb += drained.eq(Mux(fire, buf >> (beat_g[i] * g), buf))
         landed = Signal(self.buffer_bits)
-        for p in _cases(m, rest, bus_g):
+        for p in cases(m, rest, bus_g):
             m.d.comb += landed.eq(word.payload << (p * g))
 
         m.d.sync += [
@@ -192,22 +192,9 @@ class WeightUnpacker(wiring.Component):
         with m.If(self.cmd.valid & self.cmd.ready):
             if len(widths) > 1:
                 m.d.sync += sel.eq(sel_in)
-            for i in _cases(m, sel_in, len(widths)):
+            for i in cases(m, sel_in, len(widths)):
                 m.d.sync += need.eq(self.cmd.payload.beats * beat_g[i])
         return m
-
-
-def _cases(m: Module, sel, count: int):
-    """Yield ``0 .. count-1``, each inside ``m.Case(i)`` of a switch on ``sel``, the last one
-    the default branch (every selector value is covered, Verilator's CASEINCOMPLETE); no
-    switch at all for one value (no zero-width selector, Verilator's ASCRANGE)."""
-    if count == 1:
-        yield 0
-        return
-    with m.Switch(sel):
-        for i in range(count):
-            with m.Case(i) if i < count - 1 else m.Default():
-                yield i
 
 
 def verilog(cfg: HwConfig, name: str | None = None) -> tuple[str, str]:
