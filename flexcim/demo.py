@@ -226,9 +226,10 @@ SYSTEM_MACROS = 16
 DECODE_KV = 512  # KV cache length of the decode step
 ACCELERATORS = ("flexcim", "dense", "fixed24")  # golden.system.compare's keys
 COMPACT_WEIGHTS = True
-"""Every accelerator of the demo stores its weights packed, ``8 + log2 M`` bits per kept weight
-(``golden.system.Accelerator(compact_indices=True)``), expanded into the macro's beats by the
-RTL weight unpacker (``flexcim.hw.unpack``); the baselines get the same storage."""
+"""Every accelerator of the demo stores its weights packed, 8 bits per kept weight and one
+``ceil(log2 C(M, N))``-bit code per group (``golden.system.Accelerator(compact_indices=True)``),
+decoded into the macro's beats by the RTL weight unpacker (``flexcim.hw.unpack``); the
+baselines get the same storage."""
 
 
 def system_comparison(plan, *, models=SYSTEM_MODELS, macros: int = SYSTEM_MACROS,
@@ -307,9 +308,10 @@ def stage_system(ctx: Context) -> None:
         "25.6 GB/s of DRAM at 20.3 pJ/bit, a 256-MAC attention engine and a 500 MHz clock "
         "(`flexcim.golden.system`; sources and assumptions in docs/architecture.md, section 8). "
         f"Prefill: {PREFILL_TOKENS} tokens; decode: one token with a KV cache of {DECODE_KV}. "
-        "Weights stream from DRAM every step, packed: 8 value bits and log2 M index bits per "
-        "kept weight (none for dense), expanded into the macro's beats by the RTL weight "
-        "unpacker (`flexcim.hw.unpack`; the baselines store theirs the same way). The macros "
+        "Weights stream from DRAM every step, packed: 8 value bits per kept weight and one "
+        "ceil(log2 C(M, N))-bit code of the kept positions per group of M (none for dense), "
+        "decoded into the macro's beats by the RTL weight unpacker (`flexcim.hw.unpack`; the "
+        "baselines store theirs the same way). The macros "
         "do not overlap weight loading with compute (today's "
         "RTL). The 7B-class row applies the same per-block plan to Llama-2-7B's shapes by "
         "relative depth (its perplexity there is not measured: no 7B weights offline). "

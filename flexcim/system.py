@@ -116,9 +116,9 @@ def register(sub) -> None:
     p.add_argument("--weight-buffer-kib", type=float, default=2048.0,
                    help="on-chip weight buffer (default 2048 KiB)")
     p.add_argument("--compact-indices", action="store_true",
-                   help="DRAM and weight buffer store log2 M index bits per kept weight (none "
-                   "for dense blocks), zero-extended into the macros' beats by the weight "
-                   "unpacker (hw/unpack.py; each weight load's last packed word padded; the RTL "
-                   "ignores the index bits above)")
+                   help="DRAM and weight buffer store weights packed: 8 value bits per kept "
+                   "weight and one ceil(log2 C(M,N))-bit code per group (none for dense "
+                   "blocks), decoded into the macros' beats by the weight unpacker "
+                   "(hw/unpack.py; each weight load's last packed word padded)")
     p.add_argument("--json", metavar="OUT.json", help="write every figure there")
     p.set_defaults(func=_system)

@@ -24,9 +24,9 @@ What runs where, and what is charged:
 * **Weights** are stored compressed exactly as the macro's weight beats carry them
   (:func:`flexcim.spec.layouts.weight_layout`: ``cols`` values of 8 bits and ``cols`` indices of
   ``index_bits``, padding of partial tiles and passes included), or with
-  ``Accelerator(compact_indices=True)`` with ``log2 M`` index bits per kept weight (none for a
-  dense block: the RTL ignores the index bits above, tested with garbage in them) in the packed
-  stream of :func:`flexcim.spec.layouts.pack_compact`, which :mod:`flexcim.hw.unpack` expands
+  ``Accelerator(compact_indices=True)`` packed: 8 value bits per kept weight and one
+  ``ceil(log2 C(M, N))``-bit code per group of N rows and column (none for a dense block), the
+  stream of :func:`flexcim.spec.layouts.pack_compact`, which :mod:`flexcim.hw.unpack` decodes
   into the macro's beats (each load's last bus word padded), and stream
   from DRAM through the weight buffer every step unless the whole model fits the buffer (then
   they are resident and only read from it).  DRAM streaming runs concurrently with the macros
@@ -359,17 +359,16 @@ class Accelerator:
     macros : int
     memory : MemorySystem
     compact_indices : bool
-        Store (DRAM, weight buffer) ``log2 M`` index bits per kept weight, none for a dense
-        block, instead of the beat's ``index_bits``: every weight load as the packed stream of
-        :func:`flexcim.spec.layouts.pack_compact` (bus words of the beat width, the load's
-        last word zero-padded), charged :func:`flexcim.spec.layouts.compact_bits` per load.
-        The unpacker between the buffer and a macro, :class:`flexcim.hw.unpack.WeightUnpacker`,
-        expands those words into the macro's weight beats with zero-extended indices, one beat
-        per cycle (tests/hw/test_unpack.py).  Legal because the RTL forces the index bits at and
-        above ``log2 M`` on every word it writes and never reads them: random garbage there
-        leaves every result exact (tests/hw/test_top.py,
-        ``test_index_bits_at_and_above_log2_m_are_ignored_by_the_rtl``).  Default False: the
-        memory system stores the beats as the macro receives them.
+        Store (DRAM, weight buffer) every weight load as the packed stream of
+        :func:`flexcim.spec.layouts.pack_compact`: 8 value bits per kept weight and, per group
+        of N cell rows and column, one ``ceil(log2 C(M, N))``-bit code of the kept positions
+        (none for a dense block) instead of the beat's ``index_bits`` per weight; bus words of
+        the beat width, the load's last word zero-padded, charged
+        :func:`flexcim.spec.layouts.compact_bits` per load.  The unpacker between the buffer
+        and a macro, :class:`flexcim.hw.unpack.WeightUnpacker`, decodes those words into the
+        macro's weight beats, one beat per cycle (tests/hw/test_unpack.py, where it drives a
+        macro: results and cycles as without it).  Default False: the memory system stores
+        the beats as the macro receives them.
 
     The macros' weight port (``cfg.weight_port_rows``) and its overlap with compute
     (``cfg.weight_overlap``) are fields of the :class:`~flexcim.spec.config.HwConfig`, as built.

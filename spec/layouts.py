@@ -20,12 +20,16 @@ The activity counters of a macro generated with ``counters=True`` (:func:`counte
 one read-only port, unpacked by :func:`unpack_counters`.
 
 The *packed* weight stream (:func:`compact_beat_layout`, :func:`compact_words`,
-:func:`pack_compact`) is the weight storage of an accelerator with compact indices: ``log2 M``
-index bits per weight instead of ``index_bits``; :class:`~flexcim.hw.unpack.WeightUnpacker`
-expands it into the macro's weight beats (docs/architecture.md, section 8).
+:func:`pack_compact`) is the weight storage of an accelerator with compact indices: per group of
+N cell rows and column one code of ``ceil(log2 C(M, N))`` bits (the rank of the group's kept
+positions) instead of an ``index_bits`` index per weight;
+:class:`~flexcim.hw.unpack.WeightUnpacker` expands it into the macro's weight beats
+(docs/architecture.md, section 8).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from amaranth.hdl import signed, unsigned
@@ -231,30 +235,58 @@ def unpack_weights(cfg: HwConfig, beats) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- compact weights
 # The packed weight stream of one command, as a weight buffer stores it and the unpacker
-# (flexcim.hw.unpack.WeightUnpacker) expands it into the macro's weight beats: the beats in
-# order, each as ``compact_beat_layout`` (its ``W * cols`` values, then their indices in exactly
-# ``log2 M`` bits), concatenated LSB-first without gaps, cut into words of
-# ``compact_bus_bits`` (the macro's own beat width, so the unpacker never needs more input
-# bandwidth than the macro's port), the command's last word padded with zeros.
-def compact_index_bits(cfg: HwConfig, pattern) -> int:
-    """Index bits per weight in the packed stream of ``pattern``: ``log2 M`` (0 for 1:1), the
-    bits the RTL reads; it forces those at and above ``log2 M`` (hw/top.py).  Raises a
-    one-line FlexCimError for a pattern the macro does not support."""
+# (flexcim.hw.unpack.WeightUnpacker) expands it into the macro's weight beats.  Instead of an
+# index per kept weight it carries, per group of N cell rows and column, the *rank* of the set of
+# the group's kept positions: ceil(log2 C(M, N)) bits (docs/architecture.md, section 8).
+#
+# * Row q of a command (beat q // W, slot q % W) belongs to group q // N; groups never straddle a
+#   pass (N divides rows_total), and a command loads whole passes, hence whole groups.
+# * A group's rows are in *canonical order*: their indices strictly descending, each non-zero
+#   weight with its own index, the zero-valued slots given the smallest indices no non-zero
+#   weight of the group uses.  The macro sums a group's rows (a wrapped sum), so the order and
+#   the indices of zero weights do not change any result.
+# * Code of a group (one per column) = sum_s C(c_s, N - s) over its canonical indices c_0 > c_1
+#   > ... (the combinatorial number system; 0 bits for 1:1).  Greedy unranking (largest c with
+#   C(c, k) <= R, R -= C(c, k), k = N .. 1) gives c_0, c_1, ... back: one row per step, so the
+#   decoder emits the rows in the order they are stored.
+# * Packed beat b = its W * cols values (the bits of the macro beat's ``values`` field, rows in
+#   canonical order) then the codes of the groups whose first row is in the beat, group by
+#   group, cols codes each (column c of the i-th such group at bits (i * cols + c) * code bits).
+# * The packed beats are concatenated LSB-first without gaps and cut into bus words of
+#   ``compact_bus_bits`` (the macro's beat width), the command's last word padded with zeros.
+def compact_code_bits(cfg: HwConfig, pattern) -> int:
+    """Bits of one group's code in the packed stream of ``pattern`` (N:M): ``ceil(log2 C(M,
+    N))``, 0 for 1:1 (at most ``N * log2 M``: 14 instead of 32 for 8:16, 3 instead of 4 for
+    2:4).  Raises a one-line FlexCimError for a pattern the macro does not support."""
     cfg.pattern_code(pattern)
-    return (NMPattern.parse(pattern).m - 1).bit_length()
+    p = NMPattern.parse(pattern)
+    return (math.comb(p.m, p.n) - 1).bit_length()
 
 
-def compact_beat_layout(cfg: HwConfig, pattern) -> data.StructLayout:
-    """One weight beat in the packed stream of ``pattern``: :func:`weight_layout`'s two fields
-    with ``log2 M``-bit indices, i.e. the beat's ``W * cols`` values first (the same bits as in
-    the macro's beat) and then its indices (none for 1:1)."""
-    return word_layout(cols=cfg.cols * cfg.weight_port_rows,
-                       index_bits=compact_index_bits(cfg, pattern))
+def compact_starts(cfg: HwConfig, pattern, beat: int) -> int:
+    """Groups of ``pattern`` whose first row is in weight beat ``beat`` of a command (rows
+    ``beat * W .. beat * W + W - 1``): the number of codes that travel with that beat."""
+    n, w = NMPattern.parse(pattern).n, cfg.weight_port_rows
+    return (beat * w + w - 1) // n - (beat * w - 1) // n  # multiples of N in the beat's rows
+
+
+def compact_beat_layout(cfg: HwConfig, pattern, starts: int) -> data.StructLayout:
+    """One packed weight beat of ``pattern`` that carries the codes of ``starts`` groups
+    (:func:`compact_starts`): ``values``, the beat's ``W * cols`` values (the bits of the
+    macro beat's ``values`` field), then ``codes``, ``starts * cols`` codes of
+    :func:`compact_code_bits` (absent when there are none)."""
+    fields = {"values": data.ArrayLayout(signed(WEIGHT_BITS), cfg.cols * cfg.weight_port_rows)}
+    bits = compact_code_bits(cfg, pattern)
+    if bits and starts:
+        fields["codes"] = data.ArrayLayout(unsigned(bits), starts * cfg.cols)
+    return data.StructLayout(fields)
 
 
 def compact_bus_bits(cfg: HwConfig) -> int:
     """Width of one word of the packed stream: the macro's weight beat width
-    (``weight_layout(cfg).size``), never narrower than a packed beat."""
+    (``weight_layout(cfg).size``).  A packed beat can be wider (a group's codes travel with its
+    first row), but a command's packed stream never takes more words than it has beats
+    (``ceil(log2 C(M, N)) <= N * log2 M``)."""
     return weight_layout(cfg).size
 
 
@@ -264,92 +296,151 @@ def compact_max_beats(cfg: HwConfig) -> int:
 
 
 def _check_beats(cfg: HwConfig, beats) -> int:
+    """``beats`` as an int: a whole number of passes, 1 .. ``depth`` (what a command loads)."""
+    per = cfg.beats_per_word
     if isinstance(beats, bool) or not isinstance(beats, (int, np.integer)) or not (
-        1 <= beats <= compact_max_beats(cfg)
+        1 <= beats <= compact_max_beats(cfg) and beats % per == 0
     ):
         raise FlexCimError(
-            f"a command loads 1..{compact_max_beats(cfg)} weight beats (depth={cfg.depth} "
-            f"passes of {cfg.beats_per_word}), not {beats!r}"
+            f"a command loads whole passes of weight beats: a multiple of {per} from {per} to "
+            f"{compact_max_beats(cfg)} (depth={cfg.depth}), not {beats!r}"
         )
     return int(beats)
 
 
 def compact_words(cfg: HwConfig, pattern, beats: int) -> int:
-    """Bus words of the packed stream of one command of ``beats`` weight beats:
-    ``ceil(beats * compact_beat_layout.size / compact_bus_bits)``."""
-    bits = _check_beats(cfg, beats) * compact_beat_layout(cfg, pattern).size
+    """Bus words of the packed stream of one command of ``beats`` weight beats (whole
+    passes): ``ceil((rows * cols * 8 + rows / N * cols * code bits) / compact_bus_bits)``
+    with ``rows = beats * W``."""
+    rows = _check_beats(cfg, beats) * cfg.weight_port_rows
+    n = NMPattern.parse(pattern).n
+    bits = rows * cfg.cols * WEIGHT_BITS + rows // n * cfg.cols * compact_code_bits(cfg, pattern)
     return -(-bits // compact_bus_bits(cfg))
 
 
 def compact_bits(cfg: HwConfig, pattern, beats: int) -> int:
     """Bits a weight buffer stores and sends for one command of ``beats`` weight beats with
     ``pattern``: :func:`compact_words` x :func:`compact_bus_bits`, the last word's padding
-    included (``beats * W * cols * (8 + log2 M)`` rounded up to whole words)."""
+    included."""
     return compact_words(cfg, pattern, beats) * compact_bus_bits(cfg)
 
 
 def compact_cmd_layout(cfg: HwConfig) -> data.StructLayout:
     """Command of the unpacker: the ``pattern`` code (as in :func:`cmd_layout`, absent when only
-    1:1 is supported) and the number of weight ``beats`` to produce."""
+    1:1 is supported) and the number of ``passes`` (of ``beats_per_word`` weight beats) to
+    produce."""
     fields = {}
     if cfg.pattern_bits:
         fields["pattern"] = unsigned(cfg.pattern_bits)
-    fields["beats"] = unsigned(compact_max_beats(cfg).bit_length())
+    fields["passes"] = unsigned(cfg.depth.bit_length())
     return data.StructLayout(fields)
 
 
 def pack_compact_cmd(cfg: HwConfig, pattern, beats: int) -> int:
-    """One unpacker command beat; refuses (one line) a pattern the macro lacks or a beat count
-    outside ``1..compact_max_beats``."""
+    """One unpacker command beat for ``beats`` weight beats; refuses (one line) a pattern the
+    macro lacks or a beat count that is not 1 .. ``depth`` whole passes."""
     layout = compact_cmd_layout(cfg)
     code = cfg.pattern_code(pattern)
-    beat = _check_beats(cfg, beats) << _offset(layout, "beats")
+    beat = _check_beats(cfg, beats) // cfg.beats_per_word << _offset(layout, "passes")
     if cfg.pattern_bits:
         beat |= code << _offset(layout, "pattern")
     return beat
 
 
+def compact_rank_cap(cfg: HwConfig) -> int:
+    """``S``, the largest ``C(M, N)`` of the configured patterns: every valid code and every
+    rank left during its unranking is below it, so the decoder's binomial table saturates at
+    ``S`` (a larger entry compares the same) and stays ``S.bit_length()`` bits wide."""
+    return max(math.comb(p.m, p.n) for p in cfg.patterns)
+
+
+def compact_binomial(cfg: HwConfig, c: int, k: int) -> int:
+    """Entry ``(c, k)`` of the decoder's table: ``min(C(c, k), S)`` (:func:`compact_rank_cap`)."""
+    return min(math.comb(c, k), compact_rank_cap(cfg))
+
+
+def _binomials(m: int, n: int) -> np.ndarray:
+    """``C(c, k)`` for ``c`` in ``0 .. m`` and ``k`` in ``0 .. n``, int64."""
+    return np.array([[math.comb(c, k) for k in range(n + 1)] for c in range(m + 1)],
+                    dtype=np.int64)
+
+
+def _groups(cfg: HwConfig, pattern, beats: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``beats`` as ``[groups, N, cols]`` values and indices; refuses an index at
+    or above M."""
+    p = NMPattern.parse(pattern)
+    values, indices = unpack_weights(cfg, beats)
+    if np.any(indices >= p.m):
+        row, c = np.argwhere(indices >= p.m)[0]
+        w = cfg.weight_port_rows
+        raise FlexCimError(
+            f"weight beat {row // w} holds index {indices[row, c]} in element "
+            f"{row % w * cfg.cols + c}, not below M={p.m}: the packed stream cannot carry it"
+        )
+    return (values.reshape(-1, p.n, cfg.cols).astype(np.int64),
+            indices.reshape(-1, p.n, cfg.cols).astype(np.int64))
+
+
+def compact_canonical(cfg: HwConfig, pattern, beats) -> tuple[np.ndarray, np.ndarray]:
+    """The canonical order of the rows of ``beats`` (one command's weight beats): per group
+    and column the kept indices descending, zero weights on the smallest unused indices.
+    Returns ``(values, indices)`` ``[groups, N, cols]`` int64.  Refuses (one line) an index at
+    or above M and a group whose non-zero weights share an index."""
+    cfg.pattern_code(pattern)
+    p = NMPattern.parse(pattern)
+    beats = [int(b) for b in beats]
+    _check_beats(cfg, len(beats))
+    vals, idx = _groups(cfg, pattern, beats)
+    nonzero = vals != 0
+    lanes = np.arange(p.m)
+    hits = nonzero[..., None] & (idx[..., None] == lanes)       # [G, N, cols, M]
+    used = hits.sum(axis=1)                                      # [G, cols, M]
+    if np.any(used > 1):
+        g, c, i = np.argwhere(used > 1)[0]
+        raise FlexCimError(
+            f"group {g} (rows {g * p.n}..{g * p.n + p.n - 1}) of column {c} keeps two non-zero "
+            f"weights at index {i}: the packed stream keeps one weight per index"
+        )
+    free = np.cumsum(used == 0, axis=-1)                         # unused lanes up to here
+    spare = p.n - nonzero.sum(axis=1)                            # [G, cols] zero slots
+    keep = (used > 0) | ((used == 0) & (free <= spare[..., None]))
+    order = np.sort(np.where(keep, lanes, -1), axis=-1)[..., ::-1][..., :p.n]  # [G, cols, N]
+    by_lane = (hits * vals[..., None]).sum(axis=1)               # [G, cols, M]
+    canon_vals = np.take_along_axis(by_lane, order, axis=-1)
+    return canon_vals.transpose(0, 2, 1), order.transpose(0, 2, 1)
+
+
 def pack_compact(cfg: HwConfig, pattern, beats) -> list[int]:
     """The packed stream (bus words, Python ints) of one command's weight beats ``beats``
-    (:func:`pack_weights`' ints).  Refuses, in one line, a beat whose index has a bit at or
-    above ``log2 M`` set: the packed format cannot carry it (the macro would ignore it)."""
-    beats = [int(b) for b in beats]
-    lg = compact_index_bits(cfg, pattern)
-    n = cfg.cols * cfg.weight_port_rows
-    _check_beats(cfg, len(beats))
-    full, packed = weight_layout(cfg), compact_beat_layout(cfg, pattern)
-    chunks = [b & ((1 << n * WEIGHT_BITS) - 1) for b in beats]  # the values: same bits
-    if cfg.index_bits:
-        shift = _offset(full, "indices")
-        indices = _unpack_lanes([b >> shift for b in beats], n, cfg.index_bits, False)
-        if np.any(indices >> lg):
-            b, e = np.argwhere(indices >> lg)[0]
-            raise FlexCimError(
-                f"weight beat {b} holds index {indices[b, e]} in element {e}, not below "
-                f"M={NMPattern.parse(pattern).m}: the packed stream has {lg} index bits"
-            )
-        if lg:
-            shift = _offset(packed, "indices")
-            lanes = _pack_lanes(indices, lg)
-            chunks = [v | (int(i) << shift) for v, i in zip(chunks, lanes, strict=True)]
-    words, acc, held = [], 0, 0
-    width, bus = packed.size, compact_bus_bits(cfg)
-    for chunk in chunks:
-        acc |= chunk << held
-        held += width
-        while held >= bus:
-            words.append(acc & ((1 << bus) - 1))
-            acc >>= bus
-            held -= bus
-    if held:
-        words.append(acc)  # the zero padding of the last word
-    return words
+    (:func:`pack_weights`' ints, whole passes): rows in canonical order
+    (:func:`compact_canonical`, whose refusals apply) and one code per group and column."""
+    p = NMPattern.parse(pattern)
+    vals, order = compact_canonical(cfg, pattern, beats)
+    binom = _binomials(p.m, p.n)
+    steps = p.n - np.arange(p.n)                                 # k = N .. 1
+    codes = binom[order, steps[None, :, None]].sum(axis=1)       # [G, cols]
+    bits = compact_code_bits(cfg, pattern)
+    w, cols = cfg.weight_port_rows, cfg.cols
+    beat_values = _pack_lanes(vals.reshape(-1, w * cols), WEIGHT_BITS)
+    code_words = _pack_lanes(codes, bits) if bits else np.zeros(len(codes), dtype=object)
+    stream, at, group = 0, 0, 0
+    for b, value_bits in enumerate(beat_values):
+        stream |= int(value_bits) << at
+        at += w * cols * WEIGHT_BITS
+        for _ in range(compact_starts(cfg, p, b)):
+            stream |= int(code_words[group]) << at
+            at += cols * bits
+            group += 1
+    bus = compact_bus_bits(cfg)
+    count = compact_words(cfg, pattern, len(beats))
+    return [(stream >> (i * bus)) & ((1 << bus) - 1) for i in range(count)]
 
 
 def unpack_compact(cfg: HwConfig, pattern, words, beats: int) -> list[int]:
     """Inverse of :func:`pack_compact`: the ``beats`` weight beats (:func:`pack_weights`' ints,
-    indices zero-extended to ``index_bits``) that ``words`` carry.  The padding of the last word
-    is ignored, as by the RTL."""
+    indices zero-extended to ``index_bits``) that ``words`` carry, in canonical order, decoded
+    by greedy unranking as the RTL does.  The padding of the last word is ignored, as by the
+    RTL; a code past ``C(M, N) - 1`` decodes to whatever the greedy steps give, as in the RTL."""
     words = [int(w) for w in words]
     expected = compact_words(cfg, pattern, beats)
     if len(words) != expected:
@@ -357,21 +448,34 @@ def unpack_compact(cfg: HwConfig, pattern, words, beats: int) -> list[int]:
             f"{beats} weight beats with pattern {NMPattern.parse(pattern)} take {expected} "
             f"packed words, not {len(words)}"
         )
-    lg = compact_index_bits(cfg, pattern)
-    n = cfg.cols * cfg.weight_port_rows
-    packed, bus = compact_beat_layout(cfg, pattern), compact_bus_bits(cfg)
+    p = NMPattern.parse(pattern)
+    bits = compact_code_bits(cfg, pattern)
+    w, cols, bus = cfg.weight_port_rows, cfg.cols, compact_bus_bits(cfg)
     stream = 0
-    for i, w in enumerate(words):
-        stream |= w << (i * bus)
-    width = packed.size
-    chunks = [(stream >> (b * width)) & ((1 << width) - 1) for b in range(beats)]
-    out = [c & ((1 << n * WEIGHT_BITS) - 1) for c in chunks]
-    if lg:
-        indices = _unpack_lanes([c >> _offset(packed, "indices") for c in chunks], n, lg, False)
-        lanes = _pack_lanes(indices, cfg.index_bits)
-        shift = _offset(weight_layout(cfg), "indices")
-        out = [v | (int(i) << shift) for v, i in zip(out, lanes, strict=True)]
-    return out
+    for i, word in enumerate(words):
+        stream |= word << (i * bus)
+    values, codes, at = [], [], 0
+    for b in range(beats):
+        values.append((stream >> at) & ((1 << w * cols * WEIGHT_BITS) - 1))
+        at += w * cols * WEIGHT_BITS
+        for _ in range(compact_starts(cfg, p, b)):
+            codes.append([(stream >> (at + c * bits)) & ((1 << bits) - 1) for c in range(cols)])
+            at += cols * bits
+    # The RTL's decoder: the greedy step over all m_max lanes with the saturated table.
+    table = {k: [compact_binomial(cfg, x, k) for x in range(cfg.m_max)]
+             for k in range(1, p.n + 1)}
+    indices = np.zeros((beats * w // p.n, p.n, cols), dtype=np.int64)
+    for g, group in enumerate(codes):
+        for c, rank in enumerate(group):
+            for s, k in enumerate(range(p.n, 0, -1)):
+                lane = max(x for x in range(cfg.m_max) if table[k][x] <= rank)
+                rank -= table[k][lane]
+                indices[g, s, c] = lane
+    out = np.array(values, dtype=object)
+    if cfg.index_bits:
+        lanes = _pack_lanes(indices.reshape(beats, w * cols), cfg.index_bits)
+        out = out | (lanes << _offset(weight_layout(cfg), "indices"))
+    return [int(b) for b in out]
 
 
 def pack_act(cfg: HwConfig, x: np.ndarray) -> list[int]:

@@ -66,7 +66,7 @@ def test_system_rejects_a_non_decoder_config_and_foreign_projections(tmp_path, c
 
 def test_system_weight_port_and_compact_indices_reach_the_model(tmp_path, capsys):
     """``--set weight_port_rows=9 --set weight_overlap=1`` builds the decode-ready macro (its
-    fields in the JSON), ``--compact-indices`` charges log2 M index bits per kept weight: a
+    fields in the JSON), ``--compact-indices`` charges the packed stream (values and group codes): a
     dense plan's decode moves 8 bits per weight on FlexCiM as on the dense accelerator, plus
     the padding of each load's last packed word (what the system model charges)."""
     runs = {}

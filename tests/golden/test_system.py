@@ -202,18 +202,19 @@ def test_dense_blocks_carry_the_index_bits_on_a_flexible_macro():
 
 
 @pytest.mark.parametrize("preset, sets, pattern, c, k", [
-    ("tiny", (), "2:8", 8, 64),          # 16 beats of 44 bits: the last 48-bit word padded
+    ("tiny", (), "2:4", 8, 64),          # 4 passes of 304 bits: the last 48-bit word padded
     ("tiny", (), "1:1", 8, 32),          # 32 beats of 32 bits: padded
-    ("default", (), "2:4", 576, 576),    # 72 beats of 160 bits = 60 words: no padding at all
-    ("default", (), "4:16", 40, 576 + 96),  # partial tile and pass, no word padding
+    ("default", (), "2:4", 576, 576),    # passes of 57 words (72 rows + 36 groups of 3-bit codes)
+    ("default", (), "4:16", 40, 576 + 96),  # partial tile and pass, 64.5 words a pass
     ("default", ("weight_port_rows=9", "weight_overlap=1"), "1:1", 20, 576),  # 64 x 1152 bits
 ])
 def test_compact_indices_charge_the_packed_stream_of_every_load(preset, sets, pattern, c, k):
     """With compact storage the weight traffic is the packed stream (hw/unpack.py's input) of
     every weight load of the projection: the host's weight beats of each load command, packed
     by spec.layouts.pack_compact, counted in whole bus words (the beat width), the last word's
-    padding included.  That is never less than N/M of the dense values plus log2 M bits per
-    kept weight, equal to it without any padding, and never more than the full beats."""
+    padding included.  That is never less than N/M of the dense values plus one
+    ceil(log2 C(M, N))-bit code per group of M weights, equal to it without any padding, less
+    than log2 M bits per kept weight would take, and never more than the full beats."""
     cfg = PRESETS[preset].with_overrides(sets)
     p = NMPattern.parse(pattern)
     rng = np.random.default_rng(c + k)
@@ -222,6 +223,7 @@ def test_compact_indices_charge_the_packed_stream_of_every_load(preset, sets, pa
     acc = system.Accelerator(cfg, macros=2, compact_indices=True)
     cost = system.projection_cost(acc, p, 1, c, k)
     log2m = {1: 0, 4: 2, 8: 3, 16: 4}[p.m]  # by hand
+    code = {"1:1": 0, "2:4": 3, "4:16": 11}[pattern]  # ceil(log2 C(M, N)), by hand
     word = (8 + cfg.index_bits) * cfg.cols * cfg.weight_port_rows  # the beat width, by hand
     packed_bits, beats_seen = 0, []
     for cmd in streams.commands:
@@ -229,18 +231,29 @@ def test_compact_indices_charge_the_packed_stream_of_every_load(preset, sets, pa
             continue
         beats = layouts.pack_weights(cfg, host.weight_tile(w, cmd.c0, cmd.c, cmd.k0, cmd.k))
         words = layouts.pack_compact(cfg, p, beats)
-        assert layouts.unpack_compact(cfg, p, words, len(beats)) == beats
+        # The unpacked beats hold the same non-zero weights at the same indices in every
+        # group (in the canonical row order).
+        back = layouts.unpack_compact(cfg, p, words, len(beats))
+        before, after = layouts.unpack_weights(cfg, beats), layouts.unpack_weights(cfg, back)
+        for g in range(0, len(before[0]), p.n):
+            for col in range(cfg.cols):
+                kept = [sorted((int(v[r, col]), int(i[r, col])) for r in range(g, g + p.n)
+                               if v[r, col]) for v, i in (before, after)]
+                assert kept[0] == kept[1]
         packed_bits += len(words) * word
         beats_seen += beats
     assert beats_seen == streams.weight_beats
     assert cost.weight_bits == packed_bits
-    bound = c * k * p.n // p.m * (8 + log2m)  # N/M of dense values + log2 M per kept weight
-    assert bound == w.values.size * 8 + w.indices.size * log2m
-    unpadded = len(streams.weight_beats) * cfg.cols * cfg.weight_port_rows * (8 + log2m)
+    bound = c * k * p.n // p.m * 8 + c * k // p.m * code  # values + a code per group
+    assert bound == w.values.size * 8 + w.values.size // p.n * code
+    rows = len(streams.weight_beats) * cfg.weight_port_rows
+    unpadded = rows * cfg.cols * 8 + rows // p.n * cfg.cols * code
     assert cost.weight_bits >= unpadded >= bound
+    indexed = rows * cfg.cols * (8 + log2m)  # the same rows with a log2 M index per weight
+    assert unpadded <= indexed and (unpadded < indexed) == (p.n > 1)
     if (preset, pattern) == ("default", "2:4"):  # whole tiles, passes and words: the bound
         assert cost.weight_bits == bound
-    elif preset == "tiny" or sets:  # padded words: more than the bound
+    elif preset == "tiny" or sets or pattern == "4:16":  # padded words: more than the bound
         assert cost.weight_bits > unpadded
     full = system.projection_cost(system.Accelerator(cfg, macros=2), p, 1, c, k)
     assert full.weight_bits == len(streams.weight_beats) * word >= cost.weight_bits
