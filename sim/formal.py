@@ -36,11 +36,30 @@ Properties (issue 16):
     macro ready; a valid one delivers its ``tokens`` results by the cycle
     :func:`flexcim.golden.perf.command_timing` gives, and no more, and the macro takes the next
     command at the modelled ``busy`` cycle.
-``dot`` (opt-in: it does not close yet, see :data:`DOT_ACT_RANGE`)
-    End to end on the smallest configuration, one fixed command per pattern: symbolic weights
-    (values, indices) and activations of two tokens, any stalls and back-pressure; every result
-    equals the wrapped dot product of the loaded weights with the token's activations, in
-    token order (the golden model's arithmetic, bounded).
+``dot-<v>[P]``
+    End to end on the smallest configuration, one fixed command per pattern ``P`` (the longest
+    whole-group ``k``, :data:`DOT_TOKENS` tokens, weights loaded): every result the macro
+    delivers within the bound equals the wrapped dot product of the loaded weights with its
+    token's activations, in token order, no result is extra and ``error`` stays low.  Bounded
+    (bmc, the unstalled command's last result + 1 + :data:`DOT_SLACK` cycles).  Proving it for
+    symbolic weights, indices and activations under free stalls at once does not close (the
+    solver must prove a bit-sliced multiply-accumulate equal to a multiplier), so it is split
+    in four variants (:data:`DOT_VARIANTS`), each free in one thing, the rest fixed to
+    distinct values (:func:`dot_constants`; indices ``(q + c) mod M``: every lane of a group,
+    differently per column):
+
+    * ``w``: all int8 weights symbolic (zero included), activations and indices fixed;
+    * ``x``: all int8 activations of both tokens symbolic, weights and indices fixed;
+    * ``i``: every index symbolic (below M), weights and activations fixed (not for 1:1);
+    * ``s``: all data fixed, free stalls on the weight and activation streams.
+
+    ``w``, ``x`` and ``i`` send their streams eagerly and take the result under free
+    back-pressure.  The expected value is written in the macro's order (pass, slice, row), each
+    product ``w * (w != 0 ? d : 0)`` with ``d`` the signed-top ``b``-bit digit of the selected
+    activation (:func:`slice_digits`): the same number as ``w * x``.  Not covered: symbolic
+    data together with input stalls (the controller never reads the data payloads, so the
+    schedule does not depend on them; ``s`` checks every schedule for one data set).
+    ``dot-all[P]`` (opt-in ``--dot-all``) is the whole claim at once, and does not close.
 
 Mutants (:data:`MUTANTS`) are broken variants injected as subclasses (wrappers around the real
 component, or a changed constructor parameter); each must be refuted (FAIL), so the harnesses
@@ -87,15 +106,33 @@ SMALLEST = HwConfig(sub_macros=1, rows=2, cols=2, depth=2, patterns=("1:1", "1:2
 #: dominated by the two activation banks (``2 * max_k`` bytes) and the cells' words.
 LIMITS = {"cells": 64, "max_k": 128, "depth": 8}
 
-#: Value ranges of the ``dot`` job's symbolic activations and weights (None: all of int8).
-#: Measured on the shared 2-core machine (2026-12-01, load 10-12): with SMALLEST and a fixed
-#: command, no variant got past the first result-carrying BMC step (10) within 5-15 minutes,
-#: neither full int8 nor both operands in -1..1; the mutant inside the macro is refuted in
-#: seconds.  The products of all int8 operands are proven per cell (``cell``) and the slice
-#: weighting per merging unit (``merging``).
-DOT_ACT_RANGE = None
-DOT_WEIGHT_RANGE = None
+#: The ``dot`` jobs of a pattern: ``variant -> (symbolic data, streams that stall freely)``;
+#: data: ``w`` weights, ``x`` activations, ``i`` indices (the others fixed); streams: ``w``
+#: weights, ``a`` activations, ``r`` the result's back-pressure (the others eager).  ``all``
+#: (opt-in ``--dot-all``) is the whole claim at once; it does not close (README, formal section).
+DOT_VARIANTS = {"w": ("w", "r"), "x": ("x", "r"), "i": ("i", "r"), "s": ("", "war"),
+                "all": ("wxi", "war")}
 DOT_TOKENS = 2
+
+
+def dot_constants(count: int, seed: int) -> list[int]:
+    """``count`` int8 values (reproducible from ``seed``) for the fixed operand of a ``dot``
+    job: distinct (the first 210; then they repeat), negative and positive in turn, neither
+    4-bit digit zero (so both slices of every value, and the sign of the top one, reach the
+    result): a lane, word, index, slice or token taken for another changes a coefficient of
+    the symbolic operand, so the result."""
+    if count > 210:
+        first = dot_constants(210, seed)
+        return [first[i % 210] for i in range(count)]
+    rng = random.Random(seed)
+    out: list[int] = []
+    while len(out) < count:
+        value = rng.randrange(-128, 128)
+        negative = len(out) % 2 == 0
+        if value not in out and value & 0xF and value & 0xF0 and (value < 0) == negative:
+            out.append(value)
+    return out
+
 
 #: Tokens of the ``liveness`` command: more than the result FIFO holds (4), so a lost credit
 #: stalls the macro inside the bound.
@@ -518,28 +555,31 @@ class LivenessHarness(Harness):
 
 
 class DotHarness(Harness):
-    """``dot``: end-to-end results equal the wrapped dot products, for symbolic data.
+    """``dot``: end-to-end results equal the wrapped dot products.
 
     One command per job: ``pattern``, ``k`` input channels (default: the longest whole-group
-    reduction the macro holds), ``tokens`` tokens, weights loaded; free stalls on every
-    stream."""
+    reduction the macro holds), ``tokens`` tokens, weights loaded.  ``variant`` (a key of
+    :data:`DOT_VARIANTS`) says which data are symbolic (the others fixed: distinct
+    :func:`dot_constants`, indices ``(q + c) mod M``) and which streams stall freely (the
+    others are eager: valid whenever data is left, result always ready)."""
 
     name = "dot"
 
     def __init__(self, cfg: HwConfig, *, pattern: NMPattern | None = None, k: int | None = None,
-                 tokens: int = DOT_TOKENS,
-                 substitutes: dict | None = None,
-                 act_range: tuple[int, int] | None = DOT_ACT_RANGE,
-                 weight_range: tuple[int, int] | None = DOT_WEIGHT_RANGE):
+                 tokens: int = DOT_TOKENS, variant: str = "w",
+                 substitutes: dict | None = None):
         super().__init__(cfg, substitutes=substitutes)
+        if variant not in DOT_VARIANTS:
+            raise FlexCimError(f"dot: variant must be one of {', '.join(DOT_VARIANTS)}, "
+                               f"not {variant!r}")
         self._pattern = pattern if pattern is not None else cfg.patterns[-1]
         self._k = k if k is not None else perf.k_chunk(cfg, self._pattern)
         cfg.check_command(self._pattern, self._k, tokens)
         self._tokens = tokens
-        self._act_range = act_range
-        self._weight_range = weight_range
+        self._symbolic, self.stalls = DOT_VARIANTS[variant]
 
     def build(self, m, platform):
+        from flexcim.hw.array import balanced_sum
         from flexcim.spec.layouts import pack_cmd
 
         hdl, _, _ = _amaranth()
@@ -549,24 +589,32 @@ class DotHarness(Harness):
         cols = cfg.cols
         w_beats = cfg.passes(p, k) * cfg.rows_total
         kept = k * p.n // p.m
-
-        def bounded(sig, bounds):
-            if bounds is not None:
-                m.d.comb += hdl.Assume((sig >= bounds[0]) & (sig <= bounds[1]))
-            return sig
-
-        # Symbolic data under the host's contract (layouts.weight_rows, pack_act, NMTensor):
-        # indices below M, zero weights past the kept ones, zero activations past k.
-        values = [[bounded(self.free(m, hdl.signed(WEIGHT_BITS), f"w{q}_{c}", const=True),
-                           self._weight_range) if q < kept else hdl.Const(0, WEIGHT_BITS)
-                   for c in range(cols)] for q in range(w_beats)]
-        indices = [[self.free(m, max(1, cfg.index_bits), f"i{q}_{c}", const=True)
-                    for c in range(cols)] for q in range(w_beats)]
-        m.d.comb += [hdl.Assume(i < p.m) for row in indices for i in row]
         a_beats = perf.act_beats(cfg, k)
-        x = [[bounded(self.free(m, hdl.signed(ACT_BITS), f"x{t}_{j}", const=True),
-                      self._act_range) if j < k else hdl.Const(0, ACT_BITS)
-              for j in range(a_beats * cfg.in_lanes)] for t in range(tokens)]
+        lanes = cfg.in_lanes
+
+        # The data under the host's contract (layouts.weight_rows, pack_act, NMTensor): indices
+        # below M, zero weights past the kept ones, zero activations past k.  A fixed operand
+        # is a structural constant (hdl.Const), so every product the solver sees is a constant
+        # times a symbolic value: linear, where symbolic x symbolic is a multiplier equivalence.
+        w_const = dot_constants(kept * cols, seed=1)
+        x_const = dot_constants(tokens * k, seed=2)
+        values = [[(self.free(m, hdl.signed(WEIGHT_BITS), f"w{q}_{c}", const=True)
+                    if "w" in self._symbolic else hdl.Const(w_const[q * cols + c],
+                                                            hdl.signed(WEIGHT_BITS)))
+                   if q < kept else hdl.Const(0, hdl.signed(WEIGHT_BITS))
+                   for c in range(cols)] for q in range(w_beats)]
+        ib = max(1, cfg.index_bits)
+        if "i" in self._symbolic:
+            indices = [[self.free(m, ib, f"i{q}_{c}", const=True)
+                        for c in range(cols)] for q in range(w_beats)]
+            m.d.comb += [hdl.Assume(i < p.m) for row in indices for i in row]
+        else:  # every lane of a group used, differently in each column
+            indices = [[hdl.Const((q + c) % p.m, ib) for c in range(cols)]
+                       for q in range(w_beats)]
+        x = [[(self.free(m, hdl.signed(ACT_BITS), f"x{t}_{j}", const=True)
+               if "x" in self._symbolic else hdl.Const(x_const[t * k + j], hdl.signed(ACT_BITS)))
+              if j < k else hdl.Const(0, hdl.signed(ACT_BITS))
+              for j in range(a_beats * lanes)] for t in range(tokens)]
 
         cmd = dut.cmd
         sent = hdl.Signal(name="sent")
@@ -576,6 +624,8 @@ class DotHarness(Harness):
             m.d.sync += sent.eq(1)
 
         # Weight and activation producers with free stalls; payloads indexed by beat counters.
+        # Between beats (valid low) the payloads carry a poison pattern, so a beat taken
+        # without its handshake changes a result.
         wq = hdl.Signal(range(w_beats + 1), name="wq")
         self._produce(m, dut.weights, sent & (wq < w_beats), "w")
         with m.Switch(wq):
@@ -586,9 +636,10 @@ class DotHarness(Harness):
                     if cfg.index_bits:
                         m.d.comb += [dut.weights.payload.indices[c].eq(indices[q][c])
                                      for c in range(cols)]
+        with m.If(~dut.weights.valid):
+            m.d.comb += _poison(dut.weights.payload)
         with m.If(dut.weights.valid & dut.weights.ready):
             m.d.sync += wq.eq(wq + 1)
-        lanes = cfg.in_lanes
         ab = hdl.Signal(range(tokens * a_beats + 1), name="ab")
         self._produce(m, dut.act, sent & (ab < tokens * a_beats), "a")
         with m.Switch(ab):
@@ -597,22 +648,50 @@ class DotHarness(Harness):
                 with m.Case(beat):
                     m.d.comb += [dut.act.payload[i].eq(x[t][bb * lanes + i])
                                  for i in range(lanes)]
+        with m.If(~dut.act.valid):
+            m.d.comb += _poison(dut.act.payload)
         with m.If(dut.act.valid & dut.act.ready):
             m.d.sync += ab.eq(ab + 1)
 
         # Expected results: sum over kept weights of value * x[group * M + index], wrapped.
+        # The index picks one of M products, each a constant times a symbolic operand.
         expected = [[hdl.Signal(hdl.signed(cfg.acc_bits), name=f"y{t}_{c}") for c in range(cols)]
                     for t in range(tokens)]
+        b, rows = cfg.act_bits_per_cycle, cfg.rows_total
         for t in range(tokens):
             for col in range(cols):
                 terms = []
-                for q in range(kept):
-                    base = (q // p.n) * p.m
-                    act = sum(hdl.Mux(indices[q][col] == i, x[t][base + i], 0)
-                              for i in range(p.m))
-                    terms.append(values[q][col] * act)
-                m.d.comb += expected[t][col].eq(sum(terms))
-        m.d.comb += dut.result.ready.eq(self.free(m, 1, "result_ready"))
+                # In the macro's order: pass, slice, rows (a tree per sub-macro, as the
+                # adder trees, then the sub-macros' sum); each product as the cell forms it,
+                # weight x (weight != 0 ? digit : 0), the digit the index selects (the top one
+                # signed): the same numbers as sum(w * x), in a shape the solver can match.
+                for P in range(cfg.passes(p, k)):
+                    for sl in range(cfg.cycles_per_pass):
+                        part = [hdl.Const(0, 1)] * rows  # row r's product
+                        for q in range(P * rows, min(kept, (P + 1) * rows)):
+                            base = (q // p.n) * p.m
+                            w = values[q][col]
+                            digits = [_digit(x[t][base + i], sl, b) for i in range(p.m)]
+                            if isinstance(indices[q][col], hdl.Const):
+                                digit = digits[indices[q][col].value]
+                            else:
+                                digit = hdl.Signal(hdl.signed(b + 1), name=f"d{t}_{col}_{q}_{sl}")
+                                with m.Switch(indices[q][col]):
+                                    for i in range(p.m):
+                                        with m.Case(i):
+                                            m.d.comb += digit.eq(digits[i])
+                            part[q - P * rows] = w * hdl.Mux(w != 0, digit, 0)
+                        # a sub-macro's adder tree over its rows, then the sub-macros' sum
+                        trees = [balanced_sum(part[s * cfg.rows:(s + 1) * cfg.rows])
+                                 for s in range(cfg.sub_macros)]
+                        terms.append(sum(trees) << (sl * b))
+                # accumulated and wrapped cycle by cycle, as the merging unit does
+                acc = hdl.Const(0, hdl.signed(cfg.acc_bits))
+                for term in terms:
+                    acc = (acc + term)[:cfg.acc_bits].as_signed()
+                m.d.comb += expected[t][col].eq(acc)
+        m.d.comb += dut.result.ready.eq(self.free(m, 1, "result_ready") if "r" in self.stalls
+                                      else 1)
         got = hdl.Signal(range(tokens + 1), name="got")
         with m.If(dut.result.valid & dut.result.ready):
             m.d.sync += got.eq(got + 1)
@@ -626,15 +705,52 @@ class DotHarness(Harness):
         """Drive ``port.valid`` by the stream rule: offered when ``want`` and a free choice
         says so, then held until taken."""
         hdl, _, _ = _amaranth()
-        go = self.free(m, 1, f"{name}_go")
+        go = self.free(m, 1, f"{name}_go") if name in self.stalls else 1
         held = hdl.Signal(name=f"{name}_held")
         m.d.comb += port.valid.eq(want & (go | held))
         m.d.sync += held.eq(port.valid & ~port.ready)
 
 
+def _poison(payload):
+    """``payload`` driven with the byte 0xA5 repeated (int8 -91, digits 5 and -6)."""
+    hdl, _, _ = _amaranth()
+    value = hdl.Value.cast(payload)
+    return value.eq(int.from_bytes(b"\xa5" * (len(value) // 8 + 1), "little")
+                    & ((1 << len(value)) - 1))
+
+
+def slice_digits(value: int, b: int) -> list[int]:
+    """The ``b``-bit slices of the int8 ``value``, least significant first, the top one signed
+    (two's complement): ``sum(d << (s * b)) == value`` for every int8 ``value``."""
+    slices = ACT_BITS // b
+    digits = [(value >> (s * b)) & ((1 << b) - 1) for s in range(slices)]
+    if digits[-1] >> (b - 1):
+        digits[-1] -= 1 << b
+    return digits
+
+
+def _digit(value, index: int, b: int):
+    """Slice ``index`` of the int8 ``value`` as :func:`slice_digits` (a constant for a
+    constant ``value``)."""
+    hdl, _, _ = _amaranth()
+    if isinstance(value, hdl.Const):
+        return hdl.Const(slice_digits(value.value, b)[index], hdl.signed(b + 1))
+    bits = hdl.Value.cast(value)[index * b:(index + 1) * b]
+    return bits.as_signed() if index == ACT_BITS // b - 1 else bits
+
+
 DOT_SLACK = 3
 """Cycles of the ``dot`` bound past the last result of the unstalled command: traces with up
 to this many stall cycles in total reach every result inside the bound."""
+
+
+def _dot_parse(prop: str) -> tuple[str, NMPattern]:
+    """``dot-<variant>[<pattern>]`` -> (variant, pattern)."""
+    match = re.fullmatch(r"dot-(\w+)\[(.+)\]", prop)
+    if not match or match.group(1) not in DOT_VARIANTS:
+        raise FlexCimError(f"unknown property {prop!r}; expected dot-<"
+                           f"{'|'.join(DOT_VARIANTS)}>[<pattern>]")
+    return match.group(1), NMPattern.parse(match.group(2))
 
 
 def dot_depth(cfg: HwConfig, pattern: NMPattern) -> int:
@@ -665,6 +781,7 @@ def _mutants():
     """The mutant classes, built on first use (they subclass Amaranth components)."""
     from amaranth.hdl import Module, Signal
     from flexcim.hw.array import CellRow
+    from flexcim.hw.buffer import ActivationBuffer
     from flexcim.hw.controller import Controller
     from flexcim.hw.distribution import Distribution
     from flexcim.hw.merging import Merging
@@ -714,6 +831,23 @@ def _mutants():
                              lambda m, outer, real: _forward(m, outer, real,
                                                              {("result_taken",): 0}))
 
+    def word_swapped(m, outer, real):
+        _forward(m, outer, real, {})
+        m.d.comb += outer.w_word.eq(real.w_word ^ 1)
+
+    BankSwap = wrapping(ActivationBuffer, "The array reads the other activation bank (a token "
+                        "computes on its neighbour's activations).",
+                        lambda m, outer, real: _forward(m, outer, real,
+                                                        {("rbank",): ~outer.rbank}))
+    WordSwap = wrapping(Controller, "A weight beat goes to the other word (pass) of its row.",
+                        word_swapped)
+    WeightPhantom = wrapping(Controller, "The weight loader counts a beat in every cycle it is "
+                             "ready, valid or not (a stalled cycle's payload taken as a beat).",
+                             lambda m, outer, real: _forward(m, outer, real, {("w_valid",): 1}))
+    ActPhantom = wrapping(Controller, "The activation loader counts a beat in every cycle it is "
+                          "ready, valid or not.",
+                          lambda m, outer, real: _forward(m, outer, real, {("a_valid",): 1}))
+
     class ExtraCredit(Controller):
         """The controller believes the result FIFO has one more entry than it has."""
 
@@ -728,12 +862,17 @@ def _mutants():
         "stale-accumulator": ("merging", {"component": StaleAccumulator}),
         "extra-credit": ("streams", {"substitutes": {"Controller": ExtraCredit}}),
         "dropped-credit": ("liveness", {"substitutes": {"Controller": DroppedCredit}}),
-        "macro-lane-off-by-one": ("dot", {"substitutes": {"Distribution": LaneOffByOne}}),
+        "macro-lane-off-by-one": ("dot-w", {"substitutes": {"Distribution": LaneOffByOne}}),
+        "act-bank-swap": ("dot-x", {"substitutes": {"ActivationBuffer": BankSwap}}),
+        "weight-word-swap": ("dot-w[2:4]", {"substitutes": {"Controller": WordSwap}}),
+        "weight-beat-phantom": ("dot-s", {"substitutes": {"Controller": WeightPhantom}}),
+        "act-beat-phantom": ("dot-s[2:4]", {"substitutes": {"Controller": ActPhantom}}),
     }
 
 
 MUTANTS = ("lane-off-by-one", "index-off-by-one", "unsigned-top-slice", "slice-off-by-one",
-           "stale-accumulator", "extra-credit", "dropped-credit", "macro-lane-off-by-one")
+           "stale-accumulator", "extra-credit", "dropped-credit", "macro-lane-off-by-one",
+           "act-bank-swap", "weight-word-swap", "weight-beat-phantom", "act-beat-phantom")
 """Names of the broken variants (see :func:`_mutants`); each must FAIL its property."""
 
 
@@ -815,18 +954,22 @@ def jobs_for(cfg: HwConfig, label: str, *, props=PROPERTIES,
         if prop == "liveness":
             return "bmc", bounded(liveness_depth(cfg))
         if prop.startswith("dot"):
-            return "bmc", bounded(dot_depth(cfg, NMPattern.parse(prop[4:-1])))
+            return "bmc", bounded(dot_depth(cfg, _dot_parse(prop)[1]))
         raise FlexCimError(f"unknown property {prop!r}; expected one of {', '.join(HARNESSES)}")
 
-    # One end-to-end job per pattern: its command is fixed, so the solver sees constants.
+    # End to end: one job per pattern and variant (``dot``: w, x, i, s; ``dot-all``: all),
+    # its command fixed, so the solver sees constants.
+    groups = {"dot": ("w", "x", "i", "s"), "dot-all": ("all",)}
     props = [q for prop in props
-             for q in ([f"dot[{p}]" for p in cfg.patterns] if prop == "dot" else [prop])]
+             for q in ([f"dot-{v}[{p}]" for p in cfg.patterns for v in groups[prop]
+                        if v != "i" or NMPattern.parse(p).m > 1]  # dense: no index
+                       if prop in groups else [prop])]
     out = []
     for prop in props:
         mode, d = plan(prop)
         if prop.startswith("dot"):
-            pattern = NMPattern.parse(prop[4:-1])
-            make = lambda p=pattern: DotHarness(cfg, pattern=p)  # noqa: E731
+            variant, pattern = _dot_parse(prop)
+            make = lambda p=pattern, v=variant: DotHarness(cfg, pattern=p, variant=v)  # noqa: E731
         else:
             make = lambda prop=prop: HARNESSES[prop](cfg)  # noqa: E731
         out.append(Job(label, prop, mode, d, "PASS", make=make))
@@ -836,10 +979,17 @@ def jobs_for(cfg: HwConfig, label: str, *, props=PROPERTIES,
             raise FlexCimError(f"unknown mutant {name!r}; expected one of {', '.join(MUTANTS)}")
         table = table or _mutants()
         prop, subs = table[name]
-        if prop == "dot":  # the first pattern (1:1): the shortest end-to-end job
-            prop, subs = f"dot[{cfg.patterns[0]}]", {**subs, "pattern": cfg.patterns[0]}
+        if prop.startswith("dot"):  # on the pattern it names, else the first (1:1): the
+            # shortest end-to-end job
+            if "[" in prop and NMPattern.parse(prop[prop.index("[") + 1:-1]) not in [
+                    NMPattern.parse(p) for p in cfg.patterns]:
+                prop = prop[:prop.index("[")]
+            prop = prop if "[" in prop else f"{prop}[{cfg.patterns[0]}]"
+            variant, pattern = _dot_parse(prop)
+            subs = {**subs, "pattern": pattern, "variant": variant}
         mode, d = plan(prop)
-        make = lambda prop=prop, subs=subs: HARNESSES[prop.split("[")[0]](cfg, **subs)  # noqa: E731
+        make = lambda prop=prop, subs=subs: HARNESSES[prop.split("[")[0].split("-")[0]](  # noqa: E731
+            cfg, **subs)
         out.append(Job(label, f"{prop}!{name}", "bmc" if mode == "prove" else mode, d, "FAIL",
                        make=make))
     return out
@@ -1087,13 +1237,13 @@ def format_summary(outcomes: list[Outcome]) -> str:
 
 
 # =========================================================================== plans and CLI
-def full_plan(seed: int = 16, *, dot: bool = False) -> list[Job]:
+def full_plan(seed: int = 16, *, dot_all: bool = False) -> list[Job]:
     """``make formal``: every property on tiny, the smallest config and three random small
-    configs, and every mutant on the smallest (the end-to-end one included).  ``dot``: also
-    the end-to-end proofs of :class:`DotHarness` (they did not close within 15 minutes per
-    pattern on the shared 2-core machine, 2026-12-01: opt-in)."""
+    configs, the end-to-end ``dot`` variants and every mutant on the smallest.  ``dot_all``:
+    also the ``dot-all`` jobs (symbolic data and stalls at once: they do not close)."""
     jobs = jobs_for(preset("tiny"), "tiny")
-    jobs += jobs_for(SMALLEST, "smallest", props=PROPERTIES + (("dot",) if dot else ()),
+    jobs += jobs_for(SMALLEST, "smallest",
+                     props=PROPERTIES + ("dot",) + (("dot-all",) if dot_all else ()),
                      mutants=MUTANTS)
     for label, cfg in random_configs(3, seed):
         jobs += jobs_for(cfg, label)
@@ -1106,7 +1256,7 @@ def _formal_cmd(args: argparse.Namespace) -> int:
     if args.depth is not None and args.depth < 1:
         raise FlexCimError(f"--depth must be a positive cycle count, not {args.depth}")
     if args.preset is None and args.config is None:
-        jobs = full_plan(args.seed, dot=args.dot)
+        jobs = full_plan(args.seed, dot_all=args.dot_all)
         configs = "tiny, smallest and three random small configurations"
         if args.depth is not None:
             raise FlexCimError("--depth applies to --preset or --config, not to the full plan")
@@ -1114,7 +1264,8 @@ def _formal_cmd(args: argparse.Namespace) -> int:
         cfg = preset(args.preset) if args.preset else HwConfig.load(args.config)
         cfg = cfg.with_overrides(args.set)
         label = args.preset or Path(args.config).stem
-        props = PROPERTIES + (("dot",) if args.dot else ())
+        props = PROPERTIES + (("dot",) if args.dot else ()) + (("dot-all",) if args.dot_all
+                                                                else ())
         jobs = jobs_for(cfg, label, props=props, depth=args.depth)
         configs = label
     out = Path(args.out)
@@ -1151,8 +1302,11 @@ def register(sub) -> None:
                    help="seconds per job before it counts as TIMEOUT (600)")
     p.add_argument("--seed", type=int, default=16, help="seed of the random configurations")
     p.add_argument("--dot", action="store_true",
-                   help="also the end-to-end dot-product proofs, one per pattern (slow: they "
-                   "did not close in 15 minutes on a loaded 2-core machine)")
+                   help="with --preset/--config: also the end-to-end dot-product proofs (four "
+                   "variants per pattern; the full plan has them on the smallest config)")
+    p.add_argument("--dot-all", action="store_true",
+                   help="also the end-to-end proof with all data symbolic and free stalls at "
+                   "once, one per pattern (it does not close: minutes to hours)")
     p.set_defaults(func=_formal_cmd)
 
 

@@ -67,7 +67,7 @@ def test_cli_bad_input_exits_2(capsys, tmp_path):
 
 
 def test_jobs_plan_modes_and_depths():
-    jobs = formal.jobs_for(formal.SMALLEST, "s", props=formal.PROPERTIES + ("dot",),
+    jobs = formal.jobs_for(formal.SMALLEST, "s", props=formal.PROPERTIES + ("dot", "dot-all"),
                            mutants=formal.MUTANTS)
     by = {j.prop: j for j in jobs}
     assert by["distribution"].mode == "prove"
@@ -78,15 +78,42 @@ def test_jobs_plan_modes_and_depths():
     assert by["distribution!lane-off-by-one"].mode == "bmc"  # a refutation needs a trace
     assert {j.expect for j in jobs if "!" in j.prop} == {"FAIL"}
     assert {j.prop.split("!")[0].split("[")[0] for j in jobs if "!" in j.prop} == {
-        "distribution", "cell", "merging", "streams", "liveness", "dot"}
-    # One end-to-end job per pattern, bounded past the unstalled command's last result.
+        "distribution", "cell", "merging", "streams", "liveness", "dot-w", "dot-x", "dot-s"}
+    # End to end: per pattern, symbolic weights, activations, indices (not for the dense 1:1),
+    # free stalls; then the whole claim at once (opt-in); bounded past the last result.
     assert [j.prop for j in jobs if j.prop.startswith("dot") and "!" not in j.prop] == [
-        "dot[1:1]", "dot[1:2]", "dot[2:4]"]
+        "dot-w[1:1]", "dot-x[1:1]", "dot-s[1:1]",
+        "dot-w[1:2]", "dot-x[1:2]", "dot-i[1:2]", "dot-s[1:2]",
+        "dot-w[2:4]", "dot-x[2:4]", "dot-i[2:4]", "dot-s[2:4]",
+        "dot-all[1:1]", "dot-all[1:2]", "dot-all[2:4]"]
     # k=8, 2 tokens: weights in cycles 1-4, token 1 computes in cycles 9-12, result at 14.
-    assert by["dot[2:4]"].depth == 14 + 1 + formal.DOT_SLACK
+    assert by["dot-w[2:4]"].depth == by["dot-s[2:4]"].depth == 14 + 1 + formal.DOT_SLACK
+    assert by["dot-s[2:4]!act-beat-phantom"].mode == "bmc"
+    # The full plan has the four variants and every mutant, not the whole claim at once.
+    plan = [j.prop for j in formal.full_plan() if j.config == "smallest"]
+    assert "dot-i[2:4]" in plan and "dot-x[1:1]!act-bank-swap" in plan
+    assert not any(q.startswith("dot-all") for q in plan)
+    assert any(j.prop == "dot-all[2:4]" for j in formal.full_plan(dot_all=True))
+    with pytest.raises(FlexCimError, match=r"unknown property 'dot-q\[1:1\]'"):
+        formal.jobs_for(formal.SMALLEST, "s", props=("dot-q[1:1]",))
     # The liveness bound is the performance model's slowest command of the job, plus 2.
     assert by["liveness"].depth == formal.liveness_depth(formal.SMALLEST)
     assert formal.jobs_for(formal.SMALLEST, "s", props=("cell",), depth=7)[0].depth == 7
+
+
+def test_dot_reference_digits_and_constants():
+    # The expected value is built from slices: exact for every int8 and slice width.
+    for b in (1, 2, 4, 8):
+        for v in range(-128, 128):
+            digits = formal.slice_digits(v, b)
+            assert len(digits) == 8 // b and sum(d << (s * b) for s, d in enumerate(digits)) == v
+            assert all(0 <= d < 1 << b for d in digits[:-1]) and -(1 << b - 1) <= digits[-1] < (
+                1 << b - 1)
+    # Fixed operands: reproducible, distinct, both 4-bit digits non-zero, signs alternating.
+    values = formal.dot_constants(16, seed=2)
+    assert values == formal.dot_constants(16, seed=2) and len(set(values)) == 16
+    assert all(v & 0xF and v & 0xF0 and -128 <= v < 128 for v in values)
+    assert [v < 0 for v in values] == [True, False] * 8
 
 
 # ------------------------------------------------------------------ the solver runs
@@ -104,6 +131,10 @@ FAST = [
     ("parallel", formal.SMALLEST.replace(act_bits_per_cycle=8), "cell", "unsigned-top-slice",
      None),
     ("smallest", formal.SMALLEST, "streams", None, 8),
+    # end to end: symbolic activations of two tokens (weights, indices fixed), and the
+    # macro computing a token on its neighbour's activations refuted
+    ("smallest", formal.SMALLEST, "dot-x[1:2]", None, None),
+    ("smallest", formal.SMALLEST, "dot", "act-bank-swap", None),
 ]
 
 
