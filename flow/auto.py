@@ -124,8 +124,11 @@ class LossProbe:
     :meth:`loss` ``(start)`` then runs the model with blocks ``0 .. start-1`` replaced by
     pass-throughs and the cached input of block ``start`` injected, so only the tail of the
     network is computed; blocks before ``start`` must be unchanged since construction (or since
-    the last :meth:`capture`).  The dense weights (``weights``, copied on construction) and
-    the Wanda statistics (:meth:`wanda_mask`) stay the dense model's.
+    the last :meth:`capture` or :meth:`commit`).  ``loss(start, record=True)`` also keeps the
+    inputs of blocks ``start ..`` it computed; :meth:`commit` makes them the cache, so a kept
+    change needs no second pass (what :meth:`capture` would cache, without recomputing the
+    unchanged blocks before ``start``).  The dense weights (``weights``, copied on
+    construction) and the Wanda statistics (:meth:`wanda_mask`) stay the dense model's.
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8):
@@ -142,6 +145,7 @@ class LossProbe:
         linears = {n: m for b in self.blocks for n, m in b.linears.items()}
         self.weights = {n: m.weight.detach().clone() for n, m in linears.items()}
         self._ranks: dict[tuple[str, int], torch.Tensor] = {}
+        self._recorded: tuple[int, list[list[torch.Tensor]]] | None = None
         with calib.collecting(linears) as stats:
             self.dense = self.capture()
         self.stats = stats
@@ -151,29 +155,18 @@ class LossProbe:
         """Run the whole model as it is now, cache every block's input (replacing the cache:
         :meth:`loss` ``(start)`` then holds for blocks ``0 .. start-1`` as they are now) and
         return the loss."""
-        inputs: list[list[torch.Tensor]] = [[] for _ in self.blocks]
-        handles = []
-
-        def hook(index):
-            def pre(_module, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                inputs[index].append(hidden.detach())
-            return pre
-
-        def output_kind(_module, _args, output):
-            self._tuple_output = isinstance(output, tuple)
-
-        try:
-            for b in self.blocks:
-                handles.append(b.module.register_forward_pre_hook(hook(b.index),
-                                                                  with_kwargs=True))
-            handles.append(self.blocks[0].module.register_forward_hook(output_kind))
-            loss = self._loss_all()
-        finally:
-            for h in handles:
-                h.remove()
-        self.inputs = inputs
+        loss = self.loss(0, record=True)
+        self.commit()
         return loss
+
+    def commit(self) -> None:
+        """Make the block inputs of the last ``loss(start, record=True)`` the cache (blocks
+        ``start ..``; the earlier ones were not recomputed and stay)."""
+        if self._recorded is None:
+            raise FlexCimError("LossProbe.commit: no recorded loss to commit")
+        start, inputs = self._recorded
+        self.inputs = self.inputs[:start] + inputs
+        self._recorded = None
 
     def _batches(self) -> Iterator[torch.Tensor]:
         for start in range(0, self.windows.shape[0], self.batch_size):
@@ -188,12 +181,13 @@ class LossProbe:
         return total / count
 
     @torch.no_grad()
-    def loss(self, start: int = 0) -> float:
-        """Mean next-token loss, computing blocks ``start ..`` only (see the class doc)."""
-        if start == 0:
-            return self._loss_all()
+    def loss(self, start: int = 0, *, record: bool = False) -> float:
+        """Mean next-token loss, computing blocks ``start ..`` only (see the class doc).
+        ``record``: keep the inputs of blocks ``start ..`` for :meth:`commit`."""
         saved = [self._layers[i] for i in range(start)]
         batch_index = [0]
+        inputs: list[list[torch.Tensor]] = [[] for _ in self.blocks[start:]]
+        handles = []
 
         def inject(_module, args, kwargs):
             cached = self.inputs[start][batch_index[0]]
@@ -202,15 +196,36 @@ class LossProbe:
                 return (cached, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": cached}
 
-        handle = self.blocks[start].module.register_forward_pre_hook(inject, with_kwargs=True)
+        def keep(offset):
+            def pre(_module, args, kwargs):
+                inputs[offset].append((args[0] if args else kwargs["hidden_states"]).detach())
+            return pre
+
+        def output_kind(_module, _args, output):
+            self._tuple_output = isinstance(output, tuple)
+
+        self._recorded = None
         try:
-            for i in range(start):
-                self._layers[i] = _Passthrough(self._tuple_output)
-            return self._loss_all()
+            if start > 0:
+                handles.append(self.blocks[start].module.register_forward_pre_hook(
+                    inject, with_kwargs=True))
+                for i in range(start):
+                    self._layers[i] = _Passthrough(self._tuple_output)
+            else:
+                handles.append(self.blocks[0].module.register_forward_hook(output_kind))
+            if record:  # after inject: block ``start`` records the input it computes on
+                handles += [b.module.register_forward_pre_hook(keep(b.index - start),
+                                                               with_kwargs=True)
+                            for b in self.blocks[start:]]
+            loss = self._loss_all()
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
             for i, module in enumerate(saved):
                 self._layers[i] = module
+        if record:
+            self._recorded = (start, inputs)
+        return loss
 
     def wanda_mask(self, name: str, pattern: NMPattern) -> torch.Tensor:
         """Wanda's ``pattern`` mask of the dense weight ``name``.  The ranks inside each group
@@ -591,9 +606,9 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
     another to move a level denser among ``levels`` such that both change their pruned
     parameter count by the same amount (so the mean sparsity is exactly kept), measures the
     loss on ``windows`` from the earlier of the two blocks on, and keeps the swap if the loss
-    falls.  A step costs a tail evaluation, a kept swap also a whole pass (the cached block
-    inputs follow the plan).  Wanda masks of the dense model's statistics on ``windows``, or
-    ``prune_fn``'s weights (:func:`one_shot_pruner`).
+    falls.  A step costs one tail evaluation, kept or not (a kept swap's block inputs, recorded
+    by that evaluation, become the cache).  Wanda masks of the dense model's statistics on
+    ``windows``, or ``prune_fn``'s weights (:func:`one_shot_pruner`).
     Returns the patterns and a record (loss before/after, steps, kept); the model is left as
     it was.  ``probe`` reuses a :class:`LossProbe` on ``windows`` (its cached inputs are
     replaced).
@@ -639,11 +654,12 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
             j = denser[rng.integers(len(denser))]
             put(i, state[i] + 1)
             put(j, state[j] - 1)
-            loss = probe.loss(min(index[i], index[j]))
+            loss = probe.loss(min(index[i], index[j]), record=True)
             if loss < current - 1e-9:
                 state[i] += 1
                 state[j] -= 1
-                current = probe.capture()
+                probe.commit()  # the block inputs of this tail pass: no second pass
+                current = loss
                 record["kept"] += 1
             else:
                 put(i, state[i])

@@ -459,6 +459,35 @@ def test_probe_capture_follows_a_pruned_model(tiny, tiny_windows):
             assert probe.loss(2) != pytest.approx(probe.dense, rel=1e-4)
 
 
+def test_probe_commit_caches_what_a_full_capture_would(tiny, tiny_windows):
+    """A recorded tail pass, committed, leaves the cache a full capture() makes (bit for bit:
+    the same blocks on the same inputs), and later tails follow the changed model."""
+    probe = auto.LossProbe(tiny, tiny_windows, batch_size=4)  # 2 batches, the last one short
+    layers = linear_layers(tiny)
+    dense_inputs = [list(batch) for batch in probe.inputs]
+    with pytest.raises(FlexCimError, match="no recorded loss"):
+        probe.commit()
+    middle = dict.fromkeys(decoder_blocks(tiny)[1].linears, NMPattern(2, 8))
+    with auto.pruned(layers, middle, probe):
+        loss = probe.loss(1, record=True)
+        assert loss == pytest.approx(reference_loss(tiny, tiny_windows), rel=1e-5)
+        probe.commit()
+        committed = [list(batch) for batch in probe.inputs]
+        assert probe.capture() == loss
+        assert len(committed) == len(probe.inputs) == len(dense_inputs)
+        for block, (got, want, dense) in enumerate(zip(committed, probe.inputs, dense_inputs,
+                                                       strict=True)):
+            assert len(got) == len(want) == 2
+            assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), block
+            # blocks after the pruned one see other inputs; the ones up to it the dense ones
+            assert all(torch.equal(g, d) for g, d in zip(got, dense, strict=True)) == (
+                block <= 1), block
+        # an unrecorded loss leaves nothing to commit
+        probe.loss(2)
+        with pytest.raises(FlexCimError, match="no recorded loss"):
+            probe.commit()
+
+
 def test_refine_keeps_the_sparsity_lowers_the_loss_and_reports_it_truly(tiny, tiny_windows):
     blocks = decoder_blocks(tiny)
     layers = linear_layers(tiny)
