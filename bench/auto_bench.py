@@ -95,7 +95,8 @@ def main(argv=None) -> int:
                              "levels are added to the sensitivity measurement)")
     parser.add_argument("--w8a8", action="store_true",
                         help="also measure every test plan in W8A8, the macro's arithmetic "
-                             "(flow.quant, scales per token; rows gain ppl_test_w8a8)")
+                             "(flow.quant, scales per token, smoothed with "
+                             "flow.quant.DEFAULT_SMOOTH; rows gain ppl_test_w8a8)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     from flexcim.flow import auto, calib, pipeline
     from flexcim.flow.eval import perplexity
     from flexcim.flow.model import linear_layers
-    from flexcim.flow.quant import W8A8Config, w8a8
+    from flexcim.flow.quant import DEFAULT_SMOOTH, W8A8Config, w8a8
     from flexcim.flow.text import token_windows
     from flexcim.spec.config import PRESETS
 
@@ -209,7 +210,8 @@ def main(argv=None) -> int:
         row = {key: perplexity(model, windows[key], progress=False) for key in keys}
         if args.w8a8 and "test" in keys:
             # the accumulator of the macro the plan is for (baselines: the default macro's)
-            with w8a8(model, W8A8Config(acc_bits=PRESETS[macro].acc_bits)):
+            with w8a8(model, W8A8Config(acc_bits=PRESETS[macro].acc_bits,
+                                        smooth=DEFAULT_SMOOTH), calib=cw):
                 row["test_w8a8"] = perplexity(model, windows["test"], progress=False)
         restore()
         return row

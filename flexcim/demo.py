@@ -487,7 +487,7 @@ def stage_flow(ctx: Context) -> None:
     from flexcim.flow import pipeline as fp
     from flexcim.flow.act import ActConfig, activation_pruning, pruned_mac_share
     from flexcim.flow.model import linear_layers
-    from flexcim.flow.quant import W8A8Config, w8a8
+    from flexcim.flow.quant import DEFAULT_SMOOTH, W8A8Config, w8a8
     from flexcim.spec.config import preset
     from flexcim.spec.nm import NMPattern
 
@@ -516,16 +516,17 @@ def stage_flow(ctx: Context) -> None:
             pruned = fp.evaluate(session, count=args.eval_windows, seed=args.seed)
         return dense_act, pruned
 
-    quant = W8A8Config.from_hw(preset(RTL_PRESET))
+    quant = W8A8Config.from_hw(preset(RTL_PRESET), smooth=DEFAULT_SMOOTH)
     rtl_cfg = preset(RTL_PRESET).replace(cols=RTL_COLS)
 
     def ppl_w8a8(with_act: bool, capture: str | None = None) -> tuple[float, object]:
         """W8A8 perplexity (the macro's arithmetic, flow.quant), optionally with the activation
         pruning, and the :class:`~flexcim.flow.quant.Capture` of one projection."""
         with contextlib.ExitStack() as stack:
+            # W8A8 first: its smoothing scales come from the model without the activation top-k
+            record = stack.enter_context(w8a8(model, quant, capture=capture, calib=windows))
             if with_act:
                 stack.enter_context(activation_pruning(model, act_config))
-            record = stack.enter_context(w8a8(model, quant, capture=capture))
             return fp.evaluate(session, count=args.eval_windows, seed=args.seed), record
 
     rows, sweep, kept = [], [], {"act_layers": tuple(act_config.targets(model))}
@@ -563,8 +564,6 @@ def stage_flow(ctx: Context) -> None:
                 if hardware:
                     kept["plan"] = plan
                     kept["energy_plan"] = energy_plan
-                    kept["weights"] = {n: lin.weight.detach().clone()
-                                       for n, lin in linear_layers(model).items()}
                 restore()
     energy_plans["dense"] = dense_energy_plan(kept["energy_plan"])
     dense_point = {"name": "dense", "method": "dense", "target": 0.0, "sparsity": 0.0,
@@ -591,7 +590,9 @@ def stage_flow(ctx: Context) -> None:
         f"the {DEMO_TARGET:.0%} target; n/a = not measured, to keep the demo short).  The W8A8 "
         "columns compute every decoder projection as the macro does (`flow.quant`: int8 "
         "weights per output channel, int8 activations with a scale per token, exact integer "
-        f"sums wrapped to {quant.acc_bits} bits), for dense and the `auto` plans of both "
+        f"sums wrapped to {quant.acc_bits} bits, SmoothQuant scales with alpha {quant.smooth} "
+        "from the calibration windows folded in: float-equivalent), for dense and the `auto` "
+        "plans of both "
         "macros; the RTL layer of section 3 is one projection of the W8A8 run with "
         f"{ACT_PATTERN} activations at the {DEMO_TARGET:.0%} target.",
     )
@@ -730,7 +731,7 @@ def stage_rtl(ctx: Context) -> None:
     x, act, act_scale, weight = ops["x"], ops["act"], ops["act_scale"], ops["weight"]
     model_sums = ops["sums"]
     p = NMPattern.parse(pattern)
-    float_weight = ctx.results["weights"][name]
+    float_weight = cap.float_weight  # the plan's weight as the W8A8 run had it (smoothed)
     # flow export's path (build_layer) on the same float inputs and plan weight must give the
     # same int8 operands: one quantization for the perplexity runs, the export and the RTL.
     act_pruned = name in ctx.results["act_layers"]

@@ -22,6 +22,7 @@ NORMALISATIONS = ("minmax", "zscore", "rank")
 ACT_DEFAULT = ("q", "down")  # flexcim.flow.act.DEFAULT_PROJECTIONS
 ARITHMETICS = ("float", "w8a8")  # flexcim.flow.quant.ARITHMETICS
 GRANULARITIES = ("token", "tensor")  # flexcim.flow.quant.GRANULARITIES, the default first
+DEFAULT_SMOOTH = 0.5  # flexcim.flow.quant.DEFAULT_SMOOTH
 EVAL_TEXTS = ("held-out", "emma")  # flexcim.flow.text: the default corpus's evaluation texts
 PRUNE_RECORD = "flexcim-prune.json"
 """What ``flow prune`` writes beside the weights; it marks a folder that a rerun may replace."""
@@ -59,18 +60,37 @@ def _hw_config(spec: str | None):
     return HwConfig.load(spec)
 
 
+def _smooth(args: argparse.Namespace) -> float | None:
+    """The SmoothQuant alpha of ``--smooth ALPHA|off`` (default :data:`DEFAULT_SMOOTH`; None:
+    off)."""
+    if args.smooth is None:
+        return DEFAULT_SMOOTH
+    if args.smooth == "off":
+        return None
+    try:
+        alpha = float(args.smooth)
+    except ValueError:
+        alpha = math.nan
+    if not 0 <= alpha <= 1:
+        raise FlexCimError(f"--smooth must be an alpha in [0, 1] or off, not {args.smooth!r}")
+    return alpha
+
+
 def _quant(args: argparse.Namespace):
     """The W8A8 config of ``--arith w8a8`` (None for float), checked before the model loads."""
+    alpha = _smooth(args)
     if args.arith == "float":
         if args.act_granularity is not None:
             raise FlexCimError("--act-granularity needs --arith w8a8")
+        if args.smooth not in (None, "off"):
+            raise FlexCimError("--smooth needs --arith w8a8")
         return None
     from flexcim.flow.quant import W8A8Config
     from flexcim.spec.config import DEFAULT
 
     hw = _hw_config(args.hw_config) or DEFAULT
     return W8A8Config(act_granularity=args.act_granularity or GRANULARITIES[0],
-                      acc_bits=hw.acc_bits)
+                      acc_bits=hw.acc_bits, smooth=alpha)
 
 
 def _arith_record(session, args, quant) -> dict:
@@ -142,7 +162,8 @@ def _prune(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     session = _session(args)
     arith = _arith_record(session, args, quant) if args.eval_windows else {}
-    windows = None if metric == "magnitude" else _calib(session, args)
+    smoothing = args.eval_windows and quant is not None and quant.smooth is not None
+    windows = None if metric == "magnitude" and not smoothing else _calib(session, args)
     pipeline.apply_plan(session.model, plan, windows, metric=metric)
     pipeline.check_plan(session.model, plan)
     seconds = time.perf_counter() - start
@@ -153,7 +174,7 @@ def _prune(args: argparse.Namespace) -> int:
         record.update(arith)
         record["perplexity"] = pipeline.evaluate(session, count=args.eval_windows,
                                                  seq_len=args.seq_len, text=args.eval_text,
-                                                 quant=quant)
+                                                 quant=quant, calib=windows)
         log.info("perplexity (%s) on %d %s windows: %.3f", record["arith"], args.eval_windows,
                  args.eval_text, record["perplexity"])
     record["written"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -166,7 +187,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _act_eval(args: argparse.Namespace) -> int:
     from flexcim.flow import act, pipeline
-    from flexcim.flow.eval import write_json
+    from flexcim.flow.quant import arithmetic
     from flexcim.flow.select import Plan
 
     auto = args.projections.strip() == "auto"
@@ -180,11 +201,6 @@ def _act_eval(args: argparse.Namespace) -> int:
     if not 0 <= args.skip_budget < 1:
         raise FlexCimError(f"--skip-budget must be a fraction in [0, 1), not {args.skip_budget!r}")
     quant = _quant(args)
-    if args.smooth is not None:
-        if quant is None:
-            raise FlexCimError("--smooth needs --arith w8a8")
-        if not 0 <= args.smooth <= 1:
-            raise FlexCimError(f"--smooth must be an alpha in [0, 1], not {args.smooth!r}")
     if args.output:
         check_output(args.output, "result output (-o)",
                      inputs=(args.model, args.text, args.plan))
@@ -193,7 +209,7 @@ def _act_eval(args: argparse.Namespace) -> int:
               "eval_windows": args.eval_windows, "seq_len": args.seq_len,
               **_arith_record(session, args, quant)}
     calib = None
-    if plan is not None or args.skip_budget > 0 or auto or args.smooth is not None:
+    if plan is not None or args.skip_budget > 0 or auto or (quant and quant.smooth is not None):
         calib = _calib(session, args)
     if plan is not None:
         metric = args.metric or plan.settings.get("metric", "wanda")
@@ -201,15 +217,20 @@ def _act_eval(args: argparse.Namespace) -> int:
                             metric=metric)
         record.update(plan=os.path.abspath(args.plan), metric=metric,
                       weight_sparsity=plan.achieved_sparsity)
-    if args.smooth is not None:  # after the plan: the pruned zeros stay zeros
-        from flexcim.flow.quant import smooth
+    # Everything below in the run's arithmetic, opened once and before any activation pruning:
+    # W8A8's smoothing scales come from the model as the plan left it (pruned zeros stay zeros).
+    with arithmetic(session.model, quant, calib):
+        return _act_eval_in(args, session, record, calib, config, projections, auto)
 
-        record["smooth"] = {"alpha": args.smooth,
-                            "mean_log10_scale": smooth(session.model, calib, args.smooth)}
+
+def _act_eval_in(args, session, record, calib, config, projections, auto) -> int:
+    from flexcim.flow import act, pipeline
+    from flexcim.flow.eval import write_json
+
     if auto:
         # chosen on the calibration text, disjoint from the evaluation windows reported below
         study = act.choose_projections(
-            session.model, lambda: _perplexity(session.model, calib, quant),
+            session.model, lambda: _perplexity(session.model, calib),
             pattern=args.pattern, score=args.score, budget=args.budget)
         projections = study["projections"]
         if not projections:
@@ -226,8 +247,7 @@ def _act_eval(args: argparse.Namespace) -> int:
                                    projections=projections, skip=skip)
         record.update(skip_budget=args.skip_budget, skipped=list(skip))
     evaluate = lambda: pipeline.evaluate(session, count=args.eval_windows,  # noqa: E731
-                                         seq_len=args.seq_len, text=args.eval_text,
-                                         quant=quant)
+                                         seq_len=args.seq_len, text=args.eval_text)
     record["perplexity_dense_act"] = evaluate()
     with act.activation_pruning(session.model, act_config) as names:
         record["pruned_projections"] = len(names)
@@ -243,12 +263,10 @@ def _act_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _perplexity(model, windows, quant) -> float:
+def _perplexity(model, windows) -> float:
     from flexcim.flow.eval import perplexity
-    from flexcim.flow.quant import arithmetic
 
-    with arithmetic(model, quant):
-        return perplexity(model, windows, progress=False)
+    return perplexity(model, windows, progress=False)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -264,7 +282,8 @@ def _export(args: argparse.Namespace) -> int:
     _check_count(args.act_tokens, "--act-tokens", minimum=1)
     from flexcim.flow.quant import W8A8Config
 
-    quant = W8A8Config(act_granularity=args.act_granularity or GRANULARITIES[0])
+    quant = W8A8Config(act_granularity=args.act_granularity or GRANULARITIES[0],
+                       smooth=_smooth(args))
     check_output(args.output, "layer output (-o)", suffixes=(".safetensors",),
                  inputs=(args.model, args.text, args.plan))
     session = _session(args)
@@ -286,7 +305,7 @@ def _check_common(args: argparse.Namespace) -> None:
     _check_count(args.calib_windows, "--calib-windows", minimum=1)
     _check_count(args.seq_len, "--seq-len", minimum=2)
     _check_count(args.threads, "--threads", minimum=1)
-    for flag in ("hyper_m", "hw_weight", "target_sparsity", "budget", "skip_budget", "smooth"):
+    for flag in ("hyper_m", "hw_weight", "target_sparsity", "budget", "skip_budget"):
         value = getattr(args, flag, None)
         if value is not None and not math.isfinite(value):
             raise FlexCimError(f"--{flag.replace('_', '-')} must be a finite number, "
@@ -326,6 +345,13 @@ def _arith_options(p: argparse.ArgumentParser, *, evaluation: bool = True) -> No
     p.add_argument("--act-granularity", choices=GRANULARITIES,
                    help="w8a8 activation scales: one per token (default, chosen on validation "
                         "text) or per tensor (per sequence)")
+    p.add_argument("--smooth", metavar="ALPHA|off",
+                   help="w8a8: SmoothQuant scales max|x|^ALPHA / max|W|^(1-ALPHA) from the "
+                        "calibration text folded into the model while it runs (float-"
+                        f"equivalent; default {DEFAULT_SMOOTH}, chosen on validation text, "
+                        "docs/flow.md; off: none)"
+                   if evaluation else "SmoothQuant alpha of the exported layer's quantization "
+                        f"and of the projections before it (default {DEFAULT_SMOOTH}; off: none)")
     if evaluation:
         p.add_argument("--hw-config", metavar="PRESET|JSON",
                        help="w8a8: the macro whose acc_bits the sums wrap to (default: the "
@@ -426,10 +452,6 @@ def register(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=16, metavar="N",
                    help="held-out windows (default 16)")
     _arith_options(p)
-    p.add_argument("--smooth", type=float, metavar="ALPHA",
-                   help="w8a8: fold SmoothQuant scales max|x|^ALPHA / max|W|^(1-ALPHA), from the "
-                        "calibration text, into the model first (float-equivalent; 0.5 measured "
-                        "better on validation, docs/flow.md)")
     p.add_argument("-o", "--output", metavar="RESULT.json")
     p.set_defaults(func=_checked(_act_eval))
 

@@ -64,9 +64,11 @@ def calibration_windows(session: Session, *, count: int = 16, seq_len: int = 128
 
 
 def evaluate(session: Session, *, text: str = "held-out", count: int = 16, seq_len: int = 128,
-             seed: int = 0, progress: bool = True, quant=None) -> float:
+             seed: int = 0, progress: bool = True, quant=None,
+             calib: torch.Tensor | None = None) -> float:
     """Perplexity of the session's model on ``count`` seeded windows of an evaluation text;
-    in W8A8 with ``quant`` (:class:`flexcim.flow.quant.W8A8Config`), else in float."""
+    in W8A8 with ``quant`` (:class:`flexcim.flow.quant.W8A8Config`; ``calib``: the windows its
+    smoothing is measured on), else in float."""
     from flexcim.flow.quant import arithmetic
 
     if text not in session.corpus.evaluation:
@@ -74,7 +76,7 @@ def evaluate(session: Session, *, text: str = "held-out", count: int = 16, seq_l
                            f"not {text!r}")
     windows = token_windows(session.lm.tokenizer, session.corpus.evaluation[text],
                             seq_len=seq_len, count=count, seed=seed)
-    with arithmetic(session.model, quant):
+    with arithmetic(session.model, quant, calib):
         return perplexity(session.model, windows, progress=progress, desc=f"perplexity {text}")
 
 
@@ -224,7 +226,7 @@ def measure(session: Session, plan: Plan | None, *, calib: torch.Tensor | None =
 
     def ev() -> float:
         return evaluate(session, count=eval_windows, seq_len=seq_len, progress=progress,
-                        quant=quant)
+                        quant=quant, calib=calib)
 
     record = {"eval_windows": eval_windows, "seq_len": seq_len,
               **(quant.to_dict() if quant is not None else {"arith": "float"}), "dense": ev()}
@@ -251,11 +253,13 @@ def export_projection(session: Session, plan: Plan, layer: str, path: str | os.P
     unless the projection already satisfies its pattern (e.g. after :func:`measure`).
 
     ``quant`` (:class:`flexcim.flow.quant.W8A8Config`, default its defaults) quantizes the
-    layer as the W8A8 perplexity runs do; with ``upstream_w8a8`` the activations are captured
-    with every projection before it in W8A8 too (the inputs it sees in a W8A8 run).
+    layer as the W8A8 perplexity runs do, smoothing included (its scales from ``calib``: the
+    layer's inputs and weight are then the smoothed ones, as inside a W8A8 run); with
+    ``upstream_w8a8`` the activations are captured with every projection before it in W8A8
+    too (the inputs it sees in a W8A8 run).
     """
     from flexcim.flow import export
-    from flexcim.flow.quant import W8A8Config, arithmetic
+    from flexcim.flow.quant import W8A8Config, arithmetic, smoothing
 
     quant = quant or W8A8Config()
     if layer not in plan.layers:
@@ -265,15 +269,20 @@ def export_projection(session: Session, plan: Plan, layer: str, path: str | os.P
     if not export.satisfies(module.weight.detach().numpy(), pattern):
         apply_plan(session.model, plan, None if metric == "magnitude" else calib, metric=metric,
                    last_block=index)
-    with arithmetic(session.model, quant if upstream_w8a8 else None):
-        x = export.layer_inputs(session.model, module, calib, act_tokens, whole_windows=True)
-    sparse = export.build_layer(
-        layer, module.weight, pattern, x,
-        act_pattern=NMPattern.parse(act_pattern) if act_pattern else None,
-        extra={"model": session.lm.name, "metric": metric, "method": plan.method,
-               "arith": "w8a8" if upstream_w8a8 else "float"},
-        quant=quant, seq_len=calib.shape[1], tokens=act_tokens,
-    )
+    # Smoothed once for both the capture and the layer: the upstream W8A8 must not smooth again.
+    upstream = dataclasses.replace(quant, smooth=None) if upstream_w8a8 else None
+    smooth = "off" if quant.smooth is None else str(quant.smooth)
+    with smoothing(session.model, calib, quant.smooth):
+        with arithmetic(session.model, upstream):
+            x = export.layer_inputs(session.model, module, calib, act_tokens,
+                                    whole_windows=True)
+        sparse = export.build_layer(
+            layer, module.weight, pattern, x,
+            act_pattern=NMPattern.parse(act_pattern) if act_pattern else None,
+            extra={"model": session.lm.name, "metric": metric, "method": plan.method,
+                   "arith": "w8a8" if upstream_w8a8 else "float", "smooth": smooth},
+            quant=quant, seq_len=calib.shape[1], tokens=act_tokens,
+        )
     export.export_layer(path, sparse)
     return sparse
 

@@ -45,6 +45,9 @@ GRANULARITIES = gq.ACT_GRANULARITIES
 DEFAULT_GRANULARITY = "token"
 """Chosen on the validation text (docs/flow.md, W8A8): per token is closer to float than per
 tensor on SmolLM2."""
+DEFAULT_SMOOTH = 0.5
+"""SmoothQuant alpha of the CLI's, the demo's and the benchmarks' W8A8, chosen on the
+validation text with and without activation top-k (docs/flow.md, W8A8)."""
 
 _EXACT_TERMS = 2**38  # as golden.matmul: float64 sums of int8 x int8 products stay exact
 _F32_CHUNK = 1024
@@ -64,25 +67,37 @@ class W8A8Config:
         One activation scale per token, or per tensor (per sequence).
     acc_bits : int
         The macro's accumulator width (``HwConfig.acc_bits``; 32 on the ``default`` preset).
+    smooth : float or None
+        SmoothQuant's alpha: :func:`w8a8` folds the scales of :func:`smooth`, measured on the
+        calibration windows it is given, into the model for as long as it is open (None: no
+        smoothing, the default of this class; the CLI, the demo and the benchmarks use
+        :data:`DEFAULT_SMOOTH`).
     """
 
     act_granularity: str = DEFAULT_GRANULARITY
     acc_bits: int = 32
+    smooth: float | None = None
 
     def __post_init__(self):
         if self.act_granularity not in GRANULARITIES:
             raise FlexCimError(f"activation granularity must be one of {GRANULARITIES}, not "
                                f"{self.act_granularity!r}")
         check_acc_bits(self.acc_bits)
+        if self.smooth is not None and not (isinstance(self.smooth, (int, float))
+                                            and 0.0 <= self.smooth <= 1.0):
+            raise FlexCimError(f"smoothing alpha must be in [0, 1] (or None), not "
+                               f"{self.smooth!r}")
 
     @classmethod
-    def from_hw(cls, hw_config, act_granularity: str = DEFAULT_GRANULARITY) -> W8A8Config:
+    def from_hw(cls, hw_config, act_granularity: str = DEFAULT_GRANULARITY,
+                smooth: float | None = None) -> W8A8Config:
         """The config for a :class:`flexcim.spec.config.HwConfig` (its ``acc_bits``)."""
-        return cls(act_granularity=act_granularity, acc_bits=hw_config.acc_bits)
+        return cls(act_granularity=act_granularity, acc_bits=hw_config.acc_bits, smooth=smooth)
 
     def to_dict(self) -> dict:
         return {"arith": "w8a8", "weights": "int8 per output channel",
-                "act_granularity": self.act_granularity, "acc_bits": self.acc_bits}
+                "act_granularity": self.act_granularity, "acc_bits": self.acc_bits,
+                "smooth": self.smooth}
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,9 +201,11 @@ def w8a8_linear(x: torch.Tensor, qw: torch.Tensor, scale_w: torch.Tensor,
 class Capture:
     """What one projection computed inside :func:`w8a8`, call by call (one entry per call, each
     flattened to rows): the float inputs it received (after any activation pruning), their int8
-    quantization and scales, the wrapped integer sums."""
+    quantization and scales, the wrapped integer sums; the float weight it was quantized from
+    (smoothed, when the config smooths)."""
 
     name: str
+    float_weight: torch.Tensor | None = None
     inputs: list[torch.Tensor] = dataclasses.field(default_factory=list)
     act: list[torch.Tensor] = dataclasses.field(default_factory=list)
     act_scale: list[torch.Tensor] = dataclasses.field(default_factory=list)
@@ -199,22 +216,36 @@ class Capture:
 
 @contextlib.contextmanager
 @torch.no_grad()
-def w8a8(model: nn.Module, config: W8A8Config, *, capture: str | None = None
-         ) -> Iterator[Capture | None]:
+def w8a8(model: nn.Module, config: W8A8Config, *, capture: str | None = None,
+         calib: torch.Tensor | None = None) -> Iterator[Capture | None]:
     """Run every decoder projection of ``model`` in W8A8 inside a ``with`` block.
 
-    Weights are quantized when the block opens: apply a weight plan first.  Activation pruning
-    composes in either order (its pre-hooks run before the replaced forward).
-    ``capture`` names a projection whose int8 operands and integer sums are recorded (yielded as
-    a :class:`Capture`; None otherwise).  An ``acc_bits`` that some projection could overflow is
-    rejected before anything runs.  The float forwards are restored on exit, also after an
-    exception.
+    Weights are quantized when the block opens: apply a weight plan first.  With
+    ``config.smooth`` the SmoothQuant scales are measured on ``calib`` (token windows; the model
+    as it runs when the block opens: open it before any activation pruning) and folded in first
+    (:func:`smoothing`), the model's tensors restored on exit.  Activation pruning composes in
+    either order (its pre-hooks run before the replaced forward).  ``capture`` names a
+    projection whose int8 operands and integer sums are recorded (yielded as a :class:`Capture`;
+    None otherwise).  An ``acc_bits`` that some projection could overflow is rejected before
+    anything runs.  The float forwards are restored on exit, also after an exception.
     """
     layers = linear_layers(model)
     if capture is not None and capture not in layers:
         raise FlexCimError(f"no projection named {capture!r} to capture")
     check_accumulator(layers, config.acc_bits)
+    if config.smooth is not None and calib is None:
+        raise FlexCimError(f"W8A8 with smoothing (alpha {config.smooth}) needs calibration "
+                           "windows (calib=)")
     record = None if capture is None else Capture(capture)
+    with smoothing(model, calib, config.smooth):
+        with _replaced(layers, config, record, capture):
+            yield record
+
+
+@contextlib.contextmanager
+def _replaced(layers: dict[str, nn.Linear], config: W8A8Config, record: Capture | None,
+              capture: str | None) -> Iterator[None]:
+    """Every projection's forward replaced by its W8A8 product (:func:`w8a8`'s body)."""
 
     def factory(name: str, module: nn.Linear, qw: torch.Tensor, scale_w: torch.Tensor):
         def forward(x):
@@ -239,21 +270,24 @@ def w8a8(model: nn.Module, config: W8A8Config, *, capture: str | None = None
             qw, scale_w = quantize_weight(layer.weight)
             if record is not None and name == capture:
                 record.weight, record.weight_scale = qw, scale_w
+                record.float_weight = layer.weight.detach().clone()
             layer.forward = factory(name, layer, qw, scale_w)
             patched.append(layer)
-        yield record
+        yield
     finally:
         for layer in patched:
             del layer.forward
 
 
 @contextlib.contextmanager
-def arithmetic(model: nn.Module, config: W8A8Config | None) -> Iterator[None]:
-    """:func:`w8a8` when ``config`` is given, float (nothing) when it is None."""
+def arithmetic(model: nn.Module, config: W8A8Config | None,
+               calib: torch.Tensor | None = None) -> Iterator[None]:
+    """:func:`w8a8` when ``config`` is given (``calib``: its smoothing windows), float
+    (nothing) when it is None."""
     if config is None:
         yield None
         return
-    with w8a8(model, config) as record:
+    with w8a8(model, config, calib=calib) as record:
         yield record
 
 
@@ -292,18 +326,35 @@ def smoothing_scales(x_absmax: torch.Tensor, weights: list[torch.Tensor], alpha:
     return torch.where((x_absmax > 0) & (w_absmax > 0), s, torch.ones_like(s))
 
 
+@contextlib.contextmanager
 @torch.no_grad()
-def smooth(model: nn.Module, windows: torch.Tensor, alpha: float) -> dict[str, float]:
-    """Fold SmoothQuant scales into a Llama-style model, in place: the inputs of q/k/v (after
-    ``input_layernorm``), gate/up (after ``post_attention_layernorm``) and down (after
-    ``up_proj``'s rows) are divided by ``s``, the weights reading them multiplied by ``s``.  The
-    float model computes the same function (up to rounding); its int8 activations lose less to
-    outlier channels.  Returns the mean ``log10 s`` per kind (a summary)."""
-    if not 0.0 <= alpha <= 1.0:
-        raise FlexCimError(f"smoothing alpha must be in [0, 1], not {alpha!r}")
+def smoothing(model: nn.Module, windows: torch.Tensor | None, alpha: float | None
+              ) -> Iterator[dict[str, float] | None]:
+    """:func:`smooth` for the duration of a ``with`` block (yields its summary): every tensor it
+    changes is restored bit for bit on exit, also after an exception.  ``alpha`` None: nothing
+    changes (yields None)."""
+    if alpha is None:
+        yield None
+        return
+    touched: dict[int, torch.Tensor] = {}
+    for _name, norm_weight, up, readers, _kind in _smoothing_groups(model):
+        for t in (norm_weight, None if up is None else up.weight, *(r.weight for r in readers)):
+            if t is not None:
+                touched[id(t)] = t
+    saved = [(t, t.detach().clone()) for t in touched.values()]
+    try:
+        yield smooth(model, windows, alpha)
+    finally:
+        for t, copy in saved:
+            t.copy_(copy)
+
+
+def _smoothing_groups(model: nn.Module) -> list[tuple]:
+    """(input projection name, norm weight or None, ``up_proj`` or None, readers, kind) per
+    smoothed input of a Llama-style model."""
     from flexcim.flow.model import decoder_blocks
 
-    groups = []  # (input projection name, divisor and its axis, weights reading the input)
+    groups = []
     for block in decoder_blocks(model):
         mod = block.module
         try:
@@ -318,6 +369,19 @@ def smooth(model: nn.Module, windows: torch.Tensor, alpha: float) -> dict[str, f
             raise FlexCimError(f"smoothing needs a Llama-style block (input_layernorm, "
                                f"self_attn.q/k/v_proj, mlp.gate/up/down_proj): {block.name} "
                                f"is {type(mod).__name__}") from None
+    return groups
+
+
+@torch.no_grad()
+def smooth(model: nn.Module, windows: torch.Tensor, alpha: float) -> dict[str, float]:
+    """Fold SmoothQuant scales into a Llama-style model, in place: the inputs of q/k/v (after
+    ``input_layernorm``), gate/up (after ``post_attention_layernorm``) and down (after
+    ``up_proj``'s rows) are divided by ``s``, the weights reading them multiplied by ``s``.  The
+    float model computes the same function (up to rounding); its int8 activations lose less to
+    outlier channels.  Returns the mean ``log10 s`` per kind (a summary)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise FlexCimError(f"smoothing alpha must be in [0, 1], not {alpha!r}")
+    groups = _smoothing_groups(model)
     amax = channel_absmax(model, windows, [g[0] for g in groups])
     summary: dict[str, list[float]] = {}
     for name, norm_weight, up, readers, kind in groups:

@@ -19,6 +19,7 @@ def test_cli_choices_match_the_library():
     assert flow_cli.ACT_DEFAULT == act.DEFAULT_PROJECTIONS == act.ActConfig().projections
     assert flow_cli.ARITHMETICS == quant.ARITHMETICS
     assert set(flow_cli.GRANULARITIES) == set(quant.GRANULARITIES)
+    assert flow_cli.DEFAULT_SMOOTH == quant.DEFAULT_SMOOTH
     assert (flow_cli.GRANULARITIES[0] == quant.DEFAULT_GRANULARITY
             == quant.W8A8Config().act_granularity)
 
@@ -215,8 +216,8 @@ def test_act_eval_and_prune_in_w8a8(workspace, capsys, tmp_path):
         runs[arith] = json.loads(out.read_text())
     r = runs["w8a8"]
     assert runs["float"]["arith"] == "float" and "acc_bits" not in runs["float"]
-    assert (r["arith"], r["act_granularity"], r["acc_bits"], r["hw_config"]) == (
-        "w8a8", "token", 32, "default")
+    assert (r["arith"], r["act_granularity"], r["acc_bits"], r["hw_config"], r["smooth"]) == (
+        "w8a8", "token", 32, "default", 0.5)
     for key in ("perplexity_dense_act", "perplexity_pruned_act"):
         # int8 changes the figure, a little (a random tiny model: within 5 %)
         assert r[key] != runs["float"][key]
@@ -227,13 +228,17 @@ def test_act_eval_and_prune_in_w8a8(workspace, capsys, tmp_path):
     tensor = json.loads((tmp_path / "t").read_text())
     assert tensor["act_granularity"] == "tensor"
     assert tensor["perplexity_dense_act"] != r["perplexity_dense_act"]
-    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--eval-windows", "2",
-                     "--arith", "w8a8", "--smooth", "0.5", "-o", str(tmp_path / "s"))
-    assert code == 0, err
-    smoothed = json.loads((tmp_path / "s").read_text())
-    assert smoothed["smooth"]["alpha"] == 0.5
-    assert set(smoothed["smooth"]["mean_log10_scale"]) == {"qkv", "gate/up", "down"}
-    assert smoothed["perplexity_dense_act"] != r["perplexity_dense_act"]
+    # smoothing is the default (alpha 0.5): --smooth 0.5 repeats it, off and 0.9 differ
+    figures = {}
+    for alpha in ("0.5", "off", "0.9"):
+        code, err = _run(capsys, "flow", "act-eval", *_common(d), "--eval-windows", "2",
+                         "--arith", "w8a8", "--smooth", alpha, "-o", str(tmp_path / "s"))
+        assert code == 0, err
+        smoothed = json.loads((tmp_path / "s").read_text())
+        assert smoothed["smooth"] == {"0.5": 0.5, "off": None, "0.9": 0.9}[alpha]
+        figures[alpha] = smoothed["perplexity_dense_act"]
+    assert figures["0.5"] == r["perplexity_dense_act"]
+    assert len({figures["0.5"], figures["off"], figures["0.9"]}) == 3
     code, err = _run(capsys, "flow", "select", *_common(d), "--method", "uniform", "--pattern",
                      "2:4", "-o", str(tmp_path / "plan.json"))
     assert code == 0, err
@@ -257,7 +262,9 @@ def test_w8a8_bad_input(workspace, capsys, tmp_path):
     code, err = _run(capsys, "flow", "act-eval", *_common(d), "--smooth", "0.5")
     assert code == 2 and "--smooth needs --arith w8a8" in err
     code, err = _run(capsys, "flow", "act-eval", *_common(d), "--arith", "w8a8", "--smooth", "2")
-    assert code == 2 and "--smooth must be an alpha in [0, 1], not 2.0" in err
+    assert code == 2 and "--smooth must be an alpha in [0, 1] or off, not '2'" in err
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--arith", "w8a8", "--smooth", "x")
+    assert code == 2 and "--smooth must be an alpha in [0, 1] or off, not 'x'" in err
     with pytest.raises(SystemExit) as info:  # argparse's own check of the choices
         main(["flow", "act-eval", *_common(d), "--arith", "int4"])
     assert info.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
@@ -282,9 +289,11 @@ def test_export_round_trips_through_golden(workspace, capsys, tmp_path):
     name = "model.layers.1.mlp.down_proj"
     out = tmp_path / "layer.safetensors"
     code, err = _run(capsys, "flow", "export", *_common(d), "--plan", str(plan_path), "--layer",
-                     name, "--act-tokens", "20", "--act-pattern", "4:8", "-o", str(out))
+                     name, "--act-tokens", "20", "--act-pattern", "4:8", "--smooth", "off",
+                     "-o", str(out))
     assert code == 0, err
     layer = load_layer(out)
+    assert layer.extra["smooth"] == "off"
     assert layer.name == name and str(layer.weight.pattern) == "2:8"
     assert layer.weight.shape == (32, 64) and layer.act.shape == (20, 64)
     assert str(layer.act_pattern) == "4:8"
@@ -304,6 +313,16 @@ def test_export_round_trips_through_golden(workspace, capsys, tmp_path):
     assert (kept.reshape(-1, 8).sum(1) == 2).all()
     err = np.abs(w - original)[kept]
     assert np.all(err <= np.broadcast_to(layer.weight_scale[:, None] / 2 + 1e-7, w.shape)[kept])
+    # by default the layer is quantized as the W8A8 runs do, smoothed (alpha 0.5): the same
+    # mask (Wanda's score |W_ij| ||x_j|| does not change when x_j / s_j meets W_ij s_j), other
+    # int8 values, inputs divided by the scales
+    code, err = _run(capsys, "flow", "export", *_common(d), "--plan", str(plan_path), "--layer",
+                     name, "--act-tokens", "20", "--act-pattern", "4:8", "-o", str(out))
+    assert code == 0, err
+    smoothed = load_layer(out)
+    assert smoothed.extra["smooth"] == "0.5"
+    assert np.array_equal(smoothed.weight.decompress() != 0, kept)
+    assert not np.array_equal(smoothed.weight_scale, layer.weight_scale)
     code, err = _run(capsys, "flow", "export", *_common(d), "--plan", str(plan_path), "--layer",
                      "model.layers.1.mlp.nope", "-o", str(out))
     assert code == 2 and "has no layer" in err

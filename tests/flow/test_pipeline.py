@@ -111,6 +111,19 @@ def test_demo_api_measure_and_export(tiny, tokenizer, tmp_path):
     float_layer = pipeline.export_projection(session, plan, name, tmp_path / "f.safetensors",
                                              calib=cw, act_tokens=40)
     assert not np.array_equal(float_layer.act, layer.act)  # the upstream arithmetic matters
+    # with smoothing: the exported layer is the smoothed projection of a smoothed W8A8 run
+    smoothed = W8A8Config(smooth=0.5)
+    s_layer = pipeline.export_projection(session, plan, name, tmp_path / "s.safetensors",
+                                         calib=cw, act_tokens=40, upstream_w8a8=True,
+                                         quant=smoothed)
+    with torch.no_grad(), w8a8(tiny, smoothed, calib=cw, capture=name) as s_cap:
+        tiny(input_ids=cw[:2])
+    assert np.array_equal(s_layer.act, torch.cat(s_cap.act)[:40].numpy())
+    assert np.array_equal(s_layer.act_scale, torch.cat(s_cap.act_scale)[:40].numpy())
+    assert np.array_equal(s_layer.weight.decompress(), s_cap.weight.numpy())
+    assert np.array_equal(s_layer.weight_scale, s_cap.weight_scale.numpy())
+    assert not np.array_equal(s_layer.weight_scale, layer.weight_scale)
+    assert s_layer.extra["smooth"] == "0.5" and layer.extra["smooth"] == "off"
 
 
 def test_energy_plan_is_read_by_golden_energy(tiny):

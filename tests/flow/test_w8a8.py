@@ -290,3 +290,45 @@ def test_the_demos_rtl_operands_are_the_projections_operands_inside_the_w8a8_run
     assert np.array_equal(exported.act, ops["act"])
     assert np.array_equal(exported.act_scale, ops["act_scale"])
     assert np.array_equal(exported.weight_scale, ops["weight_scale"])
+
+
+def test_w8a8_with_smoothing_is_smooth_then_w8a8_and_leaves_the_model_as_it_was(tiny,
+                                                                                tiny_windows):
+    from flexcim.flow.quant import smooth
+
+    name = "model.layers.1.mlp.down_proj"
+    with torch.no_grad():
+        for block in tiny.model.layers:  # an outlier channel, so that smoothing matters
+            block.post_attention_layernorm.weight[3] = 40.0
+        before = {k: v.detach().clone() for k, v in tiny.state_dict().items()}
+        with w8a8(tiny, W8A8Config(), capture=name) as plain_cap:
+            plain = tiny(input_ids=tiny_windows).logits
+        with w8a8(tiny, W8A8Config(smooth=0.5), calib=tiny_windows, capture=name) as cap:
+            inside = tiny(input_ids=tiny_windows).logits
+        after = tiny.state_dict()
+        # every tensor restored bit for bit: smoothing lasts as long as the context
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        # the reference: fold the scales by hand (flow.quant.smooth), then plain W8A8
+        smooth(tiny, tiny_windows, 0.5)
+        smoothed_weight = linear_layers(tiny)[name].weight.detach().clone()
+        with w8a8(tiny, W8A8Config()):
+            reference = tiny(input_ids=tiny_windows).logits
+        for k, v in before.items():  # undo by hand, for the last check below
+            tiny.state_dict()[k].copy_(v)
+    assert torch.equal(inside, reference)
+    assert not torch.equal(inside, plain)
+    # the capture holds the smoothed float weight its int8 operand was quantized from
+    assert torch.equal(cap.float_weight, smoothed_weight)
+    assert not torch.equal(cap.float_weight, plain_cap.float_weight)
+    assert torch.equal(quantize_weight(cap.float_weight)[0], cap.weight)
+    with pytest.raises(FlexCimError, match=r"smoothing \(alpha 0.5\) needs calibration windows"):
+        with w8a8(tiny, W8A8Config(smooth=0.5)):
+            pass
+    with pytest.raises(FlexCimError, match=r"smoothing alpha must be in \[0, 1\] \(or None\), "
+                                           r"not 1.5"):
+        W8A8Config(smooth=1.5)
+    # an exception inside the block restores the tensors too
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        with w8a8(tiny, W8A8Config(smooth=0.5), calib=tiny_windows):
+            raise RuntimeError("boom")
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
