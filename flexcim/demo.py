@@ -809,28 +809,61 @@ def stage_rtl(ctx: Context) -> None:
 AREA_DIR = "out/synth"
 
 
-def stage_area(ctx: Context) -> None:
-    """The area table of the last ``make synth`` (Yosys takes 1-3 minutes per preset, too
-    long for the demo): included with its date when present, else the report says how to get it."""
+def area_table(paths) -> tuple[str, dict, bool] | None:
+    """The first of ``paths`` (``area.json`` of ``make synth``) made from the current hw/ and
+    spec/ sources (:func:`flexcim.hw.area.sources_digest`), else the first that exists (stale):
+    ``(path, result, current)``; None when there is none."""
     import os
 
-    from flexcim.hw.area import markdown
+    from flexcim.hw.area import sources_digest
 
-    path = os.path.join(AREA_DIR, "area.json")
-    if not os.path.isfile(path):
-        raise StageSkipped(f"no {path}: run `make synth` (Yosys, 1-3 minutes per preset) "
-                           "and the next demo includes the area table")
-    with open(path) as f:
-        result = json.load(f)
+    found = []
+    for path in paths:
+        if os.path.isfile(path):
+            with open(path) as f:
+                found.append((str(path), json.load(f)))
+    if not found:
+        return None
+    digest = sources_digest()
+    for path, result in found:
+        if result.get("sources") == digest:
+            return path, result, True
+    return found[0][0], found[0][1], False
+
+
+def stage_area(ctx: Context) -> None:
+    """The area table of ``make synth`` (Yosys takes 4-5 minutes for the four presets, too long
+    for the demo): this machine's last run (``out/synth``) or the project's record
+    (``docs/area.json``), whichever was made from the current sources; a stale one is shown
+    with a warning."""
+    import os
+
+    from flexcim.hw.area import RECORD, markdown
+
+    found = area_table([os.path.join(AREA_DIR, "area.json"), RECORD])
+    if found is None:
+        raise StageSkipped(f"no {AREA_DIR}/area.json or {RECORD}: run `make synth` (Yosys, "
+                           "4-5 minutes) and the next demo includes the area table")
+    path, result, current = found
     order = ("dense", "fixed24", "flex8", "default")  # baselines first, as make synth prints them
     names = sorted(result["presets"], key=lambda n: order.index(n) if n in order else len(order))
-    stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
-    ctx.report.record("area", result)
+    where = ("the project's recorded run" if os.path.abspath(path) == str(RECORD)
+             else "this machine's last run")
+    stamp = result.get("measured") or time.strftime(
+        "%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
+    sources = result.get("sources", "")
+    status = (f"its hw/ and spec/ sources and tool versions are the current ones (digest "
+              f"{sources[:12]})" if current else
+              "**stale: measured on other hw/ or spec/ sources than these** (run `make synth` "
+              "for the current RTL's area)")
+    if not current:
+        log.warning("the area table %s is not of the current sources: run make synth", path)
+    ctx.report.record("area", {**result, "path": path, "current": current})
     ctx.report.section(
         "Area (from `make synth`)",
-        f"Measured by `make synth` on {stamp} (`{path}`); dense vs fixed-2:4 vs flex8 vs "
-        "FlexCiM at equal cell count, NAND2-equivalents per part. See docs/architecture.md "
-        "section 6.",
+        f"Measured by `make synth` on {stamp} ({where}, `{path}`); {status}.  Dense vs "
+        "fixed-2:4 vs flex8 vs FlexCiM at equal cell count, NAND2-equivalents per part. See "
+        "docs/architecture.md section 6.",
         markdown(result, names).split("\n", 1)[1],
     )
 

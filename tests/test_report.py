@@ -91,11 +91,66 @@ def test_demo_rejects_bad_stage_lists(tmp_path, capsys, only, message):
 
 
 def test_demo_area_stage_skips_without_synthesis(tmp_path, monkeypatch):
+    from flexcim.hw import area
+
     from flexcim.cli import main
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(area, "RECORD", tmp_path / "no-record.json")
     assert main(["demo", "--only", "area", "--out", "rep"]) == 0
     assert "run `make synth`" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_demo_area_stage_shows_the_synthesis_of_the_current_sources(tmp_path, monkeypatch):
+    from flexcim.hw import area
+
+    def result(sources, total):  # only what tells the files apart
+        return {"presets": {"dense": {"total": total}}, "sources": sources}
+
+    monkeypatch.chdir(tmp_path)
+    record = tmp_path / "record.json"
+    monkeypatch.setattr(area, "RECORD", record)
+    (tmp_path / "out" / "synth").mkdir(parents=True)
+    local = tmp_path / "out" / "synth" / "area.json"
+    record.write_text(json.dumps(result(area.sources_digest(), 100.0)))
+    local.write_text(json.dumps(result("0" * 64, 200.0)))  # an older machine run: stale
+
+    from flexcim.demo import area_table
+
+    path, chosen, current = area_table([str(local), record])
+    assert (path, current, chosen["presets"]["dense"]["total"]) == (str(record), True, 100.0)
+    local.write_text(json.dumps(result(area.sources_digest(), 300.0)))  # a current local run wins
+    path, chosen, current = area_table([str(local), record])
+    assert (path, current, chosen["presets"]["dense"]["total"]) == (str(local), True, 300.0)
+    record.write_text(json.dumps(result("1" * 64, 100.0)))
+    local.unlink()
+    path, chosen, current = area_table([str(local), record])
+    assert (path, current) == (str(record), False)  # only a stale one: shown, marked stale
+    assert area_table([str(local)]) is None
+
+
+def test_the_recorded_area_table_is_the_synthesis_of_the_current_sources(tmp_path,
+                                                                         monkeypatch):
+    """docs/area.json, which a cold demo shows, must be `make synth`'s result for the RTL,
+    the pricing and the tools of this checkout."""
+    from flexcim.hw import area
+
+    from flexcim.cli import main
+
+    recorded = json.loads(area.RECORD.read_text())
+    assert recorded["sources"] == area.sources_digest(), (
+        "hw/, spec/ or a tool version changed since docs/area.json was measured: run "
+        "`make synth && cp out/synth/area.json docs/area.json` and commit it")
+    assert {"dense", "fixed24", "flex8", "default"} <= set(recorded["presets"])
+    for name, row in recorded["presets"].items():
+        assert row["total"] > row["sram_adjusted"] > 0, name
+    # a demo without a synthesis of its own (no out/synth here) shows it, as current
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--only", "area", "--out", "rep"]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "the project's recorded run" in text and "are the current ones" in text
+    assert "stale" not in text
+    assert f"{recorded['presets']['default']['total'] / 1e3:.1f}k" in text
 
 
 def test_iso_accuracy_compares_each_macro_with_its_best_plan():
