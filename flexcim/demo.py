@@ -388,21 +388,24 @@ def _kinds() -> str:
     return " and ".join(f"`{k}`" for k in DEFAULT_PROJECTIONS)
 
 
-def _plans(fp, model, stats, sensitivity, target: float, windows=None) -> list:
+def _plans(fp, model, stats, sensitivity, target: float, windows=None,
+           full_selector: bool = False) -> list:
     """``(name, series, plan)`` of every plan of the sweep at ``target``: ``auto`` on the
     FlexCiM macro's patterns and on the fixed-2:4 macro's ({1:1, 2:4}: each macro gets its own
     best plans), uniform N:16 (any N: what a GPU kernel could run),
     OWL and the paper's FLOW criterion.  ``windows`` (calibration) let ``auto`` compare its
-    candidate plans on the calibration loss (granularity ``best``)."""
+    candidate plans on the calibration loss (granularity ``best``).  ``auto`` runs with the
+    demo's settings (:data:`REFINE_STEPS`, :data:`LOSS_WINDOWS`), or with ``full_selector``
+    as the CLI runs it (its default local search and loss windows), for both macros alike."""
     from flexcim.spec.config import preset
 
+    speed = {} if full_selector else {"refine_steps": REFINE_STEPS,
+                                      "loss_windows": LOSS_WINDOWS}
     configs = [
         ("auto", "auto (FlexCiM patterns)",
-         fp.SelectConfig(method="auto", target=target, hw_config=preset("default"),
-                         refine_steps=REFINE_STEPS, loss_windows=LOSS_WINDOWS)),
+         fp.SelectConfig(method="auto", target=target, hw_config=preset("default"), **speed)),
         ("auto on {1:1, 2:4}", "auto on {1:1, 2:4}",
-         fp.SelectConfig(method="auto", target=target, hw_config=preset("fixed24"),
-                         refine_steps=REFINE_STEPS, loss_windows=LOSS_WINDOWS)),
+         fp.SelectConfig(method="auto", target=target, hw_config=preset("fixed24"), **speed)),
         (f"uniform {UNIFORM[target]}", "uniform N:16",
          fp.SelectConfig(method="uniform", pattern=UNIFORM[target])),
         ("OWL", "OWL", fp.SelectConfig(method="owl", target=target)),
@@ -536,8 +539,8 @@ def stage_flow(ctx: Context) -> None:
         dense_w8a8 = (ppl_w8a8(False)[0], ppl_w8a8(True)[0])
         rows.append(["dense", 0.0, "-", dense[0], dense[1], *dense_w8a8])
         for target in DEMO_TARGETS:
-            for name, series, plan in _plans(fp, model, stats, sensitivity, target,
-                                             windows):
+            for name, series, plan in _plans(fp, model, stats, sensitivity, target, windows,
+                                             full_selector=args.full_selector):
                 log.info("plan %s at %.0f %%: pruning and measuring perplexity", name,
                          100 * target)
                 fp.apply_plan(model, plan, None, stats=stats, progress=False)
@@ -578,11 +581,19 @@ def stage_flow(ctx: Context) -> None:
                                      "calib_windows": args.calib_windows,
                                      "act_pattern": ACT_PATTERN,
                                      "act_layers": list(kept["act_layers"]),
-                                     "act_mac_share": mac_share})
+                                     "act_mac_share": mac_share,
+                                     "auto_settings": "cli" if args.full_selector else {
+                                         "refine_steps": REFINE_STEPS,
+                                         "loss_windows": LOSS_WINDOWS}})
     ctx.report.section(
         "N:M selection on SmolLM2-135M: perplexity",
         f"Weights pruned one-shot with the Wanda metric from one dense calibration "
-        f"({args.calib_windows} x 128 tokens of *Pride and Prejudice*), perplexity on "
+        f"({args.calib_windows} x 128 tokens of *Pride and Prejudice*); `auto` "
+        + ("as `flexcim flow select` runs it (its local search, 8 loss windows: "
+           "`--full-selector`)" if args.full_selector else
+           f"with the demo's settings for time (no local search, {LOSS_WINDOWS} loss windows; "
+           "`--full-selector` runs the CLI's)")
+        + f" for both macros; perplexity on "
         f"{args.eval_windows} held-out windows of 128 tokens; the last column adds {ACT_PATTERN} "
         f"Amber-style top-k pruning of the prefill activations of the {_kinds()} projections "
         f"({mac_share:.1%} of the linear MACs; the default set, the largest share within a 5 % "
@@ -838,7 +849,7 @@ def stage_area(ctx: Context) -> None:
     with a warning."""
     import os
 
-    from flexcim.hw.area import RECORD, markdown
+    from flexcim.hw.area import RECORD, markdown, tool_versions
 
     found = area_table([os.path.join(AREA_DIR, "area.json"), RECORD])
     if found is None:
@@ -852,10 +863,14 @@ def stage_area(ctx: Context) -> None:
     stamp = result.get("measured") or time.strftime(
         "%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
     sources = result.get("sources", "")
-    status = (f"its hw/ and spec/ sources and tool versions are the current ones (digest "
-              f"{sources[:12]})" if current else
+    status = (f"its hw/ and spec/ sources are the current ones (digest {sources[:12]})"
+              if current else
               "**stale: measured on other hw/ or spec/ sources than these** (run `make synth` "
               "for the current RTL's area)")
+    tools = result.get("tools", {})
+    if tools and tools != tool_versions():
+        status += (f"; made with {', '.join(f'{k} {v}' for k, v in sorted(tools.items()))}, "
+                   "other versions than this machine's")
     if not current:
         log.warning("the area table %s is not of the current sources: run make synth", path)
     ctx.report.record("area", {**result, "path": path, "current": current})
@@ -940,6 +955,10 @@ def register(sub) -> None:
                    help="calibration windows of 128 tokens (default 16)")
     p.add_argument("--eval-windows", type=int, default=16, metavar="N",
                    help="perplexity windows of 128 tokens (default 16)")
+    p.add_argument("--full-selector", action="store_true",
+                   help="run auto as `flexcim flow select` does, with its local search and 8 "
+                        "loss windows, for both macros (the demo's default skips the search "
+                        "for time: about 8 minutes more on 2 cores)")
     p.add_argument("--only", metavar="STAGES",
                    help="comma-separated subset of the stages: "
                    + ", ".join(s[0] for s in STAGES))

