@@ -29,3 +29,24 @@ def test_weight_traffic_is_the_rtls_beats_and_the_system_models_count():
     assert run.stats["activity"]["weight_beats"] == 2 * 32
     assert traffic == {"rtl_bits": 3072, "model_bits": 3072, "plan_bits": 2304,
                        "dense_bits": 3072}
+
+
+def test_full_selector_runs_auto_as_the_cli_for_both_macros(monkeypatch):
+    from flexcim.flow import pipeline as fp
+    from flexcim.flow.select import SelectConfig
+
+    from flexcim.demo import LOSS_WINDOWS, REFINE_STEPS, _plans
+
+    seen = []
+    monkeypatch.setattr(fp, "make_plan", lambda model, windows, cfg, **kw: seen.append(cfg))
+    cli = SelectConfig(method="auto", target=0.5)  # what `flexcim flow select` builds
+    for full in (False, True):
+        seen.clear()
+        _plans(fp, None, None, None, 0.5, None, full_selector=full)
+        autos = [c for c in seen if c.method == "auto"]
+        assert [c.hw_config for c in autos] == [preset("default"), preset("fixed24")]
+        for c in autos:  # both macros get the same selector settings
+            expected = ((cli.refine_steps, cli.loss_windows) if full
+                        else (REFINE_STEPS, LOSS_WINDOWS))
+            assert (c.refine_steps, c.loss_windows) == expected
+        assert {c.method for c in seen} == {"auto", "uniform", "owl", "flow"}
