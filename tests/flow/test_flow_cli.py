@@ -324,6 +324,10 @@ def test_export_round_trips_through_golden(workspace, capsys, tmp_path):
     assert np.array_equal(smoothed.weight.decompress() != 0, kept)
     assert not np.array_equal(smoothed.weight_scale, layer.weight_scale)
     code, err = _run(capsys, "flow", "export", *_common(d), "--plan", str(plan_path), "--layer",
+                     name, "--smooth", "1.5", "-o", str(tmp_path / "bad.safetensors"))
+    assert code == 2 and "--smooth must be an alpha in [0, 1] or off, not '1.5'" in err
+    assert not (tmp_path / "bad.safetensors").exists()
+    code, err = _run(capsys, "flow", "export", *_common(d), "--plan", str(plan_path), "--layer",
                      "model.layers.1.mlp.nope", "-o", str(out))
     assert code == 2 and "has no layer" in err
 
