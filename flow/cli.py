@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -93,6 +94,24 @@ def _quant(args: argparse.Namespace):
                       acc_bits=hw.acc_bits, smooth=alpha)
 
 
+def _fit_quant(quant, args, session):
+    """The W8A8 config for the loaded model: the default smoothing applies to Llama-style
+    models only (others run W8A8 unsmoothed, said in the log); an explicit ``--smooth ALPHA``
+    on another architecture is refused in one line."""
+    if quant is None or quant.smooth is None:
+        return quant
+    from flexcim.flow.quant import smoothable
+
+    if smoothable(session.model):
+        return quant
+    kind = type(session.model).__name__
+    if args.smooth is not None:
+        raise FlexCimError(f"--smooth {args.smooth} needs a Llama-style model (input_layernorm, "
+                           f"q/k/v and gate/up/down projections), not {kind}; use --smooth off")
+    log.info("%s is not Llama-style: W8A8 without SmoothQuant smoothing", kind)
+    return dataclasses.replace(quant, smooth=None)
+
+
 def _arith_record(session, args, quant) -> dict:
     """Check the evaluation text and the accumulator on the loaded model; the JSON fields."""
     if args.eval_text not in session.corpus.evaluation:
@@ -161,6 +180,7 @@ def _prune(args: argparse.Namespace) -> int:
     metric = args.metric or plan.settings.get("metric", "wanda")
     start = time.perf_counter()
     session = _session(args)
+    quant = _fit_quant(quant, args, session)
     arith = _arith_record(session, args, quant) if args.eval_windows else {}
     smoothing = args.eval_windows and quant is not None and quant.smooth is not None
     windows = None if metric == "magnitude" and not smoothing else _calib(session, args)
@@ -205,6 +225,7 @@ def _act_eval(args: argparse.Namespace) -> int:
         check_output(args.output, "result output (-o)",
                      inputs=(args.model, args.text, args.plan))
     session = _session(args)
+    quant = _fit_quant(quant, args, session)
     record = {"model": session.lm.name, "pattern": args.pattern, "score": args.score,
               "eval_windows": args.eval_windows, "seq_len": args.seq_len,
               **_arith_record(session, args, quant)}
@@ -287,6 +308,7 @@ def _export(args: argparse.Namespace) -> int:
     check_output(args.output, "layer output (-o)", suffixes=(".safetensors",),
                  inputs=(args.model, args.text, args.plan))
     session = _session(args)
+    quant = _fit_quant(quant, args, session)
     pipeline.export_projection(
         session, plan, args.layer, args.output, calib=_calib(session, args),
         metric=args.metric or plan.settings.get("metric", "wanda"), act_tokens=args.act_tokens,

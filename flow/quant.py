@@ -349,6 +349,16 @@ def smoothing(model: nn.Module, windows: torch.Tensor | None, alpha: float | Non
             t.copy_(copy)
 
 
+def smoothable(model: nn.Module) -> bool:
+    """Whether :func:`smooth` knows ``model``'s blocks (Llama-style: ``input_layernorm``,
+    ``post_attention_layernorm``, q/k/v and gate/up/down projections)."""
+    try:
+        _smoothing_groups(model)
+    except FlexCimError:
+        return False
+    return True
+
+
 def _smoothing_groups(model: nn.Module) -> list[tuple]:
     """(input projection name, norm weight or None, ``up_proj`` or None, readers, kind) per
     smoothed input of a Llama-style model."""

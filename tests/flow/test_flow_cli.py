@@ -437,3 +437,26 @@ def test_flow_bad_arguments_are_one_line(workspace, capsys, tmp_path, step, argv
     code, err = _run(capsys, "flow", step, *_common(workspace), *extra, *argv)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+
+def test_w8a8_smoothing_default_on_a_model_that_is_not_llama_style(workspace, tiny_opt,
+                                                                   tmp_path, capsys):
+    # OPT has no input_layernorm / gate_proj: the default smoothing steps aside (W8A8 still
+    # runs, recorded as unsmoothed); an explicit --smooth is refused in one line
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "opt"
+    tiny_opt.save_pretrained(d)
+    AutoTokenizer.from_pretrained(workspace / "model").save_pretrained(d)
+    common = ["--model", str(d), "--text", str(workspace / "text.txt"), "--calib-windows", "4",
+              "--seq-len", "32", "--projections", "q", "--eval-windows", "2"]
+    out = tmp_path / "r.json"
+    code, err = _run(capsys, "flow", "act-eval", *common, "--arith", "w8a8", "-o", str(out))
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["arith"] == "w8a8" and r["smooth"] is None
+    code, err = _run(capsys, "flow", "act-eval", *common, "--arith", "w8a8", "--smooth", "0.5",
+                     "-o", str(tmp_path / "s.json"))
+    assert code == 2 and "--smooth 0.5 needs a Llama-style model" in err and "OPT" in err
+    assert not (tmp_path / "s.json").exists()
