@@ -175,7 +175,11 @@ def _iso_accuracy(ctx: Context, points: list[dict]) -> None:
         f"(> 1: FlexCiM better); the best latency ratio is {best['latency_ratio']:.2f}x "
         f"(`{best['plan']}`, perplexity {best['ppl']:.1f}, vs fixed24 running "
         f"`{best['reference_fastest']}`). The comparison is only as fine as the measured plans: "
-        "an unmeasured plan between two of them could move either macro's front.",
+        "an unmeasured plan between two of them could move either macro's front"
+        + ("." if ctx.args.full_selector else
+           "; `auto` ran without its local search here, for time (`flexcim demo "
+           "--full-selector` gives both macros the search and moves the fronts, "
+           "docs/flow.md)."),
     )
     ctx.report.table(
         ["plan on FlexCiM", "perplexity", "cycles", "fixed24's fastest at <= perplexity",

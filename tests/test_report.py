@@ -337,7 +337,7 @@ def test_demo_figures_and_tables_render_cleanly(tmp_path):
     points.insert(0, {"name": "dense", "method": "dense", "sparsity": 0.0, "ppl": 40.6,
                       "ppl_w8a8": 42.6, "prefill": prefill_costs(plans["dense"])})
     report = Report(str(tmp_path), "T")
-    ctx = Context(argparse.Namespace(), report,
+    ctx = Context(argparse.Namespace(full_selector=False), report,
                   {"energy_plan": plans["auto (50%)"], "act_layers": ["q_proj", "down_proj"],
                    "points": points, "energy_plans": plans})
     stage_performance(ctx)  # its bar charts and the equal-accuracy plot of every method
@@ -351,5 +351,6 @@ def test_demo_figures_and_tables_render_cleanly(tmp_path):
     assert len(tables) == len(blocks) >= 4  # every pipe block renders as a table
     for table in tables:
         assert all(len(row) == len(table[0]) and all(c.strip() for c in row) for row in table)
+    assert "--full-selector" in text  # the default demo says how to run the search
     _iso_accuracy(ctx, points)  # the same again: a crowded figure would be recorded
     assert report.data.get("plot_label_overlaps") is None
