@@ -29,8 +29,11 @@ from flexcim.flow.quant import (
     GRANULARITIES,
     W8A8Config,
     arithmetic,
+    parse_smooth,
 )
 from flexcim.flow.select import Plan
+
+from flexcim.errors import FlexCimError
 
 log = logging.getLogger("flexcim.bench")
 
@@ -50,12 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, metavar="RESULT.json")
     args = p.parse_args(argv)
     try:
-        alpha = None if args.smooth == "off" else float(args.smooth)
-    except ValueError:
-        alpha = -1.0
-    if alpha is not None and not 0 <= alpha <= 1:
-        print(f"--smooth must be an alpha in [0, 1] or off, not {args.smooth!r}", file=sys.stderr)
-        return 2
+        alpha = parse_smooth(args.smooth)
+    except FlexCimError as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -66,15 +66,9 @@ def _smooth(args: argparse.Namespace) -> float | None:
     off)."""
     if args.smooth is None:
         return DEFAULT_SMOOTH
-    if args.smooth == "off":
-        return None
-    try:
-        alpha = float(args.smooth)
-    except ValueError:
-        alpha = math.nan
-    if not 0 <= alpha <= 1:
-        raise FlexCimError(f"--smooth must be an alpha in [0, 1] or off, not {args.smooth!r}")
-    return alpha
+    from flexcim.flow.quant import parse_smooth
+
+    return parse_smooth(args.smooth)
 
 
 def _quant(args: argparse.Namespace):

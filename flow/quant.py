@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -48,6 +49,22 @@ tensor on SmolLM2."""
 DEFAULT_SMOOTH = 0.5
 """SmoothQuant alpha of the CLI's, the demo's and the benchmarks' W8A8, chosen on the
 validation text with and without activation top-k (docs/flow.md, W8A8)."""
+
+
+
+def parse_smooth(text: str) -> float | None:
+    """The value of a ``--smooth ALPHA|off`` option: None for ``off``, else an alpha in [0, 1]
+    (one line naming the value otherwise)."""
+    if text == "off":
+        return None
+    try:
+        alpha = float(text)
+    except ValueError:
+        alpha = math.nan
+    if not 0 <= alpha <= 1:
+        raise FlexCimError(f"--smooth must be an alpha in [0, 1] or off, not {text!r}")
+    return alpha
+
 
 _EXACT_TERMS = 2**38  # as golden.matmul: float64 sums of int8 x int8 products stay exact
 _F32_CHUNK = 1024
