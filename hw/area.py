@@ -260,8 +260,6 @@ def _synthesise(name: str, cfg: HwConfig, workdir: Path) -> dict:
              " ".join(str(p) for p in cfg.patterns))
     report = synth.synthesize(config=cfg, workdir=workdir)
     report["config"] = cfg.to_dict()
-    report["sources"] = sources_digest()
-    report["tools"] = tool_versions()
     return report
 
 
@@ -289,12 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         configs = {n: preset(n) for n in names}
         reports = {}
         todo = []
-        digest = sources_digest()
+        # What the results are a function of, taken once as the run starts: every report and
+        # the comparison carry it, and --reuse takes only reports of the same.
+        made_of = {"sources": sources_digest(), "tools": tool_versions()}
         for name in names:
             path = out / f"{name}.json"
             earlier = json.loads(path.read_text()) if args.reuse and path.is_file() else None
-            if (earlier is not None and earlier.get("sources") == digest
-                    and earlier.get("tools") == tool_versions()):
+            if earlier is not None and all(earlier.get(k) == v for k, v in made_of.items()):
                 reports[name] = earlier
                 log.info("%s: reusing %s", name, path)
             else:
@@ -311,14 +310,13 @@ def main(argv: list[str] | None = None) -> int:
             jobs = {pool.submit(_synthesise, n, configs[n], out / n): n for n in todo}
             for job in concurrent.futures.as_completed(jobs):
                 name = jobs[job]
-                reports[name] = job.result()
+                reports[name] = {**job.result(), **made_of}
                 atomic_write(out / f"{name}.json",
                              json.dumps(reports[name], indent=2, sort_keys=True))
                 log.info("%s: %.0f NAND2-eq after %.0f s", name,
                          reports[name]["total"]["nand2"], time.monotonic() - start)
         result = compare(reports, configs, base=names[0])
-        result["sources"] = digest
-        result["tools"] = tool_versions()
+        result.update(made_of)
         result["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     except FlexCimError as exc:
         print(f"flexcim.hw.area: error: {exc}", file=sys.stderr)
