@@ -19,8 +19,12 @@ one simulation or synthesis run.  Beside ``OUT.v``:
 ``--bus axis`` writes the AXI4-Stream wrapper :class:`~flexcim.hw.axis.AxisFlexCiM` instead
 (module ``<name>_axis``, ports ``aclk``, ``aresetn``, ``s_axis_<stream>_*``,
 ``m_axis_result_*``); its sidecar lists those ports, an ``axis`` section (tdata widths in bits
-and bytes, what ``tlast`` means per stream) and the wrapper's clock and reset.  The default
-``--bus native`` output is byte for byte what it was before the option existed.
+and bytes, what ``tlast`` means per stream) and the wrapper's clock and reset.  ``--bus
+packed`` writes :class:`~flexcim.hw.packed.PackedFlexCiM`, the macro behind the weight
+unpacker (module ``<name>_packed``; a ``packed`` stream of compact weight words instead of
+``weights``); its sidecar has a ``packed`` section (word width, code bits per pattern, the
+command lead).  The default ``--bus native`` output is byte for byte what it was before the
+option existed.
 
 ``--counters`` adds the activity counters (``FlexCiM(cfg, counters=True)``; the sidecar then
 lists each counter's bit field of the ``counters`` port); they cost area, so the default is
@@ -43,8 +47,9 @@ from flexcim.fileio import atomic_paths, check_output
 log = logging.getLogger("flexcim")
 
 VERILOG_SUFFIXES = (".v", ".sv")
-BUSES = ("native", "axis")
-"""``--bus``: the macro's own ``amaranth.lib.stream`` ports, or the AXI4-Stream wrapper."""
+BUSES = ("native", "axis", "packed")
+"""``--bus``: the macro's own ``amaranth.lib.stream`` ports, the AXI4-Stream wrapper, or the
+macro behind the weight unpacker (packed weight words in)."""
 SIDECARS = (".json", ".core")
 
 # IEEE 1364-2005 and 1800-2017 reserved words: a module (or package) may not be named one.
@@ -108,16 +113,18 @@ def check_bus(bus: str) -> str:
 
 def top_class(bus: str):
     from flexcim.hw.axis import AxisFlexCiM
+    from flexcim.hw.packed import PackedFlexCiM
     from flexcim.hw.top import FlexCiM
 
-    return {"native": FlexCiM, "axis": AxisFlexCiM}[check_bus(bus)]
+    return {"native": FlexCiM, "axis": AxisFlexCiM, "packed": PackedFlexCiM}[check_bus(bus)]
 
 
 def default_name(cfg: HwConfig, counters: bool = False, bus: str = "native") -> str:
     """:func:`~flexcim.spec.config.module_name`, with ``_axis`` for the AXI4-Stream wrapper
-    (another port list: it must not share the native top's name)."""
+    and ``_packed`` for the macro behind the weight unpacker (other port lists: they must not
+    share the native top's name)."""
     name = module_name(cfg, counters=counters)
-    return name + "_axis" if check_bus(bus) == "axis" else name
+    return name if check_bus(bus) == "native" else f"{name}_{bus}"
 
 
 def port_map(cfg: HwConfig, counters: bool = False, bus: str = "native") -> list[dict]:
@@ -126,7 +133,7 @@ def port_map(cfg: HwConfig, counters: bool = False, bus: str = "native") -> list
 
     top = top_class(bus)(cfg, counters=counters)
     ports = ([{"name": "clk", "dir": "in", "width": 1}, {"name": "rst", "dir": "in", "width": 1}]
-             if bus == "native" else [])
+             if bus != "axis" else [])
     for path, member, value in top.signature.flatten(top):
         ports.append({
             "name": "__".join(str(p) for p in path),
@@ -196,12 +203,14 @@ def export(cfg: HwConfig, out: str | os.PathLike, name: str | None = None, *,
     ``name`` is the module name (default :func:`default_name`).  With
     ``counters``, the macro has its activity counters and the sidecar their fields.
     ``bus="axis"`` writes the AXI4-Stream wrapper (:mod:`flexcim.hw.axis`) and describes its
-    ports.  ``inputs`` (e.g. the ``--config`` file) may not be overwritten by any of the files."""
+    ports; ``bus="packed"`` the macro behind the weight unpacker (:mod:`flexcim.hw.packed`).
+    ``inputs`` (e.g. the ``--config`` file) may not be overwritten by any of the files."""
     from flexcim.hw import interface
 
     from flexcim import __version__
 
     axis = _axis_section(cfg, counters, bus)  # refuses a stream too wide, before any work
+    packed = _packed_section(cfg, counters, bus)
     name = check_name(default_name(cfg, counters, bus) if name is None else name)
     out = check_output(out, "Verilog output (-o)", suffixes=VERILOG_SUFFIXES,
                        sidecars=SIDECARS, inputs=inputs)
@@ -229,6 +238,8 @@ def export(cfg: HwConfig, out: str | os.PathLike, name: str | None = None, *,
     }
     if axis is not None:
         sidecar.update(axis)
+    if packed is not None:
+        sidecar.update(packed)
     if counters:
         sidecar["counters"] = counter_fields()
     # The files appear together or not at all; an existing set survives any failure.
@@ -259,6 +270,37 @@ def _axis_section(cfg: HwConfig, counters: bool, bus: str) -> dict | None:
                  "tkeep/tstrb (every byte is valid), no tid/tdest/tuser",
                  "streams": axis_ports(cfg, counters)},
     }
+
+
+def _packed_section(cfg: HwConfig, counters: bool, bus: str) -> dict | None:
+    """The sidecar entries of the packed top (None for the other buses): the ``packed``
+    stream's ports and word width, each pattern's code bits, the command lead, what replaces
+    the macro's ``weights`` stream and, with ``counters``, the ``packed_words`` port."""
+    if check_bus(bus) != "packed":
+        return None
+    from flexcim.hw.packed import command_lead
+    from flexcim.spec.layouts import COUNTER_BITS, compact_bus_bits, compact_code_bits
+
+    lead = command_lead(cfg)  # refuses a configuration the packed top cannot build
+    section = {
+        "stream": "packed",
+        "ports": {p: f"packed__{p}" for p in ("payload", "valid", "ready")},
+        "word_bits": compact_bus_bits(cfg),
+        "code_bits": {str(p): compact_code_bits(cfg, p) for p in cfg.patterns},
+        "command_lead": lead,
+        "format": "per command that loads weights and that the macro runs, in command order: "
+                  "flexcim.spec.layouts.pack_compact of its weight beats (the beats, values "
+                  "then the codes of the groups that start in them, concatenated LSB-first, "
+                  "cut into word_bits words, the last zero-padded; compact_words words)",
+        "replaces": "weights: the interface section's weights stream is internal (the "
+                    "unpacker drives it); cmd, act and result are the top's ports",
+        "cycles": "golden.perf.layer_cycles + command_lead from the first cmd handshake to "
+                  "the last result handshake with no stalls and a word offered every cycle",
+    }
+    if counters:
+        section["packed_words"] = {"port": "packed_words", "width": COUNTER_BITS,
+                                   "counts": "packed words taken since reset (wrapping)"}
+    return {"bus": "packed", "packed": section}
 
 
 def _verilog(args) -> int:
@@ -298,8 +340,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT.v", help="Verilog file")
     p.add_argument("--name", "--top", dest="name", metavar="NAME",
                    help="module name (default: flexcim_<preset>, or flexcim_<config digest> "
-                   "for any other config; _counters appended with --counters, then _axis with "
-                   "--bus axis)")
+                   "for any other config; _counters appended with --counters, then _axis or "
+                   "_packed with --bus axis or packed)")
     p.add_argument("--lint", action="store_true", help="run verilator --lint-only on the result")
     p.add_argument("--counters", action="store_true",
                    help="add the activity counters (a read-only 'counters' port; costs area)")
@@ -307,5 +349,6 @@ def register(sub) -> None:
     p.add_argument("--bus", default="native", metavar="BUS",
                    help="native (default): the macro's stream ports; axis: an AXI4-Stream "
                    "wrapper (aclk, aresetn, s_axis_*/m_axis_* with byte-padded tdata and tlast; "
-                   "module NAME_axis)")
+                   "module NAME_axis); packed: the macro behind the weight unpacker (a packed "
+                   "stream of compact weight words instead of weights; module NAME_packed)")
     p.set_defaults(func=_verilog)

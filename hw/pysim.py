@@ -5,13 +5,16 @@ pulls results with optional random back-pressure, and measures the cycles from t
 command handshake to the last result handshake (comparable with
 :func:`flexcim.golden.perf.layer_cycles` when there are no gaps and no back-pressure).
 For the fast test tier on small presets; cocotb on Verilator (sim/) is the fast path for
-large ones.
+large ones.  With ``packed=True`` the same engine runs :class:`~flexcim.hw.packed.PackedFlexCiM`
+(the macro behind the weight unpacker): the weight beats are sent as their packed words
+(:func:`flexcim.spec.layouts.pack_compact_stream`).
 """
 
 from __future__ import annotations
 
 import random
 
+from amaranth.hdl import Value
 from amaranth.sim import Simulator
 from flexcim.hw.top import FlexCiM
 from flexcim.spec import layouts
@@ -37,6 +40,9 @@ class PySim:
         Write a waveform.
     counters : bool
         Elaborate the macro with its activity counters and read them after each run.
+    packed : bool
+        Run the packed top (:class:`~flexcim.hw.packed.PackedFlexCiM`) on the packed words of
+        the weight beats; with ``counters`` its ``packed_words`` counter joins ``counters``.
 
     Members
     -------
@@ -55,8 +61,10 @@ class PySim:
     command's compute or weight load on the presets this engine is meant for)."""
 
     def __init__(self, cfg: HwConfig, *, in_gap: float = 0.0, out_stall: float = 0.0,
-                 seed: int = 0, vcd: str | None = None, counters: bool = False):
+                 seed: int = 0, vcd: str | None = None, counters: bool = False,
+                 packed: bool = False):
         self.cfg = cfg
+        self.packed = packed
         self.in_gap, self.out_stall = float(in_gap), float(out_stall)
         self.seed, self.vcd = seed, vcd
         self.with_counters = counters
@@ -76,7 +84,15 @@ class PySim:
 
     def execute(self, cmd_beats, weight_beats, act_beats) -> list[int]:
         cfg = self.cfg
-        dut = FlexCiM(cfg, counters=self.with_counters)
+        if self.packed:
+            from flexcim.hw.packed import PackedFlexCiM
+
+            weight_beats = layouts.pack_compact_stream(cfg, cmd_beats, weight_beats)
+            dut = PackedFlexCiM(cfg, counters=self.with_counters)
+            weight_port = dut.packed
+        else:
+            dut = FlexCiM(cfg, counters=self.with_counters)
+            weight_port = dut.weights
         rng = random.Random(self.seed)
         expected = self._expected_results(cmd_beats)
         results: list[int] = []
@@ -91,7 +107,7 @@ class PySim:
             while i < len(beats) and not state["done"]:
                 if not pending and rng.random() >= self.in_gap:
                     pending = True
-                    ctx.set(port.payload.as_value(), beats[i])
+                    ctx.set(Value.cast(port.payload), beats[i])  # a View or a plain word
                 ctx.set(port.valid, pending)
                 _, _, ready = await ctx.tick().sample(port.ready)
                 if pending and ready:
@@ -124,11 +140,13 @@ class PySim:
             self.error = bool(ctx.get(dut.error))
             if self.with_counters:
                 self.counters = layouts.unpack_counters(ctx.get(dut.counters.as_value()))
+                if self.packed:
+                    self.counters["packed_words"] = ctx.get(dut.packed_words)
 
         sim = Simulator(dut)
         sim.add_clock(1e-6)
         for port, beats, log in ((dut.cmd, cmd_beats, handshakes["cmd"]),
-                                 (dut.weights, weight_beats, None), (dut.act, act_beats, None)):
+                                 (weight_port, weight_beats, None), (dut.act, act_beats, None)):
 
             async def driver(ctx, port=port, beats=beats, log=log):
                 await drive(ctx, port, beats, log)

@@ -478,6 +478,39 @@ def unpack_compact(cfg: HwConfig, pattern, words, beats: int) -> list[int]:
     return [int(b) for b in out]
 
 
+def compact_loads(cfg: HwConfig, cmd_beats) -> list[tuple[NMPattern, int]]:
+    """``(pattern, weight beats)`` of every command of ``cmd_beats`` that loads weights and
+    that the macro runs (a command it drops, :meth:`HwConfig.check_command`, loads nothing),
+    in order: the commands the packed top (hw/packed.py) forks to its unpacker."""
+    loads = []
+    for beat in cmd_beats:
+        f = unpack_cmd(cfg, beat)
+        if not f["load_weights"] or f["pattern"] >= len(cfg.patterns):
+            continue
+        pattern = cfg.patterns[f["pattern"]]
+        if f["tokens"] >= 1 and 1 <= f["k"] <= cfg.max_k_for(pattern):
+            loads.append((pattern, cfg.weight_beats(pattern, f["k"])))
+    return loads
+
+
+def pack_compact_stream(cfg: HwConfig, cmd_beats, weight_beats) -> list[int]:
+    """The ``packed`` stream of the packed top for a command stream and its weight beats (as
+    the macro would take them): :func:`pack_compact` of each loading command's beats
+    (:func:`compact_loads`), concatenated.  Refuses (one line) weight beats the commands do
+    not account for exactly."""
+    weight_beats = [int(b) for b in weight_beats]
+    loads = compact_loads(cfg, cmd_beats)
+    need = sum(n for _, n in loads)
+    if need != len(weight_beats):
+        raise FlexCimError(
+            f"the commands load {need} weight beats, not the {len(weight_beats)} given")
+    words, at = [], 0
+    for pattern, n in loads:
+        words += pack_compact(cfg, pattern, weight_beats[at:at + n])
+        at += n
+    return words
+
+
 def pack_act(cfg: HwConfig, x: np.ndarray) -> list[int]:
     """Activation beats of tokens ``x`` int8 ``[T, k]``: ``ceil(k/in_lanes)`` beats per token,
     the last one of each token padded with zeros."""

@@ -73,7 +73,7 @@ def test_unknown_bus_is_one_line_and_writes_nothing(tmp_path, capsys):
     _one_line_and_nothing_written(
         capsys, tmp_path, ["verilog", "--preset", "tiny", "--bus", "apb", "-o",
                            str(tmp_path / "m.v")],
-        "--bus must be one of native, axis, not 'apb'")
+        "--bus must be one of native, axis, packed, not 'apb'")
 
 
 def test_stream_too_wide_for_axis_is_one_line_and_writes_nothing(tmp_path, capsys):
