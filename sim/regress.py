@@ -34,6 +34,9 @@ VERILOG_FILE = "flexcim_top.v"
 TB_MODULE = "flexcim.sim.tb"
 AXIS_TB_MODULE = "flexcim.sim.axis_tb"
 """The testbench of the AXI4-Stream wrapper (``bus="axis"``)."""
+PACKED_TB_MODULE = "flexcim.sim.packed_tb"
+"""The testbench of the macro behind the weight unpacker (``bus="packed"``)."""
+TB_MODULES = {"native": TB_MODULE, "axis": AXIS_TB_MODULE, "packed": PACKED_TB_MODULE}
 
 
 def hw_digest() -> str:
@@ -55,7 +58,9 @@ def hw_digest() -> str:
 def top_verilog(cfg: HwConfig, sim: str, *, waves: bool = False, bus: str = "native"
                 ) -> tuple[Path, Path]:
     """Verilog of ``FlexCiM(cfg, counters=True)`` (with ``bus="axis"`` of its AXI4-Stream
-    wrapper :class:`~flexcim.hw.axis.AxisFlexCiM`) and the simulator build directory for it;
+    wrapper :class:`~flexcim.hw.axis.AxisFlexCiM`, with ``bus="packed"`` of the macro behind
+    the weight unpacker :class:`~flexcim.hw.packed.PackedFlexCiM`) and the simulator build
+    directory for it;
     returns ``(verilog, build_dir)``.  Every simulation build has the activity counters, which
     the testbench checks against the energy model.
 
@@ -132,7 +137,8 @@ class Case:
     ``data`` the layer of that :func:`save_layer_data` file (a real one: :func:`real_case`).
     ``preset`` names the configuration (a preset, or the module name of ``config``, the JSON of
     any other :class:`HwConfig`).  ``bus="axis"`` runs it through the AXI4-Stream wrapper and
-    its cocotbext-axi testbench (:mod:`flexcim.sim.axis_tb`)."""
+    its cocotbext-axi testbench (:mod:`flexcim.sim.axis_tb`), ``bus="packed"`` through the
+    macro behind the weight unpacker, fed packed weight words (:mod:`flexcim.sim.packed_tb`)."""
 
     sim: str
     preset: str
@@ -153,8 +159,8 @@ class Case:
     def name(self) -> str:
         act = f"-act{self.act_pattern}" if self.act_pattern else ""
         real = "-real" if self.data else ""
-        axis = "-axis" if self.bus == "axis" else ""
-        return (f"{self.sim}-{self.preset}{axis}{real}-{self.pattern}{act}-"
+        bus = "" if self.bus == "native" else f"-{self.bus}"
+        return (f"{self.sim}-{self.preset}{bus}{real}-{self.pattern}{act}-"
                 f"t{self.tokens}k{self.k}c{self.c}")
 
     def env(self) -> dict:
@@ -182,7 +188,7 @@ def run_case(case: Case, *, seed: int | None = None, testcase: str | None = None
     t0 = time.perf_counter()
     record = {"case": case.name, **dataclasses.asdict(case)}
     record.pop("config")  # the name says which; the JSON would repeat it in every record
-    tb_module = AXIS_TB_MODULE if case.bus == "axis" else TB_MODULE
+    tb_module = TB_MODULES[case.bus]
     try:
         result = runner.run(
             case.sim, [source], toplevel(cfg, case.bus), tb_module, build_dir, seed=seed,
@@ -236,6 +242,10 @@ SWEEP_AXIS = {"tiny": SWEEP_PRESETS["tiny"]}
 """Presets run through the AXI4-Stream wrapper too (cocotbext-axi, every simulator), with these
 patterns."""
 
+SWEEP_PACKED = {"tiny": ["1:1", "2:4", "1:8", "4:8", "8:16"], "tiny3": ["3:4", "3:8", "12:16"]}
+"""Presets run through the packed top too (every simulator), with these patterns: first beats
+of one and of two words, groups of 2, 3, 4, 8 and 12 rows."""
+
 SWEEP_SIMULATORS = {"default": ("verilator",), "flex8": ("verilator",)}
 """Presets not swept on every simulator.  Icarus runs the default preset (5 MB of Verilog, 3072
 activation-buffer registers evaluated event by event) at a few cycles per second: its first
@@ -248,7 +258,9 @@ def sweep(sims=runner.SIMULATORS, presets=SWEEP_PRESETS) -> list[Case]:
     limits some presets; a key of ``presets`` may also be a :class:`HwConfig`: any other
     configuration, its cases named by its module name), with K spanning several passes and,
     where the preset's depth allows, several commands (K chunks and column tiles), plus 8:16
-    activation pruning on one pattern per tiny preset (:data:`SWEEP_ACT`)."""
+    activation pruning on one pattern per tiny preset (:data:`SWEEP_ACT`), and the same
+    cases through the AXI4-Stream wrapper (:data:`SWEEP_AXIS`) and the packed top
+    (:data:`SWEEP_PACKED`) for some patterns."""
     cases = []
     for name, patterns in presets.items():
         cfg = name if isinstance(name, HwConfig) else preset(name)
@@ -267,9 +279,10 @@ def sweep(sims=runner.SIMULATORS, presets=SWEEP_PRESETS) -> list[Case]:
             for sim in preset_sims:
                 cases.append(Case(sim, name, pattern, 4, 4 * cfg.pass_width(pattern), cfg.cols,
                                   act_pattern=act))
-        cases += [dataclasses.replace(case, bus="axis") for case in cases
-                  if case.preset == name and not case.act_pattern
-                  and case.pattern in SWEEP_AXIS.get(name, ())]
+        cases += [dataclasses.replace(case, bus=bus) for bus, chosen in (
+                      ("axis", SWEEP_AXIS), ("packed", SWEEP_PACKED)) for case in cases
+                  if case.preset == name and case.bus == "native" and not case.act_pattern
+                  and case.pattern in chosen.get(name, ())]
     return cases
 
 

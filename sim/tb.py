@@ -160,7 +160,14 @@ class TB:
         Probability of starting a burst of idle cycles on every input stream (0 = never).
     backpressure : float
         Probability of starting a burst of ``ready`` low on the result stream.
+
+    A top whose weights come in on another stream is driven by a subclass that sets
+    :attr:`WEIGHT_PORT`, :meth:`weight_stream` and :meth:`model_cycles`
+    (:mod:`flexcim.sim.packed_tb`).
     """
+
+    WEIGHT_PORT = "weights"
+    """The input stream that carries the layer's weights."""
 
     def __init__(self, dut, cfg: HwConfig, rng: random.Random, *, idle: float = 0.0,
                  backpressure: float = 0.0):
@@ -170,7 +177,7 @@ class TB:
             return random_pauses(random.Random(rng.getrandbits(32)), p) if p else no_pauses()
 
         self.cmd = StreamDriver(dut, "cmd", pauses(idle))
-        self.weights = StreamDriver(dut, "weights", pauses(idle))
+        self.weights = StreamDriver(dut, self.WEIGHT_PORT, pauses(idle))
         self.act = StreamDriver(dut, "act", pauses(idle))
         self.board = Scoreboard("result beats", describe=self._describe)
         self.result = StreamMonitor(dut, "result", pauses(backpressure),
@@ -201,7 +208,7 @@ class TB:
         streams = layer_streams(cfg, x, w)
         expected = MacroModel(cfg).execute(streams.cmd_beats, streams.weight_beats,
                                            streams.act_beats)
-        model_cycles = perf.layer_cycles(cfg, streams.commands)
+        model_cycles = self.model_cycles(streams.commands)
         if max_cycles is None:
             max_cycles = 20 * model_cycles + 1000
         for agent in self.loop.agents:
@@ -210,7 +217,7 @@ class TB:
         start = self.result.count
         self.board.expect(expected)
         self.cmd.send(streams.cmd_beats)
-        self.weights.send(streams.weight_beats)
+        self.weights.send(self.weight_stream(streams))
         self.act.send(streams.act_beats)
         await self.loop.wait_until(lambda: self.result.count - start >= len(expected),
                                    max_cycles=max_cycles, what=f"{len(expected)} result beats")
@@ -237,6 +244,15 @@ class TB:
             commands=len(streams.commands),
             activity=self.check_activity(counters_before, streams.commands, x, w),
         )
+
+    def weight_stream(self, streams) -> list[int]:
+        """What :attr:`WEIGHT_PORT` gets for the host's streams (``golden.host.layer_streams``):
+        the weight beats."""
+        return streams.weight_beats
+
+    def model_cycles(self, commands) -> int:
+        """The cycles of an unstalled run: :func:`flexcim.golden.perf.layer_cycles`."""
+        return perf.layer_cycles(self.cfg, commands)
 
     def counters(self) -> dict[str, int]:
         """The macro's activity counters now (one read of one port)."""
