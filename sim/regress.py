@@ -286,6 +286,22 @@ def sweep(sims=runner.SIMULATORS, presets=SWEEP_PRESETS) -> list[Case]:
     return cases
 
 
+def select(cases: list[Case], buses: list[str] | None, *, custom: bool = False) -> list[Case]:
+    """The cases of ``--bus``: those of the sweep through one of ``buses`` (all for None); for
+    a ``custom`` configuration (``--config``/``--set``), whose sweep is native only, its
+    native cases through each of ``buses``.  Refuses (one line) a selection with no case."""
+    if not buses:
+        return cases
+    if custom:
+        chosen = [dataclasses.replace(c, bus=b) for b in buses for c in cases if c.bus == "native"]
+    else:
+        chosen = [c for c in cases if c.bus in buses]
+    if not chosen:
+        raise FlexCimError(f"the sweep has no case through --bus {' or '.join(buses)} for "
+                           f"{', '.join(sorted({c.preset for c in cases}))}")
+    return chosen
+
+
 def real_case(sim: str = "verilator", preset_name: str = "default") -> Case:
     """The real SmolLM2 projection of :mod:`flexcim.sim.real`, whole, with its real 8:16-pruned
     activations (exported once and converted for the testbench, both cached under build/)."""
@@ -390,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                         "patterns")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a field of --config or of the one --preset (repeatable)")
+    parser.add_argument("--bus", action="append", choices=sorted(TB_MODULES),
+                        help="only the sweep's cases through this top (repeatable; default: "
+                        "all: native, the AXI4-Stream wrapper, the packed top); with --config "
+                        "or --set every pattern of that configuration through it")
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--seed", type=int, help="COCOTB_RANDOM_SEED of every case")
     parser.add_argument("--json", type=Path, help="write every record there")
@@ -431,8 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         presets = {custom: [str(p) for p in custom.patterns]}
     elif not presets:
         raise FlexCimError(f"the sweep covers presets {', '.join(SWEEP_PRESETS)} only")
-    cases = sweep(sims, presets)
-    if not args.no_real and custom is None and "default" in presets and "verilator" in sims:
+    cases = select(sweep(sims, presets), args.bus, custom=custom is not None)
+    native = not args.bus or "native" in args.bus
+    if native and not args.no_real and custom is None and "default" in presets and (
+            "verilator" in sims):
         cases.append(real_case())
     records, wall = regress(cases, jobs=args.jobs, seed=args.seed)
     print(format_table(records))

@@ -49,3 +49,23 @@ def test_regress_runs_the_packed_top_on_both_simulators():
         for name, patterns in (("tiny", {"1:1", "2:4", "1:8", "4:8", "8:16"}),
                                ("tiny3", {"3:4", "3:8", "12:16"})):
             assert {p for s, n, p in packed if (s, n) == (sim, name)} == patterns
+
+
+def test_bus_option_selects_the_packed_cases():
+    """``python -m flexcim.sim.regress --bus packed``: the sweep's packed cases; with a
+    configuration of its own (``--config``/``--set``) every one of its patterns through it."""
+    from flexcim.sim.regress import select
+
+    from flexcim.errors import FlexCimError
+
+    cases = sweep(("icarus",))
+    chosen = select(cases, ["packed"])
+    assert chosen and {c.bus for c in chosen} == {"packed"}
+    assert len(chosen) == len([c for c in cases if c.bus == "packed"])
+    custom = preset("tiny").replace(cols=8)
+    own = sweep(("icarus",), {custom: ["1:1", "2:4"]})
+    assert {(c.pattern, c.bus) for c in select(own, ["packed"], custom=True)} == {
+        ("1:1", "packed"), ("2:4", "packed")}
+    with pytest.raises(FlexCimError, match=r"^the sweep has no case through --bus packed for "
+                                           r"default$"):
+        select(sweep(("verilator",), {"default": ["2:4"]}), ["packed"])
