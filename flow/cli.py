@@ -37,11 +37,20 @@ def _session(args):
     return pipeline.load(args.model, args.text)
 
 
-def _calib(session, args):
+def _calib_count(args, metric: str) -> int:
+    """``--calib-windows``, else the default for pruning with ``metric``."""
     from flexcim.flow import pipeline
 
-    return pipeline.calibration_windows(session, count=args.calib_windows, seq_len=args.seq_len,
-                                        seed=args.seed)
+    if args.calib_windows is not None:
+        return args.calib_windows
+    return pipeline.default_calib_windows(metric)
+
+
+def _calib(session, args, metric: str = "wanda"):
+    from flexcim.flow import pipeline
+
+    return pipeline.calibration_windows(session, count=_calib_count(args, metric),
+                                        seq_len=args.seq_len, seed=args.seed)
 
 
 def _hw_config(spec: str | None):
@@ -151,9 +160,9 @@ def _select(args: argparse.Namespace) -> int:
     session = _session(args)
     # auto measures the loss on calibration text whatever the pruning metric
     needs_text = args.metric != "magnitude" or args.method == "auto"
-    windows = _calib(session, args) if needs_text else None
+    windows = _calib(session, args, args.metric) if needs_text else None
     plan = pipeline.make_plan(session.model, windows, config, metric=args.metric)
-    plan.settings.update(model=session.lm.name, calib_windows=args.calib_windows,
+    plan.settings.update(model=session.lm.name, calib_windows=_calib_count(args, args.metric),
                          seq_len=args.seq_len, seed=args.seed,
                          seconds=round(time.perf_counter() - start, 1))
     plan.save(args.output)
@@ -177,11 +186,12 @@ def _prune(args: argparse.Namespace) -> int:
     quant = _fit_quant(quant, args, session)
     arith = _arith_record(session, args, quant) if args.eval_windows else {}
     smoothing = args.eval_windows and quant is not None and quant.smooth is not None
-    windows = None if metric == "magnitude" and not smoothing else _calib(session, args)
+    windows = None if metric == "magnitude" and not smoothing else _calib(session, args, metric)
     pipeline.apply_plan(session.model, plan, windows, metric=metric)
     pipeline.check_plan(session.model, plan)
     seconds = time.perf_counter() - start
     record = {"plan": os.path.abspath(args.plan), "metric": metric, "prune_seconds": seconds,
+              "calib_windows": None if windows is None else int(windows.shape[0]),
               "achieved_sparsity": plan.achieved_sparsity, "model": session.lm.name}
     if args.eval_windows:
         # before anything is written: a failure here leaves no model folder behind
@@ -224,10 +234,10 @@ def _act_eval(args: argparse.Namespace) -> int:
               "eval_windows": args.eval_windows, "seq_len": args.seq_len,
               **_arith_record(session, args, quant)}
     calib = None
+    metric = (args.metric or plan.settings.get("metric", "wanda")) if plan is not None else None
     if plan is not None or args.skip_budget > 0 or auto or (quant and quant.smooth is not None):
-        calib = _calib(session, args)
+        calib = _calib(session, args, metric or "wanda")
     if plan is not None:
-        metric = args.metric or plan.settings.get("metric", "wanda")
         pipeline.apply_plan(session.model, plan, None if metric == "magnitude" else calib,
                             metric=metric)
         record.update(plan=os.path.abspath(args.plan), metric=metric,
@@ -290,6 +300,7 @@ def _export(args: argparse.Namespace) -> int:
     from flexcim.spec.nm import NMPattern
 
     plan = Plan.load(args.plan)
+    metric = args.metric or plan.settings.get("metric", "wanda")
     if args.layer not in plan.layers:
         raise FlexCimError(f"plan {args.plan!r} has no layer {args.layer!r}")
     if args.act_pattern:
@@ -304,8 +315,8 @@ def _export(args: argparse.Namespace) -> int:
     session = _session(args)
     quant = _fit_quant(quant, args, session)
     pipeline.export_projection(
-        session, plan, args.layer, args.output, calib=_calib(session, args),
-        metric=args.metric or plan.settings.get("metric", "wanda"), act_tokens=args.act_tokens,
+        session, plan, args.layer, args.output, calib=_calib(session, args, metric),
+        metric=metric, act_tokens=args.act_tokens,
         act_pattern=args.act_pattern, quant=quant, upstream_w8a8=args.arith == "w8a8",
     )
     return 0
@@ -318,7 +329,8 @@ def _check_count(value: int, flag: str, *, minimum: int) -> None:
 
 def _check_common(args: argparse.Namespace) -> None:
     """The options every step shares, checked before the model loads."""
-    _check_count(args.calib_windows, "--calib-windows", minimum=1)
+    if args.calib_windows is not None:
+        _check_count(args.calib_windows, "--calib-windows", minimum=1)
     _check_count(args.seq_len, "--seq-len", minimum=2)
     _check_count(args.threads, "--threads", minimum=1)
     for flag in ("hyper_m", "hw_weight", "target_sparsity", "budget", "skip_budget"):
@@ -344,8 +356,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", metavar="FILE",
                    help="UTF-8 text: first half calibration, second half evaluation "
                         "(default: Jane Austen, Pride and Prejudice + Emma)")
-    p.add_argument("--calib-windows", type=int, default=16, metavar="N",
-                   help="calibration windows of --seq-len tokens (default 16: 2048 tokens)")
+    p.add_argument("--calib-windows", type=int, default=None, metavar="N",
+                   help="calibration windows of --seq-len tokens (default 16, 2048 tokens; 64 "
+                        "when SparseGPT prunes: its least-squares fit needs more positions "
+                        "than a projection has inputs)")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
     p.add_argument("--seed", type=int, default=0, help="window sampling seed (default 0)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")

@@ -32,7 +32,8 @@ from flexcim.fileio import atomic_dir
 
 log = logging.getLogger("flexcim.flow")
 
-__all__ = ["Plan", "SelectConfig", "Session", "apply_plan", "calibration_windows", "measure",
+__all__ = ["CALIB_WINDOWS", "Plan", "SPARSEGPT_CALIB_WINDOWS", "SelectConfig", "Session",
+           "apply_plan", "calibration_windows", "default_calib_windows", "measure",
            "energy_plan", "export_projection",
            "check_plan", "evaluate", "layer_scores", "load", "make_plan", "save_model"]
 
@@ -56,9 +57,26 @@ def load(model: str | os.PathLike | None = None, text: str | os.PathLike | None 
     return Session(lm=load_model(model), corpus=load_corpus(text))
 
 
-def calibration_windows(session: Session, *, count: int = 16, seq_len: int = 128,
+CALIB_WINDOWS = 16
+"""Calibration windows (of 128 tokens) by default: Wanda ranks by per-channel input norms, which
+2,048 tokens measure well enough (64 windows were not better on validation, docs/flow.md)."""
+
+SPARSEGPT_CALIB_WINDOWS = 64
+"""Calibration windows by default when SparseGPT prunes: its update solves a least-squares fit
+on each projection's ``X^T X``, and 16 windows are 2,048 positions for the 1,536 inputs of
+SmolLM2's ``down_proj``; 64 (8,192 positions) gave 17 % lower validation perplexity at 62.5 %
+(docs/flow.md, "More calibration text for SparseGPT")."""
+
+
+def default_calib_windows(metric: str) -> int:
+    """Calibration windows to draw by default for pruning with ``metric``."""
+    return SPARSEGPT_CALIB_WINDOWS if metric == "sparsegpt" else CALIB_WINDOWS
+
+
+def calibration_windows(session: Session, *, count: int = CALIB_WINDOWS, seq_len: int = 128,
                         seed: int = 0) -> torch.Tensor:
-    """``count`` seeded windows from the calibration text."""
+    """``count`` seeded windows from the calibration text (a larger ``count`` draws a superset
+    of a smaller one's windows: the same seeded permutation, cut later)."""
     return token_windows(session.lm.tokenizer, session.corpus.calibration, seq_len=seq_len,
                          count=count, seed=seed)
 

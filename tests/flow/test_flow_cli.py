@@ -75,6 +75,38 @@ def test_select_then_prune(workspace, capsys, metric):
     assert record["metric"] == metric and record["perplexity"] > 1
 
 
+def test_calibration_windows_default_by_metric(workspace, capsys):
+    """Without --calib-windows: 16 windows, 64 when SparseGPT prunes (select records it, prune
+    records what it drew); an explicit count wins; the larger draw holds the smaller's windows."""
+    from flexcim.flow import pipeline
+
+    d = workspace
+    common = ["--model", str(d / "model"), "--text", str(d / "text.txt"), "--seq-len", "32"]
+    for metric, count in (("wanda", 16), ("sparsegpt", 64), ("magnitude", 16)):
+        assert pipeline.default_calib_windows(metric) == count
+        code, err = _run(capsys, "flow", "select", *common, "--method", "flow", "--metric",
+                         metric, "--target-sparsity", "0.5", "--no-keep-ends-dense",
+                         "-o", str(d / f"cw-{metric}.json"))
+        assert code == 0, err
+        settings = json.loads((d / f"cw-{metric}.json").read_text())["settings"]
+        assert settings["calib_windows"] == count
+    for extra, drawn in (([], 64), (["--calib-windows", "8"], 8)):
+        code, err = _run(capsys, "flow", "prune", *common, *extra, "--plan",
+                         str(d / "cw-sparsegpt.json"), "-o", str(d / f"cw-pruned-{drawn}"))
+        assert code == 0, err
+        record = json.loads((d / f"cw-pruned-{drawn}" / "flexcim-prune.json").read_text())
+        assert record["metric"] == "sparsegpt" and record["calib_windows"] == drawn
+    code, err = _run(capsys, "flow", "select", *common, "--calib-windows", "0",
+                     "-o", str(d / "never.json"))
+    assert code == 2 and "--calib-windows must be an integer >= 1, not 0" in err
+    assert not (d / "never.json").exists()
+    session = pipeline.load(d / "model", d / "text.txt")
+    few = pipeline.calibration_windows(session, count=16, seq_len=32, seed=3)
+    many = pipeline.calibration_windows(session, count=64, seq_len=32, seed=3)
+    assert all(any(torch.equal(w, v) for v in many) for w in few)
+    assert not torch.equal(many[:16], few)  # sorted in text order: a superset, not a prefix
+
+
 def test_select_normalisation_option(workspace, capsys):
     d = workspace
     code, err = _run(capsys, "flow", "select", *_common(d), "--metric", "magnitude",
