@@ -68,22 +68,26 @@ def command_lead(cfg: HwConfig) -> int:
         much wider than the index field: M = 32 with N = 8 .. 24), for which the packed top
         could not keep the macro's cycles.
     """
-    from flexcim.spec.layouts import compact_beat_layout, compact_code_bits, compact_starts
+    from flexcim.spec.layouts import (
+        compact_beat_layout,
+        compact_code_bits,
+        compact_first_words,
+        compact_starts,
+    )
 
     if not isinstance(cfg, HwConfig):
         raise TypeError(f"cfg must be a HwConfig, not {type(cfg).__name__}")
-    bus = compact_bus_bits(cfg)
     for p in cfg.patterns:
-        first = compact_beat_layout(cfg, p, compact_starts(cfg, p, 0)).size
-        if -(-first // bus) > MAX_LEAD:
+        words = compact_first_words(cfg, p)
+        if words > MAX_LEAD:
+            first = compact_beat_layout(cfg, p, compact_starts(cfg, p, 0)).size
             raise FlexCimError(
                 f"--bus packed cannot build this configuration: the first packed beat of "
                 f"pattern {p} is {first} bits ({cfg.cols} group codes of "
-                f"{compact_code_bits(cfg, p)} bits), {-(-first // bus)} words of {bus} bits; "
-                f"the packed top allows at most {MAX_LEAD} (patterns whose codes fit)")
-    unpack = WeightUnpacker(cfg)
-    unpack._MustUse__silence = True  # only its geometry is needed
-    return unpack.first_words
+                f"{compact_code_bits(cfg, p)} bits), {words} words of "
+                f"{compact_bus_bits(cfg)} bits; the packed top allows at most {MAX_LEAD} "
+                f"(patterns whose codes fit)")
+    return max(compact_first_words(cfg, p) for p in cfg.patterns)
 
 
 class PackedFlexCiM(wiring.Component):

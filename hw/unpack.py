@@ -40,6 +40,7 @@ from flexcim.spec.layouts import (
     compact_bus_bits,
     compact_cmd_layout,
     compact_code_bits,
+    compact_first_words,
     compact_rank_cap,
     compact_starts,
     weight_layout,
@@ -141,9 +142,7 @@ class WeightUnpacker(wiring.Component):
     def first_words(self) -> int:
         """Bus words the widest first beat of a command needs: 1, or 2 when a beat that
         starts groups is wider than a word (its beat then leaves a cycle later)."""
-        cfg = self._cfg
-        first = max(self._steps(p)[0] for p in cfg.patterns)
-        return -(-first // compact_bus_bits(cfg))
+        return max(compact_first_words(self._cfg, p) for p in self._cfg.patterns)
 
     @property
     def buffer_bits(self) -> int:

@@ -290,6 +290,14 @@ def compact_bus_bits(cfg: HwConfig) -> int:
     return weight_layout(cfg).size
 
 
+def compact_first_words(cfg: HwConfig, pattern) -> int:
+    """Bus words that the first packed beat of a command of ``pattern`` spans: its values and
+    the codes of the groups that start in it (:func:`compact_beat_layout`), in words of
+    :func:`compact_bus_bits`; 2 when the codes are wider than the beat's index field."""
+    first = compact_beat_layout(cfg, pattern, compact_starts(cfg, pattern, 0)).size
+    return -(-first // compact_bus_bits(cfg))
+
+
 def compact_max_beats(cfg: HwConfig) -> int:
     """The most weight beats one command loads: ``depth`` passes of ``beats_per_word``."""
     return cfg.depth * cfg.beats_per_word
