@@ -51,7 +51,6 @@ DEFAULT_SMOOTH = 0.5
 validation text with and without activation top-k (docs/flow.md, W8A8)."""
 
 
-
 def parse_smooth(text: str) -> float | None:
     """The value of a ``--smooth ALPHA|off`` option: None for ``off``, else an alpha in [0, 1]
     (one line naming the value otherwise)."""

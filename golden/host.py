@@ -159,19 +159,13 @@ class MacroModel:
         self._values = np.zeros((0, cfg.cols), dtype=np.int64)
         self._indices = np.zeros((0, cfg.cols), dtype=np.int64)
 
-    def _valid(self, code: int, k: int, tokens: int) -> bool:
-        cfg = self.cfg
-        if code >= len(cfg.patterns) or tokens == 0:
-            return False
-        return 1 <= k <= cfg.max_k_for(cfg.patterns[code])
-
     def execute(self, cmd_beats, weight_beats, act_beats) -> list[int]:
         cfg = self.cfg
         weight_beats, act_beats = list(weight_beats), list(act_beats)
         results = []
         for beat in cmd_beats:
             f = layouts.unpack_cmd(cfg, beat)
-            if not self._valid(f["pattern"], f["k"], f["tokens"]):
+            if not layouts.command_runs(cfg, f):
                 self.rejected += 1
                 continue
             pattern, k, tokens = cfg.patterns[f["pattern"]], f["k"], f["tokens"]

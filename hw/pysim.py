@@ -76,9 +76,7 @@ class PySim:
         cfg, total = self.cfg, 0
         for beat in cmd_beats:
             f = layouts.unpack_cmd(cfg, beat)
-            if f["pattern"] < len(cfg.patterns) and f["tokens"] >= 1 and (
-                1 <= f["k"] <= cfg.max_k_for(cfg.patterns[f["pattern"]])
-            ):
+            if layouts.command_runs(cfg, f):
                 total += f["tokens"]
         return total
 

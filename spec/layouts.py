@@ -486,17 +486,24 @@ def unpack_compact(cfg: HwConfig, pattern, words, beats: int) -> list[int]:
     return [int(b) for b in out]
 
 
+def command_runs(cfg: HwConfig, fields: dict) -> bool:
+    """Whether the macro runs a command of these :func:`unpack_cmd` ``fields``: a configured
+    pattern code, ``k`` in ``1 .. max_k_for`` and ``tokens >= 1``.  The controller drops any
+    other command without consuming data and sets ``error`` (hw/controller.py)."""
+    code = fields["pattern"]
+    return code < len(cfg.patterns) and fields["tokens"] >= 1 and (
+        1 <= fields["k"] <= cfg.max_k_for(cfg.patterns[code]))
+
+
 def compact_loads(cfg: HwConfig, cmd_beats) -> list[tuple[NMPattern, int]]:
     """``(pattern, weight beats)`` of every command of ``cmd_beats`` that loads weights and
-    that the macro runs (a command it drops, :meth:`HwConfig.check_command`, loads nothing),
-    in order: the commands the packed top (hw/packed.py) forks to its unpacker."""
+    that the macro runs (a command it drops, :func:`command_runs`, loads nothing), in order:
+    the commands the packed top (hw/packed.py) forks to its unpacker."""
     loads = []
     for beat in cmd_beats:
         f = unpack_cmd(cfg, beat)
-        if not f["load_weights"] or f["pattern"] >= len(cfg.patterns):
-            continue
-        pattern = cfg.patterns[f["pattern"]]
-        if f["tokens"] >= 1 and 1 <= f["k"] <= cfg.max_k_for(pattern):
+        if f["load_weights"] and command_runs(cfg, f):
+            pattern = cfg.patterns[f["pattern"]]
             loads.append((pattern, cfg.weight_beats(pattern, f["k"])))
     return loads
 
