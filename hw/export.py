@@ -12,7 +12,8 @@ one simulation or synthesis run.  Beside ``OUT.v``:
   section of :func:`flexcim.hw.interface.describe` (payload fields with bit offsets and widths,
   pattern codes, beat order, latencies, limits);
 * ``NAME.h`` and ``NAME_pkg.sv`` (``NAME`` the module name): the same constants as a C header
-  and a SystemVerilog package ``NAME_pkg``;
+  and a SystemVerilog package ``NAME_pkg`` (for ``--bus packed`` also the ``packed`` section's
+  numbers);
 * ``OUT.core``: a FuseSoC CAPI2 core using Edalize's flow API (targets ``default``, ``lint``:
   Verilator, ``sim``: Icarus).
 
@@ -23,8 +24,9 @@ and bytes, what ``tlast`` means per stream) and the wrapper's clock and reset.  
 packed`` writes :class:`~flexcim.hw.packed.PackedFlexCiM`, the macro behind the weight
 unpacker (module ``<name>_packed``; a ``packed`` stream of compact weight words instead of
 ``weights``); its sidecar has a ``packed`` section (word width, code bits per pattern, the
-command lead).  The default ``--bus native`` output is byte for byte what it was before the
-option existed.
+command lead), and its header and package the same numbers
+(:func:`flexcim.hw.interface.packed_stream`).  The default ``--bus native`` output is byte for
+byte what it was before the option existed.
 
 ``--counters`` adds the activity counters (``FlexCiM(cfg, counters=True)``; the sidecar then
 lists each counter's bit field of the ``counters`` port); they cost area, so the default is
@@ -220,8 +222,8 @@ def export(cfg: HwConfig, out: str | os.PathLike, name: str | None = None, *,
                            f"SystemVerilog package; choose another output name or --name")
     check_output(files[3], "C header", inputs=inputs)
     check_output(files[4], "SystemVerilog package", inputs=inputs)
-    header = interface.c_header(cfg, name, __version__, counters)
-    package = interface.sv_package(cfg, name, __version__, counters)
+    header = interface.c_header(cfg, name, __version__, counters, packed=packed is not None)
+    package = interface.sv_package(cfg, name, __version__, counters, packed=packed is not None)
     verilog_text = to_verilog(cfg, name, counters, bus)
     sidecar = {
         "top": name,
@@ -278,16 +280,13 @@ def _packed_section(cfg: HwConfig, counters: bool, bus: str) -> dict | None:
     the macro's ``weights`` stream and, with ``counters``, the ``packed_words`` port."""
     if check_bus(bus) != "packed":
         return None
-    from flexcim.hw.packed import command_lead
-    from flexcim.spec.layouts import COUNTER_BITS, compact_bus_bits, compact_code_bits
+    from flexcim.hw.interface import packed_stream
+    from flexcim.spec.layouts import COUNTER_BITS
 
-    lead = command_lead(cfg)  # refuses a configuration the packed top cannot build
     section = {
-        "stream": "packed",
-        "ports": {p: f"packed__{p}" for p in ("payload", "valid", "ready")},
-        "word_bits": compact_bus_bits(cfg),
-        "code_bits": {str(p): compact_code_bits(cfg, p) for p in cfg.patterns},
-        "command_lead": lead,
+        # the numbers the C header and SV package carry; refuses a configuration the packed
+        # top cannot build
+        **packed_stream(cfg),
         "format": "per command that loads weights and that the macro runs, in command order: "
                   "flexcim.spec.layouts.pack_compact of its weight beats (the beats, values "
                   "then the codes of the groups that start in them, concatenated LSB-first, "

@@ -9,6 +9,10 @@ numbers as ``#define`` constants and ``localparam`` s (with packed struct types)
 the module name, in the style of register generators' field maps (one offset and one width per
 field).  Field order is bit order: the first field of a payload is in its low bits; element 0
 of an array is in the array's low bits.
+
+For the packed top (``flexcim verilog --bus packed``) :func:`packed_stream` gives the numbers of
+its ``packed`` stream; they are the sidecar's ``packed`` section and, with ``packed=True``, the
+header's and package's ``PACKED_*`` and ``PATTERN_<n>_<m>_CODE_BITS`` constants.
 """
 
 from __future__ import annotations
@@ -133,9 +137,30 @@ def describe(cfg: HwConfig, counters: bool = False) -> dict:
     }
 
 
+def packed_stream(cfg: HwConfig) -> dict:
+    """The ``packed`` stream of the packed top (:class:`~flexcim.hw.packed.PackedFlexCiM`): its
+    ports, ``word_bits`` (its width, :func:`~flexcim.spec.layouts.compact_bus_bits`),
+    ``code_bits`` of each pattern (:func:`~flexcim.spec.layouts.compact_code_bits`) and
+    ``command_lead`` (:func:`~flexcim.hw.packed.command_lead`, which refuses in one line a
+    configuration the packed top cannot build)."""
+    from flexcim.hw.packed import command_lead
+    from flexcim.spec.layouts import compact_bus_bits, compact_code_bits
+
+    lead = command_lead(cfg)  # first: it checks cfg
+    return {
+        "stream": "packed",
+        "ports": {p: f"packed__{p}" for p in ("payload", "valid", "ready")},
+        "word_bits": compact_bus_bits(cfg),
+        "code_bits": {str(p): compact_code_bits(cfg, p) for p in cfg.patterns},
+        "command_lead": lead,
+    }
+
+
 # --------------------------------------------------------------------------- constants
-def _constants(cfg: HwConfig, info: dict) -> list[tuple[str, int, str]]:
-    """``(NAME, value, comment)`` of every constant the header and the package carry."""
+def _constants(cfg: HwConfig, info: dict,
+               packed: dict | None = None) -> list[tuple[str, int, str]]:
+    """``(NAME, value, comment)`` of every constant the header and the package carry; with
+    ``packed`` (:func:`packed_stream`) those of the packed stream after the macro's."""
     consts = [(k.upper(), v, "") for k, v in info["limits"].items()]
     consts += [("CYCLES_PER_PASS", cfg.cycles_per_pass, "cycles of one pass (bit-serial)"),
                ("RESULT_LATENCY", info["latency"]["result_latency"],
@@ -156,6 +181,15 @@ def _constants(cfg: HwConfig, info: dict) -> list[tuple[str, int, str]]:
                    (f"{p}_PASS_WIDTH", row["pass_width"], "input channels per pass"),
                    (f"{p}_MAX_K", row["max_k"], "longest k of one command")]
     consts.append(("PATTERN_COUNT", len(info["pattern_codes"]), ""))
+    if packed is not None:
+        consts += [("PACKED_WIDTH", packed["word_bits"],
+                    "packed payload bits: one word, the unit the stream is cut into"),
+                   ("PACKED_COMMAND_LEAD", packed["command_lead"],
+                    "command registers before the macro: cycles the unpacker starts early")]
+        for row in info["pattern_codes"]:
+            consts.append((f"PATTERN_{row['n']}_{row['m']}_CODE_BITS",
+                           packed["code_bits"][row["pattern"]],
+                           "bits of one group code (N rows, one column) in the packed stream"))
     return consts
 
 
@@ -165,15 +199,19 @@ def _banner(name: str, version: str, comment: str) -> str:
             f"its low bits; element 0 of an array is in the array's low bits.\n")
 
 
-def c_header(cfg: HwConfig, name: str, version: str, counters: bool = False) -> str:
+def c_header(cfg: HwConfig, name: str, version: str, counters: bool = False, *,
+             packed: bool = False) -> str:
     """``<name>.h``: the interface constants as ``#define``, prefixed ``NAME_``; when the
-    command payload fits 64 bits, ``NAME_CMD(pattern, k, tokens, load_weights)`` packs one."""
+    command payload fits 64 bits, ``NAME_CMD(pattern, k, tokens, load_weights)`` packs one.
+    With ``packed`` (the packed top) also the packed stream's constants and
+    ``NAME_PACKED_WORDS(n, code_bits, beats)``, the words of one command
+    (:func:`~flexcim.spec.layouts.compact_words`)."""
     info = describe(cfg, counters)
     prefix = name.upper()
     guard = f"{prefix}_H"
     lines = ["/*", *(" *" + line[2:] for line in _banner(name, version, "//").splitlines()),
              " */", f"#ifndef {guard}", f"#define {guard}", "", "#include <stdint.h>", ""]
-    for const, value, comment in _constants(cfg, info):
+    for const, value, comment in _constants(cfg, info, packed_stream(cfg) if packed else None):
         tail = f"  /* {comment} */" if comment else ""
         lines.append(f"#define {prefix}_{const} {value}u{tail}")
     cmd = info["streams"]["cmd"]
@@ -188,6 +226,16 @@ def c_header(cfg: HwConfig, name: str, version: str, counters: bool = False) -> 
                   + " */",
                   f"#define {prefix}_CMD(pattern, k, tokens, load_weights) ("
                   + " | ".join(f"{prefix}_CMD_FIELD({n}, {n.upper()})" for n in names) + ")"]
+    if packed:
+        # rows * cols * 8 value bits and rows / n * cols codes, rows = beats * weight_port_rows
+        lines += ["", f"/* {prefix}_PACKED_WORDS(n, code_bits, beats): packed words of one "
+                  f"command of beats weight beats (whole passes) of an n:m pattern, code_bits "
+                  f"its PATTERN_n_m_CODE_BITS; the last word zero-padded */",
+                  f"#define {prefix}_PACKED_WORDS(n, code_bits, beats) \\",
+                  f"  (((uint64_t)(beats) * {prefix}_WEIGHTS_VALUES_WIDTH \\",
+                  f"    + (uint64_t)(beats) * {prefix}_WEIGHT_PORT_ROWS / (n) * {prefix}_COLS "
+                  f"* (code_bits) \\",
+                  f"    + {prefix}_PACKED_WIDTH - 1u) / {prefix}_PACKED_WIDTH)"]
     lines += ["", f"#endif /* {guard} */", ""]
     return "\n".join(lines)
 
@@ -207,13 +255,17 @@ def _sv_type(stream: str, fields: list[dict]) -> list[str]:
     return lines
 
 
-def sv_package(cfg: HwConfig, name: str, version: str, counters: bool = False) -> str:
+def sv_package(cfg: HwConfig, name: str, version: str, counters: bool = False, *,
+               packed: bool = False) -> str:
     """``<name>_pkg.sv``: package ``<name>_pkg`` with the same constants as ``localparam``
     and one packed struct type per stream payload (``cmd_t``, ``weights_t``, ``act_t``,
-    ``result_t``; element 0 of a packed array ``[n-1:0][w-1:0]`` is in its low bits)."""
+    ``result_t``; element 0 of a packed array ``[n-1:0][w-1:0]`` is in its low bits); with
+    ``packed`` (the packed top) also the packed stream's constants and ``packed_t``, one
+    word."""
     info = describe(cfg, counters)
+    section = packed_stream(cfg) if packed else None
     lines = [_banner(name, version, "//").rstrip("\n"), f"package {name}_pkg;", ""]
-    for const, value, comment in _constants(cfg, info):
+    for const, value, comment in _constants(cfg, info, section):
         if not 0 <= value < 2**32:
             raise FlexCimError(f"constant {const} = {value} does not fit the package's 32 bits")
         tail = f"  // {comment}" if comment else ""
@@ -221,5 +273,8 @@ def sv_package(cfg: HwConfig, name: str, version: str, counters: bool = False) -
         lines.append(f"  localparam bit [31:0] {const} = 32'd{value};{tail}")
     for stream, s in info["streams"].items():
         lines += ["", *_sv_type(stream, s["fields"])]
+    if section is not None:
+        lines += ["", f"  typedef logic [{section['word_bits'] - 1}:0] packed_t;  "
+                  f"// one word of the packed stream"]
     lines += ["", f"endpackage : {name}_pkg", ""]
     return "\n".join(lines)

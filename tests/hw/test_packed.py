@@ -1,15 +1,22 @@
 """The packed top (hw/packed.py, ``flexcim verilog --bus packed``): the macro behind the weight
 unpacker, one command stream, packed weight words in.  amaranth.sim against golden (int64
 sparse_matmul, golden.perf cycles, golden.energy events) and spec.layouts' word counts; the
-export, its lint and its one-line refusals.  The cocotb runs are tests/sim/test_packed_tb.py."""
+export, its lint and its one-line refusals; its C header (a C driver built on it packs the
+words of pack_compact_stream) and SystemVerilog package.  The cocotb runs are
+tests/sim/test_packed_tb.py."""
 
 import json
+import math
+import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 from flexcim.golden import energy, host, perf
 from flexcim.golden.matmul import sparse_matmul
 from flexcim.golden.prune import nm_prune
+from flexcim.hw import interface
 from flexcim.hw.export import default_name
 from flexcim.hw.packed import MAX_LEAD, PackedFlexCiM, command_lead
 from flexcim.hw.pysim import PySim
@@ -217,3 +224,230 @@ def test_wide_codes_are_one_line_and_nothing_written(tmp_path, capsys):
         "of pattern 16:32 is 152 bits (4 group codes of 30 bits), 3 words of 52 bits; the "
         f"packed top allows at most {MAX_LEAD} (patterns whose codes fit)\n")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- header and package
+def _defines(header: str, prefix: str) -> dict[str, int]:
+    return {m[1]: int(m[2]) for m in re.finditer(rf"^#define {prefix}_(\w+) (\d+)u\b", header,
+                                                 re.M)}
+
+
+def _localparams(package: str) -> dict[str, int]:
+    return {m[1]: int(m[2]) for m in re.finditer(r"localparam bit \[31:0\] (\w+) = 32'd(\d+);",
+                                                 package)}
+
+
+def test_packed_header_and_package_carry_the_sidecars_numbers(packed_export):
+    """The export's header and package: the macro's constants unchanged, plus the ``packed``
+    section's word width, command lead and code bits per pattern, each equal to the sidecar's
+    number and to the spec function it comes from (code bits also to ceil(log2 C(M, N)))."""
+    cfg = PRESETS["tiny"]
+    sidecar = json.loads(packed_export.with_suffix(".json").read_text())
+    name, packed = sidecar["top"], sidecar["packed"]
+    header = (packed_export.parent / sidecar["c_header"]).read_text()
+    package = (packed_export.parent / sidecar["sv_package"]).read_text()
+    consts = _defines(header, name.upper())
+    assert consts == _localparams(package)
+    macro = _defines(interface.c_header(cfg, name, "0.1.0", True), name.upper())
+    new = {k: v for k, v in consts.items() if k not in macro}
+    assert {k: consts[k] for k in macro} == macro
+    codes = {f"PATTERN_{p.n}_{p.m}_CODE_BITS": p for p in cfg.patterns}
+    assert set(new) == {"PACKED_WIDTH", "PACKED_COMMAND_LEAD", *codes}
+    ports = {p["name"]: p["width"] for p in sidecar["ports"]}
+    bus = layouts.compact_bus_bits(cfg)
+    assert new["PACKED_WIDTH"] == packed["word_bits"] == bus == \
+        ports["packed__payload"] == 48
+    assert new["PACKED_COMMAND_LEAD"] == packed["command_lead"] == command_lead(cfg) == max(
+        layouts.compact_first_words(cfg, p) for p in cfg.patterns) == 2
+    for const, p in codes.items():
+        assert new[const] == packed["code_bits"][str(p)] == layouts.compact_code_bits(cfg, p) \
+            == (math.comb(p.m, p.n) - 1).bit_length()
+    assert f"  typedef logic [{bus - 1}:0] packed_t;" in package
+    assert f"#define {name.upper()}_PACKED_WORDS(n, code_bits, beats)" in header
+
+
+DRIVER_C = r"""
+static unsigned char stream[STREAM_BYTES];
+
+static void put(uint64_t at, uint64_t v, unsigned bits) {
+  unsigned i;
+  for (i = 0; i < bits; i++)
+    if ((v >> i) & 1u)
+      stream[(at + i) / 8] |= (unsigned char)(1u << ((at + i) % 8));
+}
+
+static unsigned bit(uint64_t at) { return (stream[at / 8] >> (at % 8)) & 1u; }
+
+static uint64_t binomial(unsigned c, unsigned k) {
+  uint64_t r = 1;
+  unsigned i;
+  if (k > c)
+    return 0;
+  for (i = 1; i <= k; i++)
+    r = r * (c - k + i) / i;
+  return r;
+}
+
+/* Rows first .. first + n - 1 of column c in canonical order: lanes descending, each non-zero
+   weight on its own index, the zero ones on the smallest lanes left free. */
+static void canonical(unsigned first, unsigned n, unsigned m, unsigned c, unsigned *lane,
+                      int *value) {
+  int at_lane[64] = {0}, used[64] = {0}, keep[64];
+  unsigned s, l, kept = 0, free_seen = 0;
+  for (s = 0; s < n; s++)
+    if (VALUES[first + s][c] != 0) {
+      used[INDICES[first + s][c]] = 1;
+      at_lane[INDICES[first + s][c]] = VALUES[first + s][c];
+      kept++;
+    }
+  for (l = 0; l < m; l++)
+    keep[l] = used[l] || ++free_seen <= n - kept;
+  for (l = m, s = 0; l-- > 0;)
+    if (keep[l]) {
+      lane[s] = l;
+      value[s] = at_lane[l];
+      s++;
+    }
+}
+
+int main(void) {
+  const unsigned w = H(WEIGHT_PORT_ROWS);
+  unsigned a, b, e, r, c, s, row = 0, lane[64];
+  int value[64];
+  uint64_t i, j, word = 0;
+  for (a = 0; a < sizeof LOADS / sizeof LOADS[0]; a++) {
+    const struct load *ld = &LOADS[a];
+    uint64_t at = word * H(PACKED_WIDTH), words = H(PACKED_WORDS)(ld->n, ld->code_bits,
+                                                                    ld->beats);
+    for (b = 0; b < ld->beats; b++) {
+      /* the beat's values: element j * cols + c is column c of the beat's row j */
+      for (e = 0; e < H(WEIGHTS_VALUES_COUNT); e++) {
+        unsigned q = b * w + e / H(COLS);
+        canonical(row + q - q % ld->n, ld->n, ld->m, e % H(COLS), lane, value);
+        put(at, (uint8_t)value[q % ld->n], H(WEIGHTS_VALUES_ELEMENT_WIDTH));
+        at += H(WEIGHTS_VALUES_ELEMENT_WIDTH);
+      }
+      /* then cols codes per group whose first row is in the beat */
+      for (r = b * w; r < b * w + w; r++)
+        for (c = 0; r % ld->n == 0 && c < H(COLS); c++) {
+          uint64_t code = 0;
+          canonical(row + r, ld->n, ld->m, c, lane, value);
+          for (s = 0; s < ld->n; s++)
+            code += binomial(lane[s], ld->n - s);
+          put(at, code, ld->code_bits);
+          at += ld->code_bits;
+        }
+    }
+    if (at > (word + words) * H(PACKED_WIDTH) || at <= (word + words - 1) * H(PACKED_WIDTH)) {
+      printf("load %u: %llu bits do not fill %llu words\n", a, (unsigned long long)at,
+             (unsigned long long)words);
+      return 1;
+    }
+    printf("%llu\n", (unsigned long long)words);
+    word += words;
+    row += ld->beats * w;
+  }
+  /* every word as little-endian bytes, in hex */
+  for (i = 0; i < word; i++) {
+    for (j = 0; j < H(PACKED_WIDTH); j += 8) {
+      unsigned byte = 0, k;
+      for (k = 0; k < 8 && j + k < H(PACKED_WIDTH); k++)
+        byte |= bit(i * H(PACKED_WIDTH) + j + k) << k;
+      printf("%02x", byte);
+    }
+    printf("\n");
+  }
+  return 0;
+}
+"""
+
+
+def _c_array(rows) -> str:
+    return "{" + ", ".join("{" + ", ".join(str(int(v)) for v in row) + "}" for row in rows) + "}"
+
+
+@pytest.mark.parametrize("name, sets", [("tiny", ()), ("tiny3", ()), ("tiny", ("cols=3",)),
+                                        ("tiny", ("weight_port_rows=2",))])
+def test_c_driver_from_the_header_packs_like_pack_compact_stream(name, sets, tmp_path):
+    """A C driver that packs a layer's weight beats with the header's constants alone (word
+    width, code bits per pattern, PACKED_WORDS, and the macro's COLS, WEIGHT_PORT_ROWS and
+    WEIGHTS_VALUES_*) gives pack_compact_stream's words byte for byte: one layer per pattern,
+    two column tiles, a partial pass, zero weights; 36-bit words with cols=3, groups starting
+    mid-beat with two rows per beat."""
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler (cc)")
+    cfg = PRESETS[name].with_overrides(sets)
+    top = default_name(cfg, bus="packed")
+    header = tmp_path / f"{top}.h"
+    header.write_text(interface.c_header(cfg, top, "0.1.0", packed=True))
+    proc = subprocess.run([cc, "-std=c99", "-Wall", "-Wextra", "-Werror", "-fsyntax-only",
+                           "-x", "c", str(header)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rng = np.random.default_rng(11)
+    cmd_beats, weight_beats = [], []
+    for p in cfg.patterns:
+        k = cfg.pass_width(p) + p.m  # a partial second pass
+        dense = rng.integers(-128, 128, size=(cfg.cols + 1, k), dtype=np.int8)
+        dense[rng.random(dense.shape) < 0.3] = 0  # groups with fewer than N non-zero weights
+        w = NMTensor.compress(nm_prune(dense, p), p)
+        streams = host.layer_streams(cfg, np.zeros((1, k), dtype=np.int8), w)
+        cmd_beats += streams.cmd_beats
+        weight_beats += streams.weight_beats
+    loads = layouts.compact_loads(cfg, cmd_beats)
+    values, indices = layouts.unpack_weights(cfg, weight_beats)
+    table = ", ".join(f"{{{p.n}u, {p.m}u, H(PATTERN_{p.n}_{p.m}_CODE_BITS), {n}u}}"
+                      for p, n in loads)
+    src = tmp_path / "driver.c"
+    src.write_text(
+        "#include <stdint.h>\n#include <stdio.h>\n"
+        f'#include "{header.name}"\n#define H(c) {top.upper()}_##c\n'
+        f"#define STREAM_BYTES {len(values) * cfg.cols * 3 + 64}\n"
+        f"static const signed char VALUES[{len(values)}][H(COLS)] = {_c_array(values)};\n"
+        f"static const unsigned char INDICES[{len(values)}][H(COLS)] = {_c_array(indices)};\n"
+        "struct load { unsigned n, m, code_bits, beats; };\n"
+        f"static const struct load LOADS[] = {{{table}}};\n" + DRIVER_C)
+    exe = tmp_path / "driver"
+    proc = subprocess.run([cc, "-std=c99", "-Wall", "-Wextra", "-Werror", "-o", str(exe),
+                           str(src)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
+    words = layouts.pack_compact_stream(cfg, cmd_beats, weight_beats)
+    bus = layouts.compact_bus_bits(cfg)
+    assert [int(n) for n in out[:len(loads)]] == [layouts.compact_words(cfg, p, n)
+                                                   for p, n in loads]
+    assert out[len(loads):] == [w.to_bytes(-(-bus // 8), "little").hex() for w in words]
+    assert len(words) > 2 * len(cfg.patterns)
+
+
+SV_PACKED_CHECK = """module chk;
+  import {pkg}::*;
+  initial begin
+    if ($bits(packed_t) != PACKED_WIDTH || $bits(packed_t) != $bits(weights_t))
+      $display("FAIL: a packed word is not PACKED_WIDTH bits, the macro's beat width");
+    else
+      $display("PASS");
+{show}  end
+endmodule
+"""
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny3"])
+def test_packed_sv_package_lints_and_states_the_spec(name, tmp_path, sv_check):
+    """Verilator lints the packed top's package and a module using it (-Wall); Icarus runs the
+    module, whose packed_t is PACKED_WIDTH bits and whose constants print as the spec's."""
+    cfg = PRESETS[name]
+    top = default_name(cfg, bus="packed")
+    pkg = tmp_path / f"{top}_pkg.sv"
+    pkg.write_text(interface.sv_package(cfg, top, "0.1.0", packed=True))
+    consts = {"PACKED_WIDTH": layouts.compact_bus_bits(cfg),
+              "PACKED_COMMAND_LEAD": command_lead(cfg),
+              **{f"PATTERN_{p.n}_{p.m}_CODE_BITS": layouts.compact_code_bits(cfg, p)
+                 for p in cfg.patterns}}
+    show = "".join(f'    $display("{c} %0d", {c});\n' for c in consts)
+    (tmp_path / "chk.sv").write_text(SV_PACKED_CHECK.format(pkg=f"{top}_pkg", show=show))
+    lines = sv_check(pkg, tmp_path / "chk.sv")
+    if lines:  # Icarus ran the check
+        assert lines[0] == "PASS", lines
+        assert dict(line.split() for line in lines[1:]) == {c: str(v) for c, v in
+                                                            consts.items()}
