@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--refine-steps", type=int, default=SelectConfig.refine_steps,
                         help="auto's local search steps (default: auto's, 48 up to 50 %%, "
                              "192 above)")
+    parser.add_argument("--significance", type=float, default=SelectConfig.significance,
+                        metavar="Z", help="auto's significance (default: auto's, 2)")
     parser.add_argument("--extra-macros", default="", metavar="P,P",
                         help="presets whose auto plans are also tested, e.g. flex8 (their "
                              "levels are added to the sensitivity measurement)")
@@ -191,7 +193,8 @@ def main(argv=None) -> int:
             granularity, _, norefine = variant.partition("-")
             return pipeline.make_plan(model, cw, SelectConfig(
                 method="auto", target=target, hw_config=PRESETS[macro],
-                granularity=granularity, refine_steps=0 if norefine else args.refine_steps),
+                granularity=granularity, refine_steps=0 if norefine else args.refine_steps,
+                significance=args.significance),
                 sensitivity=sens, progress=False, metric=metric)
         if method == "uniform":
             return pipeline.make_plan(model, None, SelectConfig(method="uniform",
@@ -239,7 +242,7 @@ def main(argv=None) -> int:
                            "patterns": sorted(set(plan.layers.values())),
                            "ppl_val": measure(plan, args.val_metric, ["val"])["val"]}
                     if method == "auto":
-                        row["chosen"] = plan.settings["chosen"]
+                        row.update(_auto_record(plan))
                     rows.append(row)
                     log.info("[%5.0f s] val %-8s %-16s %.3f: %.3f", time.perf_counter() - started,
                              method, v, t, row["ppl_val"])
@@ -288,6 +291,8 @@ def main(argv=None) -> int:
                        "metric": metric, "achieved": plan.achieved_sparsity,
                        "patterns": sorted(set(plan.layers.values())),
                        **{f"ppl_{k}": p for k, p in measure(plan, metric, ["test"], macro).items()}}
+                if method == "auto":
+                    row.update(_auto_record(plan))
                 tests.append(row)
                 log.info("[%5.0f s] test %-8s %-16s %-8s %-9s %.3f: %.3f",
                          time.perf_counter() - started, method, v, macro, metric, t,
@@ -302,6 +307,15 @@ def main(argv=None) -> int:
     for r in result["summary"]:
         log.info("%s", r)
     return 0
+
+
+def _auto_record(plan) -> dict:
+    """What ``auto`` decided on its calibration windows: the candidate kept, the uniform gate
+    and the local search's held-out check (``settings``)."""
+    refine = plan.settings.get("refine") or {}
+    return {"chosen": plan.settings["chosen"], "gate": plan.settings.get("uniform_gate", {}),
+            "search": {k: refine[k] for k in ("kept", "loss_before", "loss_after", "guard")
+                       if k in refine}}
 
 
 def summary(tests: list[dict]) -> list[dict]:

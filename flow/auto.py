@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 from flexcim.flow import calib
-from flexcim.flow.eval import nll_sum
+from flexcim.flow.eval import nll_terms
 from flexcim.flow.model import Block, _block_list, cache_dir, decoder_blocks
 from flexcim.flow.prune import nm_rank, prune_weight, wanda_scores
 from flexcim.spec.nm import NMPattern
@@ -146,6 +146,7 @@ class LossProbe:
         self.weights = {n: m.weight.detach().clone() for n, m in linears.items()}
         self._ranks: dict[tuple[str, int], torch.Tensor] = {}
         self._recorded: tuple[int, list[list[torch.Tensor]]] | None = None
+        self.window_losses = np.zeros(0)
         with calib.collecting(linears) as stats:
             self.dense = self.capture()
         self.stats = stats
@@ -174,15 +175,19 @@ class LossProbe:
 
     @torch.no_grad()
     def _loss_all(self) -> float:
-        total, count = 0.0, 0
+        total, count, rows = 0.0, 0, []
         for batch in self._batches():
-            total += nll_sum(self.model, batch)
-            count += batch[:, 1:].numel()
+            terms = nll_terms(self.model, batch)
+            total += float(terms.sum())
+            count += terms.numel()
+            rows.append(terms.view(batch.shape[0], -1).double().mean(1))
+        self.window_losses = torch.cat(rows).numpy()
         return total / count
 
     @torch.no_grad()
     def loss(self, start: int = 0, *, record: bool = False) -> float:
-        """Mean next-token loss, computing blocks ``start ..`` only (see the class doc).
+        """Mean next-token loss, computing blocks ``start ..`` only (see the class doc); each
+        window's own mean loss is left in ``window_losses`` (float64 ``[count]``).
         ``record``: keep the inputs of blocks ``start ..`` for :meth:`commit`."""
         saved = [self._layers[i] for i in range(start)]
         batch_index = [0]
@@ -548,11 +553,12 @@ def allocate(blocks: list[Block], sensitivity: Sensitivity, target: float
 
 def calibration_losses(model: nn.Module, windows: torch.Tensor,
                        plans: dict[str, dict[str, NMPattern]], *, batch_size: int = 8,
-                       probe: LossProbe | None = None, prune_fn: PruneFn | None = None
-                       ) -> dict[str, float]:
+                       probe: LossProbe | None = None, prune_fn: PruneFn | None = None,
+                       per_window: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Mean loss on ``windows`` with each candidate plan applied (Wanda masks of the dense
     model, or ``prune_fn``'s weights), computed from the first pruned block on; the model is
-    left as it was.  ``probe`` reuses a dense :class:`LossProbe` on ``windows``."""
+    left as it was.  ``probe`` reuses a dense :class:`LossProbe` on ``windows``;
+    ``per_window`` (a dict) receives each plan's loss per window."""
     probe = probe or LossProbe(model, windows, batch_size=batch_size)
     layers = {n: m for b in probe.blocks for n, m in b.linears.items()}
     index = {n: b.index for b in probe.blocks for n in b.linears}
@@ -561,7 +567,25 @@ def calibration_losses(model: nn.Module, windows: torch.Tensor,
         sparse = [index[n] for n, p in patterns.items() if not p.is_dense]
         with pruned(layers, patterns, probe, prune_fn):
             losses[key] = probe.loss(min(sparse, default=0))
+        if per_window is not None:
+            per_window[key] = probe.window_losses.copy()
     return losses
+
+
+def paired_gain(base: np.ndarray, other: np.ndarray) -> dict:
+    """How much lower ``other``'s per-window losses are than ``base``'s on the same windows:
+    the mean of the paired differences ``base - other``, its standard error (sample standard
+    deviation over sqrt(count); 0 for one window) and their ratio ``z`` (inf for a gain
+    without spread, 0 for none)."""
+    base, other = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    if base.shape != other.shape or base.ndim != 1 or base.size == 0:
+        raise FlexCimError(f"paired_gain needs two equal, non-empty per-window loss vectors, "
+                           f"not shapes {base.shape} and {other.shape}")
+    diff = base - other
+    mean = float(diff.mean())
+    se = float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else 0.0
+    z = mean / se if se > 0 else (math.inf if mean > 0 else 0.0)
+    return {"gain": mean, "se": se, "z": z, "windows": int(diff.size)}
 
 
 def one_shot_pruner(model: nn.Module, windows: torch.Tensor, metric: str, *,
@@ -770,12 +794,25 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     if windows is not None and (len(distinct) > 1 or steps):
         probe = LossProbe(model, loss_windows(windows, config))
         prune_fn = one_shot_pruner(model, windows, metric, progress=progress)
+    gate = {}
     if len(distinct) > 1 and probe is not None:
+        rows: dict[str, np.ndarray] = {}
         losses = calibration_losses(model, probe.windows,
                                     {k: candidates[k][1] for k in distinct.values()},
-                                    probe=probe, prune_fn=prune_fn)
+                                    probe=probe, prune_fn=prune_fn, per_window=rows)
         choice = {k: losses[distinct[same[k]]] for k in candidates}
         chosen = min(choice, key=choice.get)
+        if "uniform" in candidates and same[chosen] != same["uniform"]:
+            # Uniform is the default; a plan off it must win by more than the windows' noise
+            # (at 25 % the best candidate led by 0.003 nats on 8 windows and lost on test).
+            gate = paired_gain(rows[distinct[same["uniform"]]], rows[distinct[same[chosen]]])
+            gate.update(vs="uniform", candidate=chosen, z_min=config.significance,
+                        kept=gate["z"] > config.significance)
+            if not gate["kept"]:
+                log.info("auto: %s's gain over uniform, %.4f nats (z = %.2f), is within the "
+                         "noise of the loss windows (z <= %g): keeping uniform",
+                         chosen, gate["gain"], gate["z"], config.significance)
+                chosen = "uniform"
         log.info("auto: calibration loss per candidate plan %s; keeping %s",
                  {k: round(v, 4) for k, v in choice.items()}, chosen)
     sensitivity, patterns, achieved, message = candidates[chosen]
@@ -792,15 +829,19 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
             # The search accepts any swap that lowers the loss on its own windows, noise
             # included; at 25 % it moved off the uniform plan and lost on the test windows
             # (docs/flow.md). Keep its plan only if calibration windows it never saw agree.
+            rows = {}
             check = calibration_losses(model, held, {"start": start, "refined": patterns},
-                                       prune_fn=prune_fn)
+                                       prune_fn=prune_fn, per_window=rows)
+            gain = paired_gain(rows["start"], rows["refined"])
             refined["guard"] = {"windows": int(held.shape[0]), "loss_start": check["start"],
-                                "loss_refined": check["refined"],
-                                "kept": check["refined"] < check["start"]}
+                                "loss_refined": check["refined"], "z": gain["z"],
+                                "z_min": config.significance,
+                                "kept": gain["z"] > config.significance}
             if not refined["guard"]["kept"]:
-                log.info("auto: the local search's plan is worse on %d held-out calibration "
-                         "windows (%.4f vs %.4f): keeping the plan before it",
-                         held.shape[0], check["refined"], check["start"])
+                log.info("auto: the local search's plan is not better on %d held-out "
+                         "calibration windows beyond their noise (%.4f vs %.4f, z = %.2f <= "
+                         "%g): keeping the plan before it", held.shape[0], check["refined"],
+                         check["start"], gain["z"], config.significance)
                 patterns = start
     costs = sensitivity.unit_costs(blocks)
     records, layers = [], {}
@@ -828,6 +869,7 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
         settings["hw_config"] = config.hw_config.to_dict()
     settings["chosen"] = chosen
     settings["candidate_losses"] = choice
+    settings["uniform_gate"] = gate
     settings["refine"] = refined
     settings["sensitivity"] = {"seconds": round(sensitivity.seconds, 1),
                                "evaluations": sensitivity.evaluations,

@@ -153,7 +153,7 @@ def _select(args: argparse.Namespace) -> int:
         hw_config=_hw_config(args.hw_config), hw_weight=args.hw_weight,
         granularity=args.granularity, sens_windows=args.sens_windows,
         refine_steps=args.refine_steps, loss_windows=args.loss_windows,
-        sens_cache=_sens_cache(args.sens_cache),
+        significance=args.significance, sens_cache=_sens_cache(args.sens_cache),
     )
     check_output(args.output, "plan output (-o)", inputs=(args.model, args.text, args.hw_config))
     start = time.perf_counter()
@@ -444,6 +444,10 @@ def register(sub) -> None:
     p.add_argument("--loss-windows", type=int, default=8, metavar="N",
                    help="auto: calibration windows (after the sensitivity's) on which candidate "
                         "plans are compared and the local search measures (default 8)")
+    p.add_argument("--significance", type=float, default=2.0, metavar="Z",
+                   help="auto: a plan replaces the uniform pattern (and the local search's plan "
+                        "the one it started from) only if its mean per-window loss gain exceeds "
+                        "Z standard errors of the paired differences (default 2; 0: any gain)")
     p.add_argument("--sens-cache", metavar="DIR",
                    help="auto: keep the sensitivity measurement in DIR and reuse it for the same "
                         "model, calibration windows and patterns (default: the sensitivity "

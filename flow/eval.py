@@ -21,7 +21,7 @@ log = logging.getLogger("flexcim.flow")
 PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "opt", "gpt2", "phi",
                               "phi3", "gpt_neox"})
 """Model types whose logits are exactly ``lm_head(hidden)`` (no soft-capping or scaling after
-the head): :func:`nll_sum` computes their loss without materialising the logits."""
+the head): :func:`nll_terms` computes their loss without materialising the logits."""
 VOCAB_CHUNK = 2048  # rows of the head per step: measured fastest of 2048-16384 on SmolLM2
 
 
@@ -39,8 +39,9 @@ def _plain_head(model: nn.Module) -> nn.Linear | None:
 
 
 @torch.no_grad()
-def nll_sum(model: nn.Module, batch: torch.Tensor) -> float:
-    """Summed next-token negative log-likelihood of ``batch [B, L]`` (``B * (L - 1)`` tokens).
+def nll_terms(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token negative log-likelihood of every prediction of ``batch [B, L]``: float32
+    ``[B * (L - 1)]``, window by window (``view(B, L - 1)`` gives each window's row).
 
     For a model whose logits are a plain linear head (:data:`PLAIN_HEAD_TYPES`) the head's
     input is captured and the log-sum-exp accumulated over chunks of the vocabulary, so the
@@ -52,8 +53,8 @@ def nll_sum(model: nn.Module, batch: torch.Tensor) -> float:
     targets = batch[:, 1:].reshape(-1)
     if head is None:
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        return float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
-                                                 reduction="sum"))
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
+                                           reduction="none")
     captured = []
 
     def stop(_module, args):
@@ -78,7 +79,13 @@ def nll_sum(model: nn.Module, batch: torch.Tensor) -> float:
         logits = nn.functional.linear(hidden, weight[start:stop_row],
                                       None if bias is None else bias[start:stop_row])
         lse = torch.logaddexp(lse, torch.logsumexp(logits.float(), dim=1))
-    return float((lse - picked).sum())
+    return lse - picked
+
+
+def nll_sum(model: nn.Module, batch: torch.Tensor) -> float:
+    """Summed next-token negative log-likelihood of ``batch [B, L]`` (``B * (L - 1)`` tokens;
+    :func:`nll_terms`)."""
+    return float(nll_terms(model, batch).sum())
 
 
 @torch.no_grad()

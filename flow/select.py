@@ -379,6 +379,12 @@ class SelectConfig:
         not, docs/flow.md).
     refine_seed : int
         ``auto``: seed of the local search's draws.
+    significance : float
+        ``auto``: how clearly a plan must win on calibration windows to replace the one it is
+        compared with: the best candidate replaces the uniform pattern, and the local search's
+        plan the plan it started from (on the held-out windows), only if the mean of the
+        paired per-window loss differences exceeds ``significance`` standard errors (the
+        default 2; 0: any gain, as before 2026-12-04).
     sens_cache : str or None
         ``auto``: a folder where the sensitivity measurement is kept and reused (see
         :func:`flexcim.flow.auto.measure_sensitivity`; the CLI's default is under
@@ -403,6 +409,7 @@ class SelectConfig:
     refine_steps: int | None = None
     loss_windows: int = 8
     refine_seed: int = 0
+    significance: float = 2.0
     sens_cache: str | None = None
 
     def __post_init__(self):
@@ -424,6 +431,11 @@ class SelectConfig:
         if self.granularity not in ("best", "projection", "block"):
             raise FlexCimError(f"granularity must be 'best', 'projection' or 'block', "
                                f"not {self.granularity!r}")
+        if (isinstance(self.significance, bool)
+                or not isinstance(self.significance, (int, float))
+                or not 0.0 <= self.significance < math.inf):
+            raise FlexCimError(f"significance must be a finite number >= 0, "
+                               f"not {self.significance!r}")
         for name, label, low in (("sens_windows", "sensitivity windows", 1),
                                  ("refine_steps", "refine steps", 0),
                                  ("loss_windows", "loss windows", 1)):

@@ -2,7 +2,9 @@ import dataclasses
 import itertools
 import json
 import math
+import statistics
 
+import numpy as np
 import pytest
 import torch
 from flexcim.flow import auto, calib, pipeline, prune
@@ -341,6 +343,7 @@ def test_demo_plans_give_each_macro_its_own_auto_plan(tiny, tiny_windows):
 def test_best_granularity_keeps_the_candidate_with_the_lowest_calibration_loss(tiny,
                                                                               tiny_windows):
     config = SelectConfig(method="auto", target=0.5, sens_windows=3, refine_steps=0,
+                          significance=0.0,  # any gain: the plain minimum (gate tested below)
                           hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
     plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
     losses = plan.settings["candidate_losses"]
@@ -358,10 +361,78 @@ def test_best_granularity_keeps_the_candidate_with_the_lowest_calibration_loss(t
     assert set(plan.settings["candidate_losses"]) == {"projection", "block", *shrunk}
 
 
+def test_probe_window_losses_are_each_windows_own_loss(tiny, tiny_windows):
+    probe = auto.LossProbe(tiny, tiny_windows, batch_size=4)  # 6 windows: a short last batch
+    own = [reference_loss(tiny, tiny_windows[i : i + 1]) for i in range(tiny_windows.shape[0])]
+    for start in (0, len(probe.blocks) - 1):
+        mean = probe.loss(start)
+        assert probe.window_losses.shape == (tiny_windows.shape[0],)
+        np.testing.assert_allclose(probe.window_losses, own, rtol=1e-5)
+        assert mean == pytest.approx(statistics.fmean(own), rel=1e-5)  # equal-length windows
+
+
+def test_paired_gain_is_the_mean_difference_over_its_standard_error():
+    base, other = [3.0, 2.5, 4.0, 3.2, 2.9], [2.0, 2.6, 3.1, 3.0, 2.0]
+    diff = [b - o for b, o in zip(base, other, strict=True)]
+    gain = auto.paired_gain(np.array(base), np.array(other))
+    se = statistics.stdev(diff) / math.sqrt(len(diff))
+    assert gain["gain"] == pytest.approx(statistics.fmean(diff))
+    assert gain["se"] == pytest.approx(se) and gain["z"] == pytest.approx(gain["gain"] / se)
+    assert gain["windows"] == 5
+    assert auto.paired_gain(np.array(other), np.array(base))["z"] == pytest.approx(-gain["z"])
+    # no spread: any gain is certain, none is none
+    assert auto.paired_gain(np.array([2.0, 3.0]), np.array([1.0, 2.0]))["z"] == math.inf
+    assert auto.paired_gain(np.array([2.0]), np.array([2.0]))["z"] == 0.0
+    with pytest.raises(FlexCimError, match="equal, non-empty"):
+        auto.paired_gain(np.array([1.0, 2.0]), np.array([1.0]))
+    with pytest.raises(FlexCimError, match="equal, non-empty"):
+        auto.paired_gain(np.zeros(0), np.zeros(0))
+
+
+def test_a_candidate_replaces_uniform_only_beyond_the_loss_windows_noise(tiny, tiny_windows):
+    config = SelectConfig(method="auto", target=0.5, sens_windows=3, refine_steps=0,
+                          loss_windows=3, significance=0.0,
+                          hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
+    free = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    losses = free.settings["candidate_losses"]
+    chosen = free.settings["chosen"]
+    assert chosen == min(losses, key=losses.get)
+    assert chosen != "uniform"  # the seeded tiny model's best candidate is off uniform
+    uniform, candidate = dict.fromkeys(free.layers, NMPattern(4, 8)), _plan_patterns(free)
+    # the paired differences by hand: Hugging Face's loss of each loss window, each plan
+    # applied with the Wanda masks of the loss windows' statistics (as auto's probe has them)
+    windows = auto.loss_windows(tiny_windows, config)
+    probe, layers = auto.LossProbe(tiny, windows), linear_layers(tiny)
+
+    def rows(patterns):
+        with auto.pruned(layers, patterns, probe):
+            return [reference_loss(tiny, windows[i : i + 1]) for i in range(windows.shape[0])]
+
+    diff = [u - c for u, c in zip(rows(uniform), rows(candidate), strict=True)]
+    z = statistics.fmean(diff) / (statistics.stdev(diff) / math.sqrt(len(diff)))
+    gate = free.settings["uniform_gate"]
+    assert gate["candidate"] == chosen and gate["kept"] is True and gate["z"] > 0
+    assert gate["z"] == pytest.approx(z, rel=1e-3)
+    assert gate["gain"] == pytest.approx(losses["uniform"] - losses[chosen], rel=1e-4)
+    strict = pipeline.make_plan(tiny, tiny_windows,
+                                dataclasses.replace(config, significance=z + 0.01),
+                                progress=False)
+    assert strict.settings["chosen"] == "uniform" and strict.layers == {
+        n: "4:8" for n in free.layers}
+    assert strict.settings["uniform_gate"]["kept"] is False
+    assert strict.settings["candidate_losses"] == pytest.approx(losses)
+    assert z > 0.01  # the relaxed threshold below keeps it
+    loose = pipeline.make_plan(tiny, tiny_windows,
+                               dataclasses.replace(config, significance=z - 0.01),
+                               progress=False)
+    assert loose.settings["chosen"] == chosen
+
+
 @pytest.mark.parametrize("metric", ["sparsegpt", "magnitude"])
 def test_the_choice_compares_the_candidates_pruned_with_the_plans_metric(tiny, tiny_windows,
                                                                          metric):
     config = SelectConfig(method="auto", target=0.5, sens_windows=3, refine_steps=0,
+                          significance=0.0,
                           hw_config=PRESETS["default"].replace(patterns=("1:1", "4:8", "2:8")))
     wanda = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
     plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False, metric=metric)
@@ -636,12 +707,27 @@ def test_auto_keeps_the_plan_before_the_search_when_held_out_windows_disagree(
     # held-out windows that agree: the searched plan is kept
     real = auto.calibration_losses
 
-    def agreeing(model, windows, plans, **kwargs):
+    rows = {"start": np.array([2.0, 2.1, 1.9, 2.0]), "refined": np.array([1.0, 1.2, 0.9, 1.0])}
+
+    def agreeing(model, windows, plans, *, per_window=None, **kwargs):
         if set(plans) == {"start", "refined"}:
-            return {"start": 2.0, "refined": 1.0}
-        return real(model, windows, plans, **kwargs)
+            per_window.update({k: v.copy() for k, v in rows.items()})
+            return {k: float(v.mean()) for k, v in rows.items()}
+        return real(model, windows, plans, per_window=per_window, **kwargs)
 
     monkeypatch.setattr(auto, "calibration_losses", agreeing)
     plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    assert plan.settings["refine"]["guard"]["kept"] is True
+    assert _plan_patterns(plan) == worse
+    # lower on average but within the windows' noise: one window gains a lot, the others lose
+    rows["refined"] = np.array([0.5, 2.2, 2.0, 2.1])  # mean 1.70 < 2.0; z = 0.3 / 0.34 < 2
+    plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
+    guard = plan.settings["refine"]["guard"]
+    assert guard["kept"] is False and guard["loss_refined"] < guard["loss_start"]
+    assert guard["z"] == pytest.approx(0.3 / (statistics.stdev([1.5, -0.1, -0.1, -0.1]) / 2))
+    assert _plan_patterns(plan) == start
+    # significance 0: any gain on the mean is kept, as before the gate
+    plan = pipeline.make_plan(tiny, tiny_windows, dataclasses.replace(config, significance=0.0),
+                              progress=False)
     assert plan.settings["refine"]["guard"]["kept"] is True
     assert _plan_patterns(plan) == worse

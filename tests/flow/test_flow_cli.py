@@ -160,6 +160,10 @@ def test_select_auto_is_the_default_and_prunes(workspace, capsys, monkeypatch, t
     (["--target-sparsity", "0.5", "--sens-windows", "0"], "sensitivity windows must be"),
     (["--target-sparsity", "0.5", "--refine-steps", "-1"],
      "refine steps must be a non-negative integer, not -1"),
+    (["--target-sparsity", "0.5", "--significance", "-1"],
+     "significance must be a finite number >= 0, not -1.0"),
+    (["--target-sparsity", "0.5", "--significance", "inf"],
+     "significance must be a finite number >= 0, not inf"),
 ])
 def test_select_auto_bad_input(workspace, capsys, argv, message):
     d = workspace
