@@ -445,9 +445,9 @@ def register(sub) -> None:
                    help="auto: calibration windows (after the sensitivity's) on which candidate "
                         "plans are compared and the local search measures (default 8)")
     p.add_argument("--significance", type=float, default=2.0, metavar="Z",
-                   help="auto: a plan replaces the uniform pattern (and the local search's plan "
-                        "the one it started from) only if its mean per-window loss gain exceeds "
-                        "Z standard errors of the paired differences (default 2; 0: any gain)")
+                   help="auto: the best candidate plan replaces the uniform pattern only if "
+                        "its mean per-window loss gain on the loss windows exceeds Z standard "
+                        "errors of the paired differences (default 2; 0: any gain)")
     p.add_argument("--sens-cache", metavar="DIR",
                    help="auto: keep the sensitivity measurement in DIR and reuse it for the same "
                         "model, calibration windows and patterns (default: the sensitivity "

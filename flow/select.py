@@ -380,11 +380,9 @@ class SelectConfig:
     refine_seed : int
         ``auto``: seed of the local search's draws.
     significance : float
-        ``auto``: how clearly a plan must win on calibration windows to replace the one it is
-        compared with: the best candidate replaces the uniform pattern, and the local search's
-        plan the plan it started from (on the held-out windows), only if the mean of the
-        paired per-window loss differences exceeds ``significance`` standard errors (the
-        default 2; 0: any gain, as before 2026-12-04).
+        ``auto``: how clearly the best candidate plan must beat the uniform pattern on the loss
+        windows to replace it: the mean of the paired per-window loss differences must exceed
+        ``significance`` standard errors (the default 2; 0: any gain, as before 2026-12-04).
     sens_cache : str or None
         ``auto``: a folder where the sensitivity measurement is kept and reused (see
         :func:`flexcim.flow.auto.measure_sensitivity`; the CLI's default is under

@@ -719,15 +719,11 @@ def test_auto_keeps_the_plan_before_the_search_when_held_out_windows_disagree(
     plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
     assert plan.settings["refine"]["guard"]["kept"] is True
     assert _plan_patterns(plan) == worse
-    # lower on average but within the windows' noise: one window gains a lot, the others lose
+    # lower on average, within the windows' noise: kept all the same (the search's guard asks
+    # for any gain; z is recorded)
     rows["refined"] = np.array([0.5, 2.2, 2.0, 2.1])  # mean 1.70 < 2.0; z = 0.3 / 0.34 < 2
     plan = pipeline.make_plan(tiny, tiny_windows, config, progress=False)
     guard = plan.settings["refine"]["guard"]
-    assert guard["kept"] is False and guard["loss_refined"] < guard["loss_start"]
+    assert guard["kept"] is True and guard["loss_refined"] < guard["loss_start"]
     assert guard["z"] == pytest.approx(0.3 / (statistics.stdev([1.5, -0.1, -0.1, -0.1]) / 2))
-    assert _plan_patterns(plan) == start
-    # significance 0: any gain on the mean is kept, as before the gate
-    plan = pipeline.make_plan(tiny, tiny_windows, dataclasses.replace(config, significance=0.0),
-                              progress=False)
-    assert plan.settings["refine"]["guard"]["kept"] is True
     assert _plan_patterns(plan) == worse
