@@ -90,6 +90,8 @@ def main(argv=None) -> int:
     parser.add_argument("--refine-steps", type=int, default=SelectConfig.refine_steps,
                         help="auto's local search steps (default: auto's, 48 up to 50 %%, "
                              "192 above)")
+    parser.add_argument("--loss-windows", type=int, default=SelectConfig.loss_windows,
+                        metavar="N", help="auto's loss windows (default: auto's, 8)")
     parser.add_argument("--significance", type=float, default=SelectConfig.significance,
                         metavar="Z", help="auto's significance (default: auto's, 2)")
     parser.add_argument("--extra-macros", default="", metavar="P,P",
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
             return pipeline.make_plan(model, cw, SelectConfig(
                 method="auto", target=target, hw_config=PRESETS[macro],
                 granularity=granularity, refine_steps=0 if norefine else args.refine_steps,
-                significance=args.significance),
+                significance=args.significance, loss_windows=args.loss_windows),
                 sensitivity=sens, progress=False, metric=metric)
         if method == "uniform":
             return pipeline.make_plan(model, None, SelectConfig(method="uniform",
