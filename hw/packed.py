@@ -77,17 +77,17 @@ def command_lead(cfg: HwConfig) -> int:
 
     if not isinstance(cfg, HwConfig):
         raise TypeError(f"cfg must be a HwConfig, not {type(cfg).__name__}")
+    words = {p: compact_first_words(cfg, p) for p in cfg.patterns}
     for p in cfg.patterns:
-        words = compact_first_words(cfg, p)
-        if words > MAX_LEAD:
+        if words[p] > MAX_LEAD:
             first = compact_beat_layout(cfg, p, compact_starts(cfg, p, 0)).size
             raise FlexCimError(
                 f"--bus packed cannot build this configuration: the first packed beat of "
                 f"pattern {p} is {first} bits ({cfg.cols} group codes of "
-                f"{compact_code_bits(cfg, p)} bits), {words} words of "
+                f"{compact_code_bits(cfg, p)} bits), {words[p]} words of "
                 f"{compact_bus_bits(cfg)} bits; the packed top allows at most {MAX_LEAD} "
                 f"(patterns whose codes fit)")
-    return max(compact_first_words(cfg, p) for p in cfg.patterns)
+    return max(words.values())
 
 
 class PackedFlexCiM(wiring.Component):
