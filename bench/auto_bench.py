@@ -10,9 +10,10 @@ Everything is measured in this run on the bundled SmolLM2-135M and written to
 2. **Validation** (*Emma*): ``auto`` with and without its local search (granularity ``best``:
    the ``projection`` and ``block`` allocations were compared on 2026-12-01, docs/flow.md) and
    every baseline variant at
-   every target, Wanda, pruned as ``flexcim flow prune`` prunes (``--prune sequential``: each
-   group of projections calibrated on the model pruned before it; ``--prune one-shot``: from the
-   dense model's statistics, faster); the variant of each method with the
+   every target, Wanda, pruned as ``flexcim flow prune`` prunes (``--prune sequential``:
+   ``pipeline.SEQUENTIAL``, SparseGPT calibrated on the model pruned before each group of
+   projections, Wanda one-shot; ``--prune one-shot``: every metric from the dense model's
+   statistics, faster); the variant of each method with the
    lowest validation perplexity is chosen (per target for uniform: its best pattern, any N with
    M = 8 or 16; for OWL: first and last blocks dense or not).
 3. **Test** (held-out *Pride and Prejudice*): the chosen variants, with Wanda and SparseGPT,
@@ -101,9 +102,10 @@ def main(argv=None) -> int:
                              "levels are added to the sensitivity measurement)")
     parser.add_argument("--prune", choices=("sequential", "one-shot"), default="sequential",
                         help="how every plan is pruned for its perplexity: sequential (the "
-                             "default: as flexcim flow prune does, each projection calibrated "
-                             "on the pruned model before it) or one-shot from the dense "
-                             "model's statistics (faster; the figures before 2026-12-04 night)")
+                             "default: as flexcim flow prune does, pipeline.SEQUENTIAL: "
+                             "SparseGPT on the model pruned before each projection, Wanda "
+                             "one-shot) or one-shot from the dense model's statistics for "
+                             "every metric (faster; the figures before 2026-12-04 night)")
     parser.add_argument("--w8a8", action="store_true",
                         help="also measure every test plan in W8A8, the macro's arithmetic "
                              "(flow.quant, scales per token, smoothed with "
@@ -219,7 +221,7 @@ def main(argv=None) -> int:
                                   stats=stats, progress=False)
 
     def measure(plan, metric: str, keys, macro: str = "default") -> dict:
-        if args.prune == "sequential":
+        if args.prune == "sequential" and pipeline.SEQUENTIAL[metric]:
             pipeline.apply_plan(model, plan, cw, metric=metric, progress=False)
         else:
             pipeline.apply_plan(model, plan, None, metric=metric, stats=stats, progress=False)
