@@ -118,13 +118,12 @@ def input_groups(block: Block, captured: list) -> list[list[str]]:
     projections reading the very same tensor (``q``, ``k`` and ``v`` the normed hidden state,
     ``gate`` and ``up`` the MLP's) form one group.  Projections the block never calls come last,
     one group each."""
-    seen: list[tuple[str, torch.Tensor]] = []
+    seen: dict[str, torch.Tensor] = {}  # in call order
     handles = []
 
     def hook(name):
         def pre(_module, inputs):
-            if all(name != n for n, _ in seen):
-                seen.append((name, inputs[0]))  # the tensor itself: an address may be reused
+            seen.setdefault(name, inputs[0])  # the tensor itself: an address may be reused
         return pre
 
     try:
@@ -135,15 +134,14 @@ def input_groups(block: Block, captured: list) -> list[list[str]]:
         for handle in handles:
             handle.remove()
     groups: list[tuple[torch.Tensor, list[str]]] = []
-    for name, tensor in seen:
+    for name, tensor in seen.items():
         for source, names in groups:
             if source is tensor:
                 names.append(name)
                 break
         else:
             groups.append((tensor, [name]))
-    called = {name for name, _ in seen}
-    return [names for _, names in groups] + [[n] for n in block.linears if n not in called]
+    return [names for _, names in groups] + [[n] for n in block.linears if n not in seen]
 
 
 def _run_block(block: nn.Module, captured: list) -> list[torch.Tensor]:

@@ -150,9 +150,10 @@ def make_plan(model: nn.Module, windows: torch.Tensor | None, config: SelectConf
     return plan
 
 
-SEQUENTIAL = {"wanda": False, "sparsegpt": True}
+SEQUENTIAL = {"magnitude": False, "wanda": False, "sparsegpt": True}
 """Whether :func:`apply_plan` calibrates each projection on the already-pruned model (True) or
-prunes every projection from the dense model's statistics (False), per metric; measured on the
+prunes every projection from the dense model's statistics (False; magnitude needs none), per
+metric; measured on the
 validation text (docs/flow.md, "Pruning order", 2026-12-04): SparseGPT's uniform 6:16 plan
 94.28 sequential inside blocks vs 94.63 block by block vs 99.58 one-shot (its `auto` plan
 87.62 / 91.25 / 88.97); Wanda's uniform 6:16 283.3 one-shot vs 321.1 block by block (8:16

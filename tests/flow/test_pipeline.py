@@ -1,8 +1,10 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
 from flexcim.flow import calib, pipeline, prune
-from flexcim.flow.model import linear_layers
+from flexcim.flow.model import decoder_blocks, linear_layers
 from flexcim.flow.select import SelectConfig
 from flexcim.golden.prune import nm_prune
 
@@ -145,10 +147,6 @@ def test_energy_plan_is_read_by_golden_energy(tiny):
 def test_apply_sparsegpt_plan_is_sequential_inside_blocks(tiny, tiny_windows):
     """Reference: the whole model run forward (no block capture) before each group of
     projections that share an input, Hessians from that run, SparseGPT on each of them."""
-    import copy
-
-    from flexcim.flow.model import decoder_blocks
-
     ref = copy.deepcopy(tiny).requires_grad_(False)
     plan = pipeline.make_plan(tiny, None, SelectConfig(method="uniform", pattern="2:4"),
                               metric="magnitude", progress=False)
