@@ -117,11 +117,14 @@ class FlexCiM(wiring.Component):
         m.d.comb += [
             buf.we.eq(ctrl.a_we),
             buf.wbank.eq(ctrl.a_bank),
-            buf.wbeat.eq(ctrl.a_beat),
+            buf.wrow.eq(ctrl.a_row),
+            buf.wslot.eq(ctrl.a_slot),
             buf.wdata.eq(self.act.payload),
-            buf.rbank.eq(ctrl.r_bank),
-            buf.slice.eq(ctrl.r_slice),
+            # The buffer reads synchronously, as the cells do: next cycle's bank and slice.
+            buf.rbank.eq(ctrl.r_bank_next),
+            buf.slice.eq(ctrl.r_slice_next),
             buf.shift.eq(ctrl.shift),
+            buf.restart.eq(ctrl.last),
             dist.window.eq(buf.window),
         ]
         if len(shifts) > 1:
