@@ -9,16 +9,18 @@ that shifted down by the pass width after every pass).
 
 Organisation (docs/architecture.md, section 2).  Let ``G`` be the greatest common divisor of
 ``in_lanes``, ``window_lanes`` and every pass width (24 in the default preset).  A bank is cut
-into *granules* of ``G`` lanes; granule ``g`` lives in memory ``g mod NB``, at row ``g div NB``,
-and a memory word holds the eight bits of its ``G`` lanes.  A pass of width ``W`` at position
-``p`` covers the ``w = W / G`` granules ``p*w .. p*w + w - 1``: as ``w <= NB`` they sit in ``w``
-distinct memories, so every memory reads one word per cycle, memory ``m`` at row
-``base div NB + (m < base mod NB)`` (``base = p*w``), and a rotation by ``base mod NB`` granules
-puts them in window order.  ``NB`` is the number of window granules rounded up to a multiple
-of the granules of a beat (``in_lanes / G``): then beat ``b`` writes the ``in_lanes / G``
-memories of slot ``b mod S`` (``S = NB * G / in_lanes``) at row ``b div S``, always the same
-lanes of the beat into the same memory (fixed wires, no write rotator).  Nothing needs a
-divider: the pass position is kept as a running quotient and remainder.
+into *granules* of ``G`` lanes, and a memory word is one bit-slice of one granule (``G x b``
+bits, ``b = slice_bits``), so a cycle reads only the slice it computes on.  Slice ``s`` of
+granule ``g`` lives in memory ``(g + s*I) mod NB`` (``I = in_lanes / G``, the granules of a
+beat), at address (row ``g div NB``, bank, slice ``s``).  The skew by ``s*I`` lets a beat write
+all slices of its ``I`` granules at once, one word into each of ``I * 8/b`` distinct memories,
+and a pass of ``w = W / G`` granules read slice ``s`` of all of them at once from ``w`` distinct
+memories, if ``NB = I * S`` with ``S = max(ceil(window_lanes / in_lanes), 8/b)`` slots (beat
+``b`` is row ``b div S``, slot ``b mod S``).  Reading slice ``s`` of the pass at granule
+``base``, memory ``m`` holds granule ``base + ((m - e) mod NB)``, ``e = (base + s*I) mod NB``,
+so a rotation by ``e`` granules puts the words in window order; writing, the beat's slices
+rotate by its slot onto the memories of each granule.  Nothing needs a divider: the pass
+position is kept as a running quotient and remainder of ``NB``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import math
 import operator
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -34,10 +36,12 @@ from flexcim.hw.array import index_shape, validating
 from flexcim.spec.config import ACT_BITS
 
 
-def beats_per_row(*, window_lanes: int, in_lanes: int) -> int:
-    """Beats that fill one row of the buffer's memories, ``S = ceil(window_lanes /
-    in_lanes)``: the loader addresses beat ``b`` as row ``b div S``, slot ``b mod S``."""
-    return -(-operator.index(window_lanes) // operator.index(in_lanes))
+def beats_per_row(*, window_lanes: int, in_lanes: int, slice_bits: int) -> int:
+    """Beats that fill one row of the buffer's memories, ``S = max(ceil(window_lanes /
+    in_lanes), 8 / slice_bits)``: the loader addresses beat ``b`` as row ``b div S``, slot
+    ``b mod S``."""
+    return max(-(-operator.index(window_lanes) // operator.index(in_lanes)),
+               ACT_BITS // operator.index(slice_bits))
 
 
 class ActivationBuffer(wiring.Component):
@@ -60,12 +64,11 @@ class ActivationBuffer(wiring.Component):
     -------
     we, wbank, wrow, wslot, wdata : In
         Write beat ``wdata`` into bank ``wbank``; beat ``b`` of a token is row ``b div S``,
-        slot ``b mod S`` (:func:`beats_per_row`).
+        slot ``b mod S`` (:func:`beats_per_row`).  The beat is in the memories the next cycle.
     rbank, slice : In
         Bank and bit-slice the window shows in the *next* cycle (the memories' synchronous read
-        ports: latency 1, as the cells' ``Controller.r_pass_next``).  The words are read only
-        when ``slice`` is 0 (the first slice of a pass, or between passes) and held for the
-        pass's other slices.  A word written in the cycle it is addressed is read through.
+        ports: latency 1, as the cells' ``Controller.r_pass_next``).  A word written in the
+        cycle it is addressed is read through.
     shift, shift_sel, restart : In
         At this clock edge the pass advances by ``shifts[shift_sel]`` lanes (``shift``), or
         returns to lane 0 (``restart``, the token's last cycle; it wins over ``shift``).
@@ -100,8 +103,11 @@ class ActivationBuffer(wiring.Component):
                 raise ValueError(f"slice_bits must be 1, 2, 4 or 8, not {slice_bits!r}")
         g = math.gcd(self._in_lanes, self._window, *self._shifts)
         self._granule = g
-        self._slots = beats_per_row(window_lanes=self._window, in_lanes=self._in_lanes)
-        self._memories = self._slots * (self._in_lanes // g)
+        self._slices = ACT_BITS // self._b
+        self._per_beat = self._in_lanes // g
+        self._slots = beats_per_row(window_lanes=self._window, in_lanes=self._in_lanes,
+                                    slice_bits=self._b)
+        self._memories = self._slots * self._per_beat
         self._granules = self._lanes // g
         self._rows = -(-self._granules // self._memories)
         ports = {
@@ -111,7 +117,7 @@ class ActivationBuffer(wiring.Component):
             "wslot": In(index_shape(self._slots)),
             "wdata": In(data.ArrayLayout(signed(ACT_BITS), self._in_lanes)),
             "rbank": In(1),
-            "slice": In(index_shape(ACT_BITS // self._b)),
+            "slice": In(index_shape(self._slices)),
             "shift": In(1),
             "restart": In(1),
             "window": Out(data.ArrayLayout(unsigned(self._b), self._window)),
@@ -127,129 +133,154 @@ class ActivationBuffer(wiring.Component):
 
     @property
     def memories(self) -> int:
-        """Memories per buffer, ``NB`` (each holds its granules of both banks)."""
+        """Memories of the buffer, ``NB`` (each holds words of both banks and every slice)."""
         return self._memories
 
+    def _residue(self, m: int, s: int) -> int:
+        """``g mod NB`` of the granules whose slice ``s`` memory ``m`` holds."""
+        return (m - s * self._per_beat) % self._memories
+
     def memory_rows(self, m: int) -> int:
-        """Rows (granules) of one bank in memory ``m``: ``ceil((lanes / G - m) / NB)``."""
-        return max(0, -(-(self._granules - m) // self._memories))
+        """Rows of memory ``m`` per bank and slice: the most granules any slice puts there."""
+        return max(max(0, -(-(self._granules - self._residue(m, s)) // self._memories))
+                   for s in range(self._slices))
 
     @property
     def memory_bits(self) -> int:
-        """Storage bits of all memories: exactly ``2 * lanes * 8``."""
-        return sum(2 * self.memory_rows(m) * self._granule * ACT_BITS
+        """Storage bits of all memories: ``2 * lanes * 8``, plus the unused words of memories
+        that hold more granules of one slice than of another (none when ``NB`` divides
+        ``lanes / G``)."""
+        return sum(2 * self._slices * self.memory_rows(m) * self._granule * self._b
                    for m in range(self._memories))
 
     def elaborate(self, platform):
         m = Module()
-        g, nb, b = self._granule, self._memories, self._b
-        per_beat = self._in_lanes // g
-        # Every pass position is a multiple of u granules (u divides NB): the remainder and the
-        # rotation count in units of u, so the rotator has no stage that never switches.
+        g, nb, b, slices = self._granule, self._memories, self._b, self._slices
+        per_beat, slots = self._per_beat, self._slots
         steps = [s // g for s in self._shifts]
-        u = math.gcd(nb, *steps)
-        groups = nb // u
 
-        # The current pass's first granule: quotient q and remainder r*u of base / NB, and base
+        # The current pass's first granule: quotient q and remainder r of base / NB, and base
         # itself where a window can run past the last granule (masked to 0 there).
         q = Signal(range(self._rows + 1), name="q")
-        r = Signal(index_shape(groups), name="r")
+        r = Signal(index_shape(nb), name="r")
         q_next = Signal.like(q, name="q_next")
         r_next = Signal.like(r, name="r_next")
-        step = Signal(range(groups + 1), name="step")
+        step = Signal(range(nb + 1), name="step")
         if len(steps) > 1:
             # The last width is the default branch (shift_sel never exceeds it), so the case
             # statement is complete (Verilator CASEINCOMPLETE) for any number of widths.
             with m.Switch(self.shift_sel):
-                for i, s in enumerate(steps):
+                for i, w in enumerate(steps):
                     with m.Case(i) if i < len(steps) - 1 else m.Default():
-                        m.d.comb += step.eq(s // u)
+                        m.d.comb += step.eq(w)
         else:
-            m.d.comb += step.eq(steps[0] // u)
-        wrapped = Signal(range(2 * groups), name="wrapped")
+            m.d.comb += step.eq(steps[0])
+        wrapped = Signal(range(2 * nb), name="wrapped")
         m.d.comb += [wrapped.eq(r + step), q_next.eq(q), r_next.eq(r)]
         with m.If(self.restart):
             m.d.comb += [q_next.eq(0), r_next.eq(0)]
         with m.Elif(self.shift):
-            with m.If(wrapped >= groups):
-                m.d.comb += [q_next.eq(q + 1), r_next.eq(wrapped - groups)]
+            with m.If(wrapped >= nb):
+                m.d.comb += [q_next.eq(q + 1), r_next.eq(wrapped - nb)]
             with m.Else():
                 m.d.comb += r_next.eq(wrapped)
         m.d.sync += [q.eq(q_next), r.eq(r_next)]
         # A window runs past the last granule when the last position of some pass width plus
         # the window's granules exceeds it; only then is anything masked.
-        masked = any((-(-self._granules // s) - 1) * s + self._window // g > self._granules
-                     for s in steps)
+        masked = any((-(-self._granules // w) - 1) * w + self._window // g > self._granules
+                     for w in steps)
         if masked:
             base = Signal(range(self._granules + self._window // g + 1), name="base")
             with m.If(self.restart):
                 m.d.sync += base.eq(0)
             with m.Elif(self.shift):
-                m.d.sync += base.eq(base + step * u)
+                m.d.sync += base.eq(base + step)
 
-        # Bit-serial: a word holds every slice of its lanes; read once per pass, the slice
-        # taken after the read (the registered slice of the cycle the word is used in).
-        slices = ACT_BITS // b
+        def rotate(values, amount, count, name):
+            """``out[j] = values[(j + amount) mod count]`` (``amount < count``): a barrel
+            rotator, stage ``k`` moving by ``2**k`` places when bit ``k`` is set."""
+            for k in range((count - 1).bit_length()):
+                moved = []
+                for j in range(count):
+                    v = Signal.like(values[j], name=f"{name}{k}_{j}")
+                    m.d.comb += v.eq(Mux(amount[k], values[(j + (1 << k)) % count], values[j]))
+                    moved.append(v)
+                values = moved
+            return values
+
+        # Writing: memory k*I + i takes slice (k - slot) mod S of the beat's granule i, so per
+        # granule the beat's slices rotate by the slot (slices past 8/b are no slice: no write).
+        lane_shape = data.ArrayLayout(unsigned(b), g)
+        back = Signal(index_shape(slots), name="back")  # rotating right by slot = left by back
+        m.d.comb += back.eq(Mux(self.wslot == 0, 0, slots - self.wslot))
+        incoming = []
+        for i in range(per_beat):
+            cut = []
+            for s in range(slots):
+                word = Signal(lane_shape, name=f"in{i}_{s}")
+                if s < slices:
+                    m.d.comb += [word[j].eq(self.wdata[i * g + j].as_unsigned()
+                                            .word_select(s, b) if slices > 1
+                                            else self.wdata[i * g + j]) for j in range(g)]
+                cut.append(word)
+            incoming.append(rotate(cut, back, slots, f"wrot{i}_"))
+
+        slice_bits = (slices - 1).bit_length()
         if slices > 1:
-            fetch = self.slice == 0
             slice_now = Signal.like(self.slice, name="slice_now")
             m.d.sync += slice_now.eq(self.slice)
-        else:
-            fetch = Const(1)
-        word_shape = data.ArrayLayout(signed(ACT_BITS), g)
-        lane_shape = data.ArrayLayout(unsigned(b), g)
         words = []
         for j in range(nb):
+            k, i = divmod(j, per_beat)
             rows = self.memory_rows(j)
             word = Signal(lane_shape, name=f"word{j}")
             words.append(word)
             if rows == 0:  # no granule of the bank maps here (a bank narrower than NB)
                 continue
-            mem = Memory(shape=word_shape, depth=2 * rows, init=[])
+            mem = Memory(shape=lane_shape, depth=2 * slices * rows, init=[])
             m.submodules[f"mem{j}"] = mem
             write = mem.write_port()
             read = mem.read_port(domain="sync", transparent_for=(write,))
-            # The beat's lanes (j mod per_beat)*G .. + G-1, in the slot that writes memory j.
+            ws = Signal(index_shape(slots), name=f"ws{j}")  # the slice memory j writes
+            if k < slots - 1:
+                m.d.comb += ws.eq(Mux(self.wslot > k, k + slots - self.wslot, k - self.wslot))
+            else:  # the slot is never above the last (Verilator CMPCONST)
+                m.d.comb += ws.eq(k - self.wslot)
             m.d.comb += [
-                write.en.eq(self.we & (self.wslot == j // per_beat)),
-                write.addr.eq(Cat(self.wbank, self.wrow)),
-                write.data.eq(Cat(self.wdata[(j % per_beat) * g + i] for i in range(g))),
-                read.en.eq(fetch),
+                write.en.eq(self.we & (ws < slices) if slots > slices else self.we),
+                write.addr.eq(Cat(ws[:slice_bits], self.wbank, self.wrow)),
+                write.data.eq(incoming[i][k]),
             ]
-            # Memory j holds the pass's granule base + ((j - base) mod NB): one row further
-            # when j comes before base's remainder.
+            # Memory j holds, for slice s, the granules of residue t = (j - s*I) mod NB: the
+            # pass's one is a row further when t comes before base's remainder.
+            ahead = Signal(name=f"ahead{j}")
+            with m.Switch(self.slice if slices > 1 else 0):
+                for s in range(slices):
+                    t = self._residue(j, s)
+                    with m.Case(s) if s < slices - 1 else m.Default():
+                        m.d.comb += ahead.eq(r_next > t if t < nb - 1 else 0)
             row = Signal(range(self._rows + 2), name=f"row{j}")
-            if j // u < groups - 1:
-                m.d.comb += row.eq(q_next + (r_next > j // u))
-            else:  # r_next is never above the last group (Verilator CMPCONST)
-                m.d.comb += row.eq(q_next)
+            m.d.comb += row.eq(q_next + ahead)
             if rows & (rows - 1):
                 # A row past the bank (a granule past `lanes`, masked below) stays inside the
                 # memory: a non-power-of-two depth has addresses with no word.
-                m.d.comb += read.addr.eq(Cat(self.rbank, Mux(row < rows, row, 0)))
-            else:
-                m.d.comb += read.addr.eq(Cat(self.rbank, row))
-            for i in range(g):
-                lane = read.data[i]
-                if slices > 1:
-                    m.d.comb += word[i].eq(lane.as_unsigned().word_select(slice_now, b))
-                else:
-                    m.d.comb += word[i].eq(lane)
+                row = Mux(row < rows, row, 0)
+            m.d.comb += [read.addr.eq(Cat(self.slice[:slice_bits], self.rbank, row)),
+                         word.eq(read.data)]
 
-        # Rotate by r*u granules: the barrel stage for bit k moves groups of u granules by
-        # 2**k places (mod NB), so stage after stage group j gets memory (j + r*u) mod NB.
-        stage = words
-        for k in range((groups - 1).bit_length()):
-            shift = (1 << k) * u
-            nxt = []
-            for j in range(nb):
-                moved = Signal(lane_shape, name=f"rot{k}_{j}")
-                m.d.comb += moved.eq(Mux(r[k], stage[(j + shift) % nb], stage[j]))
-                nxt.append(moved)
-            stage = nxt
+        # Reading slice s, the pass's granule base + j is in memory (e + j) mod NB, e = (r +
+        # s*I) mod NB: rotate the words by e.
+        if slices > 1:
+            e_raw = Signal(range(2 * nb), name="e_raw")
+            e = Signal(index_shape(nb), name="e")
+            m.d.comb += [e_raw.eq(r + slice_now * per_beat),
+                         e.eq(Mux(e_raw >= nb, e_raw - nb, e_raw))]
+        else:
+            e = r
+        ordered = rotate(words, e, nb, "rot")
         for j in range(self._window):
             group, i = divmod(j, g)
-            value = stage[group][i]
+            value = ordered[group][i]
             if j >= self._lanes:
                 m.d.comb += self.window[j].eq(0)
             elif masked:

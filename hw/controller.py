@@ -87,7 +87,8 @@ class Controller(wiring.Component):
             raise TypeError(f"cfg must be a HwConfig, not {type(cfg).__name__}")
         self._cfg = cfg
         self._fifo_depth = fifo_depth
-        self._slots = slots = beats_per_row(window_lanes=cfg.window_lanes, in_lanes=cfg.in_lanes)
+        self._slots = slots = beats_per_row(window_lanes=cfg.window_lanes, in_lanes=cfg.in_lanes,
+                                            slice_bits=cfg.act_bits_per_cycle)
         a_rows = -(-(cfg.max_k // cfg.in_lanes) // slots)
         code = {"code": Out(range(len(cfg.patterns)))} if len(cfg.patterns) > 1 else {}
         super().__init__({
