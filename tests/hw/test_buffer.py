@@ -143,6 +143,26 @@ def test_window_matches_the_list_model_for_every_width_and_bank(geometry):
     assert dut.granule == math.gcd(geometry[1], geometry[2], *geometry[3])
 
 
+def _random_geometry(seed: int):
+    """Pass widths of a random cell-row count and pattern set, a random beat width and bank."""
+    rng = np.random.default_rng(seed)
+    rows = int(rng.choice([2, 3, 4, 6, 8, 12]))
+    ratios = {(m, n) for m in (1, 2, 4, 8, 16) for n in range(1, m + 1) if rows % n == 0}
+    picks = rng.choice(len(ratios), size=int(rng.integers(1, 4)), replace=False)
+    widths = tuple(sorted({rows // n * m for i, (m, n) in enumerate(sorted(ratios))
+                           if i in picks}))
+    in_lanes = int(rng.integers(1, 13))
+    lanes = in_lanes * int(rng.integers(1, 9))
+    return lanes, in_lanes, max(widths), widths, int(rng.choice([1, 2, 4, 8]))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_window_matches_the_list_model_on_random_geometries(seed):
+    geometry = _random_geometry(seed)
+    checked = check_buffer(make(geometry), geometry, seed=seed, tokens=2 * len(geometry[3]) + 1)
+    assert {w for _, w in checked} == set(geometry[3]), geometry
+
+
 class _Mutant(wiring.Component):
     """The real buffer behind a rewiring: ``window`` rotated by ``turn`` lanes (a wrong
     rotation), or the first two granules of every beat swapped (a wrong granule)."""
