@@ -10,7 +10,10 @@ Everything is measured in this run on the bundled SmolLM2-135M and written to
 2. **Validation** (*Emma*): ``auto`` with and without its local search (granularity ``best``:
    the ``projection`` and ``block`` allocations were compared on 2026-12-01, docs/flow.md) and
    every baseline variant at
-   every target, Wanda one-shot from the dense statistics; the variant of each method with the
+   every target, Wanda, pruned as ``flexcim flow prune`` prunes (``--prune sequential``:
+   ``pipeline.SEQUENTIAL``, SparseGPT calibrated on the model pruned before each group of
+   projections, Wanda one-shot; ``--prune one-shot``: every metric from the dense model's
+   statistics, faster); the variant of each method with the
    lowest validation perplexity is chosen (per target for uniform: its best pattern, any N with
    M = 8 or 16; for OWL: first and last blocks dense or not).
 3. **Test** (held-out *Pride and Prejudice*): the chosen variants, with Wanda and SparseGPT,
@@ -97,6 +100,12 @@ def main(argv=None) -> int:
     parser.add_argument("--extra-macros", default="", metavar="P,P",
                         help="presets whose auto plans are also tested, e.g. flex8 (their "
                              "levels are added to the sensitivity measurement)")
+    parser.add_argument("--prune", choices=("sequential", "one-shot"), default="sequential",
+                        help="how every plan is pruned for its perplexity: sequential (the "
+                             "default: as flexcim flow prune does, pipeline.SEQUENTIAL: "
+                             "SparseGPT on the model pruned before each projection, Wanda "
+                             "one-shot) or one-shot from the dense model's statistics for "
+                             "every metric (faster; the figures before 2026-12-04 night)")
     parser.add_argument("--w8a8", action="store_true",
                         help="also measure every test plan in W8A8, the macro's arithmetic "
                              "(flow.quant, scales per token, smoothed with "
@@ -133,7 +142,8 @@ def main(argv=None) -> int:
     result = {"model": session.lm.name, "text": session.corpus.source, "seed": args.seed,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python bench/auto_bench.py " + " ".join(argv or sys.argv[1:]),
-              "calib_windows": args.calib_windows, "sens_windows": args.sens_windows,
+              "calib_windows": args.calib_windows, "prune": args.prune,
+              "sens_windows": args.sens_windows,
               "eval_windows": args.eval_windows, "val_windows": args.val_windows,
               "load_average_at_start": os.getloadavg()[0]}
     cw = pipeline.calibration_windows(session, count=args.calib_windows, seed=args.seed)
@@ -153,8 +163,9 @@ def main(argv=None) -> int:
         for n, m in layers.items():
             m.weight.data.copy_(dense_weights[n])
 
-    stats = calib.calibrate(model, cw, hessian=not args.skip_sparsegpt,
-                            keep_hessians=not args.skip_sparsegpt)
+    one_shot_sparsegpt = args.prune == "one-shot" and not args.skip_sparsegpt
+    stats = calib.calibrate(model, cw, hessian=one_shot_sparsegpt,
+                            keep_hessians=one_shot_sparsegpt)
     result["dense"] = {key: perplexity(model, w, progress=False) for key, w in windows.items()}
     log.info("dense perplexity %s", result["dense"])
     macros = [*MACROS, *(p for p in args.extra_macros.split(",") if p.strip())]
@@ -210,7 +221,10 @@ def main(argv=None) -> int:
                                   stats=stats, progress=False)
 
     def measure(plan, metric: str, keys, macro: str = "default") -> dict:
-        pipeline.apply_plan(model, plan, None, metric=metric, stats=stats, progress=False)
+        if args.prune == "sequential" and pipeline.SEQUENTIAL[metric]:
+            pipeline.apply_plan(model, plan, cw, metric=metric, progress=False)
+        else:
+            pipeline.apply_plan(model, plan, None, metric=metric, stats=stats, progress=False)
         pipeline.check_plan(model, plan)
         row = {key: perplexity(model, windows[key], progress=False) for key in keys}
         if args.w8a8 and "test" in keys:

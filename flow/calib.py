@@ -4,7 +4,10 @@ The model runs once up to its first decoder block (the block inputs are captured
 the forward pass is cut short); then each block in turn runs on the captured hidden states with
 hooks on its ``nn.Linear`` sublayers, a callback sees the block's statistics (and may prune the
 block), and the block's outputs (recomputed when it was pruned, so later blocks calibrate on
-what they will really see) become the next block's inputs.  Memory stays bounded by one block's
+what they will really see) become the next block's inputs.  With ``sequential=True`` the same
+happens inside a block: its projections are taken in groups that read the same input (q, k, v;
+o; gate, up; down for a Llama block), and each group's statistics are gathered after the groups
+before it were pruned (SparseGPT's "true sequential" order).  Memory stays bounded by one block's
 statistics plus the calibration hidden states.  Hooks are always removed, also on errors.
 """
 
@@ -108,6 +111,39 @@ def _block_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor, bat
     return captured
 
 
+def input_groups(block: Block, captured: list) -> list[list[str]]:
+    """The block's projections grouped by the tensor they read, in the order they run.
+
+    One run of the block on the first captured batch records each projection's input tensor;
+    projections reading the very same tensor (``q``, ``k`` and ``v`` the normed hidden state,
+    ``gate`` and ``up`` the MLP's) form one group.  Projections the block never calls come last,
+    one group each."""
+    seen: dict[str, torch.Tensor] = {}  # in call order
+    handles = []
+
+    def hook(name):
+        def pre(_module, inputs):
+            seen.setdefault(name, inputs[0])  # the tensor itself: an address may be reused
+        return pre
+
+    try:
+        for name, layer in block.linears.items():
+            handles.append(layer.register_forward_pre_hook(hook(name)))
+        _run_block(block.module, captured[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for name, tensor in seen.items():
+        for source, names in groups:
+            if source is tensor:
+                names.append(name)
+                break
+        else:
+            groups.append((tensor, [name]))
+    return [names for _, names in groups] + [[n] for n in block.linears if n not in seen]
+
+
 def _run_block(block: nn.Module, captured: list) -> list[torch.Tensor]:
     outs = []
     for hidden, args, kwargs in captured:
@@ -120,8 +156,8 @@ def _run_block(block: nn.Module, captured: list) -> list[torch.Tensor]:
 def calibrate(model: nn.Module, windows: torch.Tensor, *,
               on_block: Callable[[Block, dict[str, LayerStats]], bool] | None = None,
               hessian: bool = False, batch_size: int = 4, progress: bool = True,
-              last_block: int | None = None, keep_hessians: bool = False
-              ) -> dict[str, LayerStats]:
+              last_block: int | None = None, keep_hessians: bool = False,
+              sequential: bool = False) -> dict[str, LayerStats]:
     """Gather input statistics of every projection, block by block.
 
     Parameters
@@ -138,6 +174,11 @@ def calibrate(model: nn.Module, windows: torch.Tensor, *,
         Stop after this block (later blocks are neither measured nor changed).
     keep_hessians : bool
         Keep every layer's ``X^T X`` in the result (one-shot SparseGPT; ~0.5 GB for SmolLM2).
+    sequential : bool
+        Call ``on_block`` once per group of projections that read the same input
+        (:func:`input_groups`), with that group's statistics gathered after the earlier groups'
+        callbacks: a projection is calibrated on the outputs of the already-pruned projections
+        before it in the block.  The block runs once per group and once more for its outputs.
     """
     blocks = decoder_blocks(model)
     if last_block is not None:
@@ -146,14 +187,20 @@ def calibrate(model: nn.Module, windows: torch.Tensor, *,
     result = {}
     for block in tqdm(blocks, desc="calibration", disable=not progress, leave=False,
                       unit="block"):
-        with collecting(block.linears, hessian=hessian) as stats:
+        groups = (input_groups(block, captured) if sequential and on_block is not None
+                  else [list(block.linears)])
+        outs = None
+        for group in groups:
+            with collecting({n: block.linears[n] for n in group}, hessian=hessian) as stats:
+                outs = _run_block(block.module, captured)
+            if on_block is not None and on_block(block, stats):
+                outs = None  # the group changed: its outputs (and later groups' inputs) too
+            for name, s in stats.items():
+                if not keep_hessians:
+                    s.xtx = None
+                result[name] = s
+        if outs is None:
             outs = _run_block(block.module, captured)
-        if on_block is not None and on_block(block, stats):
-            outs = _run_block(block.module, captured)
-        for name, s in stats.items():
-            if not keep_hessians:
-                s.xtx = None
-            result[name] = s
         captured = [(out, args, kwargs) for out, (_, args, kwargs) in zip(outs, captured,
                                                                            strict=True)]
     return result

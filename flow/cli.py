@@ -192,6 +192,7 @@ def _prune(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     record = {"plan": os.path.abspath(args.plan), "metric": metric, "prune_seconds": seconds,
               "calib_windows": None if windows is None else int(windows.shape[0]),
+              "order": "sequential" if pipeline.SEQUENTIAL[metric] else "one-shot",
               "achieved_sparsity": plan.achieved_sparsity, "model": session.lm.name}
     if args.eval_windows:
         # before anything is written: a failure here leaves no model folder behind

@@ -150,17 +150,28 @@ def make_plan(model: nn.Module, windows: torch.Tensor | None, config: SelectConf
     return plan
 
 
+SEQUENTIAL = {"magnitude": False, "wanda": False, "sparsegpt": True}
+"""Whether :func:`apply_plan` calibrates each projection on the already-pruned model (True) or
+prunes every projection from the dense model's statistics (False; magnitude needs none), per
+metric; measured on the
+validation text (docs/flow.md, "Pruning order", 2026-12-04): SparseGPT's uniform 6:16 plan
+94.28 sequential inside blocks vs 94.63 block by block vs 99.58 one-shot (its `auto` plan
+87.62 / 91.25 / 88.97); Wanda's uniform 6:16 283.3 one-shot vs 321.1 block by block (8:16
+97.68 vs 99.34)."""
+
+
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
                metric: str = "wanda", progress: bool = True, last_block: int | None = None,
                stats: dict[str, calib.LayerStats] | None = None) -> None:
-    """Prune ``model`` in place to ``plan``, block by block on ``windows`` (not for magnitude).
-
-    Later blocks calibrate on the outputs of the already-pruned earlier blocks, as in the Wanda
-    and SparseGPT references.  ``last_block`` stops after that block (export needs no more).
-    With ``stats`` (from one dense :func:`calib.calibrate`; with ``keep_hessians=True`` for
-    SparseGPT) the model is pruned one-shot from those statistics instead, without running it:
-    what the benchmark does to compare many plans on one calibration.
+    """Prune ``model`` in place to ``plan`` from its statistics on ``windows`` (not for
+    magnitude), in the order :data:`SEQUENTIAL` gives the metric: SparseGPT calibrates every
+    group of projections on the model pruned before it (the earlier blocks, and the groups of
+    its own block that read earlier inputs: q, k, v before o, gate and up before down); Wanda
+    prunes every projection one-shot from the dense model's input norms.  ``last_block`` stops
+    after that block (export needs no more).  With ``stats`` (from one dense
+    :func:`calib.calibrate`; with ``keep_hessians=True`` for SparseGPT) the model is pruned
+    one-shot from those statistics, without running it, whatever the metric.
     """
     _check_metric(metric)
     layers = linear_layers(model)
@@ -189,14 +200,19 @@ def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
         return
     if windows is None:
         raise FlexCimError(f"metric {metric!r} needs calibration windows")
+    if not SEQUENTIAL[metric]:
+        dense = calib.calibrate(model, windows, progress=progress, last_block=last_block)
+        for name in dense:
+            prune_layer(name, dense[name])
+        return
 
-    def on_block(block, stats) -> bool:
-        for name in block.linears:
+    def on_block(_block, stats) -> bool:
+        for name in stats:
             prune_layer(name, stats[name])
-        return any(not patterns[n].is_dense for n in block.linears if n in patterns)
+        return any(not patterns[n].is_dense for n in stats if n in patterns)
 
     calib.calibrate(model, windows, on_block=on_block, hessian=metric == "sparsegpt",
-                    progress=progress, last_block=last_block)
+                    progress=progress, last_block=last_block, sequential=True)
 
 
 def check_plan(model: nn.Module, plan: Plan) -> None:

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from flexcim.flow import calib
@@ -54,3 +56,42 @@ def test_pruning_callback_feeds_pruned_outputs_forward(tiny, tiny_windows):
     q1 = "model.layers.1.self_attn.q_proj"
     assert torch.allclose(pruned[q0].act_sq_mean, dense[q0].act_sq_mean)
     assert not torch.allclose(pruned[q1].act_sq_mean, dense[q1].act_sq_mean)
+
+
+def test_input_groups_of_a_llama_block(tiny, tiny_windows):
+    block = decoder_blocks(tiny)[1]
+    captured = calib._block_inputs(tiny, decoder_blocks(tiny)[0].module, tiny_windows, 4)
+    p = "model.layers.1."
+    assert calib.input_groups(block, captured) == [
+        [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"],
+        [p + "self_attn.o_proj"], [p + "mlp.gate_proj", p + "mlp.up_proj"], [p + "mlp.down_proj"]]
+    assert not any(layer._forward_pre_hooks for layer in block.linears.values())
+
+
+def test_sequential_calibrates_each_group_on_the_pruned_groups_before_it(tiny, tiny_windows):
+    """v_proj zeroed: o_proj reads only zeros (attention averages zero values); up_proj
+    zeroed: down_proj reads act(gate) * 0.  Block-level calibration does not see either."""
+    untouched = copy.deepcopy(tiny)
+    seen = []
+
+    def zero_v_and_up(block, stats):
+        seen.append([n.rsplit(".", 1)[1] for n in stats])
+        for name in stats:
+            if name.endswith(("v_proj", "up_proj")):
+                block.linears[name].weight.zero_()
+        return True
+
+    got = calib.calibrate(tiny, tiny_windows, on_block=zero_v_and_up, sequential=True,
+                          progress=False)
+    blocks = len(decoder_blocks(tiny))
+    assert seen == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"],
+                    ["down_proj"]] * blocks
+    for i in range(blocks):
+        for kind in ("self_attn.o_proj", "mlp.down_proj"):
+            stats = got[f"model.layers.{i}.{kind}"]
+            assert stats.tokens == 96 and torch.count_nonzero(stats.act_sq_mean) == 0
+    seen.clear()
+    whole = calib.calibrate(untouched, tiny_windows, on_block=zero_v_and_up, progress=False)
+    assert len(seen) == blocks  # one call per block, with every projection's statistics
+    for kind in ("self_attn.o_proj", "mlp.down_proj"):
+        assert torch.count_nonzero(whole[f"model.layers.0.{kind}"].act_sq_mean) > 0

@@ -73,6 +73,8 @@ def test_select_then_prune(workspace, capsys, metric):
         assert int(counts.max()) <= n, name
     record = json.loads((d / f"pruned-{metric}" / "flexcim-prune.json").read_text())
     assert record["metric"] == metric and record["perplexity"] > 1
+    assert record["order"] == {"magnitude": "one-shot", "wanda": "one-shot",
+                               "sparsegpt": "sequential"}[metric]
 
 
 def test_calibration_windows_default_by_metric(workspace, capsys):

@@ -1,15 +1,18 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
 from flexcim.flow import calib, pipeline, prune
-from flexcim.flow.model import linear_layers
+from flexcim.flow.model import decoder_blocks, linear_layers
 from flexcim.flow.select import SelectConfig
 from flexcim.golden.prune import nm_prune
 
 from flexcim.errors import FlexCimError
 
 
-def test_apply_wanda_plan_block0_equals_direct_pruning(tiny, tiny_windows):
+def test_apply_wanda_plan_equals_direct_pruning_from_dense_norms(tiny, tiny_windows):
+    """Wanda prunes one-shot: every projection, in every block, from the dense model's norms."""
     dense = {n: lin.weight.detach().clone() for n, lin in linear_layers(tiny).items()}
     stats = calib.calibrate(tiny, tiny_windows, progress=False)
     plan = pipeline.make_plan(tiny, None, SelectConfig(method="flow", target=0.5,
@@ -18,9 +21,9 @@ def test_apply_wanda_plan_block0_equals_direct_pruning(tiny, tiny_windows):
     pipeline.apply_plan(tiny, plan, tiny_windows, progress=False)
     pipeline.check_plan(tiny, plan)
     layers = linear_layers(tiny)
-    for name in (n for n in layers if n.startswith("model.layers.0.")):
-        p = plan.blocks[0]["pattern"]
-        n, m = map(int, p.split(":"))
+    assert len({p["pattern"] for p in plan.blocks}) > 1
+    for name in layers:
+        n, m = map(int, plan.layers[name].split(":"))
         expected = prune.prune_nm(dense[name], prune.wanda_scores(dense[name],
                                                                   stats[name].act_sq_mean),
                                   n_keep=n, m=m)
@@ -139,3 +142,28 @@ def test_energy_plan_is_read_by_golden_energy(tiny):
     assert len(parsed) == 4 and all(str(p.pattern) == "2:8" and p.mask_24 for p in parsed)
     assert dict((n, (c, k)) for n, c, k in parsed[0].linears)[
         "model.layers.0.mlp.down_proj"] == (32, 64)
+
+
+def test_apply_sparsegpt_plan_is_sequential_inside_blocks(tiny, tiny_windows):
+    """Reference: the whole model run forward (no block capture) before each group of
+    projections that share an input, Hessians from that run, SparseGPT on each of them."""
+    ref = copy.deepcopy(tiny).requires_grad_(False)
+    plan = pipeline.make_plan(tiny, None, SelectConfig(method="uniform", pattern="2:4"),
+                              metric="magnitude", progress=False)
+    pipeline.apply_plan(tiny, plan, tiny_windows, metric="sparsegpt", progress=False)
+    pipeline.check_plan(tiny, plan)
+    kinds = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+             ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    layers = linear_layers(ref)
+    for block in decoder_blocks(ref):
+        for group in kinds:
+            names = [f"{block.name}.{k}" for k in group]
+            with calib.collecting({n: layers[n] for n in names}, hessian=True) as stats, \
+                    torch.no_grad():
+                ref(input_ids=tiny_windows)
+            for n in names:
+                layers[n].weight.copy_(prune.sparsegpt_nm(layers[n].weight, stats[n].hessian,
+                                                          n_keep=2, m=4))
+    got = linear_layers(tiny)
+    for name, layer in layers.items():
+        assert torch.allclose(got[name].weight, layer.weight, atol=1e-5), name
