@@ -21,6 +21,13 @@ memories, if ``NB = I * S`` with ``S = max(ceil(window_lanes / in_lanes), 8/b)``
 so a rotation by ``e`` granules puts the words in window order; writing, the beat's slices
 rotate by its slot onto the memories of each granule.  Nothing needs a divider: the pass
 position is kept as a running quotient and remainder of ``NB``.
+
+Read enables.  A memory's read port is enabled only when the cycle after uses new data
+(``read``, the controller's ``fetch``) and only if the memory holds one of the ``w`` granules of
+the pass (clipped at the end of the bank): the ports rotated by ``e`` from a thermometer of
+``w`` ones.  A port that is not enabled keeps its word, so the window holds through stalls and
+a cycle reads ``min(pass width, lanes - base) x b`` bits, a pass that width times 8: what the
+energy model charges (:func:`flexcim.golden.energy.command_events`, ``buffer_read_bits``).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
-from flexcim.hw.array import index_shape, validating
+from flexcim.hw.array import balanced_sum, index_shape, validating
 from flexcim.spec.config import ACT_BITS
 
 
@@ -59,29 +66,36 @@ class ActivationBuffer(wiring.Component):
         The pass widths; ``shift_sel`` picks the command's.
     slice_bits : int
         Bits per activation slice, 1, 2, 4 or 8.
+    activity : bool
+        Add the ``read_words`` output (an activity counter's input; default off: no logic).
 
     Members
     -------
     we, wbank, wrow, wslot, wdata : In
         Write beat ``wdata`` into bank ``wbank``; beat ``b`` of a token is row ``b div S``,
         slot ``b mod S`` (:func:`beats_per_row`).  The beat is in the memories the next cycle.
-    rbank, slice : In
-        Bank and bit-slice the window shows in the *next* cycle (the memories' synchronous read
-        ports: latency 1, as the cells' ``Controller.r_pass_next``).  A word written in the
-        cycle it is addressed is read through.
+    rbank, slice, read : In
+        Bank and bit-slice the window shows from the *next* cycle on (the memories' synchronous
+        read ports: latency 1, as the cells' ``Controller.r_pass_next``), read in the cycles
+        with ``read`` (``Controller.fetch``: the next cycle computes on a new window); without
+        ``read`` the window holds.  A word written in the cycle it is read is read through.
     shift, shift_sel, restart : In
         At this clock edge the pass advances by ``shifts[shift_sel]`` lanes (``shift``), or
         returns to lane 0 (``restart``, the token's last cycle; it wins over ``shift``).
     window : Out, ``window_lanes`` x unsigned ``slice_bits``
-        Slice ``slice`` of the lanes ``base .. base + window_lanes - 1`` of bank ``rbank``, as
-        addressed one cycle earlier (``base``: the current pass's first lane); lanes past
-        ``lanes`` read 0.  Lanes past the pass width carry the next lanes of the bank (the
-        distribution unit routes none of them).
+        Slice ``slice`` of the lanes ``base .. base + w - 1`` of bank ``rbank`` (``w =
+        shifts[shift_sel]``, ``base``: the current pass's first lane), as read by the last
+        ``read``; lanes past ``lanes`` read 0.  Lanes past the pass width are not read (their
+        memories keep older words; the distribution unit routes none of them).
+    read_words : Out (only with ``activity``)
+        Read ports enabled in this cycle; each reads ``granule x slice_bits`` bits.
 
-    Throughput: one window per cycle, one beat written per cycle into the other bank.
+    Latency 1 (``read`` to ``window``).  Throughput: one window per cycle, one beat written per
+    cycle into the other bank.
     """
 
-    def __init__(self, *, lanes: int, in_lanes: int, window_lanes: int, shifts, slice_bits: int):
+    def __init__(self, *, lanes: int, in_lanes: int, window_lanes: int, shifts, slice_bits: int,
+                 activity: bool = False):
         with validating(self):
             self._lanes = operator.index(lanes)
             self._in_lanes = operator.index(in_lanes)
@@ -110,6 +124,7 @@ class ActivationBuffer(wiring.Component):
         self._memories = self._slots * self._per_beat
         self._granules = self._lanes // g
         self._rows = -(-self._granules // self._memories)
+        self._activity = bool(activity)
         ports = {
             "we": In(1),
             "wbank": In(1),
@@ -118,18 +133,26 @@ class ActivationBuffer(wiring.Component):
             "wdata": In(data.ArrayLayout(signed(ACT_BITS), self._in_lanes)),
             "rbank": In(1),
             "slice": In(index_shape(self._slices)),
+            "read": In(1),
             "shift": In(1),
             "restart": In(1),
             "window": Out(data.ArrayLayout(unsigned(self._b), self._window)),
         }
         if len(self._shifts) > 1:
             ports["shift_sel"] = In(range(len(self._shifts)))
+        if self._activity:
+            ports["read_words"] = Out(range(self._memories + 1))
         super().__init__(ports)
 
     @property
     def granule(self) -> int:
         """Lanes per memory word, ``G``."""
         return self._granule
+
+    @property
+    def word_bits(self) -> int:
+        """Bits of one memory word, read by one enabled port: ``G x slice_bits``."""
+        return self._granule * self._b
 
     @property
     def memories(self) -> int:
@@ -166,15 +189,16 @@ class ActivationBuffer(wiring.Component):
         q_next = Signal.like(q, name="q_next")
         r_next = Signal.like(r, name="r_next")
         step = Signal(range(nb + 1), name="step")
+        reach = Signal(nb, name="reach")  # the pass's granules from base: w ones
         if len(steps) > 1:
             # The last width is the default branch (shift_sel never exceeds it), so the case
             # statement is complete (Verilator CASEINCOMPLETE) for any number of widths.
             with m.Switch(self.shift_sel):
                 for i, w in enumerate(steps):
                     with m.Case(i) if i < len(steps) - 1 else m.Default():
-                        m.d.comb += step.eq(w)
+                        m.d.comb += [step.eq(w), reach.eq((1 << w) - 1)]
         else:
-            m.d.comb += step.eq(steps[0])
+            m.d.comb += [step.eq(steps[0]), reach.eq((1 << steps[0]) - 1)]
         wrapped = Signal(range(2 * nb), name="wrapped")
         m.d.comb += [wrapped.eq(r + step), q_next.eq(q), r_next.eq(r)]
         with m.If(self.restart):
@@ -191,19 +215,24 @@ class ActivationBuffer(wiring.Component):
                      for w in steps)
         if masked:
             base = Signal(range(self._granules + self._window // g + 1), name="base")
+            base_next = Signal.like(base, name="base_next")
+            m.d.comb += base_next.eq(base)
             with m.If(self.restart):
-                m.d.sync += base.eq(0)
+                m.d.comb += base_next.eq(0)
             with m.Elif(self.shift):
-                m.d.sync += base.eq(base + step)
+                m.d.comb += base_next.eq(base + step)
+            m.d.sync += base.eq(base_next)
 
-        def rotate(values, amount, count, name):
-            """``out[j] = values[(j + amount) mod count]`` (``amount < count``): a barrel
-            rotator, stage ``k`` moving by ``2**k`` places when bit ``k`` is set."""
+        def rotate(values, amount, count, name, sign=1):
+            """``out[j] = values[(j + sign * amount) mod count]`` (``amount < count``, ``sign``
+            +1 or -1): a barrel rotator, stage ``k`` moving by ``2**k`` places when bit ``k``
+            is set."""
             for k in range((count - 1).bit_length()):
                 moved = []
                 for j in range(count):
                     v = Signal.like(values[j], name=f"{name}{k}_{j}")
-                    m.d.comb += v.eq(Mux(amount[k], values[(j + (1 << k)) % count], values[j]))
+                    m.d.comb += v.eq(Mux(amount[k], values[(j + sign * (1 << k)) % count],
+                                         values[j]))
                     moved.append(v)
                 values = moved
             return values
@@ -226,9 +255,32 @@ class ActivationBuffer(wiring.Component):
             incoming.append(rotate(cut, back, slots, f"wrot{i}_"))
 
         slice_bits = (slices - 1).bit_length()
+        # Reading slice s of the pass at granule base, memory (e + j) mod NB holds the pass's
+        # granule base + j, e = (r + s*I) mod NB.  The read ports take the next cycle's e; the
+        # words, read one cycle earlier, the current one (e_next registered, held with them).
         if slices > 1:
-            slice_now = Signal.like(self.slice, name="slice_now")
-            m.d.sync += slice_now.eq(self.slice)
+            e_raw = Signal(range(2 * nb), name="e_raw")
+            e_next = Signal(index_shape(nb), name="e_next")
+            e = Signal(index_shape(nb), name="e")
+            m.d.comb += [e_raw.eq(r_next + self.slice * per_beat),
+                         e_next.eq(Mux(e_raw >= nb, e_raw - nb, e_raw))]
+            m.d.sync += e.eq(e_next)
+        else:
+            e_next, e = r_next, r
+        # Read enables: memory j holds the pass's granule d = (j - e_next) mod NB, one of the
+        # pass's w when d < w and, where a pass can run past the bank, base + d < lanes / G.
+        # A thermometer of those granules, rotated onto the memories (NB log2 NB one-bit muxes).
+        wanted = []
+        for d in range(nb):
+            want = Signal(name=f"want{d}")
+            inside = self._granules - d
+            if masked:
+                m.d.comb += want.eq(reach[d] & (base_next < inside) if inside > 0 else 0)
+            else:
+                m.d.comb += want.eq(reach[d])
+            wanted.append(want)
+        enables = rotate(wanted, e_next, nb, "ren", sign=-1)
+        read_ens = []
         words = []
         for j in range(nb):
             k, i = divmod(j, per_beat)
@@ -266,17 +318,13 @@ class ActivationBuffer(wiring.Component):
                 # memory: a non-power-of-two depth has addresses with no word.
                 row = Mux(row < rows, row, 0)
             m.d.comb += [read.addr.eq(Cat(self.slice[:slice_bits], self.rbank, row)),
+                         read.en.eq(self.read & enables[j]),
                          word.eq(read.data)]
+            read_ens.append(read.en)
+        if self._activity:
+            m.d.comb += self.read_words.eq(balanced_sum(read_ens))
 
-        # Reading slice s, the pass's granule base + j is in memory (e + j) mod NB, e = (r +
-        # s*I) mod NB: rotate the words by e.
-        if slices > 1:
-            e_raw = Signal(range(2 * nb), name="e_raw")
-            e = Signal(index_shape(nb), name="e")
-            m.d.comb += [e_raw.eq(r + slice_now * per_beat),
-                         e.eq(Mux(e_raw >= nb, e_raw - nb, e_raw))]
-        else:
-            e = r
+        # The words in window order: rotate by e.
         ordered = rotate(words, e, nb, "rot")
         for j in range(self._window):
             group, i = divmod(j, g)

@@ -76,6 +76,13 @@ class Controller(wiring.Component):
         ``r_pass``, ``r_bank``, ``r_slice`` of the next cycle (combinational): the addresses of
         the cells' and the activation buffer's synchronous read ports, so the word of a pass
         and its window are there in its first cycle (no added latency).
+    fetch : Out
+        The activation buffer reads the window at ``r_bank_next`` / ``r_slice_next`` in this
+        cycle (its read enable; it holds the window otherwise): once per compute cycle, in the
+        cycle before it.  Within a token, every cycle that issues but the last; a token's first
+        window in the last cycle of the previous token if its bank is full by then (its last
+        beat may be written in that cycle: the read port is transparent), else in the cycle
+        its last beat is written (no token runs then).
     result_taken : In
         A result left the result stream (returns a FIFO credit).
     error : Out
@@ -104,7 +111,7 @@ class Controller(wiring.Component):
             "r_pass": Out(index_shape(cfg.depth)), "r_pass_next": Out(index_shape(cfg.depth)),
             "r_slice": Out(index_shape(cfg.cycles_per_pass)),
             "r_slice_next": Out(index_shape(cfg.cycles_per_pass)),
-            "top": Out(1), "first": Out(1), "last": Out(1), "shift": Out(1),
+            "top": Out(1), "first": Out(1), "last": Out(1), "shift": Out(1), "fetch": Out(1),
             "result_taken": In(1),
             "error": Out(1),
         })
@@ -255,4 +262,13 @@ class Controller(wiring.Component):
             with m.If(c_tokens + 1 == tokens):
                 m.d.sync += [active.eq(0), c_tokens.eq(0)]
         m.d.sync += full.eq((full | set_full) & ~clear_full)
+        # The buffer's read enable (see ``fetch``): a bank is written only while not full and
+        # computed on only while full, so its first window, read once it is complete, stays
+        # valid until the token starts, and a window is read exactly once per compute cycle.
+        ready = Signal(2)
+        m.d.comb += ready.eq(full | set_full)
+        with m.If(self.last):
+            m.d.comb += self.fetch.eq(ready.bit_select(self.r_bank_next, 1))
+        with m.Else():
+            m.d.comb += self.fetch.eq(self.issue | set_full.bit_select(self.r_bank, 1))
         return m

@@ -2,10 +2,13 @@
 
 The reference knows nothing of granules, memories or rotations: a bank is a list of ``lanes``
 int8 values, beat ``b`` overwrites lanes ``b*in_lanes ..``, and the window of a pass starting at
-lane ``start`` shows slice ``s`` of lanes ``start .. start + window_lanes - 1`` (0 past
-``lanes``).  The driver plays the controller's protocol: the read address (bank, slice) one
-cycle ahead, ``shift`` at a pass's last slice, ``restart`` at a token's last cycle, stalls
-before passes, and the other bank loaded meanwhile with random idle cycles.
+lane ``start`` shows slice ``s`` of the pass's lanes ``start .. start + w - 1`` (0 past ``lanes``;
+the window's lanes past the pass width are not read).  The driver plays the controller's
+protocol: the read address (bank, slice) one cycle ahead, ``read`` only in the cycle before a
+new window (the window holds through stalls), ``shift`` at a pass's last slice, ``restart`` at
+a token's last cycle, stalls before passes, and the other bank loaded meanwhile with random idle
+cycles; a token's first window is read in the cycle its bank's last beat is written or later.
+Every cycle, the enabled read ports must read exactly the pass's lanes inside the bank.
 """
 
 import math
@@ -63,7 +66,9 @@ def schedule(rng, lanes: int, width: int, slices: int, bank: int):
 
 def check_buffer(dut, geometry, seed: int, tokens: int | None = None):
     """Drive ``dut`` through tokens of every pass width on both banks; assert every compute
-    cycle's window equals the reference's."""
+    cycle's window equals the reference's on the pass's lanes, and every cycle's read bits
+    (``read_words x word_bits``) equal the pass's lanes in the bank times ``b`` in the cycles
+    with ``read``, 0 otherwise."""
     lanes, in_lanes, window, widths, b = geometry
     slices = 8 // b
     per_row = beats_per_row(window_lanes=window, in_lanes=in_lanes, slice_bits=b)
@@ -88,10 +93,19 @@ def check_buffer(dut, geometry, seed: int, tokens: int | None = None):
                     loads += [None] * int(rng.integers(0, 3)) + [(beat, values)]
             sel = widths.index(plan[phase - 1][0]) if phase else 0
             upcoming = (phase % 2, 0, 0, 0, 0)  # the next token's first cycle
-            for c in range(max(len(compute), len(loads))):
+            cycles = max(len(compute), len(loads))
+            for c in range(cycles):
                 now = compute[c] if c < len(compute) else None
                 ahead = compute[c + 1] if c + 1 < len(compute) else upcoming
                 load = loads[c] if c < len(loads) else None
+                # Read a new window of this token, or the next token's first one in the phase's
+                # last cycle (its bank complete, the last beat read through), with its width.
+                if c + 1 < len(compute):
+                    read, width = ahead[:3] != now[:3], widths[sel]
+                else:
+                    read = c == cycles - 1 and phase < tokens
+                    width = plan[phase][0] if phase < tokens else widths[sel]
+                ctx.set(dut.read, read)
                 ctx.set(dut.we, load is not None)
                 if load is not None:
                     row, slot = divmod(load[0], per_row)
@@ -102,14 +116,21 @@ def check_buffer(dut, geometry, seed: int, tokens: int | None = None):
                 ctx.set(dut.rbank, ahead[0])
                 ctx.set(dut.slice, ahead[2])
                 if len(widths) > 1:
-                    ctx.set(dut.shift_sel, sel)
+                    # A token's width from its first read on (the command's pattern code); in
+                    # the token's last cycle the restart does not use it.
+                    ctx.set(dut.shift_sel, widths.index(width))
                 ctx.set(dut.shift, now[3] if now else 0)
                 ctx.set(dut.restart, now[4] if now else 0)
+                bits = ctx.get(dut.read_words) * dut.word_bits
+                want_bits = min(width, lanes - ahead[1]) * b if read else 0
+                assert bits == want_bits, (f"token {phase - 1}: {bits} bits read, not "
+                                           f"{want_bits}, before lanes {ahead[1]}.. slice "
+                                           f"{ahead[2]} (pass width {width})")
                 if now is not None:
                     bank, start, s = now[:3]
                     got = ctx.get(dut.window.as_value())
-                    got = [(got >> (j * b)) & ((1 << b) - 1) for j in range(window)]
-                    want = ref.window(bank, start, s, b, window)
+                    got = [(got >> (j * b)) & ((1 << b) - 1) for j in range(widths[sel])]
+                    want = ref.window(bank, start, s, b, widths[sel])
                     assert got == want, (f"token {phase - 1} (bank {bank}, pass width "
                                          f"{widths[sel]}) lanes {start}.. slice {s}")
                     checked.append((bank, widths[sel]))
@@ -127,7 +148,7 @@ def check_buffer(dut, geometry, seed: int, tokens: int | None = None):
 def make(geometry) -> ActivationBuffer:
     lanes, in_lanes, window, widths, b = geometry
     return ActivationBuffer(lanes=lanes, in_lanes=in_lanes, window_lanes=window, shifts=widths,
-                            slice_bits=b)
+                            slice_bits=b, activity=True)
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: f"{g[0]}x{g[1]}w{g[2]}b{g[4]}")
@@ -165,11 +186,13 @@ def test_window_matches_the_list_model_on_random_geometries(seed):
 
 class _Mutant(wiring.Component):
     """The real buffer behind a rewiring: ``window`` rotated by ``turn`` lanes (a wrong
-    rotation), or the first two granules of every beat swapped (a wrong granule)."""
+    rotation), the first two granules of every beat swapped (a wrong granule), or ``read``
+    tied high (every pass's memories read in every cycle)."""
 
-    def __init__(self, geometry, *, turn: int = 0, swap: bool = False):
+    def __init__(self, geometry, *, turn: int = 0, swap: bool = False, always: bool = False):
         self._real = make(geometry)
-        self._turn, self._swap = turn, swap
+        self._turn, self._swap, self._always = turn, swap, always
+        self.word_bits = self._real.word_bits
         super().__init__(dict(self._real.signature.members))
 
     def elaborate(self, platform):
@@ -181,8 +204,12 @@ class _Mutant(wiring.Component):
             for part in path:
                 target = target[part] if isinstance(part, int) else getattr(target, part)
             if member.flow == wiring.Out:
+                if path != ("window",):
+                    m.d.comb += value.eq(target)
                 continue
-            if path == ("wdata",) and self._swap:
+            if path == ("read",) and self._always:
+                m.d.comb += target.eq(1)
+            elif path == ("wdata",) and self._swap:
                 lanes = list(range(len(value)))
                 lanes[:2 * g] = lanes[g:2 * g] + lanes[:g]
                 m.d.comb += [target[j].eq(value[i]) for j, i in enumerate(lanes)]
@@ -198,8 +225,17 @@ def test_the_check_refutes_a_wrong_rotation_and_a_wrong_granule(mutant):
     geometry = GEOMETRIES[0]
     g = math.gcd(geometry[1], geometry[2], *geometry[3])
     dut = _Mutant(geometry, turn=g if mutant == "rotation" else 0, swap=mutant == "granule")
-    with pytest.raises(AssertionError, match="token"):
+    with pytest.raises(AssertionError, match=r"token \d+ \(bank"):
         check_buffer(dut, geometry, seed=1, tokens=3)
+
+
+def test_the_check_refutes_a_read_enable_tied_high():
+    """With ``read`` tied high the windows stay right (a stalled cycle re-reads the same
+    words) but the ports read in cycles whose data nobody uses: the read bits differ."""
+    geometry = GEOMETRIES[0]
+    with pytest.raises(AssertionError, match="bits read, not 0"):
+        check_buffer(_Mutant(geometry, always=True), geometry, seed=1, tokens=3)
+
 
 
 @pytest.mark.parametrize(
