@@ -15,7 +15,11 @@ problem (and what we can do about it)", ISSCC 2014, Fig. 1.1.9):
   we use ``0.1 / 32 = 0.003125 pJ`` per bit (the 32-bit figure, 4 % above the 8-bit one).
 * 8 KB SRAM, 64-bit read, 10 pJ: ``10 / 64 = 0.156 pJ`` per bit read from the activation buffer
   (its 2 x ``max_k`` bytes are 3 KB in the default preset: an upper bound).  Writes are taken
-  equal to reads (assumption), for the buffer and for the cells' weight words.
+  equal to reads (assumption), for the buffer and for the cells' weight words.  The bits read
+  are what the buffer's read ports read (hw/buffer.py): each compute cycle's slice of the
+  pass's lanes, read in the cycle before and held through stalls, only from the memories
+  holding them, so a pass reads ``pass_width x 8`` bits, fewer where it runs past the bank's
+  ``max_k`` lanes (:func:`read_lanes`); the RTL counts them (``buffer_read_bits``).
 * Multiplexers have no entry in Horowitz's table.  A 2:1 mux bit is charged one adder bit,
   0.003125 pJ (assumption: an upper bound, a full adder has more switching nodes than a mux).
   What switches is what the RTL lets switch (hw/distribution.py, hw/array.py), with the
@@ -151,7 +155,7 @@ class Activity:
 
 
 EVENTS = ("compute_cycles", "passes", "act_beats", "weight_beats", "route_bits", "select_muxes",
-          "quiet_faults")
+          "quiet_faults", "buffer_read_bits")
 """The events the model multiplies by per-event bits; the RTL counters count the same ones
 (:data:`flexcim.spec.layouts.COUNTERS`)."""
 
@@ -178,12 +182,25 @@ def decode_gates(cfg: HwConfig, pattern: NMPattern) -> int:
     return 3 * _log2_ceil(pattern.m) if cfg.index_bits else 0
 
 
+def read_lanes(cfg: HwConfig, pattern, k: int) -> int:
+    """Activation lanes the buffer reads for one token of a ``k``-channel reduction: every
+    pass's ``pass_width`` lanes that lie in the bank, ``min(passes x pass_width, max_k)``.
+
+    Each lane is read once per bit-slice, ``8`` bits in all.  The buffer's memory words hold
+    ``G`` lanes, ``G`` dividing every pass width and ``in_lanes`` (hence ``max_k``), so a pass
+    (at a multiple of its width) reads whole words, and only the last pass can run past the
+    bank (``k <= max_k``): its lanes past ``max_k`` are in no memory and are not read.  Lanes
+    past ``k`` inside the pass are read (multiplied by padding weights)."""
+    return min(cfg.passes(pattern, k) * cfg.pass_width(pattern), cfg.max_k)
+
+
 def command_events(cfg: HwConfig, cmd: perf.Command) -> dict[str, int]:
-    """Event counts of one command: compute cycles, passes (buffer window reads of one pass
-    width), activation beats (buffer writes), weight beats (cell-row word writes), the
+    """Event counts of one command: compute cycles, passes (one weight word and one pass
+    window each), activation beats (buffer writes), weight beats (cell-row word writes), the
     switching distribution stages (``route_bits``) and cell selection gates
-    (``select_muxes``, :func:`select_gates`) over its compute cycles, and ``quiet_faults``
-    (always 0)."""
+    (``select_muxes``, :func:`select_gates`) over its compute cycles, ``quiet_faults``
+    (always 0) and the bits read from the activation buffer (``buffer_read_bits``,
+    :func:`read_lanes` x 8 per token)."""
     passes = cfg.passes(cmd.pattern, cmd.k)
     cycles = cmd.tokens * passes * cfg.cycles_per_pass
     return {
@@ -194,6 +211,7 @@ def command_events(cfg: HwConfig, cmd: perf.Command) -> dict[str, int]:
         "route_bits": cycles * route_stages(cfg, cmd.pattern),
         "select_muxes": cycles * cfg.cells * select_gates(cfg, cmd.pattern),
         "quiet_faults": 0,
+        "buffer_read_bits": cmd.tokens * read_lanes(cfg, cmd.pattern, cmd.k) * ACT_BITS,
     }
 
 
@@ -272,12 +290,14 @@ def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0)
     adder_tree          cycles x P x cols x (R-1) x (8 + b + log2 R) x act_density      adder bit
     merge_accumulate    cycles x cols x ((P-1) x (w_tree + log2 P) + acc_bits)          adder bit
     buffer_write        tokens x ceil(k/in_lanes) x in_lanes x 8                        bit
-    buffer_read         tokens x passes x pass_width x 8                                bit
+    buffer_read         tokens x min(passes x pass_width, max_k) x 8                    bit
     distribution        (route_bits + select_muxes) x b + passes x cells x decode       mux bit
     weight_write        weight beats x weight_port_rows x cols x (8 + index_bits)       bit
     ==================  ==============================================================  =======
 
     ``decode`` is :func:`decode_gates`, the cell's decoder gates that can switch per word read.
+    ``buffer_read`` is the ``buffer_read_bits`` event (:func:`read_lanes`), which the RTL
+    counts from its read-port enables.
     """
     if not 0 <= act_density <= 1:
         raise FlexCimError(f"act_density must be from 0 to 1, not {act_density!r}")
@@ -292,7 +312,7 @@ def command_activity(cfg: HwConfig, cmd: perf.Command, act_density: float = 1.0)
         * act_density,
         "merge_accumulate": cycles * cfg.cols * merge,
         "buffer_write": events["act_beats"] * cfg.in_lanes * ACT_BITS,
-        "buffer_read": events["passes"] * cfg.pass_width(cmd.pattern) * ACT_BITS,
+        "buffer_read": events["buffer_read_bits"],
         "distribution": (events["route_bits"] + events["select_muxes"]) * b
         + events["passes"] * cfg.cells * decode_gates(cfg, cmd.pattern),
         "weight_write": events["weight_beats"] * cfg.weight_port_rows * cfg.cols

@@ -26,6 +26,7 @@ from amaranth.hdl import Module, Signal
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 from flexcim.hw.array import index_shape
+from flexcim.hw.buffer import beats_per_row
 from flexcim.spec.config import HwConfig
 from flexcim.spec.layouts import cmd_layout
 
@@ -64,14 +65,24 @@ class Controller(wiring.Component):
         the group of ``weight_port_rows`` cell rows (``w_row``: the group in sub-macro
         ``w_sub``) and the word the beat goes to.
     a_valid, a_ready : In, Out
-        Handshake of the activation stream; ``a_we``, ``a_bank``, ``a_beat`` address the buffer.
+        Handshake of the activation stream; ``a_we``, ``a_bank``, ``a_row``, ``a_slot`` address
+        the buffer (beat ``b`` of a token is row ``b div S``, slot ``b mod S``:
+        :func:`~flexcim.hw.buffer.beats_per_row`).
     issue, code, r_bank, r_pass, r_slice, top, first, last, shift : Out
         The compute cycle (combinational): bank, pass (weight word), slice and its flags;
         ``shift`` at the last slice of a pass.  ``code`` (the latched pattern code) exists only
         when more than one pattern is configured.
-    r_pass_next : Out
-        ``r_pass`` of the next cycle (combinational): the address of the cells' synchronous
-        read ports, so the word of a pass is there in its first cycle (no added latency).
+    r_pass_next, r_bank_next, r_slice_next : Out
+        ``r_pass``, ``r_bank``, ``r_slice`` of the next cycle (combinational): the addresses of
+        the cells' and the activation buffer's synchronous read ports, so the word of a pass
+        and its window are there in its first cycle (no added latency).
+    fetch : Out
+        The activation buffer reads the window at ``r_bank_next`` / ``r_slice_next`` in this
+        cycle (its read enable; it holds the window otherwise): once per compute cycle, in the
+        cycle before it.  Within a token, every cycle that issues but the last; a token's first
+        window in the last cycle of the previous token if its bank is full by then (its last
+        beat may be written in that cycle: the read port is transparent), else in the cycle
+        its last beat is written (no token runs then).
     result_taken : In
         A result left the result stream (returns a FIFO credit).
     error : Out
@@ -83,7 +94,9 @@ class Controller(wiring.Component):
             raise TypeError(f"cfg must be a HwConfig, not {type(cfg).__name__}")
         self._cfg = cfg
         self._fifo_depth = fifo_depth
-        beats = cfg.max_k // cfg.in_lanes
+        self._slots = slots = beats_per_row(window_lanes=cfg.window_lanes, in_lanes=cfg.in_lanes,
+                                            slice_bits=cfg.act_bits_per_cycle)
+        a_rows = -(-(cfg.max_k // cfg.in_lanes) // slots)
         code = {"code": Out(range(len(cfg.patterns)))} if len(cfg.patterns) > 1 else {}
         super().__init__({
             "cmd": In(stream.Signature(cmd_layout(cfg))),
@@ -92,11 +105,13 @@ class Controller(wiring.Component):
             "w_row": Out(index_shape(cfg.rows // cfg.weight_port_rows)),
             "w_word": Out(index_shape(cfg.depth)),
             "a_valid": In(1), "a_ready": Out(1), "a_we": Out(1),
-            "a_bank": Out(1), "a_beat": Out(index_shape(beats)),
-            "issue": Out(1), **code, "r_bank": Out(1),
+            "a_bank": Out(1), "a_row": Out(index_shape(a_rows)),
+            "a_slot": Out(index_shape(slots)),
+            "issue": Out(1), **code, "r_bank": Out(1), "r_bank_next": Out(1),
             "r_pass": Out(index_shape(cfg.depth)), "r_pass_next": Out(index_shape(cfg.depth)),
             "r_slice": Out(index_shape(cfg.cycles_per_pass)),
-            "top": Out(1), "first": Out(1), "last": Out(1), "shift": Out(1),
+            "r_slice_next": Out(index_shape(cfg.cycles_per_pass)),
+            "top": Out(1), "first": Out(1), "last": Out(1), "shift": Out(1), "fetch": Out(1),
             "result_taken": In(1),
             "error": Out(1),
         })
@@ -180,14 +195,19 @@ class Controller(wiring.Component):
                 m.d.comb += set_full.bit_select(self.a_bank, 1).eq(1)
                 m.d.sync += [
                     a_pos.eq(0),
-                    self.a_beat.eq(0),
+                    self.a_row.eq(0),
+                    self.a_slot.eq(0),
                     self.a_bank.eq(~self.a_bank),
                     a_tokens.eq(a_tokens + 1),
                 ]
                 with m.If(a_tokens + 1 == tokens):
                     m.d.sync += [a_loading.eq(0), a_tokens.eq(0)]
             with m.Else():
-                m.d.sync += [a_pos.eq(a_pos + cfg.in_lanes), self.a_beat.eq(self.a_beat + 1)]
+                m.d.sync += a_pos.eq(a_pos + cfg.in_lanes)
+                with m.If(self.a_slot == self._slots - 1):
+                    m.d.sync += [self.a_slot.eq(0), self.a_row.eq(self.a_row + 1)]
+                with m.Else():
+                    m.d.sync += self.a_slot.eq(self.a_slot + 1)
 
         # ---------------------------------------------------------------- compute sequencer
         running = Signal()  # inside a token
@@ -218,25 +238,37 @@ class Controller(wiring.Component):
             self.last.eq(self.issue & last_slice & (c_pos + pw >= k)),
         ]
         m.d.sync += credits.eq(credits - start + self.result_taken)
-        # The pass register's next value, computed combinationally for the read ports.
-        m.d.comb += self.r_pass_next.eq(self.r_pass)
-        m.d.sync += self.r_pass.eq(self.r_pass_next)
+        # The pass, slice and bank registers' next values, computed combinationally for the
+        # read ports of the cells and the activation buffer.
+        m.d.comb += [self.r_pass_next.eq(self.r_pass), self.r_slice_next.eq(self.r_slice),
+                     self.r_bank_next.eq(self.r_bank)]
+        m.d.sync += [self.r_pass.eq(self.r_pass_next), self.r_slice.eq(self.r_slice_next),
+                     self.r_bank.eq(self.r_bank_next)]
         with m.If(self.issue):
             m.d.sync += running.eq(1)
             with m.If(last_slice):
-                m.d.comb += self.r_pass_next.eq(self.r_pass + 1)
-                m.d.sync += [self.r_slice.eq(0), c_pos.eq(c_pos + pw)]
+                m.d.comb += [self.r_pass_next.eq(self.r_pass + 1), self.r_slice_next.eq(0)]
+                m.d.sync += c_pos.eq(c_pos + pw)
             with m.Else():
-                m.d.sync += self.r_slice.eq(self.r_slice + 1)
+                m.d.comb += self.r_slice_next.eq(self.r_slice + 1)
         with m.If(self.last):
-            m.d.comb += [clear_full.bit_select(self.r_bank, 1).eq(1), self.r_pass_next.eq(0)]
+            m.d.comb += [clear_full.bit_select(self.r_bank, 1).eq(1), self.r_pass_next.eq(0),
+                         self.r_bank_next.eq(~self.r_bank)]
             m.d.sync += [
                 running.eq(0),
                 c_pos.eq(0),
-                self.r_bank.eq(~self.r_bank),
                 c_tokens.eq(c_tokens + 1),
             ]
             with m.If(c_tokens + 1 == tokens):
                 m.d.sync += [active.eq(0), c_tokens.eq(0)]
         m.d.sync += full.eq((full | set_full) & ~clear_full)
+        # The buffer's read enable (see ``fetch``): a bank is written only while not full and
+        # computed on only while full, so its first window, read once it is complete, stays
+        # valid until the token starts, and a window is read exactly once per compute cycle.
+        ready = Signal(2)
+        m.d.comb += ready.eq(full | set_full)
+        with m.If(self.last):
+            m.d.comb += self.fetch.eq(ready.bit_select(self.r_bank_next, 1))
+        with m.Else():
+            m.d.comb += self.fetch.eq(self.issue | set_full.bit_select(self.r_bank, 1))
         return m

@@ -81,9 +81,10 @@ SRAM_SOURCE = "6T bit cell 0.346 um^2, Intel 45 nm (Mistry et al., IEDM 2007)"
 #: iCE40 device for the FPGA target (the largest HX part nextpnr-ice40 supports).
 ICE40_DEVICE = ("--hx8k", "--package", "ct256")
 ICE40_LCS = 7680
-#: A FlexCiM config measured to fit the HX8K (docs/architecture.md, section 6); the tiny preset
-#: does not, even with max_k=32 (its register-built activation buffer).
-ICE40_FITS = "--preset tiny --set cols=2 --set max_k=16 --set depth=2"
+#: A FlexCiM config measured to fit the HX8K (docs/architecture.md, section 6), with tiny's whole
+#: activation buffer (in block RAM); the tiny preset does not fit: its cell rows' weight memories
+#: are too small for block RAM and stay flip-flops.
+ICE40_FITS = "--preset tiny --set cols=2 --set depth=2"
 
 _MODULE_RE = re.compile(r"^\s*module\s+(\\\S+|[A-Za-z_][\w$]*)", re.MULTILINE)
 # Top-level steps and the first level of sub-steps (the stages inside `synth`).

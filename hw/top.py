@@ -112,16 +112,20 @@ class FlexCiM(wiring.Component):
         shifts = sorted({cfg.pass_width(p) for p in cfg.patterns})
         m.submodules.buffer = buf = ActivationBuffer(
             lanes=cfg.max_k, in_lanes=cfg.in_lanes, window_lanes=dist.window_lanes,
-            shifts=shifts, slice_bits=b,
+            shifts=shifts, slice_bits=b, activity=self._counters,
         )
         m.d.comb += [
             buf.we.eq(ctrl.a_we),
             buf.wbank.eq(ctrl.a_bank),
-            buf.wbeat.eq(ctrl.a_beat),
+            buf.wrow.eq(ctrl.a_row),
+            buf.wslot.eq(ctrl.a_slot),
             buf.wdata.eq(self.act.payload),
-            buf.rbank.eq(ctrl.r_bank),
-            buf.slice.eq(ctrl.r_slice),
+            # The buffer reads synchronously, as the cells do: next cycle's bank and slice.
+            buf.rbank.eq(ctrl.r_bank_next),
+            buf.slice.eq(ctrl.r_slice_next),
+            buf.read.eq(ctrl.fetch),
             buf.shift.eq(ctrl.shift),
+            buf.restart.eq(ctrl.last),
             dist.window.eq(buf.window),
         ]
         if len(shifts) > 1:
@@ -188,14 +192,15 @@ class FlexCiM(wiring.Component):
             ctrl.result_taken.eq(self.result.valid & self.result.ready),
         ]
         if self._counters:
-            self._count(m, ctrl, subs, dist)
+            self._count(m, ctrl, subs, dist, buf)
         return m
 
     def _count(self, m: Module, ctrl: Controller, subs: list[SubMacro],
-               dist: Distribution) -> None:
+               dist: Distribution, buf: ActivationBuffer) -> None:
         """The activity counters: one increment per event, from the controller's handshakes and
-        compute flags, the cells' isolation enables and the distribution unit's lane enables
-        (the same signals that move the data, so they cannot disagree)."""
+        compute flags, the cells' isolation enables, the distribution unit's lane enables and
+        the buffer's read-port enables (the same signals that move the data, so they cannot
+        disagree)."""
         cfg = self._cfg
         active = Signal(range(cfg.cells + 1))
         faults = Signal(range(cfg.cells + 1))
@@ -218,6 +223,7 @@ class FlexCiM(wiring.Component):
             "route_bits": Mux(ctrl.issue, route_bits, 0),
             "select_muxes": Mux(ctrl.issue, select, 0),
             "quiet_faults": Mux(ctrl.issue, faults, 0),
+            "buffer_read_bits": buf.read_words * buf.word_bits,
         }
         for name, increment in events.items():
             counter = self.counters[name]

@@ -90,7 +90,8 @@ COUNTERS = {
     "weight_beats": "weight words written into cell rows (weight-stream handshakes)",
     "act_beats": "activation beats written into the buffer (activation-stream handshakes)",
     "compute_cycles": "cycles in which the cell array computed a bit-slice",
-    "passes": "passes computed: buffer window reads of one pass width, one per token per pass",
+    "passes": "passes computed, one per token per pass (one weight word and one pass window "
+              "each)",
     "mac_cycles": "cell-cycles with a non-zero weight and a non-zero selected activation slice "
                   "(the cells whose multiplier and adder-tree input operand isolation lets "
                   "switch)",
@@ -102,6 +103,8 @@ COUNTERS = {
     "quiet_faults": "cell-cycles in which a selection stage that should be quiet (a lane gate "
                     "whose enable is off, a chain node above the tap, or a row lane past M) "
                     "carried a non-zero value: 0 in a correct macro",
+    "buffer_read_bits": "bits read from the activation buffer's memories: the enabled read "
+                        "ports' word width (granule x slice bits), summed over cycles",
 }
 """The counters, in bit order (first in the low bits), with what each counts since reset."""
 

@@ -102,6 +102,20 @@ def test_dense_only_macro_has_no_distribution_or_index_cost():
     assert counts["weight_write"] == 8 * 72 * 16 * 8  # 8 passes x 72 rows x 16 cols x 8 bits
 
 
+def test_buffer_reads_stop_at_the_end_of_the_bank():
+    """A pass reads its pass width, except the lanes of a last pass past max_k, which are in
+    no memory: on default, 1:4 (288 lanes) with K = 1536 = max_k runs 6 passes, the last one
+    96 lanes wide; 1:8 (576) 3 passes, the last 384 wide.  Lanes past K inside the bank are
+    read (the padding weights multiply them)."""
+    cfg = PRESETS["default"]
+    for pattern, k, lanes in (("1:4", 1536, 1536), ("1:8", 1536, 1536), ("1:4", 1500, 1536),
+                              ("1:4", 1400, 1440), ("1:1", 500, 504), ("2:4", 1152, 1152)):
+        assert energy.read_lanes(cfg, pattern, k) == lanes, (pattern, k)
+        cmd = perf.Command(NMPattern.parse(pattern), k=k, tokens=3, load_weights=False, c=16)
+        assert energy.command_events(cfg, cmd)["buffer_read_bits"] == 3 * lanes * 8
+        assert energy.command_activity(cfg, cmd).counts["buffer_read"] == 3 * lanes * 8
+
+
 def test_layer_cost_sums_commands_and_matches_perf_cycles():
     # K=64 > max_k_for(1:1) = min(128, 4*8) = 32: two K chunks; C=6 > cols=4: two tiles.
     cost = energy.layer_cost(TINY, "1:1", 5, 64, 6)
@@ -290,12 +304,15 @@ def test_layer_events_count_what_the_model_multiplies():
         "route_bits": perf.ideal_cycles(TINY, cmds) * energy.route_stages(TINY, NMPattern(1, 4)),
         "select_muxes": perf.ideal_cycles(TINY, cmds) * TINY.cells * 3,
         "quiet_faults": 0,
+        # every pass reads its 32 lanes once per slice (4 passes of 32 fill the 128-lane bank)
+        "buffer_read_bits": sum(c.tokens * TINY.passes("1:4", c.k) * 32 * 8 for c in cmds),
     }
     total = dict.fromkeys(energy.ACTIONS, 0.0)
     for cmd in cmds:
         for name, v in energy.command_activity(TINY, cmd).counts.items():
             total[name] += v
     assert total["buffer_write"] == events["act_beats"] * TINY.in_lanes * 8
+    assert total["buffer_read"] == events["buffer_read_bits"]
     assert total["weight_write"] == events["weight_beats"] * TINY.cols * (8 + 4)
     assert total["distribution"] == (events["route_bits"] + events["select_muxes"]) * 2 + (
         events["passes"] * TINY.cells * 6)

@@ -47,30 +47,41 @@ def test_storage_bits_count_weights_and_indices():
 
 def test_compare_overheads_and_sram_adjustment():
     per_bit = synth.nand2_eq("$_DFFE_PP_")
+    sram = synth.sram_bit_nand2()
+    # The buffer: its memory bits (as the generator builds them) plus 200 of logic and registers.
+    bd, bf = area.buffer_bits(DENSE), area.buffer_bits(CFG)
+    assert bd == bf == 2 * CFG.max_k * 8 * 4  # 16 memories of 2-lane 1-bit slices, 4x padded
     dense = report({"sub.row": kind(64 * per_bit + 50, 64 * 4.522 / 0.798, memory_bits=64),
-                    "buffer": kind(200)})
+                    "buffer": kind(200 + bd * per_bit, memory_bits=bd)})
     flex = report({"sub.row": kind(72 * per_bit + 80, 72 * 4.522 / 0.798, memory_bits=72),
-                   "distribution": kind(30), "buffer": kind(200)})
+                   "distribution": kind(30), "buffer": kind(200 + bf * per_bit, memory_bits=bf)})
     result = area.compare({"dense": dense, "flex": flex}, {"dense": DENSE, "flex": CFG})
     assert result["same_cells"]
     f, d = result["presets"]["flex"], result["presets"]["dense"]
     assert f["overhead_pct"] == pytest.approx(100 * (flex["total"]["nand2"] /
                                                      dense["total"]["nand2"] - 1))
     # SRAM pricing: each of the 72 (64) memory bits costs 0.434 instead of DFF + hold mux.
-    assert f["sram_adjusted"] == pytest.approx(72 * synth.sram_bit_nand2() + 80 + 30 + 200)
-    assert d["sram_adjusted"] == pytest.approx(64 * synth.sram_bit_nand2() + 50 + 200)
+    assert f["sram_adjusted"] == pytest.approx((72 + bf) * sram + 80 + 30 + 200)
+    assert d["sram_adjusted"] == pytest.approx((64 + bd) * sram + 50 + 200)
     assert f["core"] == pytest.approx(72 * per_bit + 80 + 30)  # the buffer is not core
-    assert f["core_sram_adjusted"] == pytest.approx(72 * synth.sram_bit_nand2() + 110)
-    # Issue 14's scope adds the activation buffer, priced as built (it has no RTL memory).
-    assert f["core_buffer_sram_adjusted"] == pytest.approx(72 * synth.sram_bit_nand2() + 310)
+    assert f["core_sram_adjusted"] == pytest.approx(72 * sram + 110)
+    # Issue 14's scope adds the activation buffer, its memory bits priced as bit cells too.
+    assert f["buffer_memory_bits"] == bf
+    assert f["core_buffer_sram_adjusted"] == pytest.approx((72 + bf) * sram + 310)
     assert f["core_buffer_overhead_sram_pct"] == pytest.approx(
-        100 * ((72 * synth.sram_bit_nand2() + 310) / (64 * synth.sram_bit_nand2() + 250) - 1))
+        100 * (((72 + bf) * sram + 310) / ((64 + bd) * sram + 250) - 1))
     assert "| compute core + activation buffer, SRAM-adjusted |" in area.markdown(
         result, ["dense", "flex"])
     assert f["part_delta_pct"]["distribution unit"] == pytest.approx(
         100 * 30 / dense["total"]["nand2"])
     assert f["index_storage_nand2_ff"] == pytest.approx(8 * per_bit)
     assert "| distribution unit |" in area.markdown(result, ["dense", "flex"])
+
+
+def test_compare_refuses_a_buffer_of_other_memory_bits():
+    rows = {"sub.row": kind(10, memory_bits=64), "buffer": kind(10, memory_bits=8)}
+    with pytest.raises(FlexCimError, match="activation buffer holds 8 memory bits, expected"):
+        area.compare({"dense": report(rows)}, {"dense": DENSE})
 
 
 def test_compare_refuses_a_mapping_that_misses_the_cell_storage():
@@ -82,8 +93,9 @@ def test_compare_refuses_a_mapping_that_misses_the_cell_storage():
 
 def test_compare_says_when_geometries_differ():
     other = DENSE.replace(cols=4)
-    r = report({"sub.row": kind(10, memory_bits=64)})
-    r2 = report({"sub.row": kind(10, memory_bits=128)})
+    buffer = kind(10, memory_bits=area.buffer_bits(DENSE))
+    r = report({"sub.row": kind(10, memory_bits=64), "buffer": buffer})
+    r2 = report({"sub.row": kind(10, memory_bits=128), "buffer": buffer})
     assert not area.compare({"dense": r, "wide": r2}, {"dense": DENSE, "wide": other})[
         "same_cells"]
 

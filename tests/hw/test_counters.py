@@ -95,6 +95,64 @@ def test_quiet_faults_catch_a_selection_that_switches(monkeypatch):
     assert {k: counters[k] for k in same} == {k: expected[k] for k in same}
 
 
+def _always_fetching():
+    """The controller with ``fetch`` tied high: the buffer reads the pass's memories in every
+    cycle, stalls and idle cycles included (the results stay exact)."""
+    from amaranth.hdl import Module
+    from amaranth.lib import wiring
+    from flexcim.hw.controller import Controller
+
+    class AlwaysFetch(Controller):
+        def elaborate(self, platform):
+            m = Module()
+            m.submodules.real = real = Controller(self._cfg, fifo_depth=self._fifo_depth)
+            for path, member, value in self.signature.flatten(self):
+                target = real
+                for part in path:
+                    target = getattr(target, part)
+                if member.flow == wiring.In:
+                    m.d.comb += target.eq(value)
+                else:
+                    m.d.comb += value.eq(1 if path == ("fetch",) else target)
+            return m
+
+    return AlwaysFetch
+
+
+def test_the_buffer_reads_only_the_lanes_of_the_pass_once_per_cycle(monkeypatch):
+    """A dense (1:1) layer reads its 8-lane passes: 16 of the buffer's 128 port bits per
+    compute cycle on tiny (2 of 16 memories), and none in a cycle that computes nothing; the
+    counter equals the model.  Read enables tied high would read all 128 bits in every cycle,
+    and a fetch tied high re-reads the pass's memories in the stalled cycles: both counted."""
+    from flexcim.hw.buffer import ActivationBuffer
+
+    rng = np.random.default_rng(12)
+    x = rng.integers(-128, 128, size=(3, 20), dtype=np.int8)
+    w = NMTensor.compress(rng.integers(-128, 128, size=(4, 20), dtype=np.int8), "1:1")
+    counters, expected = run(TINY, [(x, w)], in_gap=0.3, out_stall=0.3, seed=2)
+    assert counters == expected
+    buf = ActivationBuffer(lanes=TINY.max_k, in_lanes=TINY.in_lanes,
+                           window_lanes=TINY.window_lanes,
+                           shifts=sorted({TINY.pass_width(p) for p in TINY.patterns}),
+                           slice_bits=TINY.act_bits_per_cycle)
+    buf._MustUse__silence = True
+    assert (buf.memories, buf.word_bits) == (16, 8)  # G = 4 lanes x 2 bits
+    passes = 3 * TINY.passes("1:1", 20)  # 3 tokens x 3 passes of 8 lanes
+    assert counters["buffer_read_bits"] == passes * 8 * 8 == counters["compute_cycles"] * 16
+    engine = PySim(TINY, counters=True, in_gap=0.3, out_stall=0.3, seed=2)
+    host.run_layers(TINY, [(x, w)], engine.execute)
+    assert engine.cycles > counters["compute_cycles"]  # the stalls cost cycles, not reads
+    assert counters["buffer_read_bits"] * 8 < buf.memories * buf.word_bits * engine.cycles
+
+    import flexcim.hw.top
+
+    monkeypatch.setattr(flexcim.hw.top, "Controller", _always_fetching())
+    counters, _ = run(TINY, [(x, w)], in_gap=0.3, out_stall=0.3, seed=2)
+    assert counters["buffer_read_bits"] > expected["buffer_read_bits"]
+    assert {k: v for k, v in counters.items() if k != "buffer_read_bits"} == {
+        k: v for k, v in expected.items() if k != "buffer_read_bits"}
+
+
 def test_the_counter_sees_one_wrong_weight():
     """A single weight zeroed behind the reference's back changes mac_cycles: the comparison
     is sharp enough to catch a miscounted cell."""

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 from flexcim.hw.array import AdderTree, CellRow, SubMacro, forced_index_bits
-from flexcim.hw.buffer import ActivationBuffer
 from flexcim.hw.distribution import Distribution
 from flexcim.hw.merging import Merging
 from flexcim.spec.config import preset
@@ -291,45 +290,6 @@ def test_merging_accumulates_slices_and_passes_with_wrap(b):
     run(dut, bench)
 
 
-def test_activation_buffer_loads_one_bank_while_the_other_shifts():
-    b = 2
-    dut = ActivationBuffer(lanes=8, in_lanes=2, window_lanes=4, shifts=(2, 4), slice_bits=b)
-    rng = np.random.default_rng(5)
-    bank0 = rng.integers(-128, 128, size=8)
-    bank1 = rng.integers(-128, 128, size=8)
-
-    async def bench(ctx):
-        for beat in range(4):  # fill bank 0
-            ctx.set(dut.we, 1)
-            ctx.set(dut.wbank, 0)
-            ctx.set(dut.wbeat, beat)
-            ctx.set(dut.wdata, bank0[2 * beat : 2 * beat + 2].tolist())
-            await ctx.tick()
-        ctx.set(dut.rbank, 0)
-        ctx.set(dut.shift_sel, 1)  # shift by 4 lanes per pass
-        view = list(bank0) + [0] * 8
-        for beat in range(4):  # fill bank 1 while bank 0 is read and shifted
-            ctx.set(dut.wbank, 1)
-            ctx.set(dut.wbeat, beat)
-            ctx.set(dut.wdata, bank1[2 * beat : 2 * beat + 2].tolist())
-            ctx.set(dut.slice, beat)
-            shift = beat % 2 == 1
-            ctx.set(dut.shift, shift)
-            for j in range(4):
-                assert ctx.get(dut.window[j]) == (int(view[j]) & 0xFF) >> (beat * b) & 3
-            await ctx.tick()
-            if shift:
-                view = view[4:]
-        ctx.set(dut.we, 0)
-        ctx.set(dut.shift, 0)
-        ctx.set(dut.rbank, 1)
-        ctx.set(dut.slice, 3)
-        for j in range(4):
-            assert ctx.get(dut.window[j]) == (int(bank1[j]) & 0xFF) >> 6
-
-    run(dut, bench)
-
-
 @pytest.mark.parametrize(
     "make, message",
     [
@@ -338,8 +298,6 @@ def test_activation_buffer_loads_one_bank_while_the_other_shifts():
         (lambda: AdderTree(inputs=0, width=8), "inputs must be a positive integer, not 0"),
         (lambda: SubMacro(rows=4, cols=2, depth=1, index_bits=0, slice_bits=1, port_rows=3),
          "port_rows must divide rows=4, not 3"),
-        (lambda: ActivationBuffer(lanes=10, in_lanes=4, window_lanes=4, shifts=(4,),
-                                  slice_bits=1), "lanes must be a positive multiple of in_lanes=4"),
     ],
 )
 def test_leaf_parameters_are_validated(make, message):

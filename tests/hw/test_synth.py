@@ -225,7 +225,10 @@ def test_tiny_preset_maps_onto_the_parts_of_the_macro(tmp_path):
     and ABC do not give identical modules identical gates within one run (here one of the 8
     cell rows of the full run maps a few gates differently from the other 7), so the check is:
     every deduplicated module has exactly the gates of some copy of it in the full run, the
-    flip-flops and memory bits are equal, and the totals agree to 0.1%."""
+    flip-flops and memory bits are equal, and the totals agree to 0.5% (0.1% while the
+    register-built activation buffer, identical in both runs, was most of the area; since the
+    buffer is in memories the cell rows dominate, and ABC maps the one deduplicated row 0.45%
+    larger than the average of the 8 copies of the full run, 2026-12-05)."""
     pytest.importorskip("flexcim.hw.top", reason="the FlexCiM top has not landed yet")
     from flexcim.hw import area
     from flexcim.spec.config import preset
@@ -248,7 +251,7 @@ def test_tiny_preset_maps_onto_the_parts_of_the_macro(tmp_path):
         gates = sum(v["gates"].values())
         assert v["gates"] in copies or any(
             abs(gates - sum(c.values())) <= 0.02 * gates for c in copies), name
-    assert dedup["total"]["nand2"] == pytest.approx(report["total"]["nand2"], rel=1e-3)
+    assert dedup["total"]["nand2"] == pytest.approx(report["total"]["nand2"], rel=5e-3)
     bits = area.storage_bits(cfg)
     assert area.row_memory_bits(report) == bits["weight_bits"] + bits["index_bits"]
     parts = area.part_areas(report)
