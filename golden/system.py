@@ -588,14 +588,26 @@ def _count(name: str, value) -> int:
     return value
 
 
-def step_cost(acc: Accelerator, shape: ModelShape, plan, tokens: int, kv_len: int = 0
-              ) -> StepCost:
+def head_layer(shape: ModelShape, head: NMPattern | str = "1:1") -> energy.PlanLayer:
+    """The LM head (``vocab x hidden``) as a plan entry with pattern ``head`` (dense by default:
+    no flow plan prunes it, docs/flow.md "pruning the LM head"); one FlexCimError line when the
+    pattern's M does not divide the hidden size."""
+    pattern = NMPattern.parse(head)
+    if shape.hidden % pattern.m:
+        raise FlexCimError(f"{shape.name} lm_head: in_features={shape.hidden} is not a multiple "
+                           f"of M={pattern.m} (pattern {pattern})")
+    return energy.PlanLayer("lm_head", pattern, (("lm_head", shape.vocab, shape.hidden),))
+
+
+def step_cost(acc: Accelerator, shape: ModelShape, plan, tokens: int, kv_len: int = 0, *,
+              head: NMPattern | str = "1:1") -> StepCost:
     """Latency and energy of one step of ``shape`` with ``plan`` (see :func:`map_plan`) on
     ``acc``: prefill = ``tokens`` prompt tokens with ``kv_len = 0``; decode = ``tokens = 1``.
 
     Each plan entry runs with :func:`flexcim.golden.energy.pattern_on` (a pattern the macro
     lacks runs as 2:4 on a fixed-2:4 macro when its masks allow, else dense); the LM head runs
-    dense, for the step's last token only (the logits that pick the next token).
+    with ``head`` (dense by default; :func:`head_layer`) by the same rule, for the step's last
+    token only (the logits that pick the next token).
     """
     if _count("tokens", tokens) < 1:
         raise FlexCimError(f"tokens must be a positive integer, not {tokens!r}")
@@ -603,10 +615,10 @@ def step_cost(acc: Accelerator, shape: ModelShape, plan, tokens: int, kv_len: in
     layers = plan if (isinstance(plan, tuple) and plan
                       and isinstance(plan[0], energy.PlanLayer)) else map_plan(plan, shape)
     mem, cfg = acc.memory, acc.cfg
-    head = (shape.vocab, shape.hidden)
+    head_entry = head_layer(shape, head)
     jobs = [(layer.name, energy.pattern_on(cfg, layer), c, k, tokens)
             for layer in layers for _, c, k in layer.linears]
-    jobs.append(("lm_head", NMPattern(1, 1), *head, 1))
+    jobs.append(("lm_head", energy.pattern_on(cfg, head_entry), shape.vocab, shape.hidden, 1))
     # Resident when every weight beat of one step fits the buffer at once.
     total_weight_bits = sum(projection_cost(acc, p, 1, c, k, True).weight_bits
                             for _, p, c, k, _ in jobs)
@@ -667,15 +679,17 @@ def step_cost(acc: Accelerator, shape: ModelShape, plan, tokens: int, kv_len: in
                     blocks=tuple((n, p, cy, e) for (n, p), (cy, e) in rows.items()))
 
 
-def compare(acc: Accelerator, shape: ModelShape, plan, *, tokens: int, kv_len: int) -> dict:
+def compare(acc: Accelerator, shape: ModelShape, plan, *, tokens: int, kv_len: int,
+            head: NMPattern | str = "1:1") -> dict:
     """Prefill (``tokens`` tokens) and one decode step (KV cache ``kv_len``) of ``plan`` on
     ``acc`` and on the dense and fixed-2:4 baselines (:data:`BASELINES`), JSON-ready:
     ``{"flexcim"|"dense"|"fixed24": {"prefill": ..., "decode": ...}}`` plus ratios
-    baseline / FlexCiM (> 1: FlexCiM better)."""
+    baseline / FlexCiM (> 1: FlexCiM better).  ``head``: the LM head's pattern, for every
+    accelerator as it can run it (:func:`step_cost`)."""
     layers = map_plan(plan, shape)
     accs = {"flexcim": acc, **{n: acc.baseline(p) for n, p in BASELINES.items()}}
-    out = {name: {"prefill": step_cost(a, shape, layers, tokens, 0).to_dict(),
-                  "decode": step_cost(a, shape, layers, 1, kv_len).to_dict()}
+    out = {name: {"prefill": step_cost(a, shape, layers, tokens, 0, head=head).to_dict(),
+                  "decode": step_cost(a, shape, layers, 1, kv_len, head=head).to_dict()}
            for name, a in accs.items()}
     for name in BASELINES:
         for phase in ("prefill", "decode"):

@@ -14,10 +14,12 @@ def test_system_prints_and_writes_json(tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"patterns": ["2:8", "1:8"]}))
     assert main(["system", "--model-config", "smollm2-135m", "--plan", str(plan),
-                 "--macros", "4", "--tokens", "16", "--kv-len", "64", "--json", str(out)]) == 0
+                 "--macros", "4", "--tokens", "16", "--kv-len", "64", "--lm-head", "12:16",
+                 "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "prefill of 16 tokens" in text and "KV cache 64" in text
+    assert "prefill of 16 tokens" in text and "KV cache 64" in text and "LM head 12:16" in text
     data = json.loads(out.read_text())
+    assert data["lm_head"] == "12:16"
     result = data["result"]
     assert set(result) == {"flexcim", "dense", "fixed24"}
     decode = result["flexcim"]["decode"]
@@ -44,6 +46,8 @@ def test_system_json_output_is_checked_before_any_work(tmp_path, capsys):
     (["--macros", "0"], "macros must be a positive integer, not 0"),
     (["--kv-len", "-3"], "kv_len must be a non-negative integer, not -3"),
     (["--model-config", "bert"], "'bert' is neither a file nor one of"),
+    (["--lm-head", "2-4"], "N:M pattern must look like '2:4', not '2-4'"),
+    (["--lm-head", "1:64"], "N:M pattern M must be a power of two from 1 to 32, not 64"),
 ])
 def test_system_bad_input_is_one_line(capsys, args, message):
     base = ["system", "--model-config", "smollm2-135m", "--pattern", "2:4"]
@@ -76,7 +80,7 @@ def test_system_weight_port_and_compact_indices_reach_the_model(tmp_path, capsys
                      "--set", "weight_port_rows=9", "--set", "weight_overlap=1", *extra,
                      "--tokens", "4", "--kv-len", "8", "--json", str(out)]) == 0
         runs[name] = json.loads(out.read_text())
-    assert "weight port 9 row(s)/cycle, weight overlap on" in capsys.readouterr().out
+    assert "weight port 9 row(s)/cycle, weight overlap on, LM head 1:1" in capsys.readouterr().out
     plain, compact = (runs[n]["result"] for n in ("plain", "compact"))
     assert runs["compact"]["hw"]["weight_port_rows"] == 9 and runs["compact"]["compact_indices"]
     dense_bits = compact["dense"]["decode"]["weight_bits"]

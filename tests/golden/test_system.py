@@ -96,6 +96,46 @@ def test_prefill_attention_is_causal_and_the_head_sees_one_token():
     assert step.cycles == projections + lm_head.cycles + 15
 
 
+def test_a_pruned_lm_head_runs_as_each_macro_can():
+    """``head``: the LM head's pattern.  On the toy of the hand-computed decode step a 2:4 head
+    runs like the 2:4 q projection (same shape): 2 tiles of 8 beats, busy 13 -> macro 15 = DRAM
+    ceil(2 x 8 x 480 / 512) = 15 cycles (compute-bound), instead of the dense head's 2 tiles of
+    16 beats (DRAM 30 cycles, memory-bound)."""
+    dense = system.step_cost(toy_acc(), TOY, "2:4", tokens=1, kv_len=4)
+    assert system.step_cost(toy_acc(), TOY, "2:4", tokens=1, kv_len=4, head="1:1") == dense
+    pruned = system.step_cost(toy_acc(), TOY, "2:4", tokens=1, kv_len=4, head="2:4")
+    assert pruned.cycles == 315 - 30 + 15
+    assert pruned.cycles_by_bound == {"compute": 45, "weight port": 0, "memory": 255,
+                                      "attention": 0}
+    assert pruned.weight_bits == 15360 - 2 * 8 * 48
+    assert dict(((n, p), e) for n, p, _, e in pruned.blocks)[("lm_head", "2:4")] > 0
+    # The baselines run it as they can (energy.pattern_on): fixed24 runs 2:8 as 2:4 and 12:16
+    # dense, the dense macro everything dense; FlexCiM runs its own patterns.
+    shape = system.load_model_shape("smollm2-135m")
+    acc = system.Accelerator(PRESETS["default"], compact_indices=True)
+    fixed, dense_acc = acc.baseline(system.BASELINES["fixed24"]), acc.baseline(
+        system.BASELINES["dense"])
+
+    def decode(a, head):
+        return system.step_cost(a, shape, "2:4", 1, 64, head=head)
+
+    assert decode(fixed, "12:16") == decode(fixed, "1:1")
+    assert decode(fixed, "2:8") == decode(fixed, "2:4") != decode(fixed, "1:1")
+    assert decode(dense_acc, "2:4") == decode(dense_acc, "1:1")
+    head_bits = {h: decode(acc, h).weight_bits - decode(acc, "1:1").weight_bits
+                 for h in ("12:16", "8:16")}
+    # 49,152 x 576 weights: 12:16 keeps 3/4 of the 8-bit values and adds an 11-bit code per
+    # group of 16; 8:16 half, 14-bit codes (the padding of each load's last word aside).
+    for h, kept, code in (("12:16", 0.75, 11), ("8:16", 0.5, 14)):
+        expect = 49152 * 576 * (kept * 8 + code / 16 - 8)
+        assert head_bits[h] == pytest.approx(expect, rel=2e-3), h
+    result = system.compare(acc, shape, "2:4", tokens=8, kv_len=64, head="12:16")
+    assert result["fixed24"]["decode"]["energy_vs_flexcim"] > system.compare(
+        acc, shape, "2:4", tokens=8, kv_len=64)["fixed24"]["decode"]["energy_vs_flexcim"]
+    with pytest.raises(FlexCimError, match="lm_head: in_features=16 is not a multiple of M=32"):
+        system.step_cost(toy_acc(), TOY, "2:4", tokens=1, head="1:32")
+
+
 def test_resident_weights_skip_dram():
     # 15,360 weight bits = 1,920 bytes: they fit a 1,920-byte buffer and stay there.
     acc = toy_acc(memory=dataclasses.replace(MEM, weight_buffer_bytes=1920))
