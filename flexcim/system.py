@@ -58,8 +58,8 @@ def _system(args: argparse.Namespace) -> int:
                                  weight_buffer_bytes=int(args.weight_buffer_kib * 1024))
     acc = system.Accelerator(cfg, macros=args.macros, memory=memory,
                              compact_indices=args.compact_indices)
-    result = system.compare(acc, shape, plan, tokens=args.tokens, kv_len=args.kv_len,
-                            head=args.lm_head)
+    head = args.lm_head or str(system.plan_head(plan))
+    result = system.compare(acc, shape, plan, tokens=args.tokens, kv_len=args.kv_len, head=head)
     headers = ["accelerator", "latency (ms)", "tokens/s", "energy/token (uJ)",
                "latency vs flexcim", "energy vs flexcim", "bound",
                "% " + " / ".join(system.CATEGORIES)]
@@ -67,7 +67,7 @@ def _system(args: argparse.Namespace) -> int:
           f"{args.config or args.preset}, {args.clock_mhz:g} MHz, DRAM {args.dram_gbps:g} GB/s, "
           f"weight buffer {args.weight_buffer_kib:g} KiB, weight port {cfg.weight_port_rows} "
           f"row(s)/cycle, weight overlap {'on' if cfg.weight_overlap else 'off'}, LM head "
-          f"{args.lm_head}")
+          f"{head}")
     for phase, title in (("prefill", f"prefill of {args.tokens} tokens"),
                          ("decode", f"decode of one token, KV cache {args.kv_len}")):
         print(f"\n{title} (vs flexcim > 1: FlexCiM better)")
@@ -79,7 +79,7 @@ def _system(args: argparse.Namespace) -> int:
                                "weight_overlap": cfg.weight_overlap,
                                "compact_indices": args.compact_indices,
                                "plan": args.plan or args.pattern,
-                               "lm_head": args.lm_head,
+                               "lm_head": head,
                                "result": result})
     return 0
 
@@ -108,9 +108,9 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a HwConfig field (repeatable); e.g. weight_port_rows=9 "
                    "weight_overlap=1: a macro that loads a pass's weights while it computes")
-    p.add_argument("--lm-head", default="1:1", metavar="N:M",
-                   help="the LM head's pattern (default 1:1: no flow plan prunes it; its "
-                   "accuracy cost is in docs/flow.md), run by every accelerator as it can "
+    p.add_argument("--lm-head", metavar="N:M",
+                   help="the LM head's pattern (default: the plan's, from flexcim flow select "
+                   "--method auto --lm-head, else 1:1), run by every accelerator as it can "
                    "(fixed24: 2:4 only for N <= 2 and 4 | M, else dense)")
     p.add_argument("--macros", type=int, default=16, metavar="P", help="macros (default 16)")
     p.add_argument("--tokens", type=int, default=128, metavar="T",

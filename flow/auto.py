@@ -49,7 +49,14 @@ import numpy as np
 import torch
 from flexcim.flow import calib
 from flexcim.flow.eval import nll_terms
-from flexcim.flow.model import Block, _block_list, cache_dir, decoder_blocks
+from flexcim.flow.model import (
+    Block,
+    _block_list,
+    cache_dir,
+    decoder_blocks,
+    prunable_layers,
+    untie_lm_head,
+)
 from flexcim.flow.prune import nm_rank, prune_weight, wanda_scores
 from flexcim.spec.nm import NMPattern
 from torch import nn
@@ -129,9 +136,15 @@ class LossProbe:
     change needs no second pass (what :meth:`capture` would cache, without recomputing the
     unchanged blocks before ``start``).  The dense weights (``weights``, copied on
     construction) and the Wanda statistics (:meth:`wanda_mask`) stay the dense model's.
+
+    ``head``: the LM head is one more prunable layer (untied from the embedding first,
+    :func:`~flexcim.flow.model.untie_lm_head`); a change to it is measured from the last block
+    on.  ``linears`` holds every prunable layer by module path, ``start_of`` the block from
+    which a change to it must be measured.
     """
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8):
+    def __init__(self, model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
+                 head: bool = False):
         if windows.ndim != 2 or windows.shape[1] < 2 or windows.shape[0] < 1:
             raise FlexCimError(f"windows must be int64 [count, length >= 2], "
                                f"not {tuple(windows.shape)}")
@@ -142,7 +155,11 @@ class LossProbe:
         _, self._layers = _block_list(model)
         self.inputs: list[list[torch.Tensor]] = [[] for _ in self.blocks]
         self._tuple_output = False
-        linears = {n: m for b in self.blocks for n, m in b.linears.items()}
+        linears = prunable_layers(model, head=head)
+        self.linears = linears
+        self.start_of = {n: b.index for b in self.blocks for n in b.linears}
+        self.start_of.update(dict.fromkeys(set(linears) - set(self.start_of),
+                                           len(self.blocks) - 1))
         self.weights = {n: m.weight.detach().clone() for n, m in linears.items()}
         self._ranks: dict[tuple[str, int], torch.Tensor] = {}
         self._recorded: tuple[int, list[list[torch.Tensor]]] | None = None
@@ -280,6 +297,10 @@ def pruned(layers: dict[str, nn.Linear], patterns: dict[str, NMPattern], probe: 
 # Measured sensitivity
 
 
+def _block_names(model: nn.Module) -> set[str]:
+    return {n for b in decoder_blocks(model) for n in b.linears}
+
+
 def projection_kind(name: str, block: Block) -> str:
     """The path of a projection inside its block (``self_attn.q_proj``)."""
     return name[len(block.name) + 1:]
@@ -302,6 +323,8 @@ class Sensitivity:
     dense_loss : float
     seconds : float
     evaluations : int
+    head_cost : dict of str to list of float
+        ``{path: [level]}``: the LM head pruned alone (empty when it was not measured).
     """
 
     levels: list[str]
@@ -310,6 +333,7 @@ class Sensitivity:
     dense_loss: float
     seconds: float
     evaluations: int
+    head_cost: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     cached: bool = False  # read from the cache (``seconds`` is then the original measurement's)
 
     def unit_costs(self, blocks: list[Block]) -> dict[str, list[float]]:
@@ -342,7 +366,8 @@ class Sensitivity:
         cols = [self.levels.index(n) for n in names]
         return dataclasses.replace(
             self, levels=names, block_cost=[[row[c] for c in cols] for row in self.block_cost],
-            kind_cost={k: [row[c] for c in cols] for k, row in self.kind_cost.items()})
+            kind_cost={k: [row[c] for c in cols] for k, row in self.kind_cost.items()},
+            head_cost={k: [row[c] for c in cols] for k, row in self.head_cost.items()})
 
 
 SENSITIVITY_CACHE_VERSION = "2"  # 2: losses by flow.eval.nll_sum (chunked head)
@@ -393,10 +418,11 @@ def _cached_sensitivity(path: pathlib.Path) -> Sensitivity | None:
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, windows: torch.Tensor, levels: tuple[NMPattern, ...],
                         *, granularity: str = "projection", batch_size: int = 8,
-                        progress: bool = True, cache: str | pathlib.Path | None = None
-                        ) -> Sensitivity:
+                        progress: bool = True, cache: str | pathlib.Path | None = None,
+                        head: bool = False) -> Sensitivity:
     """Measure :class:`Sensitivity` (``len(blocks) * (levels - 1)`` tail evaluations, plus
-    ``kinds * (levels - 1)`` whole-model ones for projection granularity).
+    ``kinds * (levels - 1)`` whole-model ones for projection granularity, plus ``levels - 1``
+    from the last block on for the LM head when ``head``: it is untied from the embedding).
 
     ``cache``: a folder where the measurement is stored under :func:`sensitivity_key` (written
     atomically) and reused by any later call with the same model, windows and levels."""
@@ -404,14 +430,17 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, levels: tuple[N
         raise FlexCimError(f"granularity must be one of {GRANULARITIES}, not {granularity!r}")
     path = None
     if cache is not None:
+        # untie first: the key hashes the parameters (an untied head is one more tensor)
+        prunable_layers(model, head=head)
+        what = granularity + ("+lm_head" if head else "")
         path = pathlib.Path(cache) / (
-            sensitivity_key(model, windows, levels, granularity, batch_size) + ".json")
+            sensitivity_key(model, windows, levels, what, batch_size) + ".json")
         found = _cached_sensitivity(path)
         if found is not None:
             log.info("sensitivity: reusing %s (%d evaluations, measured in %.1f s)", path,
                      found.evaluations, found.seconds)
             return found
-    result = _measure(model, windows, levels, granularity, batch_size, progress)
+    result = _measure(model, windows, levels, granularity, batch_size, progress, head)
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -422,12 +451,15 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, levels: tuple[N
 
 
 def _measure(model: nn.Module, windows: torch.Tensor, levels: tuple[NMPattern, ...],
-             granularity: str, batch_size: int, progress: bool) -> Sensitivity:
+             granularity: str, batch_size: int, progress: bool, head: bool = False
+             ) -> Sensitivity:
     start_time = time.perf_counter()
-    probe = LossProbe(model, windows, batch_size=batch_size)
+    probe = LossProbe(model, windows, batch_size=batch_size, head=head)
     blocks = probe.blocks
     sparse = levels[1:]
-    total = len(blocks) * len(sparse)
+    in_blocks = {n for b in blocks for n in b.linears}
+    heads = [n for n in probe.linears if n not in in_blocks]  # the LM head when ``head``
+    total = (len(blocks) + len(heads)) * len(sparse)
     kinds: list[str] = []
     if granularity == "projection" and len(blocks) > 2:
         for name in blocks[1].linears:
@@ -453,11 +485,20 @@ def _measure(model: nn.Module, windows: torch.Tensor, levels: tuple[NMPattern, .
                     row.append(probe.loss(middle[0].index) - probe.dense)
                 bar.update()
             kind_cost[kind] = row
+        head_cost = {}
+        for name in heads:
+            row = [0.0]
+            for p in sparse:
+                with pruned(probe.linears, {name: p}, probe):
+                    row.append(probe.loss(probe.start_of[name]) - probe.dense)
+                bar.update()
+            head_cost[name] = row
     finally:
         bar.close()
     result = Sensitivity(levels=[str(p) for p in levels], block_cost=block_cost,
                          kind_cost=kind_cost, dense_loss=probe.dense,
-                         seconds=time.perf_counter() - start_time, evaluations=total)
+                         seconds=time.perf_counter() - start_time, evaluations=total,
+                         head_cost=head_cost)
     log.info("sensitivity: %d evaluations in %.1f s", total, result.seconds)
     return result
 
@@ -508,9 +549,13 @@ def solve_units(costs: list[list[float]], units: list[list[int]], target: int
 
 
 def allocate(blocks: list[Block], sensitivity: Sensitivity, target: float
-             , shrink: float = 0.0) -> tuple[dict[str, NMPattern], float, str]:
+             , shrink: float = 0.0, *, head: dict[str, int] | None = None
+             ) -> tuple[dict[str, NMPattern], float, str]:
     """The projection patterns minimising the measured cost at mean parameter sparsity
     ``target`` (exact when reachable, else the nearest with a message).
+
+    ``head`` (``{path: parameters}``): the LM head is one more item, at its measured cost
+    (``sensitivity.head_cost``), and its parameters count in the mean sparsity.
 
     ``shrink`` > 0 pulls the plan toward uniform sparsity: each projection's cost at a level
     gains ``shrink * C * w * (s - target)**2``, with ``w`` its share of the parameters, ``s``
@@ -520,8 +565,14 @@ def allocate(blocks: list[Block], sensitivity: Sensitivity, target: float
     combine, a plan nearer uniform can be better (see :data:`SHRINKS`)."""
     levels = [NMPattern.parse(p) for p in sensitivity.levels]
     costs = sensitivity.unit_costs(blocks)
-    names = list(costs)
     params = {n: m.weight.numel() for b in blocks for n, m in b.linears.items()}
+    for name, count in (head or {}).items():
+        if name not in sensitivity.head_cost:
+            raise FlexCimError(f"the sensitivity has no measured cost for {name!r} (measured: "
+                               f"{sorted(sensitivity.head_cost) or 'none'})")
+        costs[name] = [max(c, 0.0) for c in sensitivity.head_cost[name]]
+        params[name] = count
+    names = list(costs)
     # integer units: pruned parameters in multiples of the common grain
     grain = 0
     for n in names:
@@ -559,9 +610,10 @@ def calibration_losses(model: nn.Module, windows: torch.Tensor,
     model, or ``prune_fn``'s weights), computed from the first pruned block on; the model is
     left as it was.  ``probe`` reuses a dense :class:`LossProbe` on ``windows``;
     ``per_window`` (a dict) receives each plan's loss per window."""
-    probe = probe or LossProbe(model, windows, batch_size=batch_size)
-    layers = {n: m for b in probe.blocks for n, m in b.linears.items()}
-    index = {n: b.index for b in probe.blocks for n in b.linears}
+    probe = probe or LossProbe(model, windows, batch_size=batch_size,
+                               head=any(n not in _block_names(model) for p in plans.values()
+                                        for n in p))
+    layers, index = probe.linears, probe.start_of
     losses = {}
     for key, patterns in plans.items():
         sparse = [index[n] for n, p in patterns.items() if not p.is_dense]
@@ -589,12 +641,13 @@ def paired_gain(base: np.ndarray, other: np.ndarray) -> dict:
 
 
 def one_shot_pruner(model: nn.Module, windows: torch.Tensor, metric: str, *,
-                    progress: bool = True) -> PruneFn | None:
+                    progress: bool = True, head: bool = False) -> PruneFn | None:
     """How the plan will be pruned, for ``auto``'s choice between candidate plans: ``None`` for
     Wanda (the probe's masks), else a function giving a projection's weight pruned by
     ``metric`` one-shot from the dense model's statistics on ``windows`` (SparseGPT: each
     projection's ``X^T X``, one calibration pass when first needed; results cached per
-    projection and pattern, since candidate plans share most of them)."""
+    projection and pattern, since candidate plans share most of them).  ``head``: the LM head
+    may be pruned too (its ``X^T X`` from one more dense pass)."""
     if metric == "wanda":
         return None
     if metric == "magnitude":
@@ -607,9 +660,12 @@ def one_shot_pruner(model: nn.Module, windows: torch.Tensor, metric: str, *,
     def prune_fn(name: str, weight: torch.Tensor, p: NMPattern) -> torch.Tensor:
         key = (name, str(p))
         if key not in done:
-            if not stats:
+            if not stats:  # the first call comes before any layer is pruned: all dense
                 stats.update(calib.calibrate(model, windows, hessian=True, keep_hessians=True,
                                              progress=progress))
+                if head:  # the LM head's input: one more pass
+                    path, module = untie_lm_head(model)
+                    stats.update(calib.collect(model, windows, {path: module}, hessian=True))
             done[key] = prune_weight(weight, metric, n_keep=p.n, m=p.m,
                                      hessian=stats[name].hessian)
         return done[key]
@@ -638,9 +694,9 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
     replaced).
     """
     start_time = time.perf_counter()
-    probe = probe or LossProbe(model, windows, batch_size=batch_size)
-    layers = {n: m for b in probe.blocks for n, m in b.linears.items()}
-    index = {n: b.index for b in probe.blocks for n in b.linears}
+    probe = probe or LossProbe(model, windows, batch_size=batch_size,
+                               head=any(n not in _block_names(model) for n in patterns))
+    layers, index = probe.linears, probe.start_of
     rank = {str(p): i for i, p in enumerate(levels)}
     unknown = sorted({str(p) for p in patterns.values()} - set(rank))
     if unknown:
@@ -658,6 +714,9 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
 
     rng = np.random.default_rng(seed)
     names = sorted(state)
+    # The LM head keeps its allocated level: no projection prunes as many parameters per level
+    # as it does, so no swap could keep the sparsity.
+    movable = [n for n in names if n in _block_names(model)]
     record = {"steps": steps, "kept": 0, "windows": int(windows.shape[0]), "seed": seed}
     bar = tqdm(total=steps, desc="refine", disable=not progress, leave=False, unit="step")
     try:
@@ -666,12 +725,12 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
         current = record["loss_before"] = probe.capture()
         for _ in range(steps):
             bar.update()
-            sparser = [n for n in names if state[n] + 1 < len(levels)]
+            sparser = [n for n in movable if state[n] + 1 < len(levels)]
             if not sparser:
                 break
             i = sparser[rng.integers(len(sparser))]
             delta = pruned_params[i][state[i] + 1] - pruned_params[i][state[i]]
-            denser = [n for n in names if n != i and state[n] > 0
+            denser = [n for n in movable if n != i and state[n] > 0
                       and pruned_params[n][state[n]] - pruned_params[n][state[n] - 1] == delta]
             if not denser:
                 continue
@@ -751,7 +810,12 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     from flexcim.flow.select import Plan
 
     blocks = decoder_blocks(model)
-    widths = sorted({m.in_features for b in blocks for m in b.linears.values()})
+    head = None
+    if config.lm_head:
+        path, module = untie_lm_head(model)
+        head = {path: module.weight.numel()}
+    widths = sorted({m.in_features for b in blocks for m in b.linears.values()}
+                    | ({module.in_features} if head else set()))
     levels = levels_of(macro_patterns(config), widths)
     if not 0.0 <= config.target <= levels[-1].sparsity:  # before measuring anything
         raise FlexCimError(f"target sparsity {config.target:g} is outside "
@@ -763,7 +827,7 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
         measure = "block" if config.granularity == "block" else "projection"
         sensitivity = measure_sensitivity(model, windows[: config.sens_windows], levels,
                                           granularity=measure, progress=progress,
-                                          cache=config.sens_cache)
+                                          cache=config.sens_cache, head=bool(head))
     else:
         sensitivity = sensitivity.restrict(levels)
     candidates = {}
@@ -771,14 +835,14 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
         if config.granularity in (granularity, "best"):
             s = sensitivity if granularity == "projection" else dataclasses.replace(
                 sensitivity, kind_cost={})
-            candidates[granularity] = (s, *allocate(blocks, s, config.target))
+            candidates[granularity] = (s, *allocate(blocks, s, config.target, head=head))
     if config.granularity == "best":
         for shrink in SHRINKS:
             candidates[f"shrink{shrink:g}"] = (sensitivity, *allocate(
-                blocks, sensitivity, config.target, shrink=shrink))
+                blocks, sensitivity, config.target, shrink=shrink, head=head))
     uniform = [p for p in levels if abs(p.sparsity - config.target) < 1e-9]
     if config.granularity == "best" and uniform:
-        names = [n for b in blocks for n in b.linears]
+        names = [n for b in blocks for n in b.linears] + list(head or {})
         candidates["uniform"] = (sensitivity, dict.fromkeys(names, uniform[0]),
                                  uniform[0].sparsity, "")
     choice = {}
@@ -792,8 +856,8 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
     steps = (config.refine_steps if config.refine_steps is not None
              else default_refine_steps(config.target))
     if windows is not None and (len(distinct) > 1 or steps):
-        probe = LossProbe(model, loss_windows(windows, config))
-        prune_fn = one_shot_pruner(model, windows, metric, progress=progress)
+        probe = LossProbe(model, loss_windows(windows, config), head=bool(head))
+        prune_fn = one_shot_pruner(model, windows, metric, progress=progress, head=bool(head))
     gate = {}
     if len(distinct) > 1 and probe is not None:
         rows: dict[str, np.ndarray] = {}
@@ -863,6 +927,8 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
                                    strict=True)),
         })
         layers.update({n: str(patterns[n]) for n in b.linears})
+    for name in head or {}:
+        layers[name] = str(patterns[name])
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                 if f.name != "sens_cache"}
     settings["refine_steps"] = steps  # the steps run (a default resolved by the target)
@@ -877,7 +943,8 @@ def auto_plan(model: nn.Module, windows: torch.Tensor | None, config, *,
                                "evaluations": sensitivity.evaluations,
                                "dense_loss": sensitivity.dense_loss,
                                "cached": sensitivity.cached,
-                               "kind_cost": sensitivity.kind_cost}
+                               "kind_cost": sensitivity.kind_cost,
+                               "head_cost": sensitivity.head_cost}
     return Plan(method="auto", target_sparsity=float(config.target), achieved_sparsity=achieved,
                 exact=not message, message=message, blocks=records, layers=layers,
                 settings=settings)

@@ -57,9 +57,12 @@ class LayerStats:
 
 
 def _stats_hook(stats: LayerStats) -> Callable:
-    """A forward hook accumulating ``stats`` from the layer's input (float32 running sums)."""
+    """A forward pre-hook accumulating ``stats`` from the layer's input (float32 running sums).
+    A pre-hook, so it also sees the input of a head whose forward
+    :func:`flexcim.flow.eval.nll_terms` cuts short (it computes the loss from the head's
+    input and weight)."""
 
-    def hook(_module, inputs, _output):
+    def hook(_module, inputs):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
         stats.sq_sum += (x * x).sum(dim=0)
         stats.tokens += x.shape[0]
@@ -81,11 +84,22 @@ def collecting(layers: dict[str, nn.Linear], *, hessian: bool = False
             stats[name] = LayerStats(
                 sq_sum=torch.zeros(k), xtx=torch.zeros(k, k) if hessian else None
             )
-            handles.append(layer.register_forward_hook(_stats_hook(stats[name])))
+            handles.append(layer.register_forward_pre_hook(_stats_hook(stats[name])))
         yield stats
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def collect(model: nn.Module, windows: torch.Tensor, layers: dict[str, nn.Linear], *,
+            hessian: bool = False, batch_size: int = 4) -> dict[str, LayerStats]:
+    """Input statistics of ``layers`` over whole forward passes of ``model`` on ``windows`` as
+    it is now (for layers outside the decoder blocks, e.g. the LM head)."""
+    with collecting(layers, hessian=hessian) as stats:
+        for start in range(0, windows.shape[0], batch_size):
+            model(input_ids=windows[start : start + batch_size], use_cache=False)
+    return stats
 
 
 class _Captured(Exception):

@@ -153,7 +153,8 @@ def _select(args: argparse.Namespace) -> int:
         hw_config=_hw_config(args.hw_config), hw_weight=args.hw_weight,
         granularity=args.granularity, sens_windows=args.sens_windows,
         refine_steps=args.refine_steps, loss_windows=args.loss_windows,
-        significance=args.significance, sens_cache=_sens_cache(args.sens_cache),
+        significance=args.significance, lm_head=args.lm_head,
+        sens_cache=_sens_cache(args.sens_cache),
     )
     check_output(args.output, "plan output (-o)", inputs=(args.model, args.text, args.hw_config))
     start = time.perf_counter()
@@ -449,6 +450,10 @@ def register(sub) -> None:
                    help="auto: the best candidate plan replaces the uniform pattern only if "
                         "its mean per-window loss gain on the loss windows exceeds Z standard "
                         "errors of the paired differences (default 2; 0: any gain)")
+    p.add_argument("--lm-head", action="store_true",
+                   help="auto: allocate a pattern to the LM head too (untied from the "
+                        "embedding; its parameters count in the target sparsity); default: "
+                        "the head stays dense")
     p.add_argument("--sens-cache", metavar="DIR",
                    help="auto: keep the sensitivity measurement in DIR and reuse it for the same "
                         "model, calibration windows and patterns (default: the sensitivity "

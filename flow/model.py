@@ -240,6 +240,43 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for block in decoder_blocks(model) for name, m in block.linears.items()}
 
 
+def lm_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The output projection (LM head) and its module path (``lm_head`` for a Llama); one
+    FlexCimError line for a model without an ``nn.Linear`` head."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if type(head) is nn.Linear:
+        for path, module in model.named_modules():
+            if module is head:
+                return path, head
+    raise FlexCimError(f"{type(model).__name__} has no torch.nn.Linear LM head to prune")
+
+
+def untie_lm_head(model: nn.Module) -> tuple[str, nn.Linear]:
+    """Give the LM head a weight of its own when it shares the input embedding's (SmolLM2 ties
+    them): pruning the head must not prune the embedding lookup.  The function of the model does
+    not change; ``config.tie_word_embeddings`` is cleared so that a saved model keeps both."""
+    path, head = lm_head(model)
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if get is not None else None
+    if embedding is not None and head.weight is embedding.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(),
+                                   requires_grad=head.weight.requires_grad)
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+    return path, head
+
+
+def prunable_layers(model: nn.Module, *, head: bool = False) -> dict[str, nn.Linear]:
+    """:func:`linear_layers`, and the LM head (untied, :func:`untie_lm_head`) when ``head``."""
+    layers = linear_layers(model)
+    if head:
+        path, module = untie_lm_head(model)
+        layers[path] = module
+    return layers
+
+
 def tiny_llama(seed: int = 0, *, layers: int = 4, hidden: int = 32, intermediate: int = 64,
                vocab: int = 96) -> nn.Module:
     """A small random Llama for tests and examples (in-process, no files)."""

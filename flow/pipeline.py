@@ -12,6 +12,7 @@ Typical use::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -21,7 +22,14 @@ import time
 import torch
 from flexcim.flow import calib, prune
 from flexcim.flow.eval import perplexity
-from flexcim.flow.model import LoadedModel, decoder_blocks, linear_layers, load_model
+from flexcim.flow.model import (
+    LoadedModel,
+    decoder_blocks,
+    linear_layers,
+    lm_head,
+    load_model,
+    prunable_layers,
+)
 from flexcim.flow.select import Plan, SelectConfig, select
 from flexcim.flow.text import Corpus, load_corpus, token_windows
 from flexcim.spec.nm import NMPattern
@@ -172,9 +180,19 @@ def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
     after that block (export needs no more).  With ``stats`` (from one dense
     :func:`calib.calibrate`; with ``keep_hessians=True`` for SparseGPT) the model is pruned
     one-shot from those statistics, without running it, whatever the metric.
+
+    A plan that names the LM head (``auto`` with ``lm_head``) prunes it too, after the blocks:
+    it is untied from the embedding first, and calibrated on the dense model (Wanda) or on the
+    pruned blocks' outputs (SparseGPT), with one more pass over ``windows``.
     """
     _check_metric(metric)
     layers = linear_layers(model)
+    head = None
+    if set(plan.layers) - set(layers):
+        with contextlib.suppress(FlexCimError):  # a model without an nn.Linear head
+            head = lm_head(model)[0]
+        if head in plan.layers:
+            layers = prunable_layers(model, head=True)
     missing = sorted(set(plan.layers) - set(layers))
     if missing:
         raise FlexCimError(f"plan names layer {missing[0]!r}, which this model does not have")
@@ -194,14 +212,23 @@ def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
             act_sq_mean=stats.act_sq_mean if metric == "wanda" else None,
             hessian=stats.hessian if metric == "sparsegpt" else None))
 
+    if stats is not None and head in layers and head not in stats:
+        raise FlexCimError(f"the plan prunes {head!r}, and the statistics given have none for it")
     if metric == "magnitude" or stats is not None:
         for name in layers:
             prune_layer(name, None if stats is None else stats[name])
         return
     if windows is None:
         raise FlexCimError(f"metric {metric!r} needs calibration windows")
+    with_head = head in layers and last_block is None
+
+    def head_stats() -> dict[str, calib.LayerStats]:
+        return calib.collect(model, windows, {head: layers[head]},
+                             hessian=metric == "sparsegpt")
+
     if not SEQUENTIAL[metric]:
-        dense = calib.calibrate(model, windows, progress=progress, last_block=last_block)
+        dense = head_stats() if with_head else {}  # before any block is pruned
+        dense.update(calib.calibrate(model, windows, progress=progress, last_block=last_block))
         for name in dense:
             prune_layer(name, dense[name])
         return
@@ -213,11 +240,18 @@ def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
 
     calib.calibrate(model, windows, on_block=on_block, hessian=metric == "sparsegpt",
                     progress=progress, last_block=last_block, sequential=True)
+    if with_head:  # on the outputs of the pruned blocks, as the blocks were on theirs
+        for name, s in head_stats().items():
+            prune_layer(name, s)
 
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
     """Raise unless every projection's weight satisfies its pattern in ``plan``."""
     layers = linear_layers(model)
+    if set(plan.layers) - set(layers):
+        with contextlib.suppress(FlexCimError):
+            path, module = lm_head(model)
+            layers[path] = module
     for name, text in plan.layers.items():
         pattern = NMPattern.parse(text)
         w = layers[name].weight.detach()

@@ -383,6 +383,10 @@ class SelectConfig:
         ``auto``: how clearly the best candidate plan must beat the uniform pattern on the loss
         windows to replace it: the mean of the paired per-window loss differences must exceed
         ``significance`` standard errors (the default 2; 0: any gain, as before 2026-12-04).
+    lm_head : bool
+        ``auto``: the LM head is one more projection it allocates (untied from the embedding,
+        its measured cost, its parameters counted in the target sparsity); off by default: the
+        head stays dense and the target counts the decoder blocks' projections only.
     sens_cache : str or None
         ``auto``: a folder where the sensitivity measurement is kept and reused (see
         :func:`flexcim.flow.auto.measure_sensitivity`; the CLI's default is under
@@ -408,6 +412,7 @@ class SelectConfig:
     loss_windows: int = 8
     refine_seed: int = 0
     significance: float = 2.0
+    lm_head: bool = False
     sens_cache: str | None = None
 
     def __post_init__(self):
@@ -434,6 +439,11 @@ class SelectConfig:
                 or not 0.0 <= self.significance < math.inf):
             raise FlexCimError(f"significance must be a finite number >= 0, "
                                f"not {self.significance!r}")
+        if not isinstance(self.lm_head, bool):
+            raise FlexCimError(f"lm_head must be True or False, not {self.lm_head!r}")
+        if self.lm_head and self.method != "auto":
+            raise FlexCimError(f"pruning the LM head is an option of method 'auto', not of "
+                               f"{self.method!r}")
         for name, label, low in (("sens_windows", "sensitivity windows", 1),
                                  ("refine_steps", "refine steps", 0),
                                  ("loss_windows", "loss windows", 1)):

@@ -205,6 +205,21 @@ def _projection_kind(name: str, where: str) -> str:
                        f"have; expected one of {', '.join(PROJECTIONS)}")
 
 
+HEAD_PATH = "lm_head"
+"""The LM head's module path in a Llama-style model, as a flow plan names it (``flexcim flow
+select --method auto --lm-head``)."""
+
+
+def plan_head(plan) -> NMPattern:
+    """The LM head's pattern in ``plan``: a flow plan's ``layers["lm_head"]`` (or a
+    ``{"patterns": [...], "lm_head": "N:M"}`` object), else dense."""
+    if isinstance(plan, Mapping):
+        layers = plan.get("layers") if plan.get("format") == "flexcim-plan" else plan
+        if isinstance(layers, Mapping) and HEAD_PATH in layers:
+            return NMPattern.parse(layers[HEAD_PATH])
+    return NMPattern(1, 1)
+
+
 def _plan_blocks(plan) -> list[tuple[dict[str, NMPattern], dict[NMPattern, bool | None]]]:
     """The plan's blocks in order: ``({projection kind: pattern}, {pattern: mask_24})``; a kind
     missing from the dict runs with the block's ``"*"`` pattern."""
@@ -236,8 +251,8 @@ def _plan_blocks(plan) -> list[tuple[dict[str, NMPattern], dict[NMPattern, bool 
                 if str(name).startswith(prefix):
                     kinds[_projection_kind(str(name), f"plan block {i}")] = NMPattern.parse(pattern)
             out.append((kinds, {}))
-        unclaimed = [n for n in per_layer
-                     if not any(str(n).startswith(f"{b.get('name', '')}.") for b in blocks)]
+        unclaimed = [n for n in per_layer if n != HEAD_PATH
+                     and not any(str(n).startswith(f"{b.get('name', '')}.") for b in blocks)]
         if unclaimed:
             raise FlexCimError(f"plan layer {unclaimed[0]!r} belongs to no block of the plan")
         return out
