@@ -265,8 +265,9 @@ def system_iso_accuracy(points: list[dict], plans: dict, model: str, *,
     costs = {}
     for p in points:
         layers = system.map_plan(plans[p["name"]], shape)
-        costs[p["name"]] = {m: (system.step_cost(a, shape, layers, tokens, 0),
-                                system.step_cost(a, shape, layers, 1, kv_len))
+        head = system.plan_head(plans[p["name"]])
+        costs[p["name"]] = {m: (system.step_cost(a, shape, layers, tokens, 0, head=head),
+                                system.step_cost(a, shape, layers, 1, kv_len, head=head))
                             for m, a in accs.items()}
     # The front on FlexCiM by the system's prefill latency (pareto_front reads "prefill").
     sys_points = [{"name": p["name"], "ppl": p["ppl"], "prefill": {
@@ -393,14 +394,16 @@ def _kinds() -> str:
 
 
 def _plans(fp, model, stats, sensitivity, target: float, windows=None,
-           full_selector: bool = False) -> list:
+           full_selector: bool = False, lm_head: bool = False) -> list:
     """``(name, series, plan)`` of every plan of the sweep at ``target``: ``auto`` on the
     FlexCiM macro's patterns and on the fixed-2:4 macro's ({1:1, 2:4}: each macro gets its own
     best plans), uniform N:16 (any N: what a GPU kernel could run),
     OWL and the paper's FLOW criterion.  ``windows`` (calibration) let ``auto`` compare its
     candidate plans on the calibration loss (granularity ``best``).  ``auto`` runs with the
     demo's settings (:data:`REFINE_STEPS`, :data:`LOSS_WINDOWS`), or with ``full_selector``
-    as the CLI runs it (its default local search and loss windows), for both macros alike."""
+    as the CLI runs it (its default local search and loss windows), for both macros alike.
+    ``lm_head`` adds ``auto`` allowed to prune the LM head too, on both macros (its
+    parameters count in the target; ``stats`` and ``sensitivity`` must cover the head)."""
     from flexcim.spec.config import preset
 
     speed = {} if full_selector else {"refine_steps": REFINE_STEPS,
@@ -415,6 +418,15 @@ def _plans(fp, model, stats, sensitivity, target: float, windows=None,
         ("OWL", "OWL", fp.SelectConfig(method="owl", target=target)),
         ("FLOW", "FLOW", fp.SelectConfig(method="flow", target=target)),
     ]
+    if lm_head:
+        configs += [
+            ("auto + LM head", "auto + LM head (FlexCiM patterns)",
+             fp.SelectConfig(method="auto", target=target, hw_config=preset("default"),
+                             lm_head=True, **speed)),
+            ("auto on {1:1, 2:4} + LM head", "auto on {1:1, 2:4} + LM head",
+             fp.SelectConfig(method="auto", target=target, hw_config=preset("fixed24"),
+                             lm_head=True, **speed)),
+        ]
     plans = []
     for name, series, cfg in configs:
         try:
@@ -493,7 +505,7 @@ def stage_flow(ctx: Context) -> None:
     from flexcim.flow import auto, calib
     from flexcim.flow import pipeline as fp
     from flexcim.flow.act import ActConfig, activation_pruning, pruned_mac_share
-    from flexcim.flow.model import linear_layers
+    from flexcim.flow.model import prunable_layers
     from flexcim.flow.quant import DEFAULT_SMOOTH, W8A8Config, w8a8
     from flexcim.spec.config import preset
     from flexcim.spec.nm import NMPattern
@@ -502,17 +514,22 @@ def stage_flow(ctx: Context) -> None:
     session = fp.load()
     model = session.model
     windows = fp.calibration_windows(session, count=args.calib_windows, seed=args.seed)
+    # --lm-head: the head untied from the embedding (the same function) and calibrated dense
+    layers = prunable_layers(model, head=args.lm_head)
     stats = calib.calibrate(model, windows, progress=True)
+    if args.lm_head:
+        stats.update(calib.collect(model, windows, {n: m for n, m in layers.items()
+                                                    if n not in stats}))
     log.info("auto: measuring the sensitivity of every block and projection kind")
     sensitivity = auto.measure_sensitivity(model, windows[:SENS_WINDOWS],
                                            tuple(NMPattern.parse(p) for p in SENS_PATTERNS),
-                                           cache=auto.sensitivity_cache())
-    original = {n: lin.weight.detach().clone() for n, lin in linear_layers(model).items()}
+                                           cache=auto.sensitivity_cache(), head=args.lm_head)
+    original = {n: lin.weight.detach().clone() for n, lin in layers.items()}
     act_config = ActConfig(pattern=ACT_PATTERN)
     mac_share = pruned_mac_share(model, act_config)
 
     def restore() -> None:
-        for name, lin in linear_layers(model).items():
+        for name, lin in layers.items():
             lin.weight.copy_(original[name])
 
     def ppl(with_act: bool = True) -> tuple[float, float | None]:
@@ -544,7 +561,8 @@ def stage_flow(ctx: Context) -> None:
         rows.append(["dense", 0.0, "-", dense[0], dense[1], *dense_w8a8])
         for target in DEMO_TARGETS:
             for name, series, plan in _plans(fp, model, stats, sensitivity, target, windows,
-                                             full_selector=args.full_selector):
+                                             full_selector=args.full_selector,
+                                             lm_head=args.lm_head):
                 log.info("plan %s at %.0f %%: pruning and measuring perplexity", name,
                          100 * target)
                 fp.apply_plan(model, plan, None, stats=stats, progress=False)
@@ -680,7 +698,7 @@ def pick_rtl_layer(plan, cfg) -> tuple[str, str]:
     from flexcim.spec.nm import NMPattern
 
     candidates = [(name, p) for name, p in plan.layers.items()
-                  if not NMPattern.parse(p).is_dense and cfg.supports(p)]
+                  if not NMPattern.parse(p).is_dense and cfg.supports(p) and "." in name]
     if not candidates:
         raise FlexCimError("the plan has no sparse layer this macro supports")
     for name, p in candidates:
@@ -963,6 +981,9 @@ def register(sub) -> None:
                    help="run auto as `flexcim flow select` does, with its local search and 8 "
                         "loss windows, for both macros (the demo's default skips the search "
                         "for time: about 8 minutes more on 2 cores)")
+    p.add_argument("--lm-head", action="store_true",
+                   help="also run auto allowed to prune the LM head, on both macros (two more "
+                        "plans per target; the head's parameters count in the target)")
     p.add_argument("--only", metavar="STAGES",
                    help="comma-separated subset of the stages: "
                    + ", ".join(s[0] for s in STAGES))

@@ -384,5 +384,7 @@ def energy_plan(model: nn.Module, plan: Plan) -> dict:
                 "linears": {n: [layers[n].out_features, layers[n].in_features] for n in names},
                 "mask_24": mask_24,
             })
+    head = {n: p for n, p in plan.layers.items() if not any(
+        n.startswith(block["name"] + ".") for block in plan.blocks)}
     return {"layers": entries, "method": plan.method,
-            "achieved_sparsity": plan.achieved_sparsity}
+            "achieved_sparsity": plan.achieved_sparsity, **head}

@@ -208,6 +208,12 @@ def test_system_stage_reports_prefill_and_decode(tmp_path, monkeypatch):
     # indices (fixed24's 2), so its DRAM-bound projections take longer and cost more.
     assert demo.COMPACT_WEIGHTS
     assert abs(dense["prefill_ratio"] - 1) < 0.01 and abs(dense["decode_energy_ratio"] - 1) < 0.01
+    # A plan that prunes the LM head (demo --lm-head): the same blocks, a lighter decode
+    headed = {**plans, "u28h": {**plans["u28"], "lm_head": "12:16"}}
+    rows_h = {r["plan"]: r for r in system_iso_accuracy(
+        points + [{"name": "u28h", "ppl": 400.0}], headed, "smollm2-135m", macros=4,
+        tokens=16, kv_len=64)}
+    assert rows_h["u28h"]["decode_uj"] < u28["decode_uj"] and "u28" not in rows_h
     monkeypatch.setattr(demo, "COMPACT_WEIGHTS", False)
     beats = system_iso_accuracy(points, plans, "smollm2-135m", macros=4, tokens=16, kv_len=64)
     monkeypatch.undo()

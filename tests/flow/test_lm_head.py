@@ -163,3 +163,26 @@ def test_the_system_model_reads_the_plans_head(tmp_path, capsys):
         acc, shape, flow_plan, 1, 8, head="12:16").weight_bits
     assert data["result"]["flexcim"]["decode"]["weight_bits"] < system.step_cost(
         acc, shape, flow_plan, 1, 8).weight_bits
+
+
+def test_the_demo_adds_auto_with_the_head_for_both_macros(tiny, tiny_windows):
+    from flexcim import demo
+
+    layers = prunable_layers(tiny, head=True)
+    stats = calib.calibrate(tiny, tiny_windows, progress=False)
+    stats.update(calib.collect(tiny, tiny_windows, {"lm_head": layers["lm_head"]}))
+    sens = auto.measure_sensitivity(tiny, tiny_windows, tuple(
+        NMPattern.parse(p) for p in demo.SENS_PATTERNS), progress=False, head=True)
+    plans = {name: plan for name, _, plan in demo._plans(pipeline, tiny, stats, sens, 0.5,
+                                                          tiny_windows, lm_head=True)}
+    assert "lm_head" not in plans["auto"].layers
+    original = {n: m.weight.detach().clone() for n, m in layers.items()}
+    for name, allowed in (("auto + LM head", {"1:1", "12:16", "8:16", "6:16", "4:16", "2:16"}),
+                          ("auto on {1:1, 2:4} + LM head", {"1:1", "2:4"})):
+        assert "lm_head" in plans[name].layers and set(plans[name].layers.values()) <= allowed
+        pipeline.apply_plan(tiny, plans[name], None, stats=stats)
+        energy = pipeline.energy_plan(tiny, plans[name])
+        assert system.plan_head(energy) == NMPattern.parse(plans[name].layers["lm_head"])
+        assert demo.pick_rtl_layer(plans[name], PRESETS["default"])[0] != "lm_head"
+        for n, m in layers.items():
+            m.weight.data.copy_(original[n])
