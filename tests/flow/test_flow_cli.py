@@ -77,6 +77,29 @@ def test_select_then_prune(workspace, capsys, metric):
                                "sparsegpt": "sequential"}[metric]
 
 
+def test_select_and_prune_with_the_lm_head(workspace, capsys, tmp_path):
+    """``--lm-head``: the plan names ``lm_head``; the pruned directory reloads with the head
+    untied, pruned to its pattern, and the embedding whole."""
+    d = workspace
+    code, err = _run(capsys, "flow", "select", *_common(d), "--target-sparsity", "0.5",
+                     "--lm-head", "--refine-steps", "2", "--sens-cache", "off",
+                     "-o", str(tmp_path / "plan.json"))
+    assert code == 0, err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert "lm_head" in plan["layers"] and plan["settings"]["lm_head"] is True
+    plan["layers"]["lm_head"] = "4:16"  # whatever the allocation chose: a sparse head
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    code, err = _run(capsys, "flow", "prune", *_common(d), "--plan", str(tmp_path / "plan.json"),
+                     "-o", str(tmp_path / "pruned"))
+    assert code == 0, err
+    pruned = load_model(tmp_path / "pruned").model
+    head = pruned.lm_head.weight
+    assert head is not pruned.get_input_embeddings().weight
+    assert int((head.reshape(-1, 16) != 0).sum(1).max()) <= 4
+    assert torch.equal(pruned.get_input_embeddings().weight,
+                       load_model(d / "model").model.get_input_embeddings().weight)
+
+
 def test_calibration_windows_default_by_metric(workspace, capsys):
     """Without --calib-windows: 16 windows, 64 when SparseGPT prunes (select records it, prune
     records what it drew); an explicit count wins; the larger draw holds the smaller's windows."""
@@ -181,6 +204,7 @@ def test_select_auto_bad_input(workspace, capsys, argv, message):
     (["--method", "uniform", "--pattern", "4:64"], "M must be a power of two from 1 to 32"),
     (["--method", "uniform", "--pattern", "2:x"], "N:M pattern must look like"),
     (["--candidates", "2:4,3:128"], "M must be a power of two"),
+    (["--target-sparsity", "0.5", "--lm-head"], "an option of method 'auto', not of 'flow'"),
 ])
 def test_select_bad_input(workspace, capsys, argv, message):
     d = workspace
