@@ -125,3 +125,57 @@ def test_sources_digest_changes_with_any_source_file(tmp_path):
     # the checkout's own: 64 hex digits, and tool versions recorded apart
     assert len(area.sources_digest()) == 64
     assert set(area.tool_versions()) == set(area.TOOLS)
+
+
+def unpacker_report(cfg, gates, extra_ff=0):
+    """A synthesis report of ``cfg``'s weight unpacker as synth.area_report makes it: one
+    module instantiated once, ``gates`` cells of each kind plus its flip-flops."""
+    from flexcim.hw.unpack import WeightUnpacker
+
+    ff = sum(WeightUnpacker(cfg).register_bits().values()) + extra_ff
+    cells = {"$_NAND_": gates["nand"], "$_MUX_": gates["mux"], "$_DFF_P_": ff}
+    own = synth._local_area(cells, 0, set())
+    return {"top": "u", "modules": {"u": own}, "total": own,
+            "logic_depth": {"gates": 7, "start": "a", "end": "b", "stages": [["(top)", 7]]}}
+
+
+def test_compare_reports_each_presets_unpacker_and_its_share_of_the_macro():
+    from flexcim.hw.unpack import WeightUnpacker
+
+    per_bit = synth.nand2_eq("$_DFFE_PP_")
+    bd, bf = area.buffer_bits(DENSE), area.buffer_bits(CFG)
+    dense = report({"sub.row": kind(64 * per_bit + 50, memory_bits=64),
+                    "buffer": kind(200 + bd * per_bit, memory_bits=bd)})
+    flex = report({"sub.row": kind(72 * per_bit + 80, memory_bits=72),
+                   "buffer": kind(200 + bf * per_bit, memory_bits=bf)})
+    unpackers = {"dense": unpacker_report(DENSE, {"nand": 10, "mux": 2}),
+                 "flex": unpacker_report(CFG, {"nand": 40, "mux": 6})}
+    result = area.compare({"dense": dense, "flex": flex}, {"dense": DENSE, "flex": CFG},
+                          unpackers=unpackers)
+    u = result["presets"]["flex"]["unpacker"]
+    ff = sum(WeightUnpacker(CFG).register_bits().values())
+    # by hand: 40 NAND2 (1.0 each) + 6 MUX2 (1862/798) + ff DFFs (4522/798 each)
+    assert u["nand2"] == pytest.approx(40 + 6 * 1.862 / 0.798 + ff * 4.522 / 0.798)
+    assert u["logic_nand2"] == pytest.approx(40 + 6 * 1.862 / 0.798)
+    assert u["ff_bits"] == ff and u["gates"] == 40 + 6 + ff
+    assert u["logic_depth"]["gates"] == 7
+    macro = result["presets"]["flex"]
+    assert u["of_macro_pct"] == pytest.approx(100 * u["nand2"] / flex["total"]["nand2"])
+    assert u["of_macro_sram_pct"] == pytest.approx(100 * u["nand2"] / macro["sram_adjusted"])
+    assert macro["total"] == flex["total"]["nand2"]  # not added to the macro's totals
+    text = area.markdown(result, ["dense", "flex"])
+    assert "| preset | unpacker NAND2-eq |" in text
+    line = next(x for x in text.splitlines() if x.startswith("| flex | ") and "k |" in x
+                and f"| {ff} |" in x)
+    assert f"| {40 + 6 + ff} | 7 | {u['of_macro_pct']:.2f}% |" in line
+    # a result without unpackers (recorded before them) still renders, without the table
+    assert "unpacker" not in area.markdown(area.compare({"dense": dense}, {"dense": DENSE}),
+                                           ["dense"])
+
+
+def test_compare_refuses_an_unpacker_of_other_flip_flops():
+    rows = {"sub.row": kind(10, memory_bits=64),
+            "buffer": kind(10, memory_bits=area.buffer_bits(DENSE))}
+    with pytest.raises(FlexCimError, match="weight unpacker has .* flip-flops, expected"):
+        area.compare({"dense": report(rows)}, {"dense": DENSE},
+                     unpackers={"dense": unpacker_report(DENSE, {"nand": 1, "mux": 0}, 3)})
