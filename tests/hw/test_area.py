@@ -179,3 +179,53 @@ def test_compare_refuses_an_unpacker_of_other_flip_flops():
     with pytest.raises(FlexCimError, match="weight unpacker has .* flip-flops, expected"):
         area.compare({"dense": report(rows)}, {"dense": DENSE},
                      unpackers={"dense": unpacker_report(DENSE, {"nand": 1, "mux": 0}, 3)})
+
+
+def test_main_reuses_the_unpacker_reports_and_writes_their_table(tmp_path, caplog):
+    """make synth's plumbing without Yosys: a preset's macro and unpacker reports of the
+    current sources in --out are reused (--reuse), and area.json / area.md get the unpacker."""
+    import json
+    import logging
+
+    from flexcim.spec.config import preset
+
+    caplog.set_level(logging.INFO, logger="flexcim.area")
+    tiny = preset("tiny")
+    bits = area.storage_bits(tiny)
+    rows = bits["weight_bits"] + bits["index_bits"]
+    macro = report({"sub.row": kind(rows * 8.0 + 100, memory_bits=rows),
+                    "buffer": kind(500.0, memory_bits=area.buffer_bits(tiny))})
+    made_of = {"sources": area.sources_digest(), "tools": area.tool_versions()}
+    out = tmp_path / "synth"
+    out.mkdir()
+    (out / "tiny.json").write_text(json.dumps({**macro, **made_of}))
+    unpacker = unpacker_report(tiny, {"nand": 30, "mux": 3})
+    (out / f"tiny{area.UNPACK}.json").write_text(json.dumps({**unpacker, **made_of}))
+    assert area.main(["--presets", "tiny", "--reuse", "--jobs", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "area.json").read_text())
+    u = result["presets"]["tiny"]["unpacker"]
+    assert u["ff_bits"] == unpacker["total"]["ff_bits"] and u["gates"] == 33 + u["ff_bits"]
+    assert u["nand2"] == pytest.approx(unpacker["total"]["nand2"])
+    assert "| tiny | " in (out / "area.md").read_text().split("Weight unpacker")[1]
+    assert f"tiny{area.UNPACK}: reusing" in caplog.text
+
+
+@pytest.mark.parametrize("sets", [
+    (),  # 4 s of Yosys on an idle machine
+    pytest.param(("weight_port_rows=2",), marks=pytest.mark.extended),  # groups span beats
+])
+def test_the_synthesised_tiny_unpacker_fits_the_generator_and_the_energy_model(tmp_path, sets):
+    """The unpacker of tiny (8 patterns up to 8:16, not a make synth preset) through the real
+    flow: its flip-flops are register_bits', and golden.energy's structural count bounds the
+    netlist's gates and flip-flops from above, by less than 1.6x."""
+    from flexcim.golden import energy
+    from flexcim.spec.config import preset
+
+    cfg = preset("tiny").with_overrides(sets)
+    rep = area._synthesise_unpacker("tiny", cfg, tmp_path / "u")
+    dense_macro = {"total": 1e6, "sram_adjusted": 5e5}
+    row = area.unpacker_row("tiny", cfg, rep, dense_macro)
+    assert row["ff_bits"] == energy.unpack_bits(cfg)["ff"]
+    assert row["logic_depth"]["gates"] > 10
+    count = sum(energy.unpack_bits(cfg).values())
+    assert row["gates"] <= count < 1.6 * row["gates"], (row["gates"], count)
