@@ -66,11 +66,11 @@ The weight unpacker (hw/unpack.py), which only an accelerator with packed weight
 bit operations (:func:`unpack_bits`: gearbox shifters and buffer register, the decoder's binomial
 table, comparators, one-hot multiplexers and subtractors, every flip-flop), a multiplexer or
 flip-flop bit 0.003125 pJ and a comparator or subtractor bit one adder bit, all switching once
-(the decoder's only in commands whose pattern has codes: not 1:1)
-in every cycle in which the unpacker emits a beat or takes a word (:func:`unpack_pj`: ``weight
-beats + packed words``, both counted by the RTL's counters).  That is an upper bound of its
-glitch-free switching, not an estimate (the count is 1.1-1.5x the gates and flip-flops Yosys
-maps it to, and most cycles that take a word also emit a beat).
+(the decoder's only in commands whose pattern has codes, not 1:1) in every cycle in which the
+unpacker emits a beat or takes a word (:func:`unpack_pj`: ``weight beats + packed words``, both
+counted by the RTL's counters).  That is an upper bound of its glitch-free switching, not an
+estimate (the count is 1.1-1.5x the gates and flip-flops Yosys maps it to, and most cycles that
+take a word also emit a beat).
 
 Zero operands: a cell whose weight or selected activation slice is zero is **gated** (operand
 isolation in hw/array.py: its multiplier's activation input and its adder-tree input stay 0),
@@ -308,8 +308,9 @@ def unpack_pj(cfg: HwConfig, pattern, weight_beats: int, packed_words: int,
 
     Activity: the unpacker's registers change only in a cycle in which a beat leaves or a word
     is taken, and its other inputs (the word offered, the pattern) are held otherwise (a
-    stream's payload does not change while it waits), so no gate switches in the other
-    cycles, and at most ``weight_beats + packed_words`` cycles are active.  Both are counted
+    stream's payload does not change while it waits; assumed: the weight buffer's output is
+    registered, so it holds its last word while it offers none), so no gate switches in the
+    other cycles, and at most ``weight_beats + packed_words`` cycles are active.  Both are counted
     in the RTL: the macro's ``weight_beats`` counter (the unpacker's output beats in the packed
     top) and the packed top's ``packed_words``, which ``flexcim.sim.packed_tb`` checks against
     :func:`flexcim.spec.layouts.compact_words` on every run.  Charging every bit operation
