@@ -414,10 +414,10 @@ def test_unpack_pj_scales_with_the_beats_and_words_the_rtl_counts():
 def test_unpack_registers_are_the_rtls(preset, sets):
     """The model's flip-flops are the generator's, register by register summed
     (hw/unpack.py's WeightUnpacker.register_bits, which make synth checks in the netlist)."""
-    from flexcim.hw.unpack import WeightUnpacker
+    from flexcim.hw.area import unpacker_bits  # WeightUnpacker.register_bits(), summed
 
     cfg = PRESETS[preset].with_overrides(sets)
-    assert energy.unpack_bits(cfg)["ff"] == sum(WeightUnpacker(cfg).register_bits().values())
+    assert energy.unpack_bits(cfg)["ff"] == unpacker_bits(cfg)
 
 
 def test_unpack_bits_bound_the_synthesised_unpacker():

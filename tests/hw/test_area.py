@@ -130,9 +130,7 @@ def test_sources_digest_changes_with_any_source_file(tmp_path):
 def unpacker_report(cfg, gates, extra_ff=0):
     """A synthesis report of ``cfg``'s weight unpacker as synth.area_report makes it: one
     module instantiated once, ``gates`` cells of each kind plus its flip-flops."""
-    from flexcim.hw.unpack import WeightUnpacker
-
-    ff = sum(WeightUnpacker(cfg).register_bits().values()) + extra_ff
+    ff = area.unpacker_bits(cfg) + extra_ff
     cells = {"$_NAND_": gates["nand"], "$_MUX_": gates["mux"], "$_DFF_P_": ff}
     own = synth._local_area(cells, 0, set())
     return {"top": "u", "modules": {"u": own}, "total": own,
@@ -140,8 +138,6 @@ def unpacker_report(cfg, gates, extra_ff=0):
 
 
 def test_compare_reports_each_presets_unpacker_and_its_share_of_the_macro():
-    from flexcim.hw.unpack import WeightUnpacker
-
     per_bit = synth.nand2_eq("$_DFFE_PP_")
     bd, bf = area.buffer_bits(DENSE), area.buffer_bits(CFG)
     dense = report({"sub.row": kind(64 * per_bit + 50, memory_bits=64),
@@ -153,7 +149,7 @@ def test_compare_reports_each_presets_unpacker_and_its_share_of_the_macro():
     result = area.compare({"dense": dense, "flex": flex}, {"dense": DENSE, "flex": CFG},
                           unpackers=unpackers)
     u = result["presets"]["flex"]["unpacker"]
-    ff = sum(WeightUnpacker(CFG).register_bits().values())
+    ff = area.unpacker_bits(CFG)
     # by hand: 40 NAND2 (1.0 each) + 6 MUX2 (1862/798) + ff DFFs (4522/798 each)
     assert u["nand2"] == pytest.approx(40 + 6 * 1.862 / 0.798 + ff * 4.522 / 0.798)
     assert u["logic_nand2"] == pytest.approx(40 + 6 * 1.862 / 0.798)
