@@ -26,7 +26,7 @@ help:
 	@echo "make bench-flow - auto vs uniform/OWL/FLOW, FLOW variants, activation pruning on SmolLM2 (30-60 min on 2 cores)"
 	@echo "make verilog - Verilog + sidecar + FuseSoC core of every preset, linted (PRESET=NAME for one)"
 	@echo "make formal - formal proofs with SymbiYosys (YoWASP, PyPI) on tiny + small configs, mutants refuted (writes out/formal/)"
-	@echo "make synth  - area of dense vs fixed24 vs FlexCiM with Yosys (writes out/synth/)"
+	@echo "make synth  - area of dense vs fixed24 vs FlexCiM and their weight unpackers with Yosys (writes out/synth/)"
 	@echo "make clean  - remove build outputs (keeps $(VENV))"
 
 setup: $(STAMP)

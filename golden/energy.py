@@ -61,6 +61,17 @@ problem (and what we can do about it)", ISSCC 2014, Fig. 1.1.9):
   times a per-pass constant of the structure; the RTL has no counter of the decoder's actual
   toggles.
 
+The weight unpacker (hw/unpack.py), which only an accelerator with packed weight storage has
+(:mod:`flexcim.golden.system`, ``compact_indices``), is priced the same way: its structure's
+bit operations (:func:`unpack_bits`: gearbox shifters and buffer register, the decoder's binomial
+table, comparators, one-hot multiplexers and subtractors, every flip-flop), a multiplexer or
+flip-flop bit 0.003125 pJ and a comparator or subtractor bit one adder bit, all switching once
+(the decoder's only in commands whose pattern has codes, not 1:1) in every cycle in which the
+unpacker emits a beat or takes a word (:func:`unpack_pj`: ``weight beats + packed words``, both
+counted by the RTL's counters).  That is an upper bound of its glitch-free switching, not an
+estimate (the count is 1.1-1.5x the gates and flip-flops Yosys maps it to, and most cycles that
+take a word also emit a beat).
+
 Zero operands: a cell whose weight or selected activation slice is zero is **gated** (operand
 isolation in hw/array.py: its multiplier's activation input and its adder-tree input stay 0),
 the cycle count does not change (no zero *skipping*: the bit-serial schedule is fixed).  So the
@@ -213,6 +224,102 @@ def command_events(cfg: HwConfig, cmd: perf.Command) -> dict[str, int]:
         "quiet_faults": 0,
         "buffer_read_bits": cmd.tokens * read_lanes(cfg, cmd.pattern, cmd.k) * ACT_BITS,
     }
+
+
+@functools.lru_cache(maxsize=64)
+def unpack_bits(cfg: HwConfig) -> dict[str, int]:
+    """Bit operations of the weight unpacker (hw/unpack.py) that can switch in a cycle in which
+    it moves a beat out or a word in, counted from its structure: ``{"gearbox": ...,
+    "decoder": ..., "compare": ..., "ff": ...}``, the first two and the last charged one 2:1
+    multiplexer bit each, ``compare`` one adder bit each (:func:`unpack_event_pj`).
+
+    * gearbox: the buffer register (``B`` bits: the widest packed beat plus a word less a
+      granule ``g``), shifted down by a beat (one ``B``-bit multiplexer stage per bit of the
+      beat's width in granules) and a word shifted up to the fill level (one stage per bit of
+      the fill level, at most ``B`` bits each) and ORed in: ``B x (stages + 1)`` mux bits;
+    * ``decoder`` and ``compare`` (none without indices): per row slot of the beat a table of
+      ``m_max - 1`` binomials of ``width = S.bit_length()`` bits selected by the step ``k``
+      (``ceil(log2 (n_max + 1))`` mux levels per bit); per slot and column the code taken
+      from the buffer (one rank-wide multiplexer per further pattern and group it can come
+      from), the rank in (``r`` bits: the code or the carried rank), ``m_max - 1``
+      comparators of ``width`` bits (``compare``), the ``m_max`` one-hot gates, the OR
+      multiplexers of the index and of the chosen entry (``(m_max - 1) x (index_bits +
+      width)``) and the ``r``-bit subtractor (``compare``);
+    * registers: every flip-flop (buffer, fill and need counters, the latched pattern, the
+      group's row counter and the per-column ranks when a group can span two beats), charged
+      one multiplexer bit each (its data toggle and hold mux; clock power is not modelled, as
+      everywhere in this module).
+
+    tests/golden/test_energy.py checks the registers against
+    ``WeightUnpacker.register_bits()`` and the sum against the gates and flip-flops that
+    ``make synth`` maps the RTL to (``docs/area.json``, every preset: the count is 1.1-1.5x
+    the netlist's cells, so it bounds them from above).
+    """
+    from flexcim.spec import layouts
+
+    bus, w, cols = layouts.compact_bus_bits(cfg), cfg.weight_port_rows, cfg.cols
+    value_bits = w * cols * WEIGHT_BITS
+    codes = {p: layouts.compact_code_bits(cfg, p) for p in cfg.patterns}
+    g = math.gcd(bus, value_bits, *(cols * c for c in codes.values()))
+    starts = {p: [layouts.compact_starts(cfg, p, b) for b in range(cfg.beats_per_word)]
+              for p in cfg.patterns}
+    steps = {p: [layouts.compact_beat_layout(cfg, p, s).size // g for s in starts[p]]
+             for p in cfg.patterns}
+    max_step, bus_g = max(max(v) for v in steps.values()), bus // g
+    buffer = (max_step + bus_g - 1) * g
+    fill_bits = (max_step + bus_g - 1).bit_length()
+    ff = (buffer + fill_bits + (cfg.depth * max(sum(v) for v in steps.values())).bit_length()
+          + cfg.pattern_bits)
+    gearbox = buffer * (max_step.bit_length() + fill_bits + 1)
+    mux = add = 0
+    if cfg.index_bits:
+        lanes, n_max = cfg.m_max, max(p.n for p in cfg.patterns)
+        cap = layouts.compact_rank_cap(cfg)
+        width, rank = cap.bit_length(), (cap - 1).bit_length()
+        sources = sum(max(starts[p]) for p in cfg.patterns if codes[p])
+        mux = w * (lanes - 1) * width * n_max.bit_length()
+        mux += w * cols * ((sources - 1) * rank + rank + lanes
+                           + (lanes - 1) * (cfg.index_bits + width))
+        add = w * cols * ((lanes - 1) * width + rank)
+        if any(w % p.n for p in cfg.patterns):  # a group can span two beats
+            ff += (n_max - 1).bit_length() + cols * rank
+    return {"gearbox": gearbox, "decoder": mux, "compare": add, "ff": ff}
+
+
+def unpack_event_pj(cfg: HwConfig, pattern, energies: ActionEnergies = ENERGY_45NM) -> float:
+    """Energy of the weight unpacker per beat it emits or word it takes in a command of
+    ``pattern`` (pJ): every bit operation of :func:`unpack_bits` switching once, an upper
+    bound of its glitch-free switching (see :func:`unpack_pj`).  A pattern without codes (1:1)
+    leaves the decoder out: no code bits are read, every row starts a group of one, so the
+    rank in is 0, the step ``k`` is 1 and every comparator, multiplexer and subtractor holds
+    (it can switch once when the command starts, not counted, like the cells' tap)."""
+    from flexcim.spec.layouts import compact_code_bits
+
+    bits = unpack_bits(cfg)
+    decoding = compact_code_bits(cfg, pattern) > 0
+    return ((bits["gearbox"] + bits["ff"] + decoding * bits["decoder"]) * energies.mux_per_bit
+            + decoding * bits["compare"] * energies.add_per_bit)
+
+
+def unpack_pj(cfg: HwConfig, pattern, weight_beats: int, packed_words: int,
+              energies: ActionEnergies = ENERGY_45NM) -> float:
+    """Energy of the weight unpacker that emits ``weight_beats`` beats of ``pattern`` from
+    ``packed_words`` bus words: :func:`unpack_event_pj` x ``(weight_beats + packed_words)``.
+
+    Activity: the unpacker's registers change only in a cycle in which a beat leaves or a word
+    is taken, and its other inputs (the word offered, the pattern) are held otherwise (a
+    stream's payload does not change while it waits; assumed: the weight buffer's output is
+    registered, so it holds its last word while it offers none), so no gate switches in the
+    other cycles, and at most ``weight_beats + packed_words`` cycles are active.  Both are counted
+    in the RTL: the macro's ``weight_beats`` counter (the unpacker's output beats in the packed
+    top) and the packed top's ``packed_words``, which ``flexcim.sim.packed_tb`` checks against
+    :func:`flexcim.spec.layouts.compact_words` on every run.  Charging every bit operation
+    once per such cycle is an **upper bound** of the glitch-free switching: most words are
+    taken in a cycle in which a beat leaves (at full rate the active cycles are the beats plus
+    the first word or two of each command), so the count is up to about twice the active
+    cycles, and a gate rarely toggles in every cycle.  Glitches in the decoder's chain of
+    comparators, multiplexers and subtractor are not bounded by it."""
+    return unpack_event_pj(cfg, pattern, energies) * (weight_beats + packed_words)
 
 
 def layer_events(cfg: HwConfig, cmds: list[perf.Command]) -> dict[str, int]:

@@ -27,7 +27,8 @@ What runs where, and what is charged:
   ``Accelerator(compact_indices=True)`` packed: 8 value bits per kept weight and one
   ``ceil(log2 C(M, N))``-bit code per group of N rows and column (none for a dense block), the
   stream of :func:`flexcim.spec.layouts.pack_compact`, which :mod:`flexcim.hw.unpack` decodes
-  into the macro's beats (each load's last bus word padded), and stream
+  into the macro's beats (each load's last bus word padded; its energy,
+  :func:`flexcim.golden.energy.unpack_pj`, an upper bound, is weight traffic), and stream
   from DRAM through the weight buffer every step unless the whole model fits the buffer (then
   they are resident and only read from it).  DRAM streaming runs concurrently with the macros
   (the buffer prefetches), so a projection takes ``max(busiest macro, weight bits / DRAM
@@ -382,8 +383,11 @@ class Accelerator:
         :func:`flexcim.spec.layouts.compact_bits` per load.  The unpacker between the buffer
         and a macro, :class:`flexcim.hw.unpack.WeightUnpacker`, decodes those words into the
         macro's weight beats, one beat per cycle (tests/hw/test_unpack.py, where it drives a
-        macro: results and cycles as without it).  Default False: the memory system stores
-        the beats as the macro receives them.
+        macro: results and cycles as without it).  Every macro has one, and its energy is
+        charged to the weight traffic: :func:`flexcim.golden.energy.unpack_pj` of the beats it
+        emits and the words it takes (an upper bound; the dense and fixed-2:4 baselines of
+        :func:`compare` have theirs, of their own configurations).  Default False: the memory
+        system stores the beats as the macro receives them, and there is no unpacker.
 
     The macros' weight port (``cfg.weight_port_rows``) and its overlap with compute
     (``cfg.weight_overlap``) are fields of the :class:`~flexcim.spec.config.HwConfig`, as built.
@@ -459,6 +463,13 @@ class ProjectionCost:
         sums read back and added there (K chunks after the first).
     macro_pj : dict
         :data:`flexcim.golden.energy.ACTIONS` energies of the macros.
+    packed_words : int
+        With ``compact_indices``: the bus words of the packed stream the macros' weight
+        unpackers take (:func:`flexcim.spec.layouts.compact_words` per load), else 0.
+    unpack_pj : float
+        With ``compact_indices``: the unpackers' energy
+        (:func:`flexcim.golden.energy.unpack_pj` of the weight beats and ``packed_words``),
+        else 0 (no unpacker).
     """
 
     cycles: int
@@ -471,6 +482,8 @@ class ProjectionCost:
     result_bits: int
     psum_bits: int
     macro_pj: dict
+    packed_words: int = 0
+    unpack_pj: float = 0.0
 
     @property
     def bound(self) -> str:
@@ -523,10 +536,13 @@ def projection_cost(acc: Accelerator, pattern: NMPattern, tokens: int, c: int, k
         for name, n in energy.command_events(cfg, cmd).items():
             events[name] += col_tiles * count * n
     weight_bits = events["weight_beats"] * weight_beat_bits(cfg)
+    packed_words, unpack_pj = 0, 0.0
     if acc.compact_indices:  # each load's packed stream, its last word padded (see Accelerator)
-        weight_bits = sum(col_tiles * count * layouts.compact_bits(
+        packed_words = sum(col_tiles * count * layouts.compact_words(
             cfg, pattern, cfg.weight_beats(pattern, kk)) for (kk, _, load), count in groups.items()
             if load)
+        weight_bits = packed_words * layouts.compact_bus_bits(cfg)
+        unpack_pj = energy.unpack_pj(cfg, pattern, events["weight_beats"], packed_words)
     chunks = len(chunk)
     result_bits = col_tiles * sum(cmd.tokens for cmd in cmds) * layouts.result_layout(cfg).size
     dram = 0 if resident else acc.memory.dram_cycles(weight_bits)
@@ -534,7 +550,8 @@ def projection_cost(acc: Accelerator, pattern: NMPattern, tokens: int, c: int, k
         cycles=max(macro_cycles, dram), macro_cycles=macro_cycles, compute_cycles=compute,
         port_cycles=port_cycles, dram_cycles=dram, weight_bits=weight_bits,
         act_bits=events["act_beats"] * cfg.in_lanes * ACT_BITS, result_bits=result_bits,
-        psum_bits=result_bits * (chunks - 1) // chunks, macro_pj=macro_pj)
+        psum_bits=result_bits * (chunks - 1) // chunks, macro_pj=macro_pj,
+        packed_words=packed_words, unpack_pj=unpack_pj)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -556,6 +573,9 @@ class StepCost:
         Bits read from or written to DRAM: weights, KV cache, embeddings.
     resident : bool
         Whether all weights fit the weight buffer (no DRAM weight traffic).
+    packed_words, unpack_pj : int, float
+        The packed words the weight unpackers take and their energy (in ``weight traffic``),
+        0 without ``compact_indices``.
     blocks : tuple
         ``(name, pattern run, cycles, pJ without static)`` per plan entry, then the LM head.
     """
@@ -570,6 +590,8 @@ class StepCost:
     dram_bits: int
     resident: bool
     blocks: tuple
+    packed_words: int = 0
+    unpack_pj: float = 0.0
 
     @property
     def total_pj(self) -> float:
@@ -594,7 +616,8 @@ class StepCost:
                 "pj_per_token": self.pj_per_token, "energy_pj": dict(self.energy_pj),
                 "cycles_by_bound": dict(self.cycles_by_bound), "bound": self.bound,
                 "weight_bits": self.weight_bits, "dram_bits": self.dram_bits,
-                "resident": self.resident}
+                "resident": self.resident, "packed_words": self.packed_words,
+                "unpack_pj": self.unpack_pj}
 
 
 def _count(name: str, value) -> int:
@@ -641,14 +664,15 @@ def step_cost(acc: Accelerator, shape: ModelShape, plan, tokens: int, kv_len: in
 
     energy_pj = dict.fromkeys(CATEGORIES, 0.0)
     by_bound = dict.fromkeys(BOUNDS, 0)
-    cycles = weight_bits = dram_bits = 0
+    cycles = weight_bits = dram_bits = packed_words = 0
+    unpack = 0.0
     rows: dict[tuple[str, str], list] = {}
     add = energy.ENERGY_45NM.add_per_bit
     for name, pattern, c, k, t in jobs:
         cost = projection_cost(acc, pattern, t, c, k, resident)
         pj = cost.macro_pj
-        weight = pj["weight_write"] + cost.weight_bits * mem.weight_buffer_pj_per_bit * (
-            1 if resident else 2)  # buffer read (+ write when streamed)
+        weight = pj["weight_write"] + cost.unpack_pj + cost.weight_bits * (
+            mem.weight_buffer_pj_per_bit * (1 if resident else 2))  # read (+ write: streamed)
         if not resident:
             weight += cost.weight_bits * mem.dram_pj_per_bit
             dram_bits += cost.weight_bits
@@ -663,6 +687,8 @@ def step_cost(acc: Accelerator, shape: ModelShape, plan, tokens: int, kv_len: in
         cycles += cost.cycles
         by_bound[cost.bound] += cost.cycles
         weight_bits += cost.weight_bits
+        packed_words += cost.packed_words
+        unpack += cost.unpack_pj
         row = rows.setdefault((name, str(pattern)), [0, 0.0])
         row[0] += cost.cycles
         row[1] += sum(parts.values())
@@ -691,7 +717,8 @@ def step_cost(acc: Accelerator, shape: ModelShape, plan, tokens: int, kv_len: in
     return StepCost(tokens=tokens, kv_len=kv_len, cycles=cycles, seconds=seconds,
                     energy_pj=energy_pj, cycles_by_bound=by_bound, weight_bits=weight_bits,
                     dram_bits=dram_bits, resident=resident,
-                    blocks=tuple((n, p, cy, e) for (n, p), (cy, e) in rows.items()))
+                    blocks=tuple((n, p, cy, e) for (n, p), (cy, e) in rows.items()),
+                    packed_words=packed_words, unpack_pj=unpack)
 
 
 def compare(acc: Accelerator, shape: ModelShape, plan, *, tokens: int, kv_len: int,

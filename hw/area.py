@@ -22,6 +22,15 @@ SRAM: :data:`GOAL_PCT`.  Assumption: every RTL memory, however small (the buffer
 words, 32 deep in the default preset), is one SRAM array at the 6T bit-cell area; a compiler's
 fixed periphery per macro is not priced.
 
+**The weight unpacker** (:class:`flexcim.hw.unpack.WeightUnpacker`, issue 17), which
+:class:`flexcim.hw.packed.PackedFlexCiM` puts in front of the macro's weight port and which the
+system model assumes in every accelerator that stores its weights packed, is synthesised alone
+for every preset (its own module, by the same flow, in the same pool of worker processes) and
+reported apart: NAND2-eq, flip-flop bits (checked against
+:meth:`~flexcim.hw.unpack.WeightUnpacker.register_bits`), longest path in gates, and its share
+of the macro's totals.  It has no RTL memory, so its SRAM-adjusted area is its area; it is in
+none of the macro's totals above.
+
 Run: ``python -m flexcim.hw.area [--presets dense,fixed24,flex8,default] [--out out/synth]``.
 """
 
@@ -168,8 +177,46 @@ def buffer_bits(cfg: HwConfig) -> int:
     return buffer.memory_bits
 
 
-def compare(reports: dict[str, dict], configs: dict[str, HwConfig], base: str = "dense") -> dict:
-    """Per-part areas of every preset, overheads relative to ``base``, SRAM-adjusted totals."""
+def unpacker_bits(cfg: HwConfig) -> int:
+    """Flip-flops of the weight unpacker the generator builds for ``cfg`` (hw/unpack.py)."""
+    from flexcim.hw.unpack import WeightUnpacker
+
+    unpacker = WeightUnpacker(cfg)
+    unpacker._MustUse__silence = True  # asked for its registers, never elaborated
+    return sum(unpacker.register_bits().values())
+
+
+def unpacker_row(name: str, cfg: HwConfig, report: dict, macro: dict) -> dict:
+    """The unpacker's row of :func:`compare`: its area, gates, flip-flops and longest path, and
+    its share of the macro ``macro`` (a row of :func:`compare`) it feeds."""
+    total = report["total"]
+    if total["ff_bits"] != unpacker_bits(cfg):
+        raise WorkError(
+            f"preset {name}: the weight unpacker has {total['ff_bits']} flip-flops, expected "
+            f"{unpacker_bits(cfg)} (WeightUnpacker.register_bits): the synthesis no longer "
+            f"fits the generator")
+    modules = report["modules"]
+    instances = synth.instance_counts(modules, report["top"])
+    gates = sum(n * sum(modules[m]["gates"].values()) for m, n in instances.items())
+    return {
+        "nand2": total["nand2"],
+        "logic_nand2": total["logic_nand2"],
+        "ff_nand2": total["ff_nand2"],
+        "ff_bits": total["ff_bits"],
+        # every gate and flip-flop of the netlist (golden.energy.unpack_gates is checked
+        # against it: tests/golden/test_energy.py)
+        "gates": gates,
+        "logic_depth": report.get("logic_depth"),
+        "of_macro_pct": 100 * total["nand2"] / macro["total"],
+        "of_macro_sram_pct": 100 * total["nand2"] / macro["sram_adjusted"],
+    }
+
+
+def compare(reports: dict[str, dict], configs: dict[str, HwConfig], base: str = "dense",
+            unpackers: dict[str, dict] | None = None) -> dict:
+    """Per-part areas of every preset, overheads relative to ``base``, SRAM-adjusted totals;
+    with ``unpackers`` (per preset the report of its weight unpacker synthesised alone) an
+    ``unpacker`` entry per preset (:func:`unpacker_row`)."""
     geometry = {name: {g: getattr(cfg, g) for g in GEOMETRY} for name, cfg in configs.items()}
     same_cells = len({tuple(g.values()) for g in geometry.values()}) == 1
     rows = {}
@@ -227,6 +274,8 @@ def compare(reports: dict[str, dict], configs: dict[str, HwConfig], base: str = 
             label: 100 * (area - ref["parts"][label]) / ref["total"]
             for label, area in row["parts"].items()
         }
+    for name, report in (unpackers or {}).items():
+        rows[name]["unpacker"] = unpacker_row(name, configs[name], report, rows[name])
     return {"base": base, "geometry": geometry, "same_cells": same_cells, "presets": rows,
             "weights_source": synth.AREA_SOURCE, "sram_source": synth.SRAM_SOURCE,
             "goal": f"compute core incl. the activation buffer, SRAM-adjusted, within "
@@ -278,6 +327,19 @@ def markdown(result: dict, names: list[str]) -> str:
         for n, d in depths:
             lines.append(f"| {n} | {d['gates']} | `{d['start']}` | `{d['end']}` | "
                          f"{synth.stage_summary(d)} |")
+    unpackers = [n for n in names if rows[n].get("unpacker")]
+    if unpackers:
+        lines += ["", "Weight unpacker (hw/unpack.py, synthesised alone; not in the totals "
+                  "above):", "",
+                  "| preset | unpacker NAND2-eq | logic | flip-flop bits | gates (incl. "
+                  "flip-flops) | longest path (gates) | of the macro, storage in flip-flops "
+                  "| of the macro, SRAM-adjusted |", "|---|---|---|---|---|---|---|---|"]
+        for n in unpackers:
+            u = rows[n]["unpacker"]
+            depth = u["logic_depth"]["gates"] if u.get("logic_depth") else "-"
+            lines.append(f"| {n} | {u['nand2'] / 1e3:.1f}k | {u['logic_nand2'] / 1e3:.1f}k "
+                         f"| {u['ff_bits']} | {u['gates']} | {depth} | {u['of_macro_pct']:.2f}% "
+                         f"| {u['of_macro_sram_pct']:.2f}% |")
     return "\n".join(lines)
 
 
@@ -288,6 +350,24 @@ def _synthesise(name: str, cfg: HwConfig, workdir: Path) -> dict:
     report = synth.synthesize(config=cfg, workdir=workdir)
     report["config"] = cfg.to_dict()
     return report
+
+
+def _synthesise_unpacker(name: str, cfg: HwConfig, workdir: Path) -> dict:
+    """The weight unpacker of one preset, synthesised alone (a worker process of :func:`main`)."""
+    from flexcim.hw import unpack
+
+    log.info("synthesising the weight unpacker of preset %s", name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    text, top = unpack.verilog(cfg)
+    path = workdir / "design.v"
+    atomic_write(path, text)
+    report = synth.synth_generic(path, top, workdir)
+    report["config"] = cfg.to_dict()
+    return report
+
+
+#: Report and work-folder suffix of a preset's weight unpacker in ``--out``.
+UNPACK = "-unpack"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,32 +397,38 @@ def main(argv: list[str] | None = None) -> int:
         # What the results are a function of, taken once as the run starts: every report and
         # the comparison carry it, and --reuse takes only reports of the same.
         made_of = {"sources": sources_digest(), "tools": tool_versions()}
-        for name in names:
-            path = out / f"{name}.json"
+        # Every preset's macro and its weight unpacker (synthesised alone: name + UNPACK).
+        jobs_of = [(n, _synthesise, n) for n in names] + [
+            (n + UNPACK, _synthesise_unpacker, n) for n in names]
+        for key, _, name in jobs_of:
+            path = out / f"{key}.json"
             earlier = json.loads(path.read_text()) if args.reuse and path.is_file() else None
             if earlier is not None and all(earlier.get(k) == v for k, v in made_of.items()):
-                reports[name] = earlier
-                log.info("%s: reusing %s", name, path)
+                reports[key] = earlier
+                log.info("%s: reusing %s", key, path)
             else:
                 if earlier is not None:
-                    log.info("%s: %s is of other sources or tools, synthesising again", name,
+                    log.info("%s: %s is of other sources or tools, synthesising again", key,
                              path)
-                todo.append(name)
+                todo.append((key, name))
         # The richest pattern sets first (the largest buffers and selection networks take the
-        # longest), so the last job to start is a short one.
-        todo.sort(key=lambda n: -len(configs[n].patterns))
+        # longest), so the last jobs to start are short ones: the unpackers (20-40 s each).
+        todo.sort(key=lambda job: (job[0].endswith(UNPACK), -len(configs[job[1]].patterns)))
+        work = {key: fn for key, fn, _ in jobs_of}
         start = time.monotonic()
         with concurrent.futures.ProcessPoolExecutor(max_workers=min(args.jobs, len(todo) or 1)
                                                     ) as pool:
-            jobs = {pool.submit(_synthesise, n, configs[n], out / n): n for n in todo}
+            jobs = {pool.submit(work[key], name, configs[name], out / key): key
+                    for key, name in todo}
             for job in concurrent.futures.as_completed(jobs):
-                name = jobs[job]
-                reports[name] = {**job.result(), **made_of}
-                atomic_write(out / f"{name}.json",
-                             json.dumps(reports[name], indent=2, sort_keys=True))
-                log.info("%s: %.0f NAND2-eq after %.0f s", name,
-                         reports[name]["total"]["nand2"], time.monotonic() - start)
-        result = compare(reports, configs, base=names[0])
+                key = jobs[job]
+                reports[key] = {**job.result(), **made_of}
+                atomic_write(out / f"{key}.json",
+                             json.dumps(reports[key], indent=2, sort_keys=True))
+                log.info("%s: %.0f NAND2-eq after %.0f s", key,
+                         reports[key]["total"]["nand2"], time.monotonic() - start)
+        unpackers = {n: reports.pop(n + UNPACK) for n in names}
+        result = compare(reports, configs, base=names[0], unpackers=unpackers)
         result.update(made_of)
         result["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     except FlexCimError as exc:

@@ -436,7 +436,7 @@ def area_report(gate_stat: dict, rtl_stat: dict, top: str) -> dict:
     for name in modules:
         total(name)
     kinds: dict[str, dict] = {}
-    instances = _instance_counts(modules, top)
+    instances = instance_counts(modules, top)
     for name, own in modules.items():
         if name not in instances:
             continue  # not below the top (Yosys keeps no such module; defensive)
@@ -447,7 +447,8 @@ def area_report(gate_stat: dict, rtl_stat: dict, top: str) -> dict:
     return {"modules": modules, "tree": tree, "kinds": kinds, "total": tree[top]}
 
 
-def _instance_counts(modules: dict[str, dict], top: str) -> dict[str, int]:
+def instance_counts(modules: dict[str, dict], top: str) -> dict[str, int]:
+    """How many times each module of an :func:`area_report` occurs below ``top`` (itself 1)."""
     counts: dict[str, int] = collections.Counter()
 
     def walk(name: str, n: int) -> None:

@@ -361,3 +361,77 @@ def test_pattern_energies_cli(capsys, tmp_path):
                  "--json", str(tmp_path / "no" / "rows.json")]) == 2
     captured = capsys.readouterr()
     assert "output directory" in captured.err and captured.out == ""  # before any work
+
+
+# ----------------------------------------------------------------------------- weight unpacker
+TINY24 = TINY.replace(patterns=("1:1", "2:4"))
+
+
+def test_unpack_bits_hand_computed():
+    """tiny with {1:1, 2:4}: 4 columns, one row a beat (hw/unpack.py's structure, by hand)."""
+    # Bus word = a beat: 4 x (8 + 2) = 40 bits; values 32; 2:4 codes 4 x 3 = 12; g = 4 bits.
+    # 2:4 beats alternate 32 + 12 = 11 granules (a group starts) and 8; max_step 11, a word 10
+    # granules: buffer (11 + 10 - 1) x 4 = 80 bits; step 0..11 (4 bits), fill 0..20 (5 bits).
+    gearbox = 80 * (4 + 5 + 1)  # two shifters' stages and the OR, 80 bits each
+    # need: 4 passes of (4 x 11 + 4 x 8) granules = 304 -> 9 bits; pattern 1 bit; groups of 2
+    # span beats: left 1 bit, a 3-bit rank (C(4, 2) = 6 codes) per column.
+    ff = 80 + 5 + 9 + 1 + 1 + 4 * 3
+    # Table: 3 binomials of 3 bits (S = 6) selected by k in 0..2 (2 levels); per column the
+    # rank in 3, 4 one-hot gates, index (2 bits) and entry (3 bits) ORs over 3 lanes; one
+    # source of codes, so no code multiplexer.
+    decoder = 3 * 3 * 2 + 4 * (3 + 4 + 3 * (2 + 3))
+    compare = 4 * (3 * 3 + 3)  # 3 comparators of 3 bits and a 3-bit subtractor per column
+    assert energy.unpack_bits(TINY24) == {"gearbox": gearbox, "decoder": decoder,
+                                          "compare": compare, "ff": ff}
+    assert (gearbox, decoder, compare, ff) == (800, 106, 48, 108)
+    e = energy.ENERGY_45NM
+    assert energy.unpack_event_pj(TINY24, "2:4") == pytest.approx(
+        (800 + 106 + 108) * e.mux_per_bit + 48 * e.add_per_bit)
+    # 1:1 reads no code: the decoder holds, the gearbox and registers still switch
+    assert energy.unpack_event_pj(TINY24, "1:1") == pytest.approx(908 * e.mux_per_bit)
+    # a dense-only macro's unpacker is a gearbox: no decoder at all
+    dense = energy.unpack_bits(TINY.replace(patterns=("1:1",)))
+    assert dense["decoder"] == dense["compare"] == 0 and dense["gearbox"] > 0
+
+
+def test_unpack_pj_scales_with_the_beats_and_words_the_rtl_counts():
+    one = energy.unpack_event_pj(TINY24, "2:4")
+    assert energy.unpack_pj(TINY24, "2:4", 8, 8) == pytest.approx(16 * one)
+    assert energy.unpack_pj(TINY24, "2:4", 16, 15) == pytest.approx(31 * one)
+    assert energy.unpack_pj(TINY24, "2:4", 0, 0) == 0
+    cheap = energy.ActionEnergies(mux_per_bit=0.001, add_per_bit=0.002)
+    assert energy.unpack_pj(TINY24, "2:4", 1, 0, cheap) == pytest.approx(
+        (800 + 106 + 108) * 0.001 + 48 * 0.002)
+    with pytest.raises(FlexCimError, match="not supported|not one of|pattern"):
+        energy.unpack_event_pj(TINY24, "4:8")
+
+
+@pytest.mark.parametrize("preset, sets", [
+    ("tiny", ()), ("tiny3", ()), ("dense", ()), ("fixed24", ()), ("flex8", ()), ("default", ()),
+    ("tiny", ("weight_port_rows=2",)), ("default", ("weight_port_rows=3",)),
+    ("default", ("weight_port_rows=9",)),
+])
+def test_unpack_registers_are_the_rtls(preset, sets):
+    """The model's flip-flops are the generator's, register by register summed
+    (hw/unpack.py's WeightUnpacker.register_bits, which make synth checks in the netlist)."""
+    from flexcim.hw.area import unpacker_bits  # WeightUnpacker.register_bits(), summed
+
+    cfg = PRESETS[preset].with_overrides(sets)
+    assert energy.unpack_bits(cfg)["ff"] == unpacker_bits(cfg)
+
+
+def test_unpack_bits_bound_the_synthesised_unpacker():
+    """Against the gates and flip-flops Yosys maps each preset's unpacker to (make synth's
+    record, docs/area.json): the structural count is never below the netlist's cells (so one
+    switch of each is an upper bound), and not far above them (< 1.6x)."""
+    from flexcim.hw import area
+
+    if not area.RECORD.is_file():
+        pytest.skip("no docs/area.json (an installed wheel)")
+    recorded = json.loads(area.RECORD.read_text())["presets"]
+    assert {"dense", "fixed24", "flex8", "default"} <= set(recorded)
+    for name, row in recorded.items():
+        gates = row["unpacker"]["gates"]
+        assert row["unpacker"]["ff_bits"] == energy.unpack_bits(PRESETS[name])["ff"]
+        count = sum(energy.unpack_bits(PRESETS[name]).values())
+        assert gates <= count < 1.6 * gates, (name, gates, count)

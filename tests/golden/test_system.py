@@ -298,6 +298,12 @@ def test_compact_indices_charge_the_packed_stream_of_every_load(preset, sets, pa
     full = system.projection_cost(system.Accelerator(cfg, macros=2), p, 1, c, k)
     assert full.weight_bits == len(streams.weight_beats) * word >= cost.weight_bits
     assert full.macro_pj == cost.macro_pj  # the macro writes its beats either way
+    # The unpacker takes exactly the packed words and emits the host's beats, and is charged
+    # for both; without compact storage there is no unpacker.
+    assert cost.packed_words == packed_bits // word
+    assert cost.unpack_pj == pytest.approx(energy.unpack_pj(
+        cfg, p, len(streams.weight_beats), packed_bits // word)) and cost.unpack_pj > 0
+    assert full.packed_words == 0 and full.unpack_pj == 0
     with pytest.raises(FlexCimError, match="compact_indices must be True or False, not 1"):
         system.Accelerator(cfg, compact_indices=1)
 
@@ -414,3 +420,71 @@ def test_map_plan_reads_an_auto_plan_with_mixed_blocks():
                        ("model.layers.1", "1:8")}
     assert [n for n, _, _ in by["model.layers.0", "1:1"].linears] == [down.format(0)]
     assert by["model.layers.0", "2:4"].mask_24 and not by["model.layers.0", "1:1"].mask_24
+
+
+def test_the_unpacker_is_charged_by_hand_on_a_toy_step():
+    """One decode token of the toy model, every projection 2:4, on two tiny {1:1, 2:4} macros
+    with packed weights: the weight traffic is the packed bits at DRAM + buffer write + read,
+    the macros' weight-word writes, and the unpackers at unpack_event_pj per beat and word."""
+    cfg = TINY.replace(patterns=("1:1", "2:4"))
+    acc = system.Accelerator(cfg, macros=2, memory=MEM, compact_indices=True)
+    step = system.step_cost(acc, TOY, "2:4", tokens=1, kv_len=4)
+    # Per column tile of 4 (one weight load each): K=16 2:4 one pass, 8 beats of 40 bits;
+    # packed 8 x 32 value bits + 4 groups x 4 x 3 code bits = 304 bits = 8 words of 40.
+    # K=32 (down): 2 passes, 16 beats, 608 bits = 16 words (15.2).  lm_head 1:1, K=16: pass
+    # width 8, 2 passes, 16 beats of 32 value bits = 512 bits = 13 words (12.8).
+    tiles = {"q": 4, "k": 2, "v": 2, "o": 4, "gate": 8, "up": 8}  # K = 16
+    beats = 8 * sum(tiles.values()) + 16 * 4  # + down's 4 tiles
+    words = 8 * sum(tiles.values()) + 16 * 4
+    head_beats, head_words = 16 * 2, 13 * 2
+    assert step.packed_words == words + head_words
+    pj_24, pj_11 = (energy.unpack_event_pj(cfg, p) for p in ("2:4", "1:1"))
+    assert pj_11 < pj_24  # a 1:1 load does not run the decoder
+    unpack = pj_24 * (beats + words) + pj_11 * (head_beats + head_words)
+    assert step.unpack_pj == pytest.approx(unpack)
+    bits = 40 * step.packed_words
+    assert step.weight_bits == bits and not step.resident
+    write = (beats + head_beats) * 40 * 10 / 64  # the macros' weight words, 8 + 2 bits a cell
+    assert step.energy_pj["weight traffic"] == pytest.approx(bits * (20 + 3) + write + unpack)
+    plain = system.step_cost(dataclasses.replace(acc, compact_indices=False), TOY, "2:4",
+                             tokens=1, kv_len=4)
+    assert plain.unpack_pj == 0 and plain.packed_words == 0
+    assert plain.energy_pj["compute"] == pytest.approx(step.energy_pj["compute"])
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_every_accelerator_of_a_comparison_pays_its_own_unpacker(phase):
+    """compare(): FlexCiM and the dense and fixed-2:4 baselines each charge their own
+    unpacker, recomputed here from every loading command of perf.schedule (not the column-tile
+    shortcut of projection_cost), and the weight traffic grows by exactly that."""
+    shape = system.ModelShape(name="toy", hidden=64, intermediate=96, heads=2, kv_heads=1,
+                              head_dim=32, layers=2, vocab=40)
+    acc = system.Accelerator(TINY, macros=3, memory=MEM, compact_indices=True)
+    plan = ["4:8", "2:4"]
+    packed = system.compare(acc, shape, plan, tokens=5, kv_len=7)
+    plain = system.compare(dataclasses.replace(acc, compact_indices=False), shape, plan,
+                           tokens=5, kv_len=7)
+    layers = system.map_plan(plan, shape)
+    tokens = 5 if phase == "prefill" else 1
+    for name, a in (("flexcim", acc), *((n, acc.baseline(p)) for n, p in
+                                         system.BASELINES.items())):
+        cfg = a.cfg
+        jobs = [(energy.pattern_on(cfg, layer), c, k, tokens) for layer in layers
+                for _, c, k in layer.linears] + [(NMPattern(1, 1), shape.vocab, shape.hidden, 1)]
+        expected = words = 0
+        for p, c, k, t in jobs:
+            for cmd in perf.schedule(cfg, p, t, k, c):
+                if cmd.load_weights:
+                    b = cfg.weight_beats(p, cmd.k)
+                    w = layouts.compact_words(cfg, p, b)
+                    words += w
+                    expected += energy.unpack_pj(cfg, p, b, w)
+        mine = packed[name][phase]
+        assert mine["packed_words"] == words
+        assert mine["unpack_pj"] == pytest.approx(expected) and expected > 0
+        assert plain[name][phase]["unpack_pj"] == 0
+        assert mine["energy_pj"]["compute"] == pytest.approx(
+            plain[name][phase]["energy_pj"]["compute"])
+    # the unpacker of a richer pattern set costs more per word
+    assert (energy.unpack_event_pj(TINY, "2:4")
+            > energy.unpack_event_pj(acc.baseline(system.BASELINES["fixed24"]).cfg, "2:4"))

@@ -125,3 +125,103 @@ def test_sources_digest_changes_with_any_source_file(tmp_path):
     # the checkout's own: 64 hex digits, and tool versions recorded apart
     assert len(area.sources_digest()) == 64
     assert set(area.tool_versions()) == set(area.TOOLS)
+
+
+def unpacker_report(cfg, gates, extra_ff=0):
+    """A synthesis report of ``cfg``'s weight unpacker as synth.area_report makes it: one
+    module instantiated once, ``gates`` cells of each kind plus its flip-flops."""
+    ff = area.unpacker_bits(cfg) + extra_ff
+    cells = {"$_NAND_": gates["nand"], "$_MUX_": gates["mux"], "$_DFF_P_": ff}
+    own = synth._local_area(cells, 0, set())
+    return {"top": "u", "modules": {"u": own}, "total": own,
+            "logic_depth": {"gates": 7, "start": "a", "end": "b", "stages": [["(top)", 7]]}}
+
+
+def test_compare_reports_each_presets_unpacker_and_its_share_of_the_macro():
+    per_bit = synth.nand2_eq("$_DFFE_PP_")
+    bd, bf = area.buffer_bits(DENSE), area.buffer_bits(CFG)
+    dense = report({"sub.row": kind(64 * per_bit + 50, memory_bits=64),
+                    "buffer": kind(200 + bd * per_bit, memory_bits=bd)})
+    flex = report({"sub.row": kind(72 * per_bit + 80, memory_bits=72),
+                   "buffer": kind(200 + bf * per_bit, memory_bits=bf)})
+    unpackers = {"dense": unpacker_report(DENSE, {"nand": 10, "mux": 2}),
+                 "flex": unpacker_report(CFG, {"nand": 40, "mux": 6})}
+    result = area.compare({"dense": dense, "flex": flex}, {"dense": DENSE, "flex": CFG},
+                          unpackers=unpackers)
+    u = result["presets"]["flex"]["unpacker"]
+    ff = area.unpacker_bits(CFG)
+    # by hand: 40 NAND2 (1.0 each) + 6 MUX2 (1862/798) + ff DFFs (4522/798 each)
+    assert u["nand2"] == pytest.approx(40 + 6 * 1.862 / 0.798 + ff * 4.522 / 0.798)
+    assert u["logic_nand2"] == pytest.approx(40 + 6 * 1.862 / 0.798)
+    assert u["ff_bits"] == ff and u["gates"] == 40 + 6 + ff
+    assert u["logic_depth"]["gates"] == 7
+    macro = result["presets"]["flex"]
+    assert u["of_macro_pct"] == pytest.approx(100 * u["nand2"] / flex["total"]["nand2"])
+    assert u["of_macro_sram_pct"] == pytest.approx(100 * u["nand2"] / macro["sram_adjusted"])
+    assert macro["total"] == flex["total"]["nand2"]  # not added to the macro's totals
+    text = area.markdown(result, ["dense", "flex"])
+    assert "| preset | unpacker NAND2-eq |" in text
+    line = next(x for x in text.splitlines() if x.startswith("| flex | ") and "k |" in x
+                and f"| {ff} |" in x)
+    assert f"| {40 + 6 + ff} | 7 | {u['of_macro_pct']:.2f}% |" in line
+    # a result without unpackers (recorded before them) still renders, without the table
+    assert "unpacker" not in area.markdown(area.compare({"dense": dense}, {"dense": DENSE}),
+                                           ["dense"])
+
+
+def test_compare_refuses_an_unpacker_of_other_flip_flops():
+    rows = {"sub.row": kind(10, memory_bits=64),
+            "buffer": kind(10, memory_bits=area.buffer_bits(DENSE))}
+    with pytest.raises(FlexCimError, match="weight unpacker has .* flip-flops, expected"):
+        area.compare({"dense": report(rows)}, {"dense": DENSE},
+                     unpackers={"dense": unpacker_report(DENSE, {"nand": 1, "mux": 0}, 3)})
+
+
+def test_main_reuses_the_unpacker_reports_and_writes_their_table(tmp_path, caplog):
+    """make synth's plumbing without Yosys: a preset's macro and unpacker reports of the
+    current sources in --out are reused (--reuse), and area.json / area.md get the unpacker."""
+    import json
+    import logging
+
+    from flexcim.spec.config import preset
+
+    caplog.set_level(logging.INFO, logger="flexcim.area")
+    tiny = preset("tiny")
+    bits = area.storage_bits(tiny)
+    rows = bits["weight_bits"] + bits["index_bits"]
+    macro = report({"sub.row": kind(rows * 8.0 + 100, memory_bits=rows),
+                    "buffer": kind(500.0, memory_bits=area.buffer_bits(tiny))})
+    made_of = {"sources": area.sources_digest(), "tools": area.tool_versions()}
+    out = tmp_path / "synth"
+    out.mkdir()
+    (out / "tiny.json").write_text(json.dumps({**macro, **made_of}))
+    unpacker = unpacker_report(tiny, {"nand": 30, "mux": 3})
+    (out / f"tiny{area.UNPACK}.json").write_text(json.dumps({**unpacker, **made_of}))
+    assert area.main(["--presets", "tiny", "--reuse", "--jobs", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "area.json").read_text())
+    u = result["presets"]["tiny"]["unpacker"]
+    assert u["ff_bits"] == unpacker["total"]["ff_bits"] and u["gates"] == 33 + u["ff_bits"]
+    assert u["nand2"] == pytest.approx(unpacker["total"]["nand2"])
+    assert "| tiny | " in (out / "area.md").read_text().split("Weight unpacker")[1]
+    assert f"tiny{area.UNPACK}: reusing" in caplog.text
+
+
+@pytest.mark.parametrize("sets", [
+    (),  # 4 s of Yosys on an idle machine
+    pytest.param(("weight_port_rows=2",), marks=pytest.mark.extended),  # groups span beats
+])
+def test_the_synthesised_tiny_unpacker_fits_the_generator_and_the_energy_model(tmp_path, sets):
+    """The unpacker of tiny (8 patterns up to 8:16, not a make synth preset) through the real
+    flow: its flip-flops are register_bits', and golden.energy's structural count bounds the
+    netlist's gates and flip-flops from above, by less than 1.6x."""
+    from flexcim.golden import energy
+    from flexcim.spec.config import preset
+
+    cfg = preset("tiny").with_overrides(sets)
+    rep = area._synthesise_unpacker("tiny", cfg, tmp_path / "u")
+    dense_macro = {"total": 1e6, "sram_adjusted": 5e5}
+    row = area.unpacker_row("tiny", cfg, rep, dense_macro)
+    assert row["ff_bits"] == energy.unpack_bits(cfg)["ff"]
+    assert row["logic_depth"]["gates"] > 10
+    count = sum(energy.unpack_bits(cfg).values())
+    assert row["gates"] <= count < 1.6 * row["gates"], (row["gates"], count)
