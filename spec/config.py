@@ -96,13 +96,14 @@ class HwConfig:
         Either way the macro stores one weight word per pass (no second bank: it costs no
         storage, docs/architecture.md section 4).
     tree_pipeline : int
-        0 or 1.  1: a pipeline register inside every sub-macro's column adder trees cuts the
-        longest combinational path (activation window, routing, lane selection and multiply,
-        adder tree) near its middle (docs/architecture.md section 6), for one more cycle of
-        result latency per layer (:func:`flexcim.spec.timing.result_latency`; the compute is
+        0 or 1.  1: a pipeline register inside every sub-macro's column adder trees
+        (:func:`flexcim.hw.array.pipeline_stage`) cuts the longest combinational path
+        (activation window, routing, lane selection and multiply, adder tree; 51 gates in
+        ``default``, 41 with the register: docs/architecture.md section 6), for one more cycle
+        of result latency per layer (:func:`flexcim.spec.timing.result_latency`; the compute is
         pipelined across passes, tokens and commands, so no other cycle changes).  0 (the
-        default): no such register.  Needs ``rows >= 2``: a one-row sub-macro has no adder tree
-        to cut.
+        default, every preset): no such register.  Needs ``rows >= 2``: a one-row sub-macro has
+        no adder tree to cut.
     """
 
     sub_macros: int = 4
