@@ -19,8 +19,9 @@ with no input gaps and no output back-pressure:
   ``weight_overlap``: the word of its first pass; each later pass ``t`` then starts after
   ``D_t`` too, so a pass may wait for its word);
 * the controller accepts the next command the cycle after the last compute cycle, and a token's
-  result leaves the result stream :data:`~flexcim.spec.timing.RESULT_LATENCY` cycles after its
-  last compute cycle.
+  result leaves the result stream :func:`~flexcim.spec.timing.result_latency` cycles after its
+  last compute cycle (2, or 3 with the adder trees' pipeline register ``tree_pipeline``: the
+  partial sums arrive a cycle later, but nothing waits for them, so no other cycle changes).
 
 Per token the steady-state period is therefore ``max(X, L)``: a pattern is *input-bandwidth-
 bound* when ``L > X`` (:func:`bandwidth_bound`).  The RTL matches these formulas exactly
@@ -33,7 +34,7 @@ import dataclasses
 
 from flexcim.spec.config import HwConfig
 from flexcim.spec.nm import NMPattern
-from flexcim.spec.timing import RESULT_LATENCY
+from flexcim.spec.timing import result_latency
 
 from flexcim.errors import FlexCimError
 
@@ -140,7 +141,7 @@ def command_timing(cfg: HwConfig, cmd: Command) -> CommandTiming:
         ends = [ends[1], begin + cpp - 1]
     return CommandTiming(
         busy=ends[1] + 1,
-        last_result=ends[1] + RESULT_LATENCY,
+        last_result=ends[1] + result_latency(cfg),
         weight_beats=wb,
         act_beats_per_token=load,
         compute_per_token=comp,
@@ -191,10 +192,12 @@ def schedule(cfg: HwConfig, pattern, tokens: int, k: int, c: int) -> list[Comman
 
 def layer_cycles(cfg: HwConfig, cmds: list[Command]) -> int:
     """Cycles from the first command handshake to the last result handshake, inclusive, when
-    commands are issued back to back and no stream stalls: ``sum(busy) + RESULT_LATENCY``."""
+    commands are issued back to back and no stream stalls: ``sum(busy) + result_latency``
+    (:func:`~flexcim.spec.timing.result_latency`: the pipeline register of ``tree_pipeline``
+    costs one cycle per layer, not per pass, token or command)."""
     if not cmds:
         raise FlexCimError("a layer needs at least one command")
-    return sum(command_timing(cfg, cmd).busy for cmd in cmds) + RESULT_LATENCY
+    return sum(command_timing(cfg, cmd).busy for cmd in cmds) + result_latency(cfg)
 
 
 def ideal_cycles(cfg: HwConfig, cmds: list[Command]) -> int:

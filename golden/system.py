@@ -82,7 +82,7 @@ from flexcim.golden import energy, perf
 from flexcim.spec import layouts
 from flexcim.spec.config import ACT_BITS, WEIGHT_BITS, HwConfig
 from flexcim.spec.nm import NMPattern
-from flexcim.spec.timing import RESULT_LATENCY
+from flexcim.spec.timing import result_latency
 
 from flexcim.errors import FlexCimError
 
@@ -524,7 +524,7 @@ def projection_cost(acc: Accelerator, pattern: NMPattern, tokens: int, c: int, k
     busiest = np.lexsort((bare, serial))[-1]
     time, compute = int(serial[busiest]), int(bare[busiest])
     port_cycles = time - compute
-    macro_cycles = time + RESULT_LATENCY
+    macro_cycles = time + result_latency(cfg)
 
     groups = Counter((cmd.k, cmd.tokens, cmd.load_weights) for cmd in cmds)
     macro_pj = dict.fromkeys(energy.ACTIONS, 0.0)

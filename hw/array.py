@@ -28,13 +28,18 @@ def product_bits(slice_bits: int) -> int:
     return WEIGHT_BITS + slice_bits + 1
 
 
+def _add_level(level: list) -> list:
+    """One level of a balanced adder tree: adjacent pairs summed, an odd last one carried."""
+    pairs = [level[i] + level[i + 1] for i in range(0, len(level) - 1, 2)]
+    return pairs + ([level[-1]] if len(level) % 2 else [])
+
+
 def balanced_sum(values):
     """Sum of ``values`` as a balanced tree of two-input adders (depth ``ceil_log2(n)``); each
     adder is as wide as its operands plus one bit, so no partial sum overflows."""
     level = list(values)
     while len(level) > 1:
-        pairs = [level[i] + level[i + 1] for i in range(0, len(level) - 1, 2)]
-        level = pairs + ([level[-1]] if len(level) % 2 else [])
+        level = _add_level(level)
     return level[0]
 
 
@@ -323,8 +328,24 @@ class CellRow(wiring.Component):
         return m
 
 
+def pipeline_stage(inputs: int) -> int:
+    """Level of an adder tree of ``inputs`` addends after which ``tree_pipeline`` registers its
+    partial sums: after the second level of adders (``ceil(inputs / 4)`` partial sums), or the
+    deepest level short of the sum in a smaller tree (0: the addends themselves).
+
+    Measured on ``default`` (18-input trees, docs/architecture.md section 6, 2026-12-05): a
+    tree of ripple adders is about as deep as its first adder's carry chain plus a gate per
+    further level, so a cut anywhere inside it leaves that chain on the cells' side.  The
+    longest path is 39 gates with the register on the products (then the merging unit's
+    accumulation is the longest), 40 after level 1, 41 after level 2 and 45 after level 3,
+    against 51 without it.  Level 2 holds 5 partial sums per tree (3,782 flip-flops in
+    ``default``), 0.60x level 1's and 0.33x the products', for 1-2 more gates: within ABC's
+    run-to-run variation of the cells' selection (11-16 gates in these runs)."""
+    return min(2, ceil_log2(inputs) - 1) if inputs > 1 else 0
+
+
 class AdderTree(wiring.Component):
-    """Balanced tree summing ``inputs`` signed values (combinational, latency 0).
+    """Balanced tree summing ``inputs`` signed values.
 
     Parameters
     ----------
@@ -333,12 +354,26 @@ class AdderTree(wiring.Component):
     width : int
         Width of each signed addend; the sum has ``width + ceil_log2(inputs)`` bits, so it
         never overflows.
+    stage : int or None
+        ``None`` (default): combinational, latency 0.  A level ``L`` from 0 to
+        ``ceil_log2(inputs) - 1``: a pipeline register holds the partial sums after ``L``
+        levels of adders (0: the addends themselves), so ``sum`` has latency 1 and throughput
+        1 per cycle, and the longest path through the tree is cut there.
     """
 
-    def __init__(self, *, inputs: int, width: int):
+    def __init__(self, *, inputs: int, width: int, stage: int | None = None):
         with validating(self):
             self._inputs = _positive("inputs", inputs)
             self._width = _positive("width", width)
+            if stage is not None:
+                stage = operator.index(stage)
+                if not 0 <= stage < ceil_log2(self._inputs):
+                    raise ValueError(
+                        f"stage must be a tree level from 0 to {ceil_log2(self._inputs) - 1} "
+                        f"for {self._inputs} inputs, not {stage!r}"
+                        if self._inputs > 1 else
+                        f"a tree of one input has no level to register, not stage {stage!r}")
+            self._stage = stage
         super().__init__({
             "addends": In(data.ArrayLayout(signed(self._width), self._inputs)),
             "sum": Out(signed(self.sum_bits)),
@@ -348,9 +383,23 @@ class AdderTree(wiring.Component):
     def sum_bits(self) -> int:
         return self._width + ceil_log2(self._inputs)
 
+    @property
+    def latency(self) -> int:
+        """Cycles from ``addends`` to ``sum``: 0, or 1 with a pipeline ``stage``."""
+        return 0 if self._stage is None else 1
+
     def elaborate(self, platform):
         m = Module()
-        m.d.comb += self.sum.eq(balanced_sum(self.addends[i] for i in range(self._inputs)))
+        level = [self.addends[i] for i in range(self._inputs)]
+        if self._stage is not None:
+            for _ in range(self._stage):
+                level = _add_level(level)
+            held = []
+            for i, value in enumerate(level):
+                held.append(Signal(value.shape(), name=f"stage{i}"))
+                m.d.sync += held[-1].eq(value)
+            level = held
+        m.d.comb += self.sum.eq(balanced_sum(level))
         return m
 
 
@@ -367,6 +416,9 @@ class SubMacro(wiring.Component):
         Add the ``active`` and ``faults`` outputs (default off: no logic).
     port_rows : int
         Cell rows one write writes (``W``, a divisor of ``rows``; default 1).
+    pipeline : bool
+        A pipeline register inside every column's adder tree (:func:`pipeline_stage`; needs
+        ``rows >= 2``): ``psums`` then has latency 2 (default off: latency 1).
 
     Members
     -------
@@ -378,7 +430,8 @@ class SubMacro(wiring.Component):
         As :class:`CellRow`, shared by all rows (``tap`` only with more than one tap).
     lanes : In, ``rows`` x ``2**index_bits`` x unsigned ``slice_bits``
     psums : Out, ``cols`` x signed ``psum_bits``
-        Column sums of the products, registered: latency 1, throughput 1 per cycle.
+        Column sums of the products, registered: latency :attr:`latency` (1, or 2 with
+        ``pipeline``), throughput 1 per cycle.
     active : Out, ``range(rows * cols + 1)`` (only with ``activity``)
         How many cells are active (:class:`CellRow`) in this cycle; combinational.
     faults : Out, ``range(rows * cols + 1)`` (only with ``activity``)
@@ -388,9 +441,16 @@ class SubMacro(wiring.Component):
     """
 
     def __init__(self, *, rows: int, cols: int, depth: int, index_bits: int, slice_bits: int,
-                 taps=None, activity: bool = False, port_rows: int = 1):
+                 taps=None, activity: bool = False, port_rows: int = 1,
+                 pipeline: bool = False):
         with validating(self):
             self._rows = _positive("rows", rows)
+            if not isinstance(pipeline, bool):
+                raise TypeError(f"pipeline must be True or False, not {pipeline!r}")
+            if pipeline and self._rows < 2:
+                raise ValueError(f"pipeline needs rows >= 2 (one row has no adder tree), not "
+                                 f"rows={rows!r}")
+            self._pipeline = pipeline
             self._cols = _positive("cols", cols)
             self._taps = _taps(taps, operator.index(index_bits))
             self._port_rows = _positive("port_rows", port_rows)
@@ -422,6 +482,12 @@ class SubMacro(wiring.Component):
     def psum_bits(self) -> int:
         return self._tree_width + ceil_log2(self._rows)
 
+    @property
+    def latency(self) -> int:
+        """Cycles from a compute cycle (its lanes, ``top``, the word read the cycle before) to
+        its ``psums``: 1, or 2 with ``pipeline``."""
+        return 1 + self._pipeline
+
     def elaborate(self, platform):
         m = Module()
         rows = []
@@ -450,7 +516,8 @@ class SubMacro(wiring.Component):
                 m.d.comb += row.tap.eq(self.tap)
             rows.append(row)
         for c in range(self._cols):
-            tree = AdderTree(inputs=self._rows, width=self._tree_width)
+            tree = AdderTree(inputs=self._rows, width=self._tree_width,
+                             stage=pipeline_stage(self._rows) if self._pipeline else None)
             m.submodules[f"tree{c}"] = tree
             m.d.comb += [tree.addends[r].eq(rows[r].products[c]) for r in range(self._rows)]
             m.d.sync += self.psums[c].eq(tree.sum)
@@ -463,5 +530,5 @@ class SubMacro(wiring.Component):
 
 
 __all__ = ["AdderTree", "CellRow", "SubMacro", "balanced_sum", "ceil_log2", "forced_index_bits",
-           "index_shape", "or_tree", "product_bits", "tap_level",
+           "index_shape", "or_tree", "pipeline_stage", "product_bits", "tap_level",
            "tree_taps"]

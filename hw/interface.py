@@ -108,7 +108,7 @@ BEAT_ORDER = [
 def describe(cfg: HwConfig, counters: bool = False) -> dict:
     """The ``interface`` section of the sidecar (see the module docstring)."""
     from flexcim.hw.top import RESULT_FIFO_DEPTH
-    from flexcim.spec.timing import RESULT_LATENCY
+    from flexcim.spec.timing import result_latency
 
     return {
         "streams": streams(cfg, counters),
@@ -127,7 +127,7 @@ def describe(cfg: HwConfig, counters: bool = False) -> dict:
         "latency": {
             "cycles_per_pass": cfg.cycles_per_pass,
             "compute_cycles_per_token": "ceil(k / pass_width) * cycles_per_pass",
-            "result_latency": RESULT_LATENCY,
+            "result_latency": result_latency(cfg),
             "result_latency_means": "cycles from a token's last compute cycle to its result "
                                     "beat when result is ready",
             "result_fifo_depth": RESULT_FIFO_DEPTH,

@@ -19,7 +19,7 @@ from amaranth.sim import Simulator
 from flexcim.hw.top import FlexCiM
 from flexcim.spec import layouts
 from flexcim.spec.config import HwConfig
-from flexcim.spec.timing import RESULT_LATENCY
+from flexcim.spec.timing import result_latency
 
 from flexcim.errors import WorkError
 
@@ -132,7 +132,7 @@ class PySim:
                 cycle += 1
                 if len(results) >= expected:
                     drain += 1  # keep watching: a duplicated result would show up here
-                    if drain > 4 * RESULT_LATENCY + 8:
+                    if drain > 4 * result_latency(self.cfg) + 8:
                         break
             state["done"] = True
             self.error = bool(ctx.get(dut.error))

@@ -37,8 +37,9 @@ from flexcim.spec.layouts import (
 
 RESULT_FIFO_DEPTH = 4
 """Results the macro can hold while the result stream is stalled; with the pipeline latency
-of RESULT_LATENCY (flexcim.spec.timing) this keeps one-cycle tokens stall-free when the stream
-is ready."""
+of result_latency (flexcim.spec.timing: 2, or 3 with tree_pipeline) this keeps one-cycle tokens
+stall-free when the stream is ready (a credit is out from a token's start until the cycle after
+its result leaves: at most result_latency tokens at once)."""
 
 
 class FlexCiM(wiring.Component):
@@ -59,7 +60,7 @@ class FlexCiM(wiring.Component):
     cmd : In(stream), weights : In(stream), act : In(stream)
         Input streams (payloads in :mod:`flexcim.spec.layouts`).
     result : Out(stream)
-        One beat per token, in order; :data:`~flexcim.spec.timing.RESULT_LATENCY` cycles after
+        One beat per token, in order; :func:`~flexcim.spec.timing.result_latency` cycles after
         the token's last compute cycle when the stream is ready.
     error : Out
         Sticky: a command was rejected (pattern code, ``k`` or ``tokens`` out of range).
@@ -153,7 +154,8 @@ class FlexCiM(wiring.Component):
         for p in range(cfg.sub_macros):
             sub = SubMacro(rows=cfg.rows, cols=cfg.cols, depth=cfg.depth,
                            index_bits=cfg.index_bits, slice_bits=b, taps=taps,
-                           activity=self._counters, port_rows=cfg.weight_port_rows)
+                           activity=self._counters, port_rows=cfg.weight_port_rows,
+                           pipeline=bool(cfg.tree_pipeline))
             m.submodules[f"sub{p}"] = sub
             if len(taps) > 1:
                 m.d.comb += sub.tap.eq(tap)
@@ -171,12 +173,15 @@ class FlexCiM(wiring.Component):
         merge = Merging(sub_macros=cfg.sub_macros, cols=cfg.cols, psum_bits=subs[0].psum_bits,
                         slice_bits=b, acc_bits=cfg.acc_bits)
         m.submodules.merging = merge
-        # The sub-macros register their sums: the slice's flags follow one cycle later.
+        # The sub-macros register their sums (and, with tree_pipeline, their trees' partial
+        # sums too): the slice's flags follow as many cycles later.
         for name in ("valid", "slice", "first", "last"):
-            source = {"valid": ctrl.issue, "slice": ctrl.r_slice, "first": ctrl.first,
-                      "last": ctrl.last}[name]
-            delayed = Signal.like(source, name=f"{name}_d")
-            m.d.sync += delayed.eq(source)
+            delayed = {"valid": ctrl.issue, "slice": ctrl.r_slice, "first": ctrl.first,
+                       "last": ctrl.last}[name]
+            for stage in range(subs[0].latency):
+                source = delayed
+                delayed = Signal.like(source, name=f"{name}_d" + "d" * stage)
+                m.d.sync += delayed.eq(source)
             m.d.comb += getattr(merge, name).eq(delayed)
         m.d.comb += [merge.psums[p].eq(subs[p].psums) for p in range(cfg.sub_macros)]
 

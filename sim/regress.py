@@ -233,6 +233,8 @@ SWEEP_PRESETS = {
     # tiny with a 2-row weight port whose passes chase the loader (weight_overlap): named by
     # its module name.
     PRESETS["tiny"].replace(weight_port_rows=2, weight_overlap=1): ["1:1", "2:4", "1:8", "8:16"],
+    # tiny with the adder trees' pipeline register (tree_pipeline): results a cycle later.
+    PRESETS["tiny"].replace(tree_pipeline=1): ["1:1", "2:4", "1:8", "8:16"],
 }
 
 SWEEP_ACT = {"tiny": ("2:4", "8:16"), "tiny3": ("3:8", "8:16")}

@@ -49,7 +49,7 @@ def route(pattern: NMPattern, row: int, lane: int) -> int | None:
     return (row // pattern.n) * pattern.m + lane if lane < pattern.m else None
 
 
-_LATER_FIELDS = {"weight_port_rows": 1, "weight_overlap": 0}
+_LATER_FIELDS = {"weight_port_rows": 1, "weight_overlap": 0, "tree_pipeline": 0}
 """Fields added after configurations were published, with the value that means "as before"."""
 
 
@@ -95,6 +95,15 @@ class HwConfig:
         waits); 0 (the default): no token starts before all weight beats of the command are in.
         Either way the macro stores one weight word per pass (no second bank: it costs no
         storage, docs/architecture.md section 4).
+    tree_pipeline : int
+        0 or 1.  1: a pipeline register inside every sub-macro's column adder trees
+        (:func:`flexcim.hw.array.pipeline_stage`) cuts the longest combinational path
+        (activation window, routing, lane selection and multiply, adder tree; 51 gates in
+        ``default``, 41 with the register: docs/architecture.md section 6), for one more cycle
+        of result latency per layer (:func:`flexcim.spec.timing.result_latency`; the compute is
+        pipelined across passes, tokens and commands, so no other cycle changes).  0 (the
+        default, every preset): no such register.  Needs ``rows >= 2``: a one-row sub-macro has
+        no adder tree to cut.
     """
 
     sub_macros: int = 4
@@ -110,6 +119,7 @@ class HwConfig:
     max_tokens: int = 65535
     weight_port_rows: int = 1
     weight_overlap: int = 0
+    tree_pipeline: int = 0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -148,6 +158,13 @@ class HwConfig:
             )
         if self.weight_overlap not in (0, 1):
             raise FlexCimError(f"weight_overlap must be 0 or 1, not {self.weight_overlap!r}")
+        if self.tree_pipeline not in (0, 1):
+            raise FlexCimError(f"tree_pipeline must be 0 or 1, not {self.tree_pipeline!r}")
+        if self.tree_pipeline and self.rows < 2:
+            raise FlexCimError(
+                f"tree_pipeline=1 needs rows >= 2 (a sub-macro of one row has no adder tree to "
+                f"cut), not rows={self.rows!r}"
+            )
         if NMPattern(1, 1) not in self.patterns:
             raise FlexCimError(
                 f"patterns must include 1:1 so every layer can run dense, not "
@@ -274,9 +291,10 @@ class HwConfig:
 
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
-        """The fields as JSON types; the weight-port fields only when they differ from the
-        original macro's (1 row, no overlap), so every configuration written before they existed
-        keeps its JSON, its digest (:func:`config_digest`) and its module name."""
+        """The fields as JSON types; the weight-port fields and ``tree_pipeline`` only when they
+        differ from the original macro's (1 row, no overlap, no pipeline register), so every
+        configuration written before they existed keeps its JSON, its digest
+        (:func:`config_digest`) and its module name."""
         d = dataclasses.asdict(self)
         d["patterns"] = [str(p) for p in self.patterns]
         for name in _LATER_FIELDS:

@@ -201,3 +201,21 @@ def test_out_of_memory_is_one_line_exit_1(operands, capsys, monkeypatch):
     code, err = run(capsys, *_matmul(d))
     assert code == 1 and err.count("\n") == 1 and "out of memory" in err
     assert not (d / "y.npy").exists()
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["tree_pipeline=2"], "tree_pipeline must be 0 or 1, not 2"),
+    (["tree_pipeline=1", "sub_macros=8", "rows=1", "patterns=1:1,2:4,4:8"],
+     "tree_pipeline=1 needs rows >= 2 (a sub-macro of one row has no adder tree to cut), "
+     "not rows=1"),
+])
+@pytest.mark.parametrize("command", ["verilog", "synth"])
+def test_a_config_that_cannot_use_the_tree_pipeline_is_one_line_exit_2(tmp_path, capsys, sets,
+                                                                      message, command):
+    argv = [command, "--preset", "tiny", *[a for s in sets for a in ("--set", s)],
+            "-o", str(tmp_path / ("out.v" if command == "verilog" else "out.json"))]
+    code, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("flexcim: error: ")
+    assert message in err
+    assert not list(tmp_path.iterdir())

@@ -62,7 +62,9 @@ def tick_model(cfg, cmd):
             full[set_full] = True
         if clear_full is not None:
             full[clear_full] = False
-    return last_end + 1, last_end + RESULT_LATENCY
+    # The result: the registered column sums (and, with tree_pipeline, the adder trees'
+    # register before them), then the result FIFO.
+    return last_end + 1, last_end + RESULT_LATENCY + (1 if cfg.tree_pipeline else 0)
 
 
 @pytest.mark.parametrize(
@@ -95,6 +97,30 @@ def test_command_timing_matches_a_cycle_by_cycle_walk(name, act_bits, pattern, k
     cmd = perf.Command(NMPattern.parse(pattern), k, tokens, load)
     timing = perf.command_timing(cfg, cmd)
     assert (timing.busy, timing.last_result) == tick_model(cfg, cmd)
+
+
+@pytest.mark.parametrize("name, act_bits, port", [
+    ("tiny", 2, (1, 0)), ("tiny", 8, (1, 0)), ("tiny", 2, (2, 1)), ("tiny", 1, (1, 1)),
+    ("tiny3", 2, (1, 0)), ("default", 1, (1, 0)), ("default", 1, (9, 1)),
+])
+def test_the_tree_pipeline_adds_one_result_cycle_and_nothing_else(name, act_bits, port):
+    """With ``tree_pipeline`` every command keeps its busy cycles (the compute is pipelined
+    across passes, tokens and commands) and its results come one cycle later: a layer takes one
+    cycle more, for every pattern, K (one pass, several, several commands) and token count."""
+    off = preset(name).replace(act_bits_per_cycle=act_bits, weight_port_rows=port[0],
+                               weight_overlap=port[1])
+    on = off.replace(tree_pipeline=1)
+    for p in on.patterns:
+        for k in (p.m, on.pass_width(p) + p.m, on.max_k_for(p) + p.m):
+            for tokens in (1, 3):
+                cmds = perf.schedule(on, p, tokens, k, on.cols + 1)
+                assert perf.layer_cycles(on, cmds) == perf.layer_cycles(off, cmds) + 1
+                for cmd in cmds[:2]:
+                    t_on, t_off = perf.command_timing(on, cmd), perf.command_timing(off, cmd)
+                    assert t_on.busy == t_off.busy
+                    assert t_on.last_result == t_off.last_result + 1
+                    if name != "default":  # the walk is slow for default's long loads
+                        assert (t_on.busy, t_on.last_result) == tick_model(on, cmd)
 
 
 def test_hand_computed_timings():

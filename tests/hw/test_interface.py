@@ -358,3 +358,15 @@ def test_fusesoc_runs_the_lint_and_sim_targets(tmp_path):
     (broken / "macro.v").write_text((broken / "macro.v").read_text() + "\nmodule oops(;\n")
     assert _fusesoc(broken, "lint", side["vlnv"]).returncode != 0
 
+
+
+def test_the_sidecar_and_header_publish_the_tree_pipelines_result_latency():
+    """With ``tree_pipeline`` the results come a cycle later: the sidecar and the C header say
+    so (the model's figure); off, they are the presets' (2)."""
+    from flexcim.spec.timing import result_latency
+
+    for cfg in (preset("tiny"), preset("tiny").replace(tree_pipeline=1)):
+        latency = interface.describe(cfg)["latency"]["result_latency"]
+        assert latency == result_latency(cfg) == 2 + cfg.tree_pipeline
+        header = interface.c_header(cfg, "m", "0.1.0")
+        assert re.search(rf"#define M_RESULT_LATENCY {latency}u\b", header)

@@ -187,10 +187,33 @@ def test_adder_tree_sums_extremes_without_overflow(inputs):
     run(dut, bench, clock=False)
 
 
-def test_sub_macro_registers_column_sums():
+@pytest.mark.parametrize("inputs, stage", [(2, 0), (5, 0), (5, 1), (5, 2), (18, 1), (18, 4)])
+def test_adder_tree_with_a_pipeline_stage_sums_one_cycle_later(inputs, stage):
+    """A register after ``stage`` levels: every sum appears exactly one cycle after its
+    addends, at full throughput (a new vector every cycle), extremes included."""
+    rng = np.random.default_rng(inputs + 10 * stage)
+    dut = AdderTree(inputs=inputs, width=10, stage=stage)
+    assert dut.latency == 1
+    vectors = [[-512] * inputs, [511] * inputs, *rng.integers(-512, 512, (20, inputs)).tolist()]
+
+    async def bench(ctx):
+        previous = None
+        for vec in [*vectors, [0] * inputs]:
+            ctx.set(dut.addends, vec)
+            if previous is not None:
+                assert ctx.get(dut.sum) == sum(previous)
+            await ctx.tick()
+            previous = vec
+
+    run(dut, bench)
+
+
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_sub_macro_registers_column_sums(pipeline):
     rng = np.random.default_rng(7)
     rows, cols, b = 3, 2, 2
-    dut = SubMacro(rows=rows, cols=cols, depth=2, index_bits=1, slice_bits=b)
+    dut = SubMacro(rows=rows, cols=cols, depth=2, index_bits=1, slice_bits=b, pipeline=pipeline)
+    assert dut.latency == 1 + pipeline
     values = rng.integers(-128, 128, size=(rows, cols))
     indices = rng.integers(0, 2, size=(rows, cols))
 
@@ -208,8 +231,12 @@ def test_sub_macro_registers_column_sums():
         ctx.set(dut.lanes, lanes.tolist())
         ctx.set(dut.top, 0)
         await ctx.tick()
+        ctx.set(dut.lanes, np.zeros_like(lanes).tolist())  # the next cycle's lanes
         expect = [sum(values[r, c] * lanes[r, indices[r, c]] for r in range(rows))
                   for c in range(cols)]
+        if pipeline:  # the sums are still in the trees' pipeline register
+            assert [ctx.get(dut.psums[c]) for c in range(cols)] != expect
+            await ctx.tick()
         assert [ctx.get(dut.psums[c]) for c in range(cols)] == expect
 
     run(dut, bench)
@@ -298,6 +325,12 @@ def test_merging_accumulates_slices_and_passes_with_wrap(b):
         (lambda: AdderTree(inputs=0, width=8), "inputs must be a positive integer, not 0"),
         (lambda: SubMacro(rows=4, cols=2, depth=1, index_bits=0, slice_bits=1, port_rows=3),
          "port_rows must divide rows=4, not 3"),
+        (lambda: AdderTree(inputs=5, width=8, stage=3),
+         "stage must be a tree level from 0 to 2 for 5 inputs, not 3"),
+        (lambda: AdderTree(inputs=1, width=8, stage=0),
+         "a tree of one input has no level to register, not stage 0"),
+        (lambda: SubMacro(rows=1, cols=2, depth=1, index_bits=0, slice_bits=1, pipeline=True),
+         "pipeline needs rows >= 2 \\(one row has no adder tree\\), not rows=1"),
     ],
 )
 def test_leaf_parameters_are_validated(make, message):

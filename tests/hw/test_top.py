@@ -203,3 +203,56 @@ def test_index_bits_at_and_above_log2_m_are_ignored_by_the_rtl(pattern):
         low = _garble_indices(cfg, streams.weight_beats, rng, m - 1)
         bad = PySim(cfg).execute(streams.cmd_beats, low, streams.act_beats)
         assert host.collect(cfg, streams.commands, bad, 2, cfg.cols).tolist() != y.tolist()
+
+
+# tree_pipeline (issue 14 item 4): a register inside every adder tree, so the partial sums and
+# the merging unit's flags arrive one cycle later; nothing waits for them, so a stream of
+# commands takes exactly one cycle more than without it.  b = 8: one-cycle tokens keep the most
+# results in flight (result_latency of them, against RESULT_FIFO_DEPTH credits).
+@pytest.mark.parametrize("name, cfg", [
+    ("tiny", TINY.replace(tree_pipeline=1)),
+    ("tiny-b8", TINY.replace(tree_pipeline=1, act_bits_per_cycle=8)),
+    ("tiny3", preset("tiny3").replace(tree_pipeline=1)),
+    ("tiny-port2-overlap", TINY.replace(tree_pipeline=1, weight_port_rows=2, weight_overlap=1)),
+])
+def test_tree_pipeline_bit_exact_and_one_more_cycle_per_command_stream(name, cfg):
+    engine = PySim(cfg)
+    rng = np.random.default_rng(50 + len(name))
+    layers = every_pattern(cfg, rng)
+    if name != "tiny":  # the whole set once; a sample of it on the other geometries (time)
+        layers = layers[::2] + [layer(rng, "1:1", 1, 32, 5), layer(rng, "2:4", 6, 8, 4)]
+    cmds = check(cfg, layers, engine, int64=True)
+    if name in ("tiny", "tiny3"):
+        assert {cmd.pattern for cmd in cmds} == set(cfg.patterns)
+    assert engine.cycles == perf.layer_cycles(cfg, cmds)
+    # The model of the macro without the register, which the tests above hold to the RTL, plus
+    # one: the register costs one cycle per command stream, not per pass, token or command.
+    assert engine.cycles == perf.layer_cycles(cfg.replace(tree_pipeline=0), cmds) + 1
+    assert len(cmds) > 1 and max(cmd.tokens for cmd in cmds) > 1
+    assert not engine.error
+
+
+def test_tree_pipeline_with_result_backpressure_loses_nothing():
+    """One-cycle tokens with a stalled result stream: the credits must still stop the compute
+    before the result FIFO overflows when the results take a cycle longer."""
+    cfg = TINY.replace(tree_pipeline=1, act_bits_per_cycle=8)
+    rng = np.random.default_rng(3)
+    layers = [layer(rng, "1:4", 40, 4, 4), layer(rng, "2:8", 9, 64, 5)]
+    engine = PySim(cfg, in_gap=0.1, out_stall=0.8, seed=3)
+    cmds = check(cfg, layers, engine)
+    assert engine.cycles > perf.layer_cycles(cfg, cmds)
+
+
+def test_a_missing_delay_of_the_merging_flags_is_caught(monkeypatch):
+    """The mutant: the trees have their register but the merging unit's flags are delayed by
+    one cycle only (as without it): every slice is accumulated with its neighbour's flags, so
+    the results differ from golden (the check of the tests above is sharp enough)."""
+    import flexcim.hw.array
+
+    cfg = TINY.replace(tree_pipeline=1)
+    rng = np.random.default_rng(8)
+    layers = [layer(rng, "2:4", 3, 32, 4), layer(rng, "1:1", 2, 16, 4)]
+    monkeypatch.setattr(flexcim.hw.array.SubMacro, "latency", property(lambda self: 1))
+    runs = host.run_layers(cfg, layers, PySim(cfg).execute)
+    for (x, w), run in zip(layers, runs, strict=True):
+        assert run.y.tolist() != sparse_matmul(x, w, cfg.acc_bits).tolist()

@@ -39,11 +39,14 @@ CASES = [
     # loader (4 beats per word = 4 cycles per pass), over two K chunks; one row per beat with
     # overlap: 8 beats per word, so passes wait for their words (bubbles inside a token).
     # (The second on Icarus: a Verilator build of a configuration costs about 50 s of make test.)
+    # The adder trees' pipeline register (tree_pipeline): the results one cycle later, 8:16
+    # over two K chunks and two column tiles (Icarus: a build in seconds).
     *(Case(sim, module_name(cfg), pattern, tokens, k, c, config=cfg.to_json())
       for sim, cfg, pattern, tokens, k, c in [
           ("verilator", preset("tiny").replace(weight_port_rows=2, weight_overlap=1), "2:4", 1,
            128, 6),
-          ("icarus", preset("tiny").replace(weight_overlap=1), "1:1", 2, 32, 4)]),
+          ("icarus", preset("tiny").replace(weight_overlap=1), "1:1", 2, 32, 4),
+          ("icarus", preset("tiny").replace(tree_pipeline=1), "8:16", 3, 96, 6)]),
 ]
 
 

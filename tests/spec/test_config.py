@@ -92,6 +92,11 @@ def test_patterns_are_canonically_ordered_and_coded():
         ({"weight_port_rows": 0}, "weight_port_rows must be a positive divisor of rows=18"),
         ({"weight_overlap": 2}, "weight_overlap must be 0 or 1, not 2"),
         ({"weight_overlap": True}, "HwConfig weight_overlap must be an integer, not True"),
+        ({"tree_pipeline": 2}, "tree_pipeline must be 0 or 1, not 2"),
+        ({"tree_pipeline": -1}, "tree_pipeline must be 0 or 1, not -1"),
+        ({"tree_pipeline": 1, "rows": 1, "patterns": ("1:1", "2:4")},
+         "tree_pipeline=1 needs rows >= 2 \\(a sub-macro of one row has no adder tree to "
+         "cut\\), not rows=1"),
     ],
 )
 def test_invalid_configs_raise_one_line_errors(changes, message):
@@ -136,3 +141,39 @@ def test_weight_port_fields_round_trip_and_old_configs_keep_their_json():
     # 72 rows, 9 per beat: 8 beats per pass's word; 2:4 at K=576 is 4 passes.
     assert (wide.beats_per_word, wide.weight_beats("2:4", 576)) == (8, 32)
     assert DEFAULT.weight_beats("2:4", 576) == 4 * 72
+
+
+# The fields of a HwConfig before tree_pipeline, weight_port_rows and weight_overlap existed.
+_ORIGINAL_FIELDS = {"sub_macros", "rows", "cols", "depth", "patterns", "act_bits_per_cycle",
+                    "in_lanes", "acc_bits", "max_k", "max_tokens"}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_tree_pipeline_off_keeps_every_presets_json_and_digest(name):
+    """Off (0, the presets' value) the field is left out of the JSON: the JSON, hence the
+    digest, is the one written from the original fields alone (computed here by hand)."""
+    import hashlib
+
+    from flexcim.spec.config import config_digest, module_name
+
+    cfg = PRESETS[name]
+    assert cfg.tree_pipeline == 0
+    d = json.loads(cfg.to_json())
+    assert set(d) == _ORIGINAL_FIELDS
+    by_hand = json.dumps({f: d[f] for f in _ORIGINAL_FIELDS}, indent=2, sort_keys=True)
+    assert cfg.to_json() == by_hand
+    assert config_digest(cfg) == hashlib.sha1(by_hand.encode()).hexdigest()[:8]
+    assert module_name(cfg) == f"flexcim_{name}"
+    on = cfg.replace(tree_pipeline=1)
+    assert json.loads(on.to_json()) == {**d, "tree_pipeline": 1}
+    assert HwConfig.from_json(on.to_json()) == on
+    assert cfg.with_overrides(["tree_pipeline=1"]) == on
+    assert config_digest(on) != config_digest(cfg)
+    assert module_name(on) == f"flexcim_{config_digest(on)}"
+
+
+def test_tree_pipeline_adds_one_cycle_of_result_latency():
+    from flexcim.spec.timing import RESULT_LATENCY, result_latency
+
+    assert result_latency(DEFAULT) == RESULT_LATENCY == 2
+    assert result_latency(DEFAULT.replace(tree_pipeline=1)) == 3
