@@ -610,9 +610,10 @@ def calibration_losses(model: nn.Module, windows: torch.Tensor,
     model, or ``prune_fn``'s weights), computed from the first pruned block on; the model is
     left as it was.  ``probe`` reuses a dense :class:`LossProbe` on ``windows``;
     ``per_window`` (a dict) receives each plan's loss per window."""
-    probe = probe or LossProbe(model, windows, batch_size=batch_size,
-                               head=any(n not in _block_names(model) for p in plans.values()
-                                        for n in p))
+    if probe is None:
+        in_blocks = _block_names(model)
+        probe = LossProbe(model, windows, batch_size=batch_size,
+                          head=any(n not in in_blocks for p in plans.values() for n in p))
     layers, index = probe.linears, probe.start_of
     losses = {}
     for key, patterns in plans.items():
@@ -694,8 +695,9 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
     replaced).
     """
     start_time = time.perf_counter()
+    in_blocks = _block_names(model)
     probe = probe or LossProbe(model, windows, batch_size=batch_size,
-                               head=any(n not in _block_names(model) for n in patterns))
+                               head=any(n not in in_blocks for n in patterns))
     layers, index = probe.linears, probe.start_of
     rank = {str(p): i for i, p in enumerate(levels)}
     unknown = sorted({str(p) for p in patterns.values()} - set(rank))
@@ -716,7 +718,7 @@ def refine(model: nn.Module, windows: torch.Tensor, patterns: dict[str, NMPatter
     names = sorted(state)
     # The LM head keeps its allocated level: no projection prunes as many parameters per level
     # as it does, so no swap could keep the sparsity.
-    movable = [n for n in names if n in _block_names(model)]
+    movable = [n for n in names if n in in_blocks]
     record = {"steps": steps, "kept": 0, "windows": int(windows.shape[0]), "seed": seed}
     bar = tqdm(total=steps, desc="refine", disable=not progress, leave=False, unit="step")
     try:
