@@ -28,7 +28,7 @@ from flexcim.flow.model import (
     linear_layers,
     lm_head,
     load_model,
-    prunable_layers,
+    untie_lm_head,
 )
 from flexcim.flow.select import Plan, SelectConfig, select
 from flexcim.flow.text import Corpus, load_corpus, token_windows
@@ -168,6 +168,19 @@ validation text (docs/flow.md, "Pruning order", 2026-12-04): SparseGPT's uniform
 97.68 vs 99.34)."""
 
 
+def _plan_layers(model: nn.Module, plan: Plan) -> tuple[dict[str, nn.Linear], str | None]:
+    """The projections ``plan`` may name: the decoder blocks', and the LM head when the plan
+    names it (then also its path, else None)."""
+    layers = linear_layers(model)
+    if set(plan.layers) - set(layers):
+        with contextlib.suppress(FlexCimError):  # a model without an nn.Linear head
+            path, module = lm_head(model)
+            if path in plan.layers:
+                layers[path] = module
+                return layers, path
+    return layers, None
+
+
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
                metric: str = "wanda", progress: bool = True, last_block: int | None = None,
@@ -186,13 +199,9 @@ def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
     pruned blocks' outputs (SparseGPT), with one more pass over ``windows``.
     """
     _check_metric(metric)
-    layers = linear_layers(model)
-    head = None
-    if set(plan.layers) - set(layers):
-        with contextlib.suppress(FlexCimError):  # a model without an nn.Linear head
-            head = lm_head(model)[0]
-        if head in plan.layers:
-            layers = prunable_layers(model, head=True)
+    layers, head = _plan_layers(model, plan)
+    if head is not None:
+        untie_lm_head(model)
     missing = sorted(set(plan.layers) - set(layers))
     if missing:
         raise FlexCimError(f"plan names layer {missing[0]!r}, which this model does not have")
@@ -212,7 +221,7 @@ def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
             act_sq_mean=stats.act_sq_mean if metric == "wanda" else None,
             hessian=stats.hessian if metric == "sparsegpt" else None))
 
-    if stats is not None and head in layers and head not in stats:
+    if stats is not None and head is not None and head not in stats:
         raise FlexCimError(f"the plan prunes {head!r}, and the statistics given have none for it")
     if metric == "magnitude" or stats is not None:
         for name in layers:
@@ -220,7 +229,7 @@ def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
         return
     if windows is None:
         raise FlexCimError(f"metric {metric!r} needs calibration windows")
-    with_head = head in layers and last_block is None
+    with_head = head is not None and last_block is None
 
     def head_stats() -> dict[str, calib.LayerStats]:
         return calib.collect(model, windows, {head: layers[head]},
@@ -247,11 +256,7 @@ def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
     """Raise unless every projection's weight satisfies its pattern in ``plan``."""
-    layers = linear_layers(model)
-    if set(plan.layers) - set(layers):
-        with contextlib.suppress(FlexCimError):
-            path, module = lm_head(model)
-            layers[path] = module
+    layers, _ = _plan_layers(model, plan)
     for name, text in plan.layers.items():
         pattern = NMPattern.parse(text)
         w = layers[name].weight.detach()
