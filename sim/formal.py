@@ -762,98 +762,52 @@ def dot_depth(cfg: HwConfig, pattern: NMPattern) -> int:
 
 
 # =========================================================================== mutants
-def _forward(m, outer, inner, override: dict) -> None:
-    """Connect every port of ``outer`` to the same port of ``inner`` (inputs in, outputs out),
-    except the input paths in ``override``, driven by the given values instead."""
-    from amaranth.lib import wiring
-
-    for path, member, value in outer.signature.flatten(outer):
-        target = inner
-        for part in path:
-            target = target[part] if isinstance(part, int) else getattr(target, part)
-        if member.flow == wiring.In:
-            m.d.comb += target.eq(override.get(path, value))
-        else:
-            m.d.comb += value.eq(target)
-
-
 def _mutants():
     """The mutant classes, built on first use (they subclass Amaranth components)."""
-    from amaranth.hdl import Module, Signal
+    from amaranth.hdl import Signal
     from flexcim.hw.array import CellRow
     from flexcim.hw.buffer import ActivationBuffer
     from flexcim.hw.controller import Controller
     from flexcim.hw.distribution import Distribution
     from flexcim.hw.merging import Merging
-
-    def wrapping(base, doc: str, rewire):
-        """A mutant of ``base``: the real component inside, its ports rewired by ``rewire``."""
-
-        class Mutant(base):
-            __doc__ = doc
-
-            def __init__(self, *args, **kwargs):
-                self._real_args = (args, kwargs)
-                super().__init__(*args, **kwargs)
-
-            def elaborate(self, platform):
-                m = Module()
-                args, kwargs = self._real_args
-                m.submodules.real = real = base(*args, **kwargs)
-                rewire(m, self, real)
-                return m
-
-        return Mutant
+    from flexcim.sim.rewire import forward, wrapping
 
     def lane_off_by_one(m, outer, real):
-        _forward(m, outer, real, {})
+        forward(m, outer, real)
         m.d.comb += outer.lanes[0][0].eq(outer.window[1])
 
     def index_off_by_one(m, outer, real):
         n = outer.lanes.shape().length
         rotated = Signal.like(outer.lanes)
         m.d.comb += [rotated[i].eq(outer.lanes[(i + 1) % n]) for i in range(n)]
-        _forward(m, outer, real, {("lanes",): rotated})
+        forward(m, outer, real, inputs={("lanes",): rotated})
 
     LaneOffByOne = wrapping(Distribution, "Row 0 lane 0 reads window lane 1 (a wiring slip).",
                             lane_off_by_one)
     IndexOffByOne = wrapping(CellRow, "The cell selects lane index + 1 (lanes rotated).",
                              index_off_by_one)
     UnsignedTop = wrapping(CellRow, "The top slice is taken as unsigned (sign lost).",
-                           lambda m, outer, real: _forward(m, outer, real, {("top",): 0}))
+                           inputs={("top",): 0})
     SliceOffByOne = wrapping(Merging, "Every slice is weighted as the next one.",
-                             lambda m, outer, real: _forward(m, outer, real,
-                                                             {("slice",): outer.slice + 1}))
+                             inputs={("slice",): lambda outer, real: outer.slice + 1})
     StaleAccumulator = wrapping(Merging, "A token's first slice adds to the previous token's "
-                                "sum (``first`` ignored).",
-                                lambda m, outer, real: _forward(m, outer, real, {("first",): 0}))
+                                "sum (``first`` ignored).", inputs={("first",): 0})
     DroppedCredit = wrapping(Controller, "A taken result never returns its credit.",
-                             lambda m, outer, real: _forward(m, outer, real,
-                                                             {("result_taken",): 0}))
-
-    def word_swapped(m, outer, real):
-        _forward(m, outer, real, {})
-        m.d.comb += outer.w_word.eq(real.w_word ^ 1)
-
-    def fetch_on_issue(m, outer, real):
-        _forward(m, outer, real, {})
-        m.d.comb += outer.fetch.eq(real.issue)
-
+                             inputs={("result_taken",): 0})
     FetchOnIssue = wrapping(Controller, "The buffer reads a token's first window only in the "
                             "previous token's last cycle (fetch = issue): a bank completed "
-                            "later, or the first after reset, is never read.", fetch_on_issue)
+                            "later, or the first after reset, is never read.",
+                            outputs={("fetch",): lambda outer, real: real.issue})
     BankSwap = wrapping(ActivationBuffer, "The array reads the other activation bank (a token "
                         "computes on its neighbour's activations).",
-                        lambda m, outer, real: _forward(m, outer, real,
-                                                        {("rbank",): ~outer.rbank}))
+                        inputs={("rbank",): lambda outer, real: ~outer.rbank})
     WordSwap = wrapping(Controller, "A weight beat goes to the other word (pass) of its row.",
-                        word_swapped)
+                        outputs={("w_word",): lambda outer, real: real.w_word ^ 1})
     WeightPhantom = wrapping(Controller, "The weight loader counts a beat in every cycle it is "
                              "ready, valid or not (a stalled cycle's payload taken as a beat).",
-                             lambda m, outer, real: _forward(m, outer, real, {("w_valid",): 1}))
+                             inputs={("w_valid",): 1})
     ActPhantom = wrapping(Controller, "The activation loader counts a beat in every cycle it is "
-                          "ready, valid or not.",
-                          lambda m, outer, real: _forward(m, outer, real, {("a_valid",): 1}))
+                          "ready, valid or not.", inputs={("a_valid",): 1})
 
     class ExtraCredit(Controller):
         """The controller believes the result FIFO has one more entry than it has."""

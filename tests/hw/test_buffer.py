@@ -15,10 +15,10 @@ import math
 
 import numpy as np
 import pytest
-from amaranth.hdl import Module
-from amaranth.lib import wiring
+from amaranth.hdl import Cat
 from amaranth.sim import Simulator
 from flexcim.hw.buffer import ActivationBuffer, beats_per_row
+from flexcim.sim.rewire import wrapping
 
 #: (lanes, in_lanes, window_lanes, pass widths, slice bits): the default preset's widths scaled
 #: down (G = 2, 4 memories per beat), tiny3's (G = 4, one memory per beat, 16 memories), a beat
@@ -184,47 +184,36 @@ def test_window_matches_the_list_model_on_random_geometries(seed):
     assert {w for _, w in checked} == set(geometry[3]), geometry
 
 
-class _Mutant(wiring.Component):
+def _mutant(geometry, *, turn: int = 0, swap: bool = False, always: bool = False):
     """The real buffer behind a rewiring: ``window`` rotated by ``turn`` lanes (a wrong
     rotation), the first two granules of every beat swapped (a wrong granule), or ``read``
     tied high (every pass's memories read in every cycle)."""
-
-    def __init__(self, geometry, *, turn: int = 0, swap: bool = False, always: bool = False):
-        self._real = make(geometry)
-        self._turn, self._swap, self._always = turn, swap, always
-        self.word_bits = self._real.word_bits
-        super().__init__(dict(self._real.signature.members))
-
-    def elaborate(self, platform):
-        m = Module()
-        m.submodules.real = real = self._real
-        g = real.granule
-        for path, member, value in self.signature.flatten(self):
-            target = real
-            for part in path:
-                target = target[part] if isinstance(part, int) else getattr(target, part)
-            if member.flow == wiring.Out:
-                if path != ("window",):
-                    m.d.comb += value.eq(target)
-                continue
-            if path == ("read",) and self._always:
-                m.d.comb += target.eq(1)
-            elif path == ("wdata",) and self._swap:
-                lanes = list(range(len(value)))
-                lanes[:2 * g] = lanes[g:2 * g] + lanes[:g]
-                m.d.comb += [target[j].eq(value[i]) for j, i in enumerate(lanes)]
-            else:
-                m.d.comb += target.eq(value)
-        n = len(self.window)
-        m.d.comb += [self.window[j].eq(real.window[(j + self._turn) % n]) for j in range(n)]
-        return m
+    inputs, outputs = {}, {}
+    if always:
+        inputs[("read",)] = 1
+    if swap:
+        def swapped(outer, real):
+            g = real.granule
+            lanes = list(range(len(outer.wdata)))
+            lanes[:2 * g] = lanes[g:2 * g] + lanes[:g]
+            return Cat(*(outer.wdata[i] for i in lanes))
+        inputs[("wdata",)] = swapped
+    if turn:
+        def rotated(outer, real):
+            n = len(real.window)
+            return Cat(*(real.window[(j + turn) % n] for j in range(n)))
+        outputs[("window",)] = rotated
+    mutant = wrapping(ActivationBuffer, "a faulty buffer", inputs=inputs, outputs=outputs)
+    lanes, in_lanes, window, widths, b = geometry
+    return mutant(lanes=lanes, in_lanes=in_lanes, window_lanes=window, shifts=widths,
+                  slice_bits=b, activity=True)
 
 
 @pytest.mark.parametrize("mutant", ["rotation", "granule"])
 def test_the_check_refutes_a_wrong_rotation_and_a_wrong_granule(mutant):
     geometry = GEOMETRIES[0]
     g = math.gcd(geometry[1], geometry[2], *geometry[3])
-    dut = _Mutant(geometry, turn=g if mutant == "rotation" else 0, swap=mutant == "granule")
+    dut = _mutant(geometry, turn=g if mutant == "rotation" else 0, swap=mutant == "granule")
     with pytest.raises(AssertionError, match=r"token \d+ \(bank"):
         check_buffer(dut, geometry, seed=1, tokens=3)
 
@@ -234,7 +223,7 @@ def test_the_check_refutes_a_read_enable_tied_high():
     words) but the ports read in cycles whose data nobody uses: the read bits differ."""
     geometry = GEOMETRIES[0]
     with pytest.raises(AssertionError, match="bits read, not 0"):
-        check_buffer(_Mutant(geometry, always=True), geometry, seed=1, tokens=3)
+        check_buffer(_mutant(geometry, always=True), geometry, seed=1, tokens=3)
 
 
 

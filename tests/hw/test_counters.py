@@ -101,25 +101,10 @@ def test_quiet_faults_catch_a_selection_that_switches(monkeypatch):
 def _always_fetching():
     """The controller with ``fetch`` tied high: the buffer reads the pass's memories in every
     cycle, stalls and idle cycles included (the results stay exact)."""
-    from amaranth.hdl import Module
-    from amaranth.lib import wiring
     from flexcim.hw.controller import Controller
+    from flexcim.sim.rewire import wrapping
 
-    class AlwaysFetch(Controller):
-        def elaborate(self, platform):
-            m = Module()
-            m.submodules.real = real = Controller(self._cfg, fifo_depth=self._fifo_depth)
-            for path, member, value in self.signature.flatten(self):
-                target = real
-                for part in path:
-                    target = getattr(target, part)
-                if member.flow == wiring.In:
-                    m.d.comb += target.eq(value)
-                else:
-                    m.d.comb += value.eq(1 if path == ("fetch",) else target)
-            return m
-
-    return AlwaysFetch
+    return wrapping(Controller, "fetch tied high", outputs={("fetch",): 1})
 
 
 def test_the_buffer_reads_only_the_lanes_of_the_pass_once_per_cycle(monkeypatch):
