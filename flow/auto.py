@@ -140,7 +140,7 @@ class LossProbe:
     ``head``: the LM head is one more prunable layer (untied from the embedding first,
     :func:`~flexcim.flow.model.untie_lm_head`); a change to it is measured from the last block
     on.  ``linears`` holds every prunable layer by module path, ``start_of`` the block from
-    which a change to it must be measured.
+    which a change to it must be measured, ``heads`` the ones outside the decoder blocks.
     """
 
     def __init__(self, model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8,
@@ -158,8 +158,8 @@ class LossProbe:
         linears = prunable_layers(model, head=head)
         self.linears = linears
         self.start_of = {n: b.index for b in self.blocks for n in b.linears}
-        self.start_of.update(dict.fromkeys(set(linears) - set(self.start_of),
-                                           len(self.blocks) - 1))
+        self.heads = [n for n in linears if n not in self.start_of]  # the LM head when ``head``
+        self.start_of.update(dict.fromkeys(self.heads, len(self.blocks) - 1))
         self.weights = {n: m.weight.detach().clone() for n, m in linears.items()}
         self._ranks: dict[tuple[str, int], torch.Tensor] = {}
         self._recorded: tuple[int, list[list[torch.Tensor]]] | None = None
@@ -457,8 +457,7 @@ def _measure(model: nn.Module, windows: torch.Tensor, levels: tuple[NMPattern, .
     probe = LossProbe(model, windows, batch_size=batch_size, head=head)
     blocks = probe.blocks
     sparse = levels[1:]
-    in_blocks = {n for b in blocks for n in b.linears}
-    heads = [n for n in probe.linears if n not in in_blocks]  # the LM head when ``head``
+    heads = probe.heads
     total = (len(blocks) + len(heads)) * len(sparse)
     kinds: list[str] = []
     if granularity == "projection" and len(blocks) > 2:

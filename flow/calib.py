@@ -94,11 +94,28 @@ def collecting(layers: dict[str, nn.Linear], *, hessian: bool = False
 @torch.no_grad()
 def collect(model: nn.Module, windows: torch.Tensor, layers: dict[str, nn.Linear], *,
             hessian: bool = False, batch_size: int = 4) -> dict[str, LayerStats]:
-    """Input statistics of ``layers`` over whole forward passes of ``model`` on ``windows`` as
-    it is now (for layers outside the decoder blocks, e.g. the LM head)."""
+    """Input statistics of ``layers`` over forward passes of ``model`` on ``windows`` as it is
+    now (for layers outside the decoder blocks, e.g. the LM head).  A pass stops once every
+    layer has seen its input: the LM head's logits are never computed."""
+    reached: set[str] = set()
+
+    def stop(name):
+        def pre(_module, _inputs):  # registered after the statistics' own pre-hooks
+            reached.add(name)
+            if len(reached) == len(layers):
+                raise _Captured
+        return pre
+
     with collecting(layers, hessian=hessian) as stats:
-        for start in range(0, windows.shape[0], batch_size):
-            model(input_ids=windows[start : start + batch_size], use_cache=False)
+        handles = [layer.register_forward_pre_hook(stop(name)) for name, layer in layers.items()]
+        try:
+            for start in range(0, windows.shape[0], batch_size):
+                reached.clear()
+                with contextlib.suppress(_Captured):
+                    model(input_ids=windows[start : start + batch_size], use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
     return stats
 
 

@@ -221,37 +221,36 @@ def apply_plan(model: nn.Module, plan: Plan, windows: torch.Tensor | None, *,
             act_sq_mean=stats.act_sq_mean if metric == "wanda" else None,
             hessian=stats.hessian if metric == "sparsegpt" else None))
 
-    if stats is not None and head is not None and head not in stats:
-        raise FlexCimError(f"the plan prunes {head!r}, and the statistics given have none for it")
-    if metric == "magnitude" or stats is not None:
-        for name in layers:
-            prune_layer(name, None if stats is None else stats[name])
-        return
-    if windows is None:
-        raise FlexCimError(f"metric {metric!r} needs calibration windows")
-    with_head = head is not None and last_block is None
+    if stats is not None:
+        for name, pattern in patterns.items():
+            if not pattern.is_dense and name not in stats:
+                raise FlexCimError(f"the plan prunes {name!r}, and the statistics given have "
+                                   f"none for it")
+    elif metric != "magnitude":
+        if windows is None:
+            raise FlexCimError(f"metric {metric!r} needs calibration windows")
+        with_head = head is not None and last_block is None
 
-    def head_stats() -> dict[str, calib.LayerStats]:
-        return calib.collect(model, windows, {head: layers[head]},
-                             hessian=metric == "sparsegpt")
+        def head_stats() -> dict[str, calib.LayerStats]:
+            return calib.collect(model, windows, {head: layers[head]},
+                                 hessian=metric == "sparsegpt")
 
-    if not SEQUENTIAL[metric]:
-        dense = head_stats() if with_head else {}  # before any block is pruned
-        dense.update(calib.calibrate(model, windows, progress=progress, last_block=last_block))
-        for name in dense:
-            prune_layer(name, dense[name])
-        return
+        if SEQUENTIAL[metric]:
+            def on_block(_block, block_stats) -> bool:
+                for name in block_stats:
+                    prune_layer(name, block_stats[name])
+                return any(not patterns[n].is_dense for n in block_stats if n in patterns)
 
-    def on_block(_block, stats) -> bool:
-        for name in stats:
-            prune_layer(name, stats[name])
-        return any(not patterns[n].is_dense for n in stats if n in patterns)
-
-    calib.calibrate(model, windows, on_block=on_block, hessian=metric == "sparsegpt",
-                    progress=progress, last_block=last_block, sequential=True)
-    if with_head:  # on the outputs of the pruned blocks, as the blocks were on theirs
-        for name, s in head_stats().items():
-            prune_layer(name, s)
+            calib.calibrate(model, windows, on_block=on_block, hessian=metric == "sparsegpt",
+                            progress=progress, last_block=last_block, sequential=True)
+            if with_head:  # on the outputs of the pruned blocks, as the blocks were on theirs
+                for name, s in head_stats().items():
+                    prune_layer(name, s)
+            return
+        stats = head_stats() if with_head else {}  # one-shot: before any block is pruned
+        stats.update(calib.calibrate(model, windows, progress=progress, last_block=last_block))
+    for name in (layers if stats is None else stats):
+        prune_layer(name, None if stats is None else stats[name])
 
 
 def check_plan(model: nn.Module, plan: Plan) -> None:

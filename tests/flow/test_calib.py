@@ -95,3 +95,29 @@ def test_sequential_calibrates_each_group_on_the_pruned_groups_before_it(tiny, t
     assert len(seen) == blocks  # one call per block, with every projection's statistics
     for kind in ("self_attn.o_proj", "mlp.down_proj"):
         assert torch.count_nonzero(whole[f"model.layers.0.{kind}"].act_sq_mean) > 0
+
+
+def test_collect_head_statistics_equal_the_final_hidden_states(tiny_windows):
+    """``collect`` on the LM head = sums over the final norm's output (computed here by the
+    base model alone), and the head itself never runs (no logits are computed)."""
+    from flexcim.flow.model import tiny_llama, untie_lm_head
+
+    model = tiny_llama(0)
+    untie_lm_head(model)
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        stats = calib.collect(model, tiny_windows, {"lm_head": model.lm_head}, hessian=True,
+                              batch_size=3)["lm_head"]
+    finally:
+        handle.remove()
+    assert calls == []
+    with torch.no_grad():
+        h = model.model(input_ids=tiny_windows, use_cache=False).last_hidden_state
+    x = h.reshape(-1, h.shape[-1]).double()
+    assert stats.tokens == x.shape[0] == tiny_windows.numel()
+    torch.testing.assert_close(stats.sq_sum.double(), (x * x).sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.xtx.double(), x.T @ x, rtol=1e-5, atol=1e-4)
+    assert not model.lm_head._forward_pre_hooks  # every hook removed
+    # The model still computes logits afterwards.
+    assert model(input_ids=tiny_windows[:1]).logits.shape[-1] == model.config.vocab_size
