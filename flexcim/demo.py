@@ -321,8 +321,9 @@ def stage_system(ctx: Context) -> None:
         "The macros are the presets as `make demo` builds them: one cell row per weight "
         "beat, and no overlap of weight loading with compute (`weight_port_rows` 1, "
         "`weight_overlap` 0; `flexcim system --set weight_port_rows=9 --set weight_overlap=1` "
-        "models the decode-ready macro of docs/architecture.md, section 4). The 7B-class row applies the same per-block plan to Llama-2-7B's shapes by "
-        "relative depth (its perplexity there is not measured: no 7B weights offline). "
+        "models the decode-ready macro of docs/architecture.md, section 4). The 7B-class "
+        "row applies the same per-block plan to Llama-2-7B's shapes by relative depth (its "
+        "perplexity there is not measured: no 7B weights offline). "
         "`bound` names what limits most of the step's cycles; energy shares are "
         f"{' / '.join(CATEGORIES)} in %.",
     )

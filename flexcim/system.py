@@ -68,6 +68,10 @@ def _system(args: argparse.Namespace) -> int:
           f"weight buffer {args.weight_buffer_kib:g} KiB, weight port {cfg.weight_port_rows} "
           f"row(s)/cycle, weight overlap {'on' if cfg.weight_overlap else 'off'}, LM head "
           f"{head}")
+    for name, r in result.items():
+        if r["runs_as"] and name != "dense":  # the dense baseline runs every plan dense
+            print(f"{name} runs " + ", ".join(f"{p} as {q}" for p, q in r["runs_as"].items())
+                  + " (patterns its macro does not have)")
     for phase, title in (("prefill", f"prefill of {args.tokens} tokens"),
                          ("decode", f"decode of one token, KV cache {args.kv_len}")):
         print(f"\n{title} (vs flexcim > 1: FlexCiM better)")

@@ -721,17 +721,34 @@ def step_cost(acc: Accelerator, shape: ModelShape, plan, tokens: int, kv_len: in
                     packed_words=packed_words, unpack_pj=unpack)
 
 
+def runs_as(acc: Accelerator, shape: ModelShape, plan, head: NMPattern | str = "1:1"
+            ) -> dict[str, str]:
+    """The plan's patterns (the LM head's included) that ``acc``'s macros lack, each with the
+    pattern it runs as instead (:func:`flexcim.golden.energy.pattern_on`): ``{"3:4": "1:1"}``.
+    Empty when the macro runs the plan as written."""
+    layers = plan if (isinstance(plan, tuple) and plan
+                      and isinstance(plan[0], energy.PlanLayer)) else map_plan(plan, shape)
+    out = {}
+    for layer in (*layers, head_layer(shape, head)):
+        run = energy.pattern_on(acc.cfg, layer)
+        if run != layer.pattern:
+            out[str(layer.pattern)] = str(run)
+    return out
+
+
 def compare(acc: Accelerator, shape: ModelShape, plan, *, tokens: int, kv_len: int,
             head: NMPattern | str = "1:1") -> dict:
     """Prefill (``tokens`` tokens) and one decode step (KV cache ``kv_len``) of ``plan`` on
     ``acc`` and on the dense and fixed-2:4 baselines (:data:`BASELINES`), JSON-ready:
-    ``{"flexcim"|"dense"|"fixed24": {"prefill": ..., "decode": ...}}`` plus ratios
-    baseline / FlexCiM (> 1: FlexCiM better).  ``head``: the LM head's pattern, for every
+    ``{"flexcim"|"dense"|"fixed24": {"prefill": ..., "decode": ..., "runs_as": ...}}`` plus
+    ratios baseline / FlexCiM (> 1: FlexCiM better); ``runs_as`` (:func:`runs_as`) names the
+    plan's patterns that accelerator runs as another.  ``head``: the LM head's pattern, for every
     accelerator as it can run it (:func:`step_cost`)."""
     layers = map_plan(plan, shape)
     accs = {"flexcim": acc, **{n: acc.baseline(p) for n, p in BASELINES.items()}}
     out = {name: {"prefill": step_cost(a, shape, layers, tokens, 0, head=head).to_dict(),
-                  "decode": step_cost(a, shape, layers, 1, kv_len, head=head).to_dict()}
+                  "decode": step_cost(a, shape, layers, 1, kv_len, head=head).to_dict(),
+                  "runs_as": runs_as(a, shape, layers, head)}
            for name, a in accs.items()}
     for name in BASELINES:
         for phase in ("prefill", "decode"):

@@ -18,10 +18,18 @@ def test_system_prints_and_writes_json(tmp_path, capsys):
                  "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "prefill of 16 tokens" in text and "KV cache 64" in text and "LM head 12:16" in text
+    # what a macro runs instead of the patterns it lacks is said (fixed24: 2:8 and 1:8 as 2:4,
+    # whose masks they satisfy, the 12:16 head dense; FlexCiM has all three; the dense
+    # macro's goes without saying)
+    said = [line for line in text.splitlines() if " runs " in line]
+    assert said == ["fixed24 runs 2:8 as 2:4, 1:8 as 2:4, 12:16 as 1:1 (patterns its macro "
+                    "does not have)"]
     data = json.loads(out.read_text())
     assert data["lm_head"] == "12:16"
     result = data["result"]
     assert set(result) == {"flexcim", "dense", "fixed24"}
+    assert result["flexcim"]["runs_as"] == {}
+    assert result["dense"]["runs_as"] == {"2:8": "1:1", "1:8": "1:1", "12:16": "1:1"}
     decode = result["flexcim"]["decode"]
     assert decode["tokens"] == 1 and decode["kv_len"] == 64 and decode["bound"] == "memory"
     # 2:8 and 1:8 blocks run as 2:4 on fixed24 and dense on the dense macro: more weight bits.
