@@ -9,6 +9,7 @@ input, which :func:`main` prints as one line with exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status: 0 done, 1 the work failed, 2 bad usage
-    or input, 130 interrupted (Ctrl-C or SIGTERM)."""
+    or input, 130 interrupted (Ctrl-C or SIGTERM), 141 the output's reader left (SIGPIPE)."""
     previous = None
     command = "flexcim"
     try:  # from the first step: a Ctrl-C while the handler is being installed is caught too
@@ -184,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         print("flexcim: error: out of memory (the result or an operand is too large for this "
               "machine)", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader of the output left (`flexcim system ... | head`): stop quietly, as Unix
+        # tools do; the rest of the output goes nowhere instead of failing at exit again.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:  # outputs are checked up front; this is the machine, not the input
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"flexcim: error: {exc.strerror or exc}{where}", file=sys.stderr)

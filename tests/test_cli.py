@@ -73,6 +73,18 @@ def test_module_entry_point_and_help():
     assert "--pattern N:M" in out and "--engine" in out
 
 
+def test_a_reader_that_leaves_ends_the_command_quietly():
+    """``flexcim system ... | head``: the pipe closes before the tables are written; the command
+    stops with 141 (SIGPIPE's status) and says nothing (it said "error: Broken pipe", exit 1)."""
+    proc = subprocess.Popen([sys.executable, "-m", "flexcim", "system", "--model-config",
+                             "llama-2-7b", "--pattern", "2:8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the interpreter has started and printed anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == ""
+
+
 def _matmul(d, *extra, out="y.npy"):
     return ["matmul", "--x", str(d / "x.npy"), "--w", str(d / "w.npy"), "--pattern", "2:8",
             *extra, "-o", out if out == "" else str(d / out) if "/" not in out else out]
