@@ -276,7 +276,8 @@ def map_plan(plan, shape: ModelShape) -> tuple[energy.PlanLayer, ...]:
     ``plan`` is a pattern (``"2:4"``: every block), a per-block list (``["2:4", "1:1", ...]`` or
     ``{"patterns": [...]}``), a flow plan (:meth:`flexcim.flow.select.Plan.to_dict`) or a
     :func:`flexcim.golden.energy.parse_plan` plan (``mask_24`` kept for the fixed-2:4 baseline).
-    The plan gives patterns only; the shapes come from ``shape``.
+    The plan gives patterns only; the shapes come from ``shape``.  A tuple of
+    :class:`energy.PlanLayer` (a plan this function mapped already) is returned as it is.
 
     **Different block counts.**  A plan of ``B_p`` blocks maps onto a model of ``B_m`` blocks by
     relative depth: model block ``i`` takes plan block ``floor(i * B_p / B_m)``.  Equal counts
@@ -284,6 +285,8 @@ def map_plan(plan, shape: ModelShape) -> tuple[energy.PlanLayer, ...]:
     a one-entry plan is uniform.  Projections within a block may differ in pattern (one entry
     per pattern group, in :data:`PROJECTIONS` order).
     """
+    if isinstance(plan, tuple) and plan and isinstance(plan[0], energy.PlanLayer):
+        return plan
     blocks = _plan_blocks(plan)
     linears = shape.linears()
     out = []
@@ -650,8 +653,7 @@ def step_cost(acc: Accelerator, shape: ModelShape, plan, tokens: int, kv_len: in
     if _count("tokens", tokens) < 1:
         raise FlexCimError(f"tokens must be a positive integer, not {tokens!r}")
     _count("kv_len", kv_len)
-    layers = plan if (isinstance(plan, tuple) and plan
-                      and isinstance(plan[0], energy.PlanLayer)) else map_plan(plan, shape)
+    layers = map_plan(plan, shape)
     mem, cfg = acc.memory, acc.cfg
     head_entry = head_layer(shape, head)
     jobs = [(layer.name, energy.pattern_on(cfg, layer), c, k, tokens)
@@ -726,8 +728,7 @@ def runs_as(acc: Accelerator, shape: ModelShape, plan, head: NMPattern | str = "
     """The plan's patterns (the LM head's included) that ``acc``'s macros lack, each with the
     pattern it runs as instead (:func:`flexcim.golden.energy.pattern_on`): ``{"3:4": "1:1"}``.
     Empty when the macro runs the plan as written."""
-    layers = plan if (isinstance(plan, tuple) and plan
-                      and isinstance(plan[0], energy.PlanLayer)) else map_plan(plan, shape)
+    layers = map_plan(plan, shape)
     out = {}
     for layer in (*layers, head_layer(shape, head)):
         run = energy.pattern_on(acc.cfg, layer)
