@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 import torch
-from flexcim.flow.model import Block, decoder_blocks
+from flexcim.flow.model import Block, decoder_blocks, run_until
 from torch import nn
 from tqdm import tqdm
 
@@ -97,48 +97,19 @@ def collect(model: nn.Module, windows: torch.Tensor, layers: dict[str, nn.Linear
     """Input statistics of ``layers`` over forward passes of ``model`` on ``windows`` as it is
     now (for layers outside the decoder blocks, e.g. the LM head).  A pass stops once every
     layer has seen its input: the LM head's logits are never computed."""
-    reached: set[str] = set()
-
-    def stop(name):
-        def pre(_module, _inputs):  # registered after the statistics' own pre-hooks
-            reached.add(name)
-            if len(reached) == len(layers):
-                raise _Captured
-        return pre
-
     with collecting(layers, hessian=hessian) as stats:
-        handles = [layer.register_forward_pre_hook(stop(name)) for name, layer in layers.items()]
-        try:
-            for start in range(0, windows.shape[0], batch_size):
-                reached.clear()
-                with contextlib.suppress(_Captured):
-                    model(input_ids=windows[start : start + batch_size], use_cache=False)
-        finally:
-            for handle in handles:
-                handle.remove()
+        for start in range(0, windows.shape[0], batch_size):
+            run_until(model, windows[start : start + batch_size], layers.values())
     return stats
-
-
-class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass at the first block."""
 
 
 @torch.no_grad()
 def _block_inputs(model: nn.Module, first: nn.Module, windows: torch.Tensor, batch_size: int):
     """Hidden states and keyword arguments entering ``first`` for each calibration batch."""
     captured = []
-
-    def hook(_module, args, kwargs):
+    for start in range(0, windows.shape[0], batch_size):
+        (args, kwargs), = run_until(model, windows[start : start + batch_size], [first])
         captured.append((args[0] if args else kwargs.pop("hidden_states"), args[1:], kwargs))
-        raise _Captured
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            with contextlib.suppress(_Captured):
-                model(input_ids=windows[start : start + batch_size], use_cache=False)
-    finally:
-        handle.remove()
     return captured
 
 

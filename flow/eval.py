@@ -9,6 +9,7 @@ import os
 import time
 
 import torch
+from flexcim.flow.model import run_until
 from torch import nn
 from tqdm import tqdm
 
@@ -23,10 +24,6 @@ PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "opt", "gpt2
 """Model types whose logits are exactly ``lm_head(hidden)`` (no soft-capping or scaling after
 the head): :func:`nll_terms` computes their loss without materialising the logits."""
 VOCAB_CHUNK = 2048  # rows of the head per step: measured fastest of 2048-16384 on SmolLM2
-
-
-class _HeadReached(Exception):
-    pass
 
 
 def _plain_head(model: nn.Module) -> nn.Linear | None:
@@ -55,20 +52,8 @@ def nll_terms(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets,
                                            reduction="none")
-    captured = []
-
-    def stop(_module, args):
-        captured.append(args[0])
-        raise _HeadReached
-
-    handle = head.register_forward_pre_hook(stop)
-    try:
-        model(input_ids=batch, use_cache=False)
-    except _HeadReached:
-        pass
-    finally:
-        handle.remove()
-    hidden = captured[0][:, :-1].reshape(-1, captured[0].shape[-1])
+    (args, _), = run_until(model, batch, [head])  # the head's input; no logits written
+    hidden = args[0][:, :-1].reshape(-1, args[0].shape[-1])
     weight, bias = head.weight, head.bias
     picked = (hidden.float() * weight[targets].float()).sum(-1)
     if bias is not None:

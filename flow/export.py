@@ -16,7 +16,7 @@ import os
 import numpy as np
 import torch
 from flexcim.flow.act import topk_activations
-from flexcim.flow.model import decoder_blocks
+from flexcim.flow.model import decoder_blocks, run_until
 from flexcim.flow.quant import W8A8Config, quantize_input, quantize_weight
 from flexcim.golden.layer_io import SparseLayer, save_layer
 from flexcim.spec.nm import NMPattern, NMTensor, satisfies
@@ -45,24 +45,14 @@ def layer_inputs(model: nn.Module, layer: nn.Linear, windows: torch.Tensor, toke
     """The first ``tokens`` input rows ``[T, K]`` that ``layer`` sees on ``windows`` (with
     ``whole_windows``: the rows of every window those come from, a multiple of its length)."""
     rows: list[torch.Tensor] = []
-
-    class _Enough(Exception):
-        pass
-
-    def hook(_module, args):
-        rows.append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+    for window in windows:
         if sum(r.shape[0] for r in rows) >= tokens:
-            raise _Enough
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        for window in windows:
-            try:
-                model(input_ids=window[None], use_cache=False)
-            except _Enough:
-                break
-    finally:
-        handle.remove()
+            break
+        seen, = run_until(model, window[None], [layer])  # the pass stops at the layer
+        if seen is None:  # the model never calls it
+            break
+        x = seen[0][0]
+        rows.append(x.detach().reshape(-1, x.shape[-1]).float())
     if not rows:
         raise FlexCimError("no activations captured (empty calibration windows)")
     x = torch.cat(rows)

@@ -211,6 +211,38 @@ def _block_list(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
+class _Reached(Exception):
+    """Raised by :func:`run_until`'s hook to stop the forward pass."""
+
+
+@torch.no_grad()
+def run_until(model: nn.Module, input_ids: torch.Tensor, modules) -> list[tuple | None]:
+    """Run ``model(input_ids=..., use_cache=False)`` only until each of ``modules`` has been
+    called, and return the ``(args, kwargs)`` each was first called with (``None`` for one the
+    pass never called; then the pass runs to its end).  Forward pre-hooks registered on a
+    module before this call still run first (e.g. :func:`flexcim.flow.calib.collecting`'s)."""
+    modules = list(modules)
+    seen: dict[int, tuple] = {}
+
+    def hook(i):
+        def pre(_module, args, kwargs):
+            seen.setdefault(i, (args, dict(kwargs)))
+            if len(seen) == len(modules):
+                raise _Reached
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, m in enumerate(modules)]
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except _Reached:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [seen.get(i) for i in range(len(modules))]
+
+
 def decoder_blocks(model: nn.Module) -> list[Block]:
     """The decoder blocks of ``model`` with their ``nn.Linear`` sublayers.
 
