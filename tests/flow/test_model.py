@@ -67,3 +67,33 @@ def test_hf_directory_round_trip(tiny, tmp_path):
     assert len(fm.decoder_blocks(loaded.model)) == 4
     for name, layer in fm.linear_layers(loaded.model).items():
         assert (layer.weight == fm.linear_layers(tiny)[name].weight).all()
+
+
+def test_run_until_stops_once_every_module_is_reached(tiny_windows):
+    import torch
+
+    model = fm.tiny_llama(0)
+    fm.untie_lm_head(model)
+    blocks = fm.decoder_blocks(model)
+    calls = []
+    after = model.lm_head.register_forward_hook(lambda *_: calls.append("head"))
+    late = blocks[-1].module.register_forward_hook(lambda *_: calls.append("last block"))
+    try:
+        # given out of call order: the pass stops at the later one, each gets its own input
+        head, second = fm.run_until(model, tiny_windows, [model.lm_head, blocks[1].module])
+        assert calls == ["last block"]  # the head never ran
+        calls.clear()
+        first, = fm.run_until(model, tiny_windows, [blocks[1].module])
+        assert calls == []  # stopped before the last block
+    finally:
+        after.remove()
+        late.remove()
+    with torch.no_grad():
+        out = model.model(input_ids=tiny_windows, use_cache=False, output_hidden_states=True)
+    torch.testing.assert_close(head[0][0], out.last_hidden_state)
+    torch.testing.assert_close(second[0][0], out.hidden_states[1])
+    torch.testing.assert_close(first[0][0], out.hidden_states[1])
+    assert not model.lm_head._forward_pre_hooks and not blocks[1].module._forward_pre_hooks
+    # a module the pass never calls: None, and the pass runs to its end
+    stray = nn.Linear(2, 2)
+    assert fm.run_until(model, tiny_windows[:1], [stray]) == [None]
