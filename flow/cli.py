@@ -224,6 +224,9 @@ def _act_eval(args: argparse.Namespace) -> int:
         raise FlexCimError(f"--budget must be a positive fraction, not {args.budget!r}")
     plan = Plan.load(args.plan) if args.plan else None
     _check_count(args.eval_windows, "--eval-windows", minimum=1)
+    if args.prefill_tokens is not None and not 1 <= args.prefill_tokens < args.seq_len:
+        raise FlexCimError(f"--prefill-tokens must be in 1..{args.seq_len - 1} for windows of "
+                           f"--seq-len {args.seq_len}, not {args.prefill_tokens}")
     if not 0 <= args.skip_budget < 1:
         raise FlexCimError(f"--skip-budget must be a fraction in [0, 1), not {args.skip_budget!r}")
     quant = _quant(args)
@@ -234,6 +237,7 @@ def _act_eval(args: argparse.Namespace) -> int:
     quant = _fit_quant(quant, args, session)
     record = {"model": session.lm.name, "pattern": args.pattern, "score": args.score,
               "eval_windows": args.eval_windows, "seq_len": args.seq_len,
+              "prefill_tokens": args.prefill_tokens,
               **_arith_record(session, args, quant)}
     calib = None
     metric = (args.metric or plan.settings.get("metric", "wanda")) if plan is not None else None
@@ -257,7 +261,7 @@ def _act_eval_in(args, session, record, calib, config, projections, auto) -> int
     if auto:
         # chosen on the calibration text, disjoint from the evaluation windows reported below
         study = act.choose_projections(
-            session.model, lambda: _perplexity(session.model, calib),
+            session.model, lambda: _perplexity(session.model, calib, args.prefill_tokens),
             pattern=args.pattern, score=args.score, budget=args.budget)
         projections = study["projections"]
         if not projections:
@@ -274,14 +278,17 @@ def _act_eval_in(args, session, record, calib, config, projections, auto) -> int
                                    projections=projections, skip=skip)
         record.update(skip_budget=args.skip_budget, skipped=list(skip))
     evaluate = lambda: pipeline.evaluate(session, count=args.eval_windows,  # noqa: E731
-                                         seq_len=args.seq_len, text=args.eval_text)
+                                         seq_len=args.seq_len, text=args.eval_text,
+                                         prefill=args.prefill_tokens)
     record["perplexity_dense_act"] = evaluate()
     with act.activation_pruning(session.model, act_config) as names:
         record["pruned_projections"] = len(names)
         record["perplexity_pruned_act"] = evaluate()
     record["relative_increase"] = (record["perplexity_pruned_act"]
                                    / record["perplexity_dense_act"] - 1)
-    print(f"perplexity ({record['arith']}) without activation pruning "
+    scored = ("" if args.prefill_tokens is None else
+              f" of the tokens after a {args.prefill_tokens}-token prefill, decoded densely")
+    print(f"perplexity ({record['arith']}){scored} without activation pruning "
           f"{record['perplexity_dense_act']:.3f}, with "
           f"{args.pattern} ({args.score}) on {record['pruned_projections']} projections "
           f"{record['perplexity_pruned_act']:.3f} ({record['relative_increase']:+.1%})")
@@ -290,10 +297,10 @@ def _act_eval_in(args, session, record, calib, config, projections, auto) -> int
     return 0
 
 
-def _perplexity(model, windows) -> float:
+def _perplexity(model, windows, prefill: int | None = None) -> float:
     from flexcim.flow.eval import perplexity
 
-    return perplexity(model, windows, progress=False)
+    return perplexity(model, windows, progress=False, prefill=prefill)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -491,6 +498,11 @@ def register(sub) -> None:
     p.add_argument("--metric", choices=METRICS, help="with --plan (default: the plan's)")
     p.add_argument("--eval-windows", type=int, default=16, metavar="N",
                    help="held-out windows (default 16)")
+    p.add_argument("--prefill-tokens", type=int, metavar="P",
+                   help="score only each window's tokens after a prompt of its first P, the "
+                        "prompt as one (pruned) prefill call and the rest as dense one-token "
+                        "decode steps on its KV cache, as a served model runs them (default: "
+                        "every token of the window in one call, all pruned)")
     _arith_options(p)
     p.add_argument("-o", "--output", metavar="RESULT.json")
     p.set_defaults(func=_checked(_act_eval))

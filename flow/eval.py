@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -67,6 +68,37 @@ def nll_terms(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return lse - picked
 
 
+@torch.no_grad()
+def continuation_nll(model: nn.Module, batch: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Negative log-likelihood of tokens ``prefill .. L-1`` of ``batch [B, L]`` as a served
+    model computes them after a prompt of the first ``prefill`` tokens: float32
+    ``[B, L - prefill]``.
+
+    One prefill call over the prompt (its last position predicts token ``prefill``, the first
+    generated token), then one decode call of a single token per later position on the prefill's
+    KV cache.  A decode step is a call of length 1, which :mod:`flexcim.flow.act` keeps dense
+    (as Amber Pruner does): under activation pruning only the prompt is pruned, and the score
+    is what that costs the tokens generated after it.
+    """
+    length = batch.shape[1]
+    if not 1 <= prefill < length:
+        raise FlexCimError(f"prefill tokens must be in 1..{length - 1} for windows of {length} "
+                           f"tokens, not {prefill}")
+    params = inspect.signature(model.forward).parameters
+    key = "cache" if "cache" in params else "past_key_values"  # transformers 5.x renamed it
+    last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    out = model(input_ids=batch[:, :prefill], use_cache=True, **last)
+    logits = [out.logits[:, -1].float()]
+    for pos in range(prefill, length - 1):
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        out = model(input_ids=batch[:, pos : pos + 1], use_cache=True, **{key: cache})
+        logits.append(out.logits[:, -1].float())
+    logits = torch.stack(logits, 1)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                       batch[:, prefill:].reshape(-1),
+                                       reduction="none").view(batch.shape[0], -1)
+
+
 def nll_sum(model: nn.Module, batch: torch.Tensor) -> float:
     """Summed next-token negative log-likelihood of ``batch [B, L]`` (``B * (L - 1)`` tokens;
     :func:`nll_terms`)."""
@@ -75,11 +107,15 @@ def nll_sum(model: nn.Module, batch: torch.Tensor) -> float:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
-               progress: bool = True, desc: str = "perplexity") -> float:
+               progress: bool = True, desc: str = "perplexity",
+               prefill: int | None = None) -> float:
     """``exp`` of the mean next-token negative log-likelihood over every window.
 
     Each window ``[L]`` contributes its ``L - 1`` predictions (no context crosses windows), so
-    the figure does not depend on ``batch_size``.
+    the figure does not depend on ``batch_size``.  With ``prefill`` it contributes only the
+    ``L - prefill`` predictions after a prompt of its first ``prefill`` tokens, computed as
+    a served model computes them (:func:`continuation_nll`: a prefill call, then one-token
+    decode steps on its KV cache).
 
     Parameters
     ----------
@@ -93,8 +129,12 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress,
                       leave=False, unit="batch"):
         batch = windows[start : start + batch_size]
-        total += nll_sum(model, batch)
-        count += batch[:, 1:].numel()
+        if prefill is None:
+            total += nll_sum(model, batch)
+            count += batch[:, 1:].numel()
+        else:
+            total += float(continuation_nll(model, batch, prefill).sum())
+            count += batch[:, prefill:].numel()
     return math.exp(total / count)
 
 

@@ -91,10 +91,11 @@ def calibration_windows(session: Session, *, count: int = CALIB_WINDOWS, seq_len
 
 def evaluate(session: Session, *, text: str = "held-out", count: int = 16, seq_len: int = 128,
              seed: int = 0, progress: bool = True, quant=None,
-             calib: torch.Tensor | None = None) -> float:
+             calib: torch.Tensor | None = None, prefill: int | None = None) -> float:
     """Perplexity of the session's model on ``count`` seeded windows of an evaluation text;
     in W8A8 with ``quant`` (:class:`flexcim.flow.quant.W8A8Config`; ``calib``: the windows its
-    smoothing is measured on), else in float."""
+    smoothing is measured on), else in float.  With ``prefill``: of each window's tokens after
+    a prompt of its first ``prefill`` (:func:`flexcim.flow.eval.continuation_nll`)."""
     from flexcim.flow.quant import arithmetic
 
     if text not in session.corpus.evaluation:
@@ -103,7 +104,8 @@ def evaluate(session: Session, *, text: str = "held-out", count: int = 16, seq_l
     windows = token_windows(session.lm.tokenizer, session.corpus.evaluation[text],
                             seq_len=seq_len, count=count, seed=seed)
     with arithmetic(session.model, quant, calib):
-        return perplexity(session.model, windows, progress=progress, desc=f"perplexity {text}")
+        return perplexity(session.model, windows, progress=progress, desc=f"perplexity {text}",
+                          prefill=prefill)
 
 
 def layer_scores(model: nn.Module, stats: dict[str, calib.LayerStats] | None, metric: str

@@ -1,3 +1,4 @@
+import inspect
 import math
 
 import pytest
@@ -72,3 +73,62 @@ def test_other_heads_use_the_model_logits(tiny, tiny_windows, monkeypatch):
     tiny.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
     assert fe.nll_sum(tiny, tiny_windows) == pytest.approx(expected, rel=1e-6)
     assert calls == [1]  # the head ran in full
+
+
+def _loop_nll(model, row, first: int) -> list[float]:
+    """The reference: every prediction of tokens ``first .. L-1`` from one full-window call."""
+    logp = torch.log_softmax(model(input_ids=row[None]).logits[0].double(), dim=-1)
+    return [-float(logp[t - 1, row[t]]) for t in range(first, len(row))]
+
+
+@pytest.mark.parametrize("prefill", [1, 6, 15])
+def test_continuation_of_a_dense_model_is_the_full_window_loss(tiny, tiny_windows, prefill):
+    with torch.no_grad():
+        nll = [v for row in tiny_windows for v in _loop_nll(tiny, row, prefill)]
+    expected = math.exp(sum(nll) / len(nll))
+    for batch_size in (1, 4):
+        got = perplexity(tiny, tiny_windows, batch_size=batch_size, progress=False,
+                         prefill=prefill)
+        assert got == pytest.approx(expected, rel=1e-5)
+    # a different set of tokens than the whole window's (the first prediction dropped)
+    whole = perplexity(tiny, tiny_windows, progress=False)
+    assert prefill == 1 or abs(got / whole - 1) > 1e-4
+
+
+def test_continuation_prunes_the_prompt_and_decodes_densely(tiny, tiny_windows):
+    from flexcim.flow.act import PROJECTIONS, ActConfig, activation_pruning
+
+    prefill, ids = 6, tiny_windows
+    config = ActConfig(pattern="1:4", projections=PROJECTIONS)
+
+    key = "cache" if "cache" in inspect.signature(tiny.forward).parameters else "past_key_values"
+
+    def reference(decode_pruned: bool) -> float:
+        """Prefill pruned; the continuation as one teacher-forced call on its cache, pruned or
+        dense (a path of its own: one batched call, the loss by hand)."""
+        with torch.no_grad():
+            with activation_pruning(tiny, config):
+                out = tiny(input_ids=ids[:, :prefill], use_cache=True)
+                cache = out["cache"] if "cache" in out else out["past_key_values"]
+                if decode_pruned:
+                    rest = tiny(input_ids=ids[:, prefill:-1], **{key: cache}).logits
+            if not decode_pruned:
+                rest = tiny(input_ids=ids[:, prefill:-1], **{key: cache}).logits
+        logits = torch.cat([out.logits[:, -1:], rest], 1).double()
+        nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, prefill:, None]).mean()
+        return math.exp(float(nll))
+
+    expected = reference(decode_pruned=False)
+    with activation_pruning(tiny, config):
+        got = perplexity(tiny, ids, progress=False, prefill=prefill)
+    assert got == pytest.approx(expected, rel=1e-5)
+    dense = perplexity(tiny, ids, progress=False, prefill=prefill)
+    assert abs(got / dense - 1) > 1e-3  # the prompt was pruned
+    assert abs(got / reference(decode_pruned=True) - 1) > 1e-3  # the decode steps were not
+
+
+@pytest.mark.parametrize("prefill", [0, 16, -1])
+def test_bad_prefill(tiny, tiny_windows, prefill):
+    with pytest.raises(FlexCimError, match=f"prefill tokens must be in 1..15 for windows of 16 "
+                                           f"tokens, not {prefill}"):
+        perplexity(tiny, tiny_windows, progress=False, prefill=prefill)

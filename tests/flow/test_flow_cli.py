@@ -245,6 +245,27 @@ def test_act_eval_reports_both_perplexities(workspace, capsys, tmp_path):
         r["perplexity_pruned_act"] / r["perplexity_dense_act"] - 1)
 
 
+def test_act_eval_scores_the_tokens_after_a_prefill(workspace, capsys, tmp_path):
+    d, out = workspace, tmp_path / "act.json"
+    runs = {}
+    for prefill in (None, 16):
+        extra = [] if prefill is None else ["--prefill-tokens", str(prefill)]
+        code, err = _run(capsys, "flow", "act-eval", *_common(d), "--pattern", "2:4",
+                         "--projections", "q,k,v,o,gate,up,down", "--eval-windows", "2", *extra,
+                         "-o", str(out))
+        assert code == 0, err
+        runs[prefill] = json.loads(out.read_text())
+        assert runs[prefill]["prefill_tokens"] == prefill
+    # other tokens scored, and only the prompt pruned: both perplexities move
+    assert runs[16]["perplexity_dense_act"] != runs[None]["perplexity_dense_act"]
+    assert runs[16]["perplexity_pruned_act"] != runs[None]["perplexity_pruned_act"]
+    assert runs[16]["perplexity_pruned_act"] != runs[16]["perplexity_dense_act"]
+    for bad in ("0", "32"):
+        code, err = _run(capsys, "flow", "act-eval", *_common(d), "--prefill-tokens", bad)
+        assert code == 2 and (f"--prefill-tokens must be in 1..31 for windows of --seq-len 32, "
+                              f"not {bad}") in err
+
+
 def test_act_eval_default_and_auto_projections(workspace, capsys, tmp_path):
     d, out = workspace, tmp_path / "act.json"
     code, err = _run(capsys, "flow", "act-eval", *_common(d), "--eval-windows", "2", "-o",
