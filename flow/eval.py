@@ -10,7 +10,7 @@ import os
 import time
 
 import torch
-from flexcim.flow.model import run_until
+from flexcim.flow.model import next_call_cache, run_until
 from torch import nn
 from tqdm import tqdm
 
@@ -84,14 +84,13 @@ def continuation_nll(model: nn.Module, batch: torch.Tensor, prefill: int) -> tor
     if not 1 <= prefill < length:
         raise FlexCimError(f"prefill tokens must be in 1..{length - 1} for windows of {length} "
                            f"tokens, not {prefill}")
-    params = inspect.signature(model.forward).parameters
-    key = "cache" if "cache" in params else "past_key_values"  # transformers 5.x renamed it
-    last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    last = ({"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters
+            else {})
     out = model(input_ids=batch[:, :prefill], use_cache=True, **last)
     logits = [out.logits[:, -1].float()]
     for pos in range(prefill, length - 1):
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
-        out = model(input_ids=batch[:, pos : pos + 1], use_cache=True, **{key: cache})
+        out = model(input_ids=batch[:, pos : pos + 1], use_cache=True,
+                    **next_call_cache(model, out))
         logits.append(out.logits[:, -1].float())
     logits = torch.stack(logits, 1)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),

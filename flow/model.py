@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -265,6 +266,14 @@ def decoder_blocks(model: nn.Module) -> list[Block]:
             )
         blocks.append(Block(index=i, name=name, module=block, linears=linears))
     return blocks
+
+
+def next_call_cache(model: nn.Module, out) -> dict:
+    """Keyword arguments that hand ``out``'s KV cache (a ``use_cache=True`` call's output) to
+    the next call of ``model``: ``cache=`` since transformers 5.x renamed ``past_key_values``."""
+    if "cache" in inspect.signature(model.forward).parameters:
+        return {"cache": out["cache"] if "cache" in out else out["past_key_values"]}
+    return {"past_key_values": out["past_key_values"]}
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 from flexcim.flow import act
-from flexcim.flow.model import linear_layers, tiny_llama
+from flexcim.flow.model import linear_layers, next_call_cache, tiny_llama
 from flexcim.golden.prune import act_topk
 from flexcim.spec.nm import NMPattern
 
@@ -39,7 +39,7 @@ def _prefill_then_decode(model, layer, config, ids):
         # registered after the pruning hook, so it sees what the layer multiplies
         probe = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
         out = model(input_ids=ids, use_cache=True)
-        model(input_ids=ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+        model(input_ids=ids[:, :1], use_cache=True, **next_call_cache(model, out))
         probe.remove()
     prefill, decode = seen
     return names, prefill, decode

@@ -1,10 +1,10 @@
-import inspect
 import math
 
 import pytest
 import torch
 from flexcim.flow import eval as fe
 from flexcim.flow.eval import perplexity
+from flexcim.flow.model import next_call_cache
 from torch import nn
 
 from flexcim.errors import FlexCimError
@@ -101,19 +101,17 @@ def test_continuation_prunes_the_prompt_and_decodes_densely(tiny, tiny_windows):
     prefill, ids = 6, tiny_windows
     config = ActConfig(pattern="1:4", projections=PROJECTIONS)
 
-    key = "cache" if "cache" in inspect.signature(tiny.forward).parameters else "past_key_values"
-
     def reference(decode_pruned: bool) -> float:
         """Prefill pruned; the continuation as one teacher-forced call on its cache, pruned or
         dense (a path of its own: one batched call, the loss by hand)."""
         with torch.no_grad():
             with activation_pruning(tiny, config):
                 out = tiny(input_ids=ids[:, :prefill], use_cache=True)
-                cache = out["cache"] if "cache" in out else out["past_key_values"]
+                cache = next_call_cache(tiny, out)
                 if decode_pruned:
-                    rest = tiny(input_ids=ids[:, prefill:-1], **{key: cache}).logits
+                    rest = tiny(input_ids=ids[:, prefill:-1], **cache).logits
             if not decode_pruned:
-                rest = tiny(input_ids=ids[:, prefill:-1], **{key: cache}).logits
+                rest = tiny(input_ids=ids[:, prefill:-1], **cache).logits
         logits = torch.cat([out.logits[:, -1:], rest], 1).double()
         nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, prefill:, None]).mean()
         return math.exp(float(nll))
