@@ -75,10 +75,13 @@ def continuation_nll(model: nn.Module, batch: torch.Tensor, prefill: int) -> tor
     ``[B, L - prefill]``.
 
     One prefill call over the prompt (its last position predicts token ``prefill``, the first
-    generated token), then one decode call of a single token per later position on the prefill's
-    KV cache.  A decode step is a call of length 1, which :mod:`flexcim.flow.act` keeps dense
-    (as Amber Pruner does): under activation pruning only the prompt is pruned, and the score
-    is what that costs the tokens generated after it.
+    generated token), then one decode call of the later tokens on its KV cache, teacher-forced:
+    attention is causal, so it gives the logits of one-token decode steps (tests/flow/
+    test_eval.py checks it against such a loop) at the cost of one call.  A call on a non-empty
+    cache is a decode call (:func:`flexcim.flow.model.continues_cache`), which
+    :mod:`flexcim.flow.act` keeps dense (as Amber Pruner does) and :mod:`flexcim.flow.quant`
+    scales per token: under activation pruning only the prompt is pruned, and the score is what
+    that costs the tokens generated after it.
     """
     length = batch.shape[1]
     if not 1 <= prefill < length:
@@ -87,12 +90,10 @@ def continuation_nll(model: nn.Module, batch: torch.Tensor, prefill: int) -> tor
     last = ({"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters
             else {})
     out = model(input_ids=batch[:, :prefill], use_cache=True, **last)
-    logits = [out.logits[:, -1].float()]
-    for pos in range(prefill, length - 1):
-        out = model(input_ids=batch[:, pos : pos + 1], use_cache=True,
-                    **next_call_cache(model, out))
-        logits.append(out.logits[:, -1].float())
-    logits = torch.stack(logits, 1)
+    logits = out.logits[:, -1:].float()
+    if prefill < length - 1:
+        rest = model(input_ids=batch[:, prefill:-1], use_cache=True, **next_call_cache(model, out))
+        logits = torch.cat([logits, rest.logits.float()], 1)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                        batch[:, prefill:].reshape(-1),
                                        reduction="none").view(batch.shape[0], -1)
@@ -113,8 +114,8 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 4,
     Each window ``[L]`` contributes its ``L - 1`` predictions (no context crosses windows), so
     the figure does not depend on ``batch_size``.  With ``prefill`` it contributes only the
     ``L - prefill`` predictions after a prompt of its first ``prefill`` tokens, computed as
-    a served model computes them (:func:`continuation_nll`: a prefill call, then one-token
-    decode steps on its KV cache).
+    a served model computes them (:func:`continuation_nll`: a prefill call, then the decode of
+    the later tokens on its KV cache).
 
     Parameters
     ----------

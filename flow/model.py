@@ -276,6 +276,16 @@ def next_call_cache(model: nn.Module, out) -> dict:
     return {"past_key_values": out["past_key_values"]}
 
 
+def continues_cache(kwargs: dict) -> bool:
+    """True when a model call (its keyword arguments) continues a non-empty KV cache: a decode
+    call, whether one token per step as a server runs it or all of a window's later tokens at
+    once as :func:`flexcim.flow.eval.continuation_nll` scores them teacher-forced (the same
+    logits: attention is causal).  The call that fills an empty cache is the prefill."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    length = getattr(cache, "get_seq_length", None)
+    return length is not None and int(length()) > 0
+
+
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """All prunable projections (those inside decoder blocks), by module path."""
     return {name: m for block in decoder_blocks(model) for name, m in block.linears.items()}

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from flexcim.flow.model import linear_layers
+from flexcim.flow.model import continues_cache, linear_layers
 from flexcim.golden import quant as gq
 from flexcim.golden.matmul import check_acc_bits, wrap
 from torch import nn
@@ -80,7 +80,8 @@ class W8A8Config:
     Members
     -------
     act_granularity : ``token`` | ``tensor``
-        One activation scale per token, or per tensor (per sequence).
+        One activation scale per token, or per tensor (per sequence; in a decode call, i.e.
+        one on a non-empty KV cache, per token: served, each token is a step of its own).
     acc_bits : int
         The macro's accumulator width (``HwConfig.acc_bits``; 32 on the ``default`` preset).
     smooth : float or None
@@ -253,19 +254,33 @@ def w8a8(model: nn.Module, config: W8A8Config, *, capture: str | None = None,
         raise FlexCimError(f"W8A8 with smoothing (alpha {config.smooth}) needs calibration "
                            "windows (calib=)")
     record = None if capture is None else Capture(capture)
-    with smoothing(model, calib, config.smooth):
-        with _replaced(layers, config, record, capture):
-            yield record
+    call: dict = {}
+
+    def model_starts(_module, _args, kwargs):
+        call["decode"] = continues_cache(kwargs)
+
+    handles = [model.register_forward_pre_hook(model_starts, with_kwargs=True),
+               model.register_forward_hook(lambda *_: call.clear())]
+    try:
+        with smoothing(model, calib, config.smooth):
+            with _replaced(layers, config, record, capture, call):
+                yield record
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager
 def _replaced(layers: dict[str, nn.Linear], config: W8A8Config, record: Capture | None,
-              capture: str | None) -> Iterator[None]:
-    """Every projection's forward replaced by its W8A8 product (:func:`w8a8`'s body)."""
+              capture: str | None, call: dict) -> Iterator[None]:
+    """Every projection's forward replaced by its W8A8 product (:func:`w8a8`'s body); in a
+    decode call (``call["decode"]``) with a scale per token whatever the granularity."""
+    per_token = dataclasses.replace(config, act_granularity="token")
 
     def factory(name: str, module: nn.Linear, qw: torch.Tensor, scale_w: torch.Tensor):
         def forward(x):
-            y, qx, scale_x, acc = w8a8_parts(x, qw, scale_w, module.bias, config)
+            y, qx, scale_x, acc = w8a8_parts(x, qw, scale_w, module.bias,
+                                             per_token if call.get("decode") else config)
             if record is not None and name == capture:
                 record.inputs.append(x.detach().reshape(-1, x.shape[-1]).clone())
                 record.act.append(qx.reshape(-1, qx.shape[-1]))

@@ -95,34 +95,65 @@ def test_continuation_of_a_dense_model_is_the_full_window_loss(tiny, tiny_window
     assert prefill == 1 or abs(got / whole - 1) > 1e-4
 
 
+def _stepwise_ppl(model, ids, prefill: int) -> float:
+    """The reference: the prompt in one call, then every later token as a one-token decode step
+    on the KV cache (as a server runs them), the loss by hand."""
+    with torch.no_grad():
+        out = model(input_ids=ids[:, :prefill], use_cache=True)
+        logits = [out.logits[:, -1]]
+        for pos in range(prefill, ids.shape[1] - 1):
+            out = model(input_ids=ids[:, pos : pos + 1], use_cache=True,
+                        **next_call_cache(model, out))
+            logits.append(out.logits[:, -1])
+    logits = torch.stack(logits, 1).double()
+    nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, prefill:, None]).mean()
+    return math.exp(float(nll))
+
+
 def test_continuation_prunes_the_prompt_and_decodes_densely(tiny, tiny_windows):
     from flexcim.flow.act import PROJECTIONS, ActConfig, activation_pruning
 
     prefill, ids = 6, tiny_windows
     config = ActConfig(pattern="1:4", projections=PROJECTIONS)
-
-    def reference(decode_pruned: bool) -> float:
-        """Prefill pruned; the continuation as one teacher-forced call on its cache, pruned or
-        dense (a path of its own: one batched call, the loss by hand)."""
-        with torch.no_grad():
-            with activation_pruning(tiny, config):
-                out = tiny(input_ids=ids[:, :prefill], use_cache=True)
-                cache = next_call_cache(tiny, out)
-                if decode_pruned:
-                    rest = tiny(input_ids=ids[:, prefill:-1], **cache).logits
-            if not decode_pruned:
-                rest = tiny(input_ids=ids[:, prefill:-1], **cache).logits
-        logits = torch.cat([out.logits[:, -1:], rest], 1).double()
-        nll = -torch.log_softmax(logits, -1).gather(-1, ids[:, prefill:, None]).mean()
-        return math.exp(float(nll))
-
-    expected = reference(decode_pruned=False)
     with activation_pruning(tiny, config):
-        got = perplexity(tiny, ids, progress=False, prefill=prefill)
-    assert got == pytest.approx(expected, rel=1e-5)
+        expected = _stepwise_ppl(tiny, ids, prefill)
+        for batch_size in (1, 4):
+            got = perplexity(tiny, ids, batch_size=batch_size, progress=False, prefill=prefill)
+            assert got == pytest.approx(expected, rel=1e-5)
+        # every token pruned (one full-window call), scored on the same tokens: not what ran
+        with torch.no_grad():
+            every = [v for row in ids for v in _loop_nll(tiny, row, prefill)]
     dense = perplexity(tiny, ids, progress=False, prefill=prefill)
     assert abs(got / dense - 1) > 1e-3  # the prompt was pruned
-    assert abs(got / reference(decode_pruned=True) - 1) > 1e-3  # the decode steps were not
+    assert abs(got / math.exp(sum(every) / len(every)) - 1) > 1e-3  # the decode was not
+
+
+@pytest.mark.parametrize("granularity", ["token", "tensor"])
+def test_continuation_in_w8a8_equals_one_token_steps(tiny, tiny_windows, monkeypatch,
+                                                     granularity):
+    """The teacher-forced decode call quantizes as the one-token steps do: a scale per token
+    (with ``tensor`` granularity too: one token is the whole tensor of a served step)."""
+    from flexcim.flow import quant
+    from flexcim.flow.act import PROJECTIONS, ActConfig, activation_pruning
+
+    prefill, ids = 5, tiny_windows
+    config = quant.W8A8Config(act_granularity=granularity)
+
+    pruning = ActConfig("1:4", projections=PROJECTIONS)
+
+    def run() -> tuple[float, float]:
+        with quant.w8a8(tiny, config), activation_pruning(tiny, pruning):
+            return (_stepwise_ppl(tiny, ids, prefill),
+                    perplexity(tiny, ids, progress=False, prefill=prefill))
+
+    expected, got = run()
+    assert got == pytest.approx(expected, rel=2e-6)  # measured 1-2e-7: float rounding
+    assert abs(got / perplexity(tiny, ids, progress=False, prefill=prefill) - 1) > 1e-3
+    if granularity == "tensor":  # without the decode rule: scales over the call's tokens
+        monkeypatch.setattr(quant, "continues_cache", lambda kwargs: False)
+        stepwise, batched = run()
+        assert stepwise == pytest.approx(expected, rel=1e-6)  # one token: the same scales
+        assert abs(batched / expected - 1) > 2e-5  # measured 7e-5
 
 
 @pytest.mark.parametrize("prefill", [0, 16, -1])
