@@ -3,7 +3,10 @@
 Training-free: before a selected projection runs, its input activations ``x [.., K]`` keep the
 ``n`` best-scored entries of every group of ``m`` consecutive input channels (the reduction
 dimension, as the FlexCiM macro groups them), the rest are zeroed.  Only prefill is pruned: a
-model call with one token per sequence (a decode step with the KV cache) stays dense.
+decode call stays dense, i.e. a model call with one token per sequence or one that continues a
+non-empty KV cache (:func:`flexcim.flow.model.continues_cache`: a server's one-token steps, or
+a window's later tokens scored teacher-forced in one call by
+:func:`flexcim.flow.eval.continuation_nll`).
 
 Scores:
 
@@ -25,7 +28,7 @@ import re
 from collections.abc import Callable, Iterator
 
 import torch
-from flexcim.flow.model import linear_layers
+from flexcim.flow.model import continues_cache, decoder_blocks, linear_layers
 from flexcim.flow.prune import nm_mask
 from flexcim.spec.nm import NMPattern
 from torch import nn
@@ -41,6 +44,13 @@ DEFAULT_PROJECTIONS = ("q", "down")
 budget on the validation text (34.4 % of the linear MACs; docs/flow.md).  gate and up cost
 +22 % and +34 % alone on that model, v and o are worse than q and k per MAC."""
 
+PREFILL_PROJECTIONS = ("q", "gate", "down", "k@0-9", "k@20-29", "v@20-29", "o@0-9", "o@20-29",
+                       "up@20-29")
+"""Pruned when only the prompt is (Amber Pruner's deployment; ``--prefill-tokens``): what
+``flexcim flow act-eval --projections auto --prefill-tokens 64`` chose at 8:16 on SmolLM2
+(:func:`choose_projections` in float on the calibration text: a 5 % budget less a 50 % margin,
+kinds then thirds of the blocks): 77.1 % of the linear MACs, +4.7 % W8A8 on the test text and
+on *Persuasion* (docs/flow.md)."""
 
 ALIASES = {"out_proj": "o", "fc1": "up", "fc2": "down"}
 """OPT-style projection names and their Llama-style kinds (``fc1``/``fc2``: the MLP's input and
@@ -72,8 +82,9 @@ class ActConfig:
         ``n:m`` kept along the input channels (``8:16`` by default).
     score : ``abs`` | ``weight``
     projections : tuple of str
-        Projection kinds to prune (subset of :data:`PROJECTIONS`; default
-        :data:`DEFAULT_PROJECTIONS`).
+        What to prune: projection kinds (some of :data:`PROJECTIONS`; default
+        :data:`DEFAULT_PROJECTIONS`), each for every decoder block, or ``kind@a-b`` for blocks
+        ``a`` to ``b`` only (0-based, inclusive; e.g. ``gate@20-29``).
     skip : tuple of str
         Full module paths kept dense anyway (e.g. from :func:`skip_most_sensitive`).
     """
@@ -87,21 +98,69 @@ class ActConfig:
         NMPattern.parse(self.pattern)
         if self.score not in SCORES:
             raise FlexCimError(f"activation score must be one of {SCORES}, not {self.score!r}")
-        unknown = sorted(set(self.projections) - set(PROJECTIONS))
-        if unknown:
-            raise FlexCimError(f"unknown projection kind {unknown[0]!r}; expected some of "
-                               f"{', '.join(PROJECTIONS)}")
+        for entry in self.projections:
+            parse_entry(entry)
 
     def targets(self, model: nn.Module) -> dict[str, nn.Linear]:
         """The projections of ``model`` this config prunes (M must divide their input width)."""
         pattern = NMPattern.parse(self.pattern)
-        chosen = {n: m for n, m in linear_layers(model).items()
-                  if projection_kind(n) in self.projections and n not in self.skip}
+        blocks = decoder_blocks(model)
+        ranges: dict[str, list[range]] = {}
+        for entry in self.projections:
+            kind, span = parse_entry(entry)
+            if span is not None and span.stop > len(blocks):
+                raise FlexCimError(f"projections {entry!r}: the model has {len(blocks)} decoder "
+                                   f"blocks (0-{len(blocks) - 1})")
+            ranges.setdefault(kind, []).append(range(len(blocks)) if span is None else span)
+        chosen = {n: m for block in blocks for n, m in block.linears.items()
+                  if any(block.index in r for r in ranges.get(projection_kind(n), ()))
+                  and n not in self.skip}
         for name, layer in chosen.items():
             if layer.in_features % pattern.m:
                 raise FlexCimError(f"activation pattern {pattern}: M={pattern.m} does not "
                                    f"divide the input width {layer.in_features} of {name}")
         return chosen
+
+
+def parse_entry(entry: str) -> tuple[str, range | None]:
+    """``(kind, blocks)`` of an :class:`ActConfig` projection entry: ``gate`` -> every block
+    (None), ``gate@20-29`` -> ``range(20, 30)``."""
+    kind, _, blocks = entry.partition("@")
+    if kind not in PROJECTIONS:
+        raise FlexCimError(f"unknown projection kind {kind!r} in {entry!r}; expected some of "
+                           f"{', '.join(PROJECTIONS)}, each optionally @FIRST-LAST blocks")
+    if not blocks:
+        return kind, None
+    match = re.fullmatch(r"(\d+)-(\d+)", blocks)
+    if match is None or int(match[1]) > int(match[2]):
+        raise FlexCimError(f"projection entry {entry!r}: expected {kind}@FIRST-LAST with "
+                           "0 <= FIRST <= LAST block indices (e.g. gate@20-29)")
+    return kind, range(int(match[1]), int(match[2]) + 1)
+
+
+def ordered(entries, blocks: int | None = None) -> tuple[str, ...]:
+    """Projection entries in a canonical order: whole kinds as in :data:`PROJECTIONS`, then
+    block ranges by kind and first block; with ``blocks`` (the model's count), a kind whose
+    ranges cover every block is written as the kind alone."""
+    def key(entry):
+        kind, span = parse_entry(entry)
+        return (span is not None, PROJECTIONS.index(kind), span.start if span else 0)
+
+    entries = tuple(entries)
+    if blocks is not None:
+        covered: dict[str, set[int]] = {}
+        for entry in entries:
+            kind, span = parse_entry(entry)
+            covered.setdefault(kind, set()).update(range(blocks) if span is None else span)
+        whole = {k for k, c in covered.items() if c >= set(range(blocks))}
+        entries = (*whole, *(e for e in entries if parse_entry(e)[0] not in whole))
+    return tuple(sorted(entries, key=key))
+
+
+def block_groups(count: int, groups: int) -> list[range]:
+    """``count`` decoder blocks split into ``groups`` contiguous ranges of near-equal size."""
+    edges = [round(i * count / groups) for i in range(groups + 1)]
+    return [range(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
 
 
 def _sequence_length(args, kwargs) -> int | None:
@@ -116,13 +175,14 @@ def _sequence_length(args, kwargs) -> int | None:
 def _pre_hook(pattern: NMPattern, column_norm: torch.Tensor | None, call: dict):
     def hook(_module, args):
         x = args[0]
-        # A decode step (one new token per sequence) stays dense, as in Amber Pruner.  The
-        # model's call says which it is; a projection's input alone cannot (OPT flattens its
-        # MLP input to [batch x tokens, features]: a batched decode step looks like prefill).
-        length = call.get("length")
-        if length is None:  # the projection called outside a model call: judge by its input
-            length = x.shape[-2] if x.ndim >= 2 else None
-        if length == 1:
+        # A decode call (one new token per sequence, or any call on a non-empty KV cache) stays
+        # dense, as in Amber Pruner.  The model's call says which it is; a projection's input
+        # alone cannot (OPT flattens its MLP input to [batch x tokens, features]: a batched
+        # decode step looks like prefill).
+        decode = call.get("decode")
+        if decode is None:  # the projection called outside a model call: judge by its input
+            decode = x.ndim >= 2 and x.shape[-2] == 1
+        if decode:
             return None
         return (topk_activations(x, pattern, column_norm), *args[1:])
 
@@ -141,10 +201,12 @@ def activation_pruning(model: nn.Module, config: ActConfig) -> Iterator[list[str
     call: dict = {}
 
     def model_starts(_module, args, kwargs):
-        call["length"] = _sequence_length(args, kwargs)
+        length = _sequence_length(args, kwargs)
+        call["decode"] = (True if continues_cache(kwargs) else
+                          None if length is None else length == 1)
 
     def model_ends(_module, _args, _output):
-        call.pop("length", None)
+        call.pop("decode", None)
 
     handles = []
     try:
@@ -208,49 +270,67 @@ def sensitivity(model: nn.Module, windows: torch.Tensor, config: ActConfig, *,
 
 
 def choose_projections(model: nn.Module, evaluate: Callable[[], float], *,
-                       pattern: str = "8:16", score: str = "abs", budget: float = 0.05
-                       ) -> dict:
-    """Greedy forward selection of the projection kinds to prune under a perplexity budget.
+                       pattern: str = "8:16", score: str = "abs", budget: float = 0.05,
+                       margin: float = 0.0, groups: int = 3) -> dict:
+    """Greedy forward selection of the projections to prune under a perplexity budget.
 
-    Starting from none, every step tries adding each remaining kind, measures ``evaluate()``
-    (a perplexity; pass one on text that is *not* your test set) with the candidate set pruned,
-    and keeps the candidate with the largest :func:`pruned_mac_share` whose increase over the
-    dense-activation perplexity stays below ``budget``; it stops when no addition fits.
+    Every step tries adding each remaining unit, measures ``evaluate()`` (a perplexity; pass
+    one on text that is *not* your test set) with the candidate set pruned, and keeps the
+    candidate with the largest :func:`pruned_mac_share` whose increase over the
+    dense-activation perplexity stays below ``budget * (1 - margin)`` (``margin``: the share of
+    the budget held back for the gap between the selection text and unseen text).  Units are
+    first whole projection kinds; when no kind fits any more, a kind in one of ``groups``
+    contiguous thirds (halves, ...) of the decoder blocks (``gate@20-29``), until none fits
+    (``groups=1``: kinds only).
 
     Returns ``{"projections": tuple, "baseline": ppl, "steps": [[row, ...], ...], ...}``, each
     row ``{"projections", "ppl", "increase", "mac_share"}``: every set measured, step by step.
     """
     if not budget > 0:
         raise FlexCimError(f"perplexity budget must be a positive fraction, not {budget!r}")
-    present = {projection_kind(n) for n in linear_layers(model)}
-    remaining = [k for k in PROJECTIONS if k in present]
-    if not remaining:
+    if not 0 <= margin < 1:
+        raise FlexCimError(f"budget margin must be a fraction in [0, 1), not {margin!r}")
+    if not (isinstance(groups, int) and groups >= 1):
+        raise FlexCimError(f"block groups must be a positive integer, not {groups!r}")
+    present = [k for k in PROJECTIONS if k in {projection_kind(n) for n in linear_layers(model)}]
+    if not present:
         raise FlexCimError(f"the model has none of the projection kinds {', '.join(PROJECTIONS)}")
+    limit = budget * (1 - margin)
     baseline = evaluate()
-    chosen: tuple[str, ...] = ()
-    final = None
-    steps = []
-    while remaining:
-        rows = []
-        for kind in remaining:
-            kinds = tuple(k for k in PROJECTIONS if k in chosen or k == kind)
-            config = ActConfig(pattern=pattern, score=score, projections=kinds)
-            with activation_pruning(model, config):
-                ppl = evaluate()
-            rows.append({"projections": list(kinds), "ppl": ppl, "increase": ppl / baseline - 1,
-                         "mac_share": pruned_mac_share(model, config)})
-            log.info("activations %s on %-24s (%5.1f %% of the MACs): perplexity %.3f (%+.1f %%)",
-                     pattern, ",".join(kinds), 100 * rows[-1]["mac_share"], ppl,
-                     100 * rows[-1]["increase"])
-        steps.append(rows)
-        fits = [r for r in rows if r["increase"] < budget]
-        if not fits:
-            break
-        final = max(fits, key=lambda r: (r["mac_share"], -r["increase"]))
-        chosen = tuple(final["projections"])
-        remaining = [k for k in remaining if k not in chosen]
-    return {"pattern": pattern, "score": score, "budget": budget, "baseline": baseline,
-            "projections": chosen, "result": final, "steps": steps}
+    state = {"chosen": (), "final": None}
+    steps: list[list[dict]] = []
+
+    def grow(units: list[str]) -> None:
+        while units:
+            rows = []
+            for unit in units:
+                entries = ordered((*state["chosen"], unit), blocks)
+                config = ActConfig(pattern=pattern, score=score, projections=entries)
+                with activation_pruning(model, config):
+                    ppl = evaluate()
+                rows.append({"projections": list(entries), "ppl": ppl,
+                             "increase": ppl / baseline - 1,
+                             "mac_share": pruned_mac_share(model, config)})
+                log.info("activations %s on %-28s (%5.1f %% of the MACs): perplexity %.3f "
+                         "(%+.1f %%)", pattern, ",".join(entries), 100 * rows[-1]["mac_share"],
+                         ppl, 100 * rows[-1]["increase"])
+            steps.append(rows)
+            fits = [r for r in rows if r["increase"] < limit]
+            if not fits:
+                return
+            best = max(fits, key=lambda r: (r["mac_share"], -r["increase"]))
+            state["final"], state["chosen"] = best, tuple(best["projections"])
+            units = [u for u, r in zip(units, rows, strict=True) if r is not best]
+
+    blocks = len(decoder_blocks(model))
+    grow(present)
+    if groups > 1:
+        spans = block_groups(blocks, groups)
+        grow([f"{k}@{r.start}-{r.stop - 1}" for k in present if k not in state["chosen"]
+              for r in spans])
+    return {"pattern": pattern, "score": score, "budget": budget, "margin": margin,
+            "groups": groups, "baseline": baseline, "projections": state["chosen"],
+            "result": state["final"], "steps": steps}
 
 
 def skip_most_sensitive(scores: dict[str, float], budget: float) -> tuple[str, ...]:

@@ -222,6 +222,9 @@ def _act_eval(args: argparse.Namespace) -> int:
     config = act.ActConfig(pattern=args.pattern, score=args.score, projections=projections)
     if not args.budget > 0:
         raise FlexCimError(f"--budget must be a positive fraction, not {args.budget!r}")
+    if not 0 <= args.margin < 1:
+        raise FlexCimError(f"--margin must be a fraction in [0, 1), not {args.margin!r}")
+    _check_count(args.block_groups, "--block-groups", minimum=1)
     plan = Plan.load(args.plan) if args.plan else None
     _check_count(args.eval_windows, "--eval-windows", minimum=1)
     if args.prefill_tokens is not None and not 1 <= args.prefill_tokens < args.seq_len:
@@ -248,27 +251,32 @@ def _act_eval(args: argparse.Namespace) -> int:
                             metric=metric)
         record.update(plan=os.path.abspath(args.plan), metric=metric,
                       weight_sparsity=plan.achieved_sparsity)
+    if auto:
+        # chosen on the calibration text, disjoint from the evaluation windows reported below,
+        # and in float whatever --arith: W8A8's rounding moves a perplexity by up to 1 % with
+        # any change of the computation, noise a greedy search picks up (docs/flow.md)
+        study = act.choose_projections(
+            session.model, lambda: _perplexity(session.model, calib, args.prefill_tokens),
+            pattern=args.pattern, score=args.score, budget=args.budget, margin=args.margin,
+            groups=args.block_groups)
+        projections = study["projections"]
+        if not projections:
+            limit = args.budget * (1 - args.margin)
+            raise FlexCimError(f"no projection keeps the calibration perplexity within "
+                               f"+{limit:.1%} at {args.pattern} (--budget {args.budget} less "
+                               f"--margin {args.margin}); raise --budget")
+        config = act.ActConfig(pattern=args.pattern, score=args.score, projections=projections)
+        record["selection"] = {**study, "arith": "float"}
     # Everything below in the run's arithmetic, opened once and before any activation pruning:
     # W8A8's smoothing scales come from the model as the plan left it (pruned zeros stay zeros).
     with arithmetic(session.model, quant, calib):
-        return _act_eval_in(args, session, record, calib, config, projections, auto)
+        return _act_eval_in(args, session, record, calib, config, projections)
 
 
-def _act_eval_in(args, session, record, calib, config, projections, auto) -> int:
+def _act_eval_in(args, session, record, calib, config, projections) -> int:
     from flexcim.flow import act, pipeline
     from flexcim.flow.eval import write_json
 
-    if auto:
-        # chosen on the calibration text, disjoint from the evaluation windows reported below
-        study = act.choose_projections(
-            session.model, lambda: _perplexity(session.model, calib, args.prefill_tokens),
-            pattern=args.pattern, score=args.score, budget=args.budget)
-        projections = study["projections"]
-        if not projections:
-            raise FlexCimError(f"no projection kind keeps the calibration perplexity within "
-                               f"+{args.budget:.1%} at {args.pattern}; raise --budget")
-        config = act.ActConfig(pattern=args.pattern, score=args.score, projections=projections)
-        record["selection"] = study
     record["projections"] = list(projections)
     act_config = config
     if args.skip_budget > 0:
@@ -486,12 +494,21 @@ def register(sub) -> None:
     p.add_argument("--score", choices=("abs", "weight"), default="abs",
                    help="abs: |x|; weight: |x_j| * ||W[:, j]|| (default abs)")
     p.add_argument("--projections", default=",".join(ACT_DEFAULT), metavar="KINDS|auto",
-                   help="projection kinds to prune, some of q,k,v,o,gate,up,down (default "
-                        f"{','.join(ACT_DEFAULT)}: measured on SmolLM2, docs/flow.md), or auto: "
-                        "the largest share of the "
-                        "linear MACs within --budget on the calibration text")
+                   help="projections to prune: some of q,k,v,o,gate,up,down, each for every "
+                        "block or as KIND@FIRST-LAST for those blocks, e.g. q,down,gate@20-29 "
+                        f"(default {','.join(ACT_DEFAULT)}: measured on SmolLM2, docs/flow.md), "
+                        "or auto: the largest share of the linear MACs within --budget less "
+                        "--margin on the calibration text, in float (whole kinds, then kinds "
+                        "in --block-groups ranges of blocks)")
     p.add_argument("--budget", type=float, default=0.05, metavar="F",
                    help="with --projections auto: allowed perplexity increase (default 0.05)")
+    p.add_argument("--margin", type=float, default=0.5, metavar="F",
+                   help="with --projections auto: share of --budget held back for the gap "
+                        "from the calibration text to unseen text (default 0.5: selection "
+                        "within 2.5 %%; measured gap 1-3 %%, docs/flow.md)")
+    p.add_argument("--block-groups", type=int, default=3, metavar="G",
+                   help="with --projections auto: after whole kinds, try kinds in G contiguous "
+                        "ranges of the decoder blocks (default 3; 1: kinds only)")
     p.add_argument("--skip-budget", type=float, default=0.0, metavar="F",
                    help="keep the fraction F of most sensitive projections dense (default 0)")
     p.add_argument("--plan", metavar="PLAN.json", help="also apply this weight plan first")

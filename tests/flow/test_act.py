@@ -56,6 +56,24 @@ def test_hooks_prune_prefill_only_and_come_off():
     assert all(not layer._forward_pre_hooks for layer in linear_layers(model).values())
 
 
+def test_a_call_on_a_filled_cache_is_decode_and_stays_dense():
+    """Several tokens continuing a non-empty KV cache (a window's later tokens, teacher-forced)
+    are decode, not prefill; the same tokens on an empty cache are pruned."""
+    model = tiny_llama(0)
+    q = model.model.layers[1].self_attn.q_proj
+    ids = torch.randint(0, 96, (2, 8))
+    seen = []
+    with torch.no_grad(), act.activation_pruning(model, act.ActConfig("1:4", projections=("q",))):
+        probe = q.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+        out = model(input_ids=ids[:, :5], use_cache=True)
+        model(input_ids=ids[:, 5:], use_cache=True, **next_call_cache(model, out))
+        model(input_ids=ids[:, 5:], use_cache=True)
+        probe.remove()
+    prompt, continued, fresh = seen
+    assert int(groups(prompt).max()) == 1 and int(groups(fresh).max()) == 1
+    assert continued.shape[-2] == 3 and int(groups(continued).max()) == 4
+
+
 def test_pruning_changes_prefill_logits_and_restores_dense():
     model = tiny_llama(0)
     ids = torch.randint(0, 96, (2, 16))
@@ -139,7 +157,7 @@ def test_choose_projections_greedy_largest_mac_share_within_budget():
         calls.append(hooked)
         return 10.0 * (1 + sum(cost[k] for k in hooked))
 
-    study = act.choose_projections(model, evaluate, budget=0.05)
+    study = act.choose_projections(model, evaluate, budget=0.05, groups=1)  # kinds only
     # step 1: down has the largest MAC share of the kinds within 5 %; step 2: q and o tie on
     # MACs with down, q costs less; step 3: k; step 4: nothing fits (v +7 %, o +6 %)
     assert study["projections"] == ("q", "k", "down")
@@ -150,6 +168,65 @@ def test_choose_projections_greedy_largest_mac_share_within_budget():
     assert all(not m._forward_pre_hooks for m in layers.values())
     with pytest.raises(FlexCimError, match="budget must be a positive fraction, not 0"):
         act.choose_projections(model, evaluate, budget=0)
+
+
+def test_choose_projections_then_adds_kinds_in_block_ranges():
+    """After the kinds, one kind in half of the blocks: the cheap half of gate fits, nothing
+    after it; a margin holds back part of the budget."""
+    model = tiny_llama(0)  # 4 blocks: halves 0-1 and 2-3
+    layers = linear_layers(model)
+    cost = {"q": 0.01, "k": 0.01, "v": 0.03, "o": 0.02, "up": 0.4, "down": 0.02}
+    gate = [0.05, 0.05, 0.002, 0.002]  # per block
+
+    def evaluate():
+        total = 0.0
+        for name, m in layers.items():
+            if m._forward_pre_hooks:
+                kind, block = act.projection_kind(name), int(name.split(".")[2])
+                total += gate[block] if kind == "gate" else cost[kind] / 4
+        return 10.0 * (1 + total)
+
+    study = act.choose_projections(model, evaluate, budget=0.05, groups=2)
+    assert study["projections"] == ("q", "k", "down", "gate@2-3")
+    assert study["result"]["increase"] == pytest.approx(0.044)
+    # v, o, gate and up, each in two halves; then the seven left, none of which fits
+    assert [len(s) for s in study["steps"]] == [7, 6, 5, 4, 8, 7]
+    config = act.ActConfig(projections=study["projections"])
+    gates = [n for n in config.targets(model) if act.projection_kind(n) == "gate"]
+    assert gates == ["model.layers.2.mlp.gate_proj", "model.layers.3.mlp.gate_proj"]
+    assert study["result"]["mac_share"] == pytest.approx(act.pruned_mac_share(model, config))
+    # a margin of 0.5: the selection threshold is 2.5 %: down (2 %), no second kind fits
+    # (q or k: 3 %), then the cheap half of gate (2.4 %)
+    held = act.choose_projections(model, evaluate, budget=0.05, margin=0.5, groups=2)
+    assert held["projections"] == ("down", "gate@2-3")
+    assert held["result"]["increase"] == pytest.approx(0.024)
+    for bad, match in (({"margin": 1.0}, "budget margin must be a fraction in \\[0, 1\\), "
+                                         "not 1.0"),
+                       ({"groups": 0}, "block groups must be a positive integer, not 0")):
+        with pytest.raises(FlexCimError, match=match):
+            act.choose_projections(model, evaluate, **bad)
+
+
+def test_block_range_entries():
+    model = tiny_llama(0)
+    config = act.ActConfig(projections=("q", "down@1-2"))
+    assert sorted(config.targets(model)) == sorted([
+        "model.layers.1.mlp.down_proj", "model.layers.2.mlp.down_proj",
+        *[f"model.layers.{i}.self_attn.q_proj" for i in range(4)]])
+    assert act.ordered(("gate@2-3", "down", "gate@0-1", "q")) == ("q", "down", "gate@0-1",
+                                                                   "gate@2-3")
+    assert act.ordered(("up@2-3", "q", "up@0-1", "k@1-1", "k@0-0"), 4) == ("q", "up", "k@0-0",
+                                                                           "k@1-1")
+    assert act.ordered(("up@0-2", "up@2-3"), 4) == ("up",)
+    assert act.block_groups(30, 3) == [range(0, 10), range(10, 20), range(20, 30)]
+    assert act.block_groups(4, 3) == [range(0, 1), range(1, 3), range(3, 4)]
+    for entry, match in (("gate@3-1", "expected gate@FIRST-LAST"),
+                         ("gate@x", "expected gate@FIRST-LAST"),
+                         ("mlp@0-1", "unknown projection kind 'mlp' in 'mlp@0-1'")):
+        with pytest.raises(FlexCimError, match=match):
+            act.ActConfig(projections=(entry,))
+    with pytest.raises(FlexCimError, match="'q@2-4': the model has 4 decoder blocks \\(0-3\\)"):
+        act.ActConfig(projections=("q@2-4",)).targets(model)
 
 
 def test_opt_names_and_batched_decode_stays_dense(tiny_opt):

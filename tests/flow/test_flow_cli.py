@@ -273,6 +273,11 @@ def test_act_eval_default_and_auto_projections(workspace, capsys, tmp_path):
     assert code == 0, err
     r = json.loads(out.read_text())
     assert r["projections"] == ["q", "down"] and r["pruned_projections"] == 8  # 4 blocks
+    code, err = _run(capsys, "flow", "act-eval", *_common(d), "--eval-windows", "2",
+                     "--projections", "q,gate@1-2", "-o", str(out))
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["projections"] == ["q", "gate@1-2"] and r["pruned_projections"] == 6
     code, err = _run(capsys, "flow", "act-eval", *_common(d), "--pattern", "2:4",
                      "--projections", "auto", "--budget", "10", "--eval-windows", "2", "-o",
                      str(out))
@@ -283,9 +288,33 @@ def test_act_eval_default_and_auto_projections(workspace, capsys, tmp_path):
     assert r["projections"] == list(act.PROJECTIONS) and r["pruned_projections"] == 28
     assert [len(step) for step in sel["steps"]] == [7, 6, 5, 4, 3, 2, 1]
     assert sel["result"]["mac_share"] == pytest.approx(1.0)
+    assert sel["arith"] == "float" and sel["margin"] == 0.5 and sel["groups"] == 3
     code, err = _run(capsys, "flow", "act-eval", *_common(d), "--pattern", "2:4",
                      "--projections", "auto", "--budget", "0")
     assert code == 2 and "--budget must be a positive fraction, not 0.0" in err
+
+
+def test_act_eval_auto_chooses_in_float_under_w8a8(workspace, capsys, tmp_path, monkeypatch):
+    """W8A8's rounding noise would steer the greedy search: it measures in float, then the
+    chosen set is evaluated in W8A8."""
+    seen = []
+    choose = act.choose_projections
+
+    def spy(model, evaluate, **kwargs):
+        def measured():
+            seen.append(any("forward" in vars(m) for m in linear_layers(model).values()))
+            return evaluate()
+
+        return choose(model, measured, **kwargs)
+
+    monkeypatch.setattr(act, "choose_projections", spy)
+    out = tmp_path / "act.json"
+    code, err = _run(capsys, "flow", "act-eval", *_common(workspace), "--projections", "auto",
+                     "--budget", "10", "--arith", "w8a8", "--eval-windows", "2", "-o", str(out))
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert seen and not any(seen)  # no projection ran the W8A8 forward while choosing
+    assert r["arith"] == "w8a8" and r["selection"]["arith"] == "float"
 
 
 def test_act_eval_and_prune_in_w8a8(workspace, capsys, tmp_path):
@@ -508,6 +537,10 @@ def test_prune_writes_its_folder_complete_or_not_at_all(workspace, capsys, tmp_p
     ("act-eval", ["--eval-windows", "0"], "--eval-windows must be an integer >= 1, not 0"),
     ("act-eval", ["--skip-budget", "1"], "--skip-budget must be a fraction in [0, 1)"),
     ("act-eval", ["-o", "{t}/plan.json"], "would overwrite the input"),
+    ("act-eval", ["--margin", "1"], "--margin must be a fraction in [0, 1), not 1.0"),
+    ("act-eval", ["--block-groups", "0"], "--block-groups must be an integer >= 1, not 0"),
+    ("act-eval", ["--projections", "gate@2-9"], "'gate@2-9': the model has 4 decoder blocks"),
+    ("act-eval", ["--projections", "q,gate@9"], "projection entry 'gate@9': expected gate@"),
 ])
 def test_flow_bad_arguments_are_one_line(workspace, capsys, tmp_path, step, argv, message):
     plan = _plan(tmp_path)
