@@ -110,9 +110,11 @@ def _stepwise_ppl(model, ids, prefill: int) -> float:
     return math.exp(float(nll))
 
 
-def test_continuation_prunes_the_prompt_and_decodes_densely(tiny, tiny_windows):
+@pytest.mark.parametrize("arch", ["tiny", "tiny_opt"])
+def test_continuation_prunes_the_prompt_and_decodes_densely(request, tiny_windows, arch):
     from flexcim.flow.act import PROJECTIONS, ActConfig, activation_pruning
 
+    tiny = request.getfixturevalue(arch)  # OPT: past_key_values, its MLP input flattened
     prefill, ids = 6, tiny_windows
     config = ActConfig(pattern="1:4", projections=PROJECTIONS)
     with activation_pruning(tiny, config):
@@ -124,8 +126,9 @@ def test_continuation_prunes_the_prompt_and_decodes_densely(tiny, tiny_windows):
         with torch.no_grad():
             every = [v for row in ids for v in _loop_nll(tiny, row, prefill)]
     dense = perplexity(tiny, ids, progress=False, prefill=prefill)
-    assert abs(got / dense - 1) > 1e-3  # the prompt was pruned
-    assert abs(got / math.exp(sum(every) / len(every)) - 1) > 1e-3  # the decode was not
+    # 10x beyond the agreement above (OPT, 2 blocks: 5e-4 from the all-pruned figure)
+    assert abs(got / dense - 1) > 1e-4  # the prompt was pruned
+    assert abs(got / math.exp(sum(every) / len(every)) - 1) > 1e-4  # the decode was not
 
 
 @pytest.mark.parametrize("granularity", ["token", "tensor"])
