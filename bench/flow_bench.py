@@ -92,10 +92,14 @@ ACT_BUDGET = 0.05
 def _act_sets(model, ev, dense: float, pattern: str = "8:16") -> dict:
     """Which projection kinds to prune at ``pattern``: :func:`act.choose_projections` on the
     *validation* text (Emma), the largest share of linear MACs within :data:`ACT_BUDGET`; every
-    set it measured is then also scored on the test windows (reported, never used to choose)."""
+    set it measured is then also scored on the test windows (reported, never used to choose).
+    Whole kinds only (``groups=1``), every token pruned: how :data:`act.DEFAULT_PROJECTIONS` was
+    chosen (the deployed metric's per-block choice: ``flexcim flow act-eval --projections auto
+    --prefill-tokens 64``, docs/flow.md)."""
     from flexcim.flow import act
 
-    study = act.choose_projections(model, lambda: ev("emma"), pattern=pattern, budget=ACT_BUDGET)
+    study = act.choose_projections(model, lambda: ev("emma"), pattern=pattern, budget=ACT_BUDGET,
+                                   groups=1)
     for rows in study["steps"]:
         for row in rows:
             config = act.ActConfig(pattern=pattern, projections=tuple(row["projections"]))
