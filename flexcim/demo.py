@@ -605,8 +605,7 @@ def stage_flow(ctx: Context) -> None:
                               "ppl_w8a8": w8[0], **deployed_fields(result, w8),
                               "plan": plan.to_dict(), "prefill": prefill_costs(energy_plan)})
                 if hardware:
-                    kept["plan"] = plan
-                    kept["energy_plan"] = energy_plan
+                    kept.update(plan=plan, energy_plan=energy_plan, hw_point=sweep[-1])
                 restore()
     energy_plans["dense"] = dense_energy_plan(kept["energy_plan"])
     dense_point = {"name": "dense", "method": "dense", "target": 0.0, "sparsity": 0.0,
@@ -615,11 +614,10 @@ def stage_flow(ctx: Context) -> None:
                    "prefill": prefill_costs(energy_plans["dense"])}
     ctx.results.update(session=session, windows=windows, points=[dense_point, *sweep],
                        energy_plans=energy_plans, **kept)
-    hw_point = next(p for p in sweep if p["plan"] == kept["plan"].to_dict())
     act_increase = {label: {arith: point[f"ppl{key}_deployed_act"]
                             / point[f"ppl{key}_deployed"] - 1
                             for arith, key in (("float", ""), ("w8a8", "_w8a8"))}
-                    for label, point in (("dense", dense_point), ("auto", hw_point))}
+                    for label, point in (("dense", dense_point), ("auto", kept["hw_point"]))}
     ctx.report.record("perplexity", {"dense": dense, "dense_w8a8": dense_w8a8, "runs": sweep,
                                      "w8a8": quant.to_dict(),
                                      "eval_windows": args.eval_windows,

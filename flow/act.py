@@ -292,19 +292,22 @@ def choose_projections(model: nn.Module, evaluate: Callable[[], float], *,
         raise FlexCimError(f"budget margin must be a fraction in [0, 1), not {margin!r}")
     if not (isinstance(groups, int) and groups >= 1):
         raise FlexCimError(f"block groups must be a positive integer, not {groups!r}")
-    present = [k for k in PROJECTIONS if k in {projection_kind(n) for n in linear_layers(model)}]
+    kinds = {projection_kind(n) for n in linear_layers(model)}
+    present = [k for k in PROJECTIONS if k in kinds]
     if not present:
         raise FlexCimError(f"the model has none of the projection kinds {', '.join(PROJECTIONS)}")
     limit = budget * (1 - margin)
     baseline = evaluate()
-    state = {"chosen": (), "final": None}
+    chosen: tuple[str, ...] = ()
+    final = None
     steps: list[list[dict]] = []
 
     def grow(units: list[str]) -> None:
+        nonlocal chosen, final
         while units:
             rows = []
             for unit in units:
-                entries = ordered((*state["chosen"], unit), blocks)
+                entries = ordered((*chosen, unit), blocks)
                 config = ActConfig(pattern=pattern, score=score, projections=entries)
                 with activation_pruning(model, config):
                     ppl = evaluate()
@@ -319,18 +322,18 @@ def choose_projections(model: nn.Module, evaluate: Callable[[], float], *,
             if not fits:
                 return
             best = max(fits, key=lambda r: (r["mac_share"], -r["increase"]))
-            state["final"], state["chosen"] = best, tuple(best["projections"])
+            final, chosen = best, tuple(best["projections"])
             units = [u for u, r in zip(units, rows, strict=True) if r is not best]
 
     blocks = len(decoder_blocks(model))
     grow(present)
     if groups > 1:
         spans = block_groups(blocks, groups)
-        grow([f"{k}@{r.start}-{r.stop - 1}" for k in present if k not in state["chosen"]
+        grow([f"{k}@{r.start}-{r.stop - 1}" for k in present if k not in chosen
               for r in spans])
     return {"pattern": pattern, "score": score, "budget": budget, "margin": margin,
-            "groups": groups, "baseline": baseline, "projections": state["chosen"],
-            "result": state["final"], "steps": steps}
+            "groups": groups, "baseline": baseline, "projections": chosen,
+            "result": final, "steps": steps}
 
 
 def skip_most_sensitive(scores: dict[str, float], budget: float) -> tuple[str, ...]:

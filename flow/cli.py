@@ -517,9 +517,10 @@ def register(sub) -> None:
                    help="held-out windows (default 16)")
     p.add_argument("--prefill-tokens", type=int, metavar="P",
                    help="score only each window's tokens after a prompt of its first P, the "
-                        "prompt as one (pruned) prefill call and the rest as dense one-token "
-                        "decode steps on its KV cache, as a served model runs them (default: "
-                        "every token of the window in one call, all pruned)")
+                        "prompt as one (pruned) prefill call and the rest decoded densely on its "
+                        "KV cache, as a served model runs them (one teacher-forced call: the "
+                        "logits of one-token steps) (default: every token of the window in one "
+                        "call, all pruned)")
     _arith_options(p)
     p.add_argument("-o", "--output", metavar="RESULT.json")
     p.set_defaults(func=_checked(_act_eval))
