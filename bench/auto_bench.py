@@ -20,6 +20,14 @@ Everything is measured in this run on the bundled SmolLM2-135M and written to
    on the same windows.  ``auto`` is also run on the patterns of the fixed-2:4 macro
    ({1:1, 2:4}).
 
+4. **Equal accuracy** (``iso_accuracy`` in the JSON, per metric): every test plan (both
+   macros' ``auto`` plans, the baselines) and the dense model are points of the demo's
+   comparison (:func:`flexcim.demo.iso_accuracy` on one macro, prefill of 128 tokens;
+   :func:`flexcim.demo.system_iso_accuracy` on the demo's accelerator, prefill and decode per
+   token): for every plan on FlexCiM's front, the fixed-2:4 macro's best plan at equal or lower
+   test perplexity.  ``--iso-from A.json,B.json`` computes it over the test rows of runs made
+   side by side (e.g. one per group of targets) without measuring anything.
+
 ``--text FILE`` runs the same comparison on another text (first half calibration, second half
 test; the variants chosen on Austen's validation text are reused, ``--variants-from`` a
 previous JSON); ``--seed`` draws other windows.
@@ -110,8 +118,14 @@ def main(argv=None) -> int:
                         help="also measure every test plan in W8A8, the macro's arithmetic "
                              "(flow.quant, scales per token, smoothed with "
                              "flow.quant.DEFAULT_SMOOTH; rows gain ppl_test_w8a8)")
+    parser.add_argument("--iso-from", metavar="JSON,JSON",
+                        help="measure nothing: merge the test rows of these earlier runs (same "
+                             "model, text, seed and windows) and compute their equal-accuracy "
+                             "comparison into --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.iso_from:
+        return merge([p for p in args.iso_from.split(",") if p.strip()], pathlib.Path(args.out))
     torch.set_num_threads(args.threads)
     targets = [float(t) for t in args.targets.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -227,6 +241,8 @@ def main(argv=None) -> int:
             pipeline.apply_plan(model, plan, None, metric=metric, stats=stats, progress=False)
         pipeline.check_plan(model, plan)
         row = {key: perplexity(model, windows[key], progress=False) for key in keys}
+        if "test" in keys:  # its costs on every macro, for the equal-accuracy comparison
+            row["energy_plan"] = pipeline.energy_plan(model, plan)
         if args.w8a8 and "test" in keys:
             # the accumulator of the macro the plan is for (baselines: the default macro's)
             with w8a8(model, W8A8Config(acc_bits=PRESETS[macro].acc_bits,
@@ -303,10 +319,12 @@ def main(argv=None) -> int:
                 except FlexCimError as exc:
                     log.info("%s %s on %s at %g: %s", method, v, macro, t, exc)
                     break
+                measured = measure(plan, metric, ["test"], macro)
                 row = {"method": method, "variant": v, "macro": macro, "target": t,
                        "metric": metric, "achieved": plan.achieved_sparsity,
                        "patterns": sorted(set(plan.layers.values())),
-                       **{f"ppl_{k}": p for k, p in measure(plan, metric, ["test"], macro).items()}}
+                       **{f"ppl_{k}": p for k, p in measured.items() if k != "energy_plan"},
+                       "energy_plan": measured["energy_plan"]}
                 if method == "auto":
                     row.update(_auto_record(plan))
                 tests.append(row)
@@ -316,6 +334,8 @@ def main(argv=None) -> int:
         result["test"] = tests
         save()
     result["summary"] = summary(tests)
+    result["iso_accuracy"] = iso_accuracy(tests, result["dense"]["test"])
+    _log_iso(result["iso_accuracy"])
     result["total_s"] = time.perf_counter() - started
     result["load_average_at_end"] = os.getloadavg()[0]
     save()
@@ -353,6 +373,96 @@ def summary(tests: list[dict]) -> list[dict]:
                     row[f"vs {name} w8a8"] = 1 - a["ppl_test_w8a8"] / b["ppl_test_w8a8"]
         rows.append(row)
     return rows
+
+
+def point_name(row: dict) -> str:
+    """A test row's name among the equal-accuracy points: method, macro, sparsity."""
+    macro = "" if row["macro"] == "default" else f" on {row['macro']}"
+    return f"{row['method']}{macro} ({row['achieved']:.1%})"
+
+
+def iso_accuracy(tests: list[dict], dense_ppl: float) -> dict:
+    """Per metric, the demo's equal-accuracy comparison on this run's test plans: every plan
+    measured with that metric (``auto`` on both macros, the baselines) and the dense model are
+    points; for every plan on FlexCiM's front, the fixed-2:4 macro's best plan at equal or lower
+    test perplexity (:func:`flexcim.demo.iso_accuracy`: prefill of 128 tokens on one macro;
+    :func:`flexcim.demo.system_iso_accuracy`: the demo's accelerator, prefill and decode per
+    token).  Ratios are fixed24 / FlexCiM (> 1: FlexCiM better)."""
+    from flexcim import demo
+
+    tests = [r for r in tests if "energy_plan" in r]
+    if not tests:
+        return {}
+    dense_plan = demo.dense_energy_plan(tests[0]["energy_plan"])
+    out = {}
+    for metric in sorted({r["metric"] for r in tests}):
+        plans = {"dense": dense_plan}
+        points = [{"name": "dense", "ppl": dense_ppl, "prefill": demo.prefill_costs(dense_plan)}]
+        for r in tests:
+            if r["metric"] == metric:
+                plans[point_name(r)] = r["energy_plan"]
+                points.append({"name": point_name(r), "ppl": r["ppl_test"],
+                               "prefill": demo.prefill_costs(r["energy_plan"])})
+        out[metric] = {"points": [{"name": p["name"], "ppl": p["ppl"]} for p in points],
+                       "macro": demo.iso_accuracy(points),
+                       "system": demo.system_iso_accuracy(points, plans, demo.SYSTEM_MODELS[0])}
+    return out
+
+
+def _log_iso(iso: dict) -> None:
+    for metric, table in iso.items():
+        log.info("equal accuracy, %s (fixed24 / FlexCiM): plan, ppl | fixed24's fastest, "
+                 "prefill ratio | fixed24's most frugal decode, decode energy ratio", metric)
+        for r in table["system"]:
+            log.info("  %-28s %8.2f | %-28s %5.2fx | %-28s %5.2fx", r["plan"], r["ppl"],
+                     r["reference_fastest"], r["prefill_ratio"], r["reference_frugal"],
+                     r["decode_energy_ratio"])
+
+
+def args_list(paths: list[str]) -> str:
+    return ",".join(paths)
+
+
+def merge(paths: list[str], out: pathlib.Path) -> int:
+    """``--iso-from``: the test rows of earlier runs of the same model, text, seed and windows
+    (e.g. two targets' halves run side by side), with the equal-accuracy comparison of them all,
+    written to ``out/auto_bench.json``."""
+    runs = []
+    for path in paths:
+        try:
+            runs.append(json.loads(pathlib.Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise FlexCimError(f"--iso-from {path}: not a readable auto_bench JSON ({exc})") \
+                from None
+    keys = ("model", "text", "seed", "calib_windows", "eval_windows", "prune")
+    for path, run in zip(paths, runs, strict=True):
+        if "test" not in run or "dense" not in run:
+            raise FlexCimError(f"--iso-from {path}: no test rows (expected an auto_bench JSON "
+                               "with a test stage)")
+        if {k: run.get(k) for k in keys} != {k: runs[0].get(k) for k in keys}:
+            raise FlexCimError(f"--iso-from {path}: measured with "
+                               f"{ {k: run.get(k) for k in keys} }, not with {paths[0]}'s "
+                               f"{ {k: runs[0].get(k) for k in keys} }")
+    tests = [r for run in runs for r in run["test"]]
+    if not any("energy_plan" in r for r in tests):
+        raise FlexCimError(f"--iso-from {args_list(paths)}: no test row has its energy plan "
+                           "(expected runs of this script from 2026-12-05 on)")
+    seen: set = set()
+    for r in tests:
+        key = (r["metric"], point_name(r))
+        if key in seen:
+            raise FlexCimError(f"--iso-from {args_list(paths)}: {key[1]} with {key[0]} is in "
+                               "more than one run (expected each plan once)")
+        seen.add(key)
+    result = {**{k: runs[0][k] for k in keys}, "dense": runs[0]["dense"],
+              "merged_from": list(paths), "command": "python bench/auto_bench.py "
+              + " ".join(sys.argv[1:]), "test": tests, "summary": summary(tests),
+              "iso_accuracy": iso_accuracy(tests, runs[0]["dense"]["test"])}
+    _log_iso(result["iso_accuracy"])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "auto_bench.json", json.dumps(result, indent=1) + "\n")
+    _plot(result, out)
+    return 0
 
 
 def _plot(result: dict, out: pathlib.Path) -> None:
