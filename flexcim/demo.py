@@ -173,7 +173,10 @@ def _iso_accuracy(ctx: Context, points: list[dict]) -> None:
         "fixed-2:4 macro runs at equal or lower perplexity. Ratios are fixed24 / FlexCiM "
         f"(> 1: FlexCiM better); the best latency ratio is {best['latency_ratio']:.2f}x "
         f"(`{best['plan']}`, perplexity {best['ppl']:.1f}, vs fixed24 running "
-        f"`{best['reference_fastest']}`). The comparison is only as fine as the measured plans: "
+        f"`{best['reference_fastest']}`). The plans are Wanda's (the demo's metric, for time); "
+        "`make bench-flow` runs the same comparison on SparseGPT's plans (`iso_accuracy` in "
+        "`out/bench/auto/auto_bench.json`), where fixed-2:4 follows FlexCiM further "
+        "(docs/flow.md). The comparison is only as fine as the measured plans: "
         "an unmeasured plan between two of them could move either macro's front"
         + ("." if ctx.args.full_selector else
            "; `auto` ran without its local search here, for time (`flexcim demo "
