@@ -25,8 +25,9 @@ Everything is measured in this run on the bundled SmolLM2-135M and written to
    comparison (:func:`flexcim.demo.iso_accuracy` on one macro, prefill of 128 tokens;
    :func:`flexcim.demo.system_iso_accuracy` on the demo's accelerator, prefill and decode per
    token): for every plan on FlexCiM's front, the fixed-2:4 macro's best plan at equal or lower
-   test perplexity.  ``--iso-from A.json,B.json`` computes it over the test rows of runs made
-   side by side (e.g. one per group of targets) without measuring anything.
+   test perplexity; plotted in ``equal_accuracy.png``.  ``--iso-from A.json,B.json`` computes
+   it over the test rows of runs made side by side (e.g. one per group of targets) without
+   measuring anything.
 
 ``--text FILE`` runs the same comparison on another text (first half calibration, second half
 test; the variants chosen on Austen's validation text are reused, ``--variants-from`` a
@@ -340,6 +341,7 @@ def main(argv=None) -> int:
     result["load_average_at_end"] = os.getloadavg()[0]
     save()
     _plot(result, out)
+    _plot_iso(result.get("iso_accuracy", {}), out)
     for r in result["summary"]:
         log.info("%s", r)
     return 0
@@ -403,7 +405,7 @@ def iso_accuracy(tests: list[dict], dense_ppl: float) -> dict:
                 plans[point_name(r)] = r["energy_plan"]
                 points.append({"name": point_name(r), "ppl": r["ppl_test"],
                                "prefill": demo.prefill_costs(r["energy_plan"])})
-        out[metric] = {"points": [{"name": p["name"], "ppl": p["ppl"]} for p in points],
+        out[metric] = {"points": points,
                        "macro": demo.iso_accuracy(points),
                        "system": demo.system_iso_accuracy(points, plans, demo.SYSTEM_MODELS[0])}
     return out
@@ -462,7 +464,38 @@ def merge(paths: list[str], out: pathlib.Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "auto_bench.json", json.dumps(result, indent=1) + "\n")
     _plot(result, out)
+    _plot_iso(result.get("iso_accuracy", {}), out)
     return 0
+
+
+def _plot_iso(iso: dict, out: pathlib.Path) -> None:
+    """``equal_accuracy.png``: per metric and macro, every point's perplexity vs its prefill
+    cycles there, and that macro's front (lower left is better)."""
+    if not iso:
+        return
+    from flexcim.demo import pareto_front
+
+    plt = pyplot()
+    macros = ("default", "fixed24")
+    fig, axes = plt.subplots(len(iso), len(macros), figsize=(11, 4 * len(iso)), squeeze=False,
+                             sharey="row")
+    for row, (metric, table) in zip(axes, iso.items(), strict=True):
+        points = table["points"]
+        for ax, macro in zip(row, macros, strict=True):
+            for p in points:
+                ax.plot(p["prefill"][macro]["cycles"] / 1e6, p["ppl"], "o", ms=4,
+                        color="C1" if "fixed24" in p["name"] else "C0")
+            front = pareto_front(points, macro)
+            ax.step([p["prefill"][macro]["cycles"] / 1e6 for p in front],
+                    [p["ppl"] for p in front], where="post", color="black", alpha=0.35, lw=3)
+            ax.set_yscale("log")
+            ax.set_title(f"{metric}: every plan on `{macro}` (orange: fixed-2:4's own plans; "
+                         "grey: the front)", fontsize=9)
+            ax.set_xlabel("prefill cycles, 128 tokens (millions)")
+        row[0].set_ylabel("test perplexity")
+    fig.tight_layout()
+    with atomic_path(out / "equal_accuracy.png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
 
 
 def _plot(result: dict, out: pathlib.Path) -> None:

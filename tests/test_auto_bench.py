@@ -50,6 +50,7 @@ def test_merged_runs_pair_plans_across_runs(bench, tmp_path):
     assert bench.main(["--iso-from", ",".join(paths), "--out", str(tmp_path / "merged")]) == 0
     merged = json.loads((tmp_path / "merged" / "auto_bench.json").read_text())
     assert merged["merged_from"] == paths and len(merged["test"]) == 4
+    assert (tmp_path / "merged" / "equal_accuracy.png").stat().st_size > 0
     iso = merged["iso_accuracy"]["sparsegpt"]
     rows = {r["plan"]: r for r in iso["macro"]}
     # FlexCiM's 62.5 % plan (80) is served by fixed24's own 2:4 plan of the other run (70):
