@@ -100,6 +100,34 @@ def test_select_and_prune_with_the_lm_head(workspace, capsys, tmp_path):
                        load_model(d / "model").model.get_input_embeddings().weight)
 
 
+def test_prune_refit_norms(workspace, capsys, tmp_path):
+    """``flow prune --refit-norms``: the same pruned weights as without it, other norm gains,
+    a lower KL to the dense model, recorded."""
+    from flexcim.flow.refit import norm_parameters
+
+    d = workspace
+    code, err = _run(capsys, "flow", "select", *_common(d), "--method", "uniform", "--pattern",
+                     "2:4", "-o", str(tmp_path / "plan.json"))
+    assert code == 0, err
+    outs = {}
+    for extra in ([], ["--refit-norms"]):
+        out = tmp_path / ("refit" if extra else "plain")
+        code, err = _run(capsys, "flow", "prune", *_common(d), "--plan",
+                         str(tmp_path / "plan.json"), *extra, "--eval-windows", "2",
+                         "-o", str(out))
+        assert code == 0, err
+        outs[bool(extra)] = (load_model(out).model,
+                             json.loads((out / "flexcim-prune.json").read_text()))
+    (plain, plain_rec), (refit, refit_rec) = outs[False], outs[True]
+    assert plain_rec["refit_norms"] is None
+    rec = refit_rec["refit_norms"]
+    assert rec["kl_after"] < rec["kl_before"] and rec["windows"] == 4
+    for name, lin in linear_layers(refit).items():
+        assert torch.equal(lin.weight, linear_layers(plain)[name].weight), name
+    assert any(not torch.equal(p, norm_parameters(plain)[n])
+               for n, p in norm_parameters(refit).items())
+
+
 def test_calibration_windows_default_by_metric(workspace, capsys):
     """Without --calib-windows: 16 windows, 64 when SparseGPT prunes (select records it, prune
     records what it drew); an explicit count wins; the larger draw holds the smaller's windows."""
