@@ -321,11 +321,12 @@ def main(argv=None) -> int:
                     log.info("%s %s on %s at %g: %s", method, v, macro, t, exc)
                     break
                 measured = measure(plan, metric, ["test"], macro)
+                energy_plan = measured.pop("energy_plan")
                 row = {"method": method, "variant": v, "macro": macro, "target": t,
                        "metric": metric, "achieved": plan.achieved_sparsity,
                        "patterns": sorted(set(plan.layers.values())),
-                       **{f"ppl_{k}": p for k, p in measured.items() if k != "energy_plan"},
-                       "energy_plan": measured["energy_plan"]}
+                       **{f"ppl_{k}": p for k, p in measured.items()},
+                       "energy_plan": energy_plan}
                 if method == "auto":
                     row.update(_auto_record(plan))
                 tests.append(row)
@@ -341,7 +342,7 @@ def main(argv=None) -> int:
     result["load_average_at_end"] = os.getloadavg()[0]
     save()
     _plot(result, out)
-    _plot_iso(result.get("iso_accuracy", {}), out)
+    _plot_iso(result["iso_accuracy"], out)
     for r in result["summary"]:
         log.info("%s", r)
     return 0
@@ -421,10 +422,6 @@ def _log_iso(iso: dict) -> None:
                      r["decode_energy_ratio"])
 
 
-def args_list(paths: list[str]) -> str:
-    return ",".join(paths)
-
-
 def merge(paths: list[str], out: pathlib.Path) -> int:
     """``--iso-from``: the test rows of earlier runs of the same model, text, seed and windows
     (e.g. two targets' halves run side by side), with the equal-accuracy comparison of them all,
@@ -437,26 +434,27 @@ def merge(paths: list[str], out: pathlib.Path) -> int:
             raise FlexCimError(f"--iso-from {path}: not a readable auto_bench JSON ({exc})") \
                 from None
     keys = ("model", "text", "seed", "calib_windows", "eval_windows", "prune")
-    for path, run in zip(paths, runs, strict=True):
+    settings = [{k: run.get(k) for k in keys} for run in runs]
+    joined = ",".join(paths)
+    for path, run, setting in zip(paths, runs, settings, strict=True):
         if "test" not in run or "dense" not in run:
             raise FlexCimError(f"--iso-from {path}: no test rows (expected an auto_bench JSON "
                                "with a test stage)")
-        if {k: run.get(k) for k in keys} != {k: runs[0].get(k) for k in keys}:
-            raise FlexCimError(f"--iso-from {path}: measured with "
-                               f"{ {k: run.get(k) for k in keys} }, not with {paths[0]}'s "
-                               f"{ {k: runs[0].get(k) for k in keys} }")
+        if setting != settings[0]:
+            raise FlexCimError(f"--iso-from {path}: measured with {setting}, not with "
+                               f"{paths[0]}'s {settings[0]}")
     tests = [r for run in runs for r in run["test"]]
     if not any("energy_plan" in r for r in tests):
-        raise FlexCimError(f"--iso-from {args_list(paths)}: no test row has its energy plan "
+        raise FlexCimError(f"--iso-from {joined}: no test row has its energy plan "
                            "(expected runs of this script from 2026-12-05 on)")
     seen: set = set()
     for r in tests:
         key = (r["metric"], point_name(r))
         if key in seen:
-            raise FlexCimError(f"--iso-from {args_list(paths)}: {key[1]} with {key[0]} is in "
-                               "more than one run (expected each plan once)")
+            raise FlexCimError(f"--iso-from {joined}: {key[1]} with {key[0]} is in more than "
+                               "one run (expected each plan once)")
         seen.add(key)
-    result = {**{k: runs[0][k] for k in keys}, "dense": runs[0]["dense"],
+    result = {**settings[0], "dense": runs[0]["dense"],
               "merged_from": list(paths), "command": "python bench/auto_bench.py "
               + " ".join(sys.argv[1:]), "test": tests, "summary": summary(tests),
               "iso_accuracy": iso_accuracy(tests, runs[0]["dense"]["test"])}
@@ -464,7 +462,7 @@ def merge(paths: list[str], out: pathlib.Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "auto_bench.json", json.dumps(result, indent=1) + "\n")
     _plot(result, out)
-    _plot_iso(result.get("iso_accuracy", {}), out)
+    _plot_iso(result["iso_accuracy"], out)
     return 0
 
 

@@ -13,6 +13,7 @@ runs the same plan.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -38,10 +39,12 @@ def norm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def _kl(student: torch.Tensor, teacher_log: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) from logits / log-probabilities."""
-    log_q = torch.log_softmax(student.float(), dim=-1)
-    return (teacher_log.exp() * (teacher_log - log_q)).sum(-1).mean()
+def _kl(model: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens of ``ids`` of KL(teacher || model); the teacher without gradient."""
+    with torch.no_grad():
+        log_p = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), -1)
+    log_q = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 def _mean_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch: int) -> float:
@@ -49,8 +52,7 @@ def _mean_kl(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, batch:
     with torch.no_grad():
         for i in range(0, windows.shape[0], batch):
             ids = windows[i:i + batch]
-            t = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), -1)
-            total += float(_kl(model(input_ids=ids, use_cache=False).logits, t)) * ids.shape[0]
+            total += float(_kl(model, teacher, ids)) * ids.shape[0]
     return total / windows.shape[0]
 
 
@@ -78,18 +80,14 @@ def refit_norms(model: nn.Module, teacher: nn.Module, windows: torch.Tensor, *,
         p.requires_grad_(True)
     optimiser = torch.optim.Adam(params.values(), lr=lr)
     order = torch.Generator().manual_seed(0)
-    steps = epochs * -(-windows.shape[0] // batch)
+    steps = epochs * math.ceil(windows.shape[0] / batch)
     bar = tqdm(total=steps, desc="refit norms", disable=not progress, leave=False, unit="step")
     try:
         with torch.enable_grad():
             for _ in range(epochs):
                 perm = torch.randperm(windows.shape[0], generator=order)
                 for i in range(0, windows.shape[0], batch):
-                    ids = windows[perm[i:i + batch]]
-                    with torch.no_grad():
-                        t = torch.log_softmax(
-                            teacher(input_ids=ids, use_cache=False).logits.float(), -1)
-                    loss = _kl(model(input_ids=ids, use_cache=False).logits, t)
+                    loss = _kl(model, teacher, windows[perm[i:i + batch]])
                     optimiser.zero_grad()
                     loss.backward()
                     optimiser.step()
